@@ -1,0 +1,40 @@
+"""`dsvc check FILE...`: parse and validate specs, printing every problem at once.
+
+Imports neither torch nor sympy: checking a spec takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("files", nargs="+", metavar="FILE", help=".dsv spec files")
+    p.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    p.add_argument("--werror", action="store_true", help="treat warnings as errors")
+
+
+def run(args) -> int:
+    import dsl
+
+    failed = 0
+    for path in args.files:
+        try:
+            spec, warnings = dsl.load_with_warnings(path)
+        except dsl.SpecError as err:
+            failed += 1
+            print(err.render(), file=sys.stderr)
+            n = len(err.errors)
+            print(f"{path}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
+            continue
+        for w in warnings:
+            print(w.render(), file=sys.stderr)
+        if warnings and args.werror:
+            failed += 1
+            print(f"{path}: {len(warnings)} warning(s) treated as errors", file=sys.stderr)
+            continue
+        if not args.quiet:
+            m = spec.model
+            extra = f", {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
+            print(f"{path}: ok (model {m.name}: {m.num_layers} layers{extra})")
+    return 1 if failed else 0

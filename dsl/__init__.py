@@ -1,0 +1,60 @@
+"""The .dsv language: parse, check and elaborate specs.
+
+Python API:
+
+    import dsl
+    spec = dsl.load("examples/deepseek_v3.dsv")       # -> dsl.spec.Spec
+    spec = dsl.loads(text, filename="inline.dsv")
+
+Both raise `dsl.SpecError` (its `.diagnostics` lists every problem, each with a
+file:line:col span and a hint) and never any other exception for bad input.
+Warnings are available through `load_with_warnings` / `loads_with_warnings`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dsl.diagnostics import Diagnostic, Span, SpecError
+
+__all__ = ["load", "loads", "load_with_warnings", "loads_with_warnings", "SpecError",
+           "Diagnostic", "Span"]
+
+
+def _guard(file: str, fn, *args):
+    from dsl.elaborate import internal_error
+
+    try:
+        return fn(*args)
+    except SpecError:
+        raise
+    except RecursionError:
+        raise SpecError([Diagnostic("error", "spec too deeply nested", Span(file, 1, 1))]) from None
+    except Exception as err:  # noqa: BLE001 - never a raw traceback for user input
+        if os.environ.get("DSVC_DEBUG", "0") not in ("", "0"):
+            raise
+        raise internal_error(file, err) from None
+
+
+def load_with_warnings(path: str | os.PathLike):
+    """(Spec, warnings) of a .dsv file and its includes."""
+    from dsl.elaborate import load_with_warnings as impl
+
+    return _guard(str(path), impl, path)
+
+
+def loads_with_warnings(text: str, filename: str = "<string>"):
+    """(Spec, warnings) of .dsv text; includes resolve relative to `filename`."""
+    from dsl.elaborate import loads_with_warnings as impl
+
+    return _guard(filename, impl, text, filename)
+
+
+def load(path: str | os.PathLike):
+    """The checked `Spec` of a .dsv file. Raises `SpecError` with every problem found."""
+    return load_with_warnings(path)[0]
+
+
+def loads(text: str, filename: str = "<string>"):
+    """The checked `Spec` of .dsv text. Raises `SpecError` with every problem found."""
+    return loads_with_warnings(text, filename)[0]

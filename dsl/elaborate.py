@@ -1,0 +1,202 @@
+"""AST -> Spec: resolve includes, constants, units and defaults; check every rule.
+
+Every problem found is collected (with a span) before anything is raised, so a
+user sees all the errors of a spec at once. Block readers are in
+`dsl/blocks.py`; cross-field rules in `dsl/rules.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import os
+import pathlib
+
+from dsl import ast, parser
+from dsl.diagnostics import Diagnostic, DiagnosticSink, Span, SpecError, did_you_mean, ERROR
+from dsl.values import Evaluator
+
+TOP_BLOCKS = ("model", "precision", "cluster", "parallel", "train", "decode")
+MAX_INCLUDE_DEPTH = 16
+
+
+class _Sources:
+    """Every file read for one spec, in load order; includes resolved relative to their includer."""
+
+    def __init__(self, sink: DiagnosticSink):
+        self.sink = sink
+        self.texts: dict[str, str] = {}
+        self.order: list[str] = []
+
+    def read(self, path: str, span: Span | None) -> str | None:
+        p = pathlib.Path(path)
+        if span is None:
+            span = Span(path, 0, 0)
+        try:
+            if p.is_dir():
+                self.sink.error(f"'{path}' is a directory, not a .dsv file", span,
+                                "name a .dsv file")
+                return None
+            data = p.read_bytes()
+        except FileNotFoundError:
+            self.sink.error(f"file not found: '{path}'", span, _near_files(p))
+            return None
+        except OSError as err:
+            self.sink.error(f"cannot read '{path}': {err.strerror or err}", span)
+            return None
+        try:
+            text = parser.decode_source(path, data)
+        except SpecError as err:
+            self.sink.extend(err.diagnostics)
+            return None
+        self.texts[path] = text
+        self.sink.sources[path] = text
+        self.order.append(path)
+        return text
+
+
+def _near_files(p: pathlib.Path) -> str | None:
+    try:
+        siblings = [f.name for f in p.parent.iterdir() if f.suffix == ".dsv"]
+    except OSError:
+        return None
+    guess = did_you_mean(p.name, siblings)
+    return f"did you mean '{p.parent / guess}'?" if guess else None
+
+
+def _collect(
+    path: str,
+    text: str,
+    sources: _Sources,
+    sink: DiagnosticSink,
+    stack: list[str],
+    items: list,
+) -> None:
+    """Parse `path` and its includes depth-first, appending top-level items in order."""
+    try:
+        tree = parser.parse(text, path)
+    except SpecError as err:
+        sink.extend(err.diagnostics)
+        return
+    base = os.path.dirname(path)
+    for item in tree.items:
+        if not isinstance(item, ast.Include):
+            items.append(item)
+            continue
+        target = os.path.normpath(os.path.join(base, item.path))
+        if not item.path.endswith(".dsv"):
+            sink.error(f"can only include .dsv files, not '{item.path}'", item.span,
+                       "an include names another spec file ending in .dsv")
+            continue
+        if target in stack:
+            cycle = " -> ".join(stack[stack.index(target):] + [target])
+            sink.error(f"include cycle: {cycle}", item.span, "remove one of these includes")
+            continue
+        if len(stack) >= MAX_INCLUDE_DEPTH:
+            sink.error(f"includes nested deeper than {MAX_INCLUDE_DEPTH}", item.span)
+            continue
+        if target in sources.texts:
+            continue  # included twice along different paths: read once
+        sub = sources.read(target, item.span)
+        if sub is not None:
+            _collect(target, sub, sources, sink, stack + [target], items)
+
+
+def elaborate_text(text: str, file: str, sources: _Sources | None = None):
+    from dsl import blocks, rules
+
+    sink = DiagnosticSink(text, {file: text})
+    if sources is None:
+        sources = _Sources(sink)
+        sources.texts[file] = text
+        sources.order.append(file)
+    else:
+        sources.sink = sink
+        sink.sources.update(sources.texts)
+    items: list = []
+    _collect(file, text, sources, sink, [file], items)
+
+    ev = Evaluator(sink)
+    by_kind: dict[str, ast.Block] = {}
+    for item in items:
+        if isinstance(item, ast.Const):
+            if item.name in ev.constants:
+                sink.error(f"constant '{item.name}' is defined twice", item.name_span)
+                continue
+            if item.name in ("true", "false"):
+                sink.error(f"'{item.name}' cannot be a constant name", item.name_span)
+                continue
+            ev.constants[item.name] = ev.evaluate(item.value)
+            continue
+        block = item
+        if block.kind not in TOP_BLOCKS:
+            guess = did_you_mean(block.kind, TOP_BLOCKS)
+            sink.error(f"unknown block '{block.kind}'", block.kind_span,
+                       f"did you mean `{guess}`?" if guess else
+                       f"a spec has blocks: {', '.join(TOP_BLOCKS)}")
+            continue
+        if block.kind in by_kind:
+            first = by_kind[block.kind].kind_span
+            sink.error(f"a second '{block.kind}' block", block.kind_span,
+                       f"the first is at {first.file}:{first.line}; a spec has one of each")
+            continue
+        by_kind[block.kind] = block
+    check_names(items, sink)
+
+    spans: dict[str, Span] = {}
+    spec = None
+    spec_parts = blocks.read_all(by_kind, sink, ev, spans, file)
+    if "model" not in by_kind and not sink.has_errors:
+        sink.error("no `model` block", Span(file, 1, 1),
+                   "a spec describes a model: `model NAME { vocab = ..., hidden = ... }`")
+    elif spec_parts is not None and not sink.has_errors:
+        from dsl.spec import Spec
+
+        digest = hashlib.sha256()
+        for f in sources.order:
+            digest.update(f.encode() + b"\0" + sources.texts[f].encode() + b"\0")
+        try:
+            spec = Spec(file=file, spans=spans, files=tuple(sources.order),
+                        content_hash=digest.hexdigest(), **spec_parts)
+        except Exception as err:  # noqa: BLE001 - our bug, reported as a diagnostic
+            sink.error(f"internal: spec model rejected the elaborated values: {err}",
+                       Span(file, 1, 1), "this is a bug in dsvc; please report it")
+        if spec is not None:
+            rules.check(spec, sink)
+    if sink.has_errors:
+        raise SpecError(sink.sorted())
+    return spec, sink.warnings
+
+
+def check_names(items: list, sink: DiagnosticSink) -> None:
+    """Names reach generated code: they must be identifiers that are not Python keywords."""
+    def visit(node):
+        if isinstance(node, ast.Block):
+            for name, span in ((node.label, node.label_span),):
+                if name is not None and (keyword.iskeyword(name) or name.startswith("__")):
+                    sink.error(f"'{name}' cannot be used as a name", span,
+                               "names become Python identifiers in generated code; pick another")
+            for e in node.entries:
+                visit(e)
+
+    for item in items:
+        visit(item)
+
+
+def load_with_warnings(path: str | os.PathLike):
+    p = str(path)
+    sink = DiagnosticSink()
+    sources = _Sources(sink)
+    text = sources.read(p, None)
+    if text is None:
+        raise SpecError(sink.sorted())
+    return elaborate_text(text, p, sources)
+
+
+def loads_with_warnings(text: str, filename: str = "<string>"):
+    return elaborate_text(text, filename)
+
+
+def internal_error(file: str, err: BaseException) -> SpecError:
+    return SpecError([Diagnostic(ERROR, f"internal error: {type(err).__name__}: {err}",
+                                 Span(file, 0, 0), "this is a bug in dsvc; please report it")])

@@ -1,0 +1,176 @@
+"""Evaluation of .dsv expressions: constants, integer arithmetic and units.
+
+`evaluate` turns an `ast.Expr` into a plain value: int, float, `Qty` (a number
+with a dimension, in base units), str, `Ident` (a bare name that is not a
+constant: an enum word or a reference), `CallValue`, tuple or list. Problems
+are reported to the sink and evaluate to `None`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from dsl import ast
+from dsl.diagnostics import DiagnosticSink, Span, did_you_mean
+from dsl.units import NUMBER, UNITS
+
+
+@dataclasses.dataclass(frozen=True)
+class Qty:
+    value: float
+    dim: str
+    unit: str  # as written (for messages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ident:
+    id: str
+    span: Span
+
+
+@dataclasses.dataclass(frozen=True)
+class CallValue:
+    func: str
+    func_span: Span
+    args: tuple
+    arg_spans: tuple
+    kwargs: dict  # name -> value
+    kwarg_spans: dict  # name -> Span (of the name)
+    span: Span
+
+
+def _dim(v) -> str:
+    return v.dim if isinstance(v, Qty) else NUMBER
+
+
+def _num(v):
+    return v.value if isinstance(v, Qty) else v
+
+
+def _isnum(v) -> bool:
+    return isinstance(v, (int, float, Qty)) and not isinstance(v, bool)
+
+
+class Evaluator:
+    def __init__(self, sink: DiagnosticSink, constants: dict[str, object] | None = None):
+        self.sink = sink
+        self.constants: dict[str, object] = constants if constants is not None else {}
+
+    def evaluate(self, e: ast.Expr):
+        try:
+            return self._eval(e)
+        except RecursionError:
+            self.sink.error("expression too deeply nested", e.span)
+            return None
+
+    def _eval(self, e):
+        if isinstance(e, ast.Num):
+            return e.value
+        if isinstance(e, ast.Str):
+            return e.value
+        if isinstance(e, ast.Name):
+            if e.id in self.constants:
+                return self.constants[e.id]
+            if e.id in ("true", "false"):
+                return e.id == "true"
+            return Ident(e.id, e.span)
+        if isinstance(e, ast.Quantity):
+            inner = self._eval(e.expr)
+            if inner is None:
+                return None
+            dim, factor = UNITS[e.unit]
+            if isinstance(inner, Qty) or not _isnum(inner):
+                what = f"'{inner.unit}'" if isinstance(inner, Qty) else "a non-number"
+                self.sink.error(f"unit '{e.unit}' applied to {what}", e.span,
+                                "a unit follows a plain number, e.g. 400 GB/s")
+                return None
+            return Qty(inner * factor, dim, e.unit)
+        if isinstance(e, ast.Neg):
+            v = self._eval(e.operand)
+            if v is None:
+                return None
+            if not _isnum(v):
+                self.sink.error("'-' needs a number", e.span)
+                return None
+            return Qty(-v.value, v.dim, v.unit) if isinstance(v, Qty) else -v
+        if isinstance(e, ast.BinOp):
+            return self._binop(e)
+        if isinstance(e, ast.Call):
+            args, arg_spans = [], []
+            for a in e.args:
+                args.append(self._eval(a))
+                arg_spans.append(a.span)
+            kwargs, kwarg_spans = {}, {}
+            for kw in e.kwargs:
+                if kw.name in kwargs:
+                    self.sink.error(f"argument '{kw.name}' given twice", kw.name_span)
+                    continue
+                kwargs[kw.name] = self._eval(kw.value)
+                kwarg_spans[kw.name] = kw.name_span
+            return CallValue(e.func, e.func_span, tuple(args), tuple(arg_spans), kwargs,
+                             kwarg_spans, e.span)
+        if isinstance(e, ast.Tuple):
+            return tuple(self._eval(i) for i in e.items)
+        if isinstance(e, ast.List):
+            return [self._eval(i) for i in e.items]
+        raise AssertionError(f"unknown expression node {type(e).__name__}")
+
+    def _binop(self, e: ast.BinOp):
+        left, right = self._eval(e.left), self._eval(e.right)
+        if left is None or right is None:
+            return None
+        for side, v in (("left", left), ("right", right)):
+            if not _isnum(v):
+                shown = v.id if isinstance(v, Ident) else repr(v)
+                hint = None
+                if isinstance(v, Ident):
+                    guess = did_you_mean(v.id, self.constants)
+                    hint = (f"did you mean the constant `{guess}`?" if guess
+                            else "arithmetic works on numbers and constants; "
+                            "define a constant with `const NAME = value`")
+                self.sink.error(f"'{e.op}' needs numbers, got `{shown}`", e.span, hint)
+                return None
+        ld, rd = _dim(left), _dim(right)
+        a, b = _num(left), _num(right)
+        op = e.op
+        if op in "+-" and ld != rd:
+            self.sink.error(f"cannot {'add' if op == '+' else 'subtract'} a {rd} "
+                            f"{'to' if op == '+' else 'from'} a {ld}", e.span)
+            return None
+        if op in ("*",) and ld != NUMBER and rd != NUMBER:
+            self.sink.error(f"cannot multiply a {ld} by a {rd}", e.span)
+            return None
+        if op in ("/", "//", "%") and rd != NUMBER and ld != rd:
+            self.sink.error(f"cannot divide a {ld} by a {rd}", e.span)
+            return None
+        if op in ("/", "//", "%") and b == 0:
+            self.sink.error("division by zero", e.span)
+            return None
+        if op == "+":
+            r = a + b
+        elif op == "-":
+            r = a - b
+        elif op == "*":
+            r = a * b
+        elif op == "/":
+            r = a / b
+            if isinstance(a, int) and isinstance(b, int) and a % b == 0:
+                r = a // b
+        elif op == "//":
+            r = a // b
+        else:
+            r = a % b
+        if isinstance(r, float) and not math.isfinite(r):
+            self.sink.error("arithmetic overflow", e.span)
+            return None
+        if isinstance(r, int) and abs(r) > 10**30:
+            self.sink.error("number too large", e.span)
+            return None
+        dim = ld if ld != NUMBER else rd
+        if op in ("/", "//", "%") and ld == rd:
+            dim = NUMBER
+        if dim == NUMBER:
+            return r
+        unit = left.unit if isinstance(left, Qty) else right.unit
+        return Qty(r, dim, unit)

@@ -1,0 +1,235 @@
+"""FP8 torch emulation: the reference numerics every other backend is tested against.
+
+Quantisation is exact and deterministic (the Triton kernels reproduce these scales
+bit for bit); GEMMs dequantise to fp32 and multiply in fp32, which is what the
+block-scaled kernels compute up to fp32 summation order.
+
+Shape legend: M tokens, N output features, K input features (the contraction of
+the forward GEMM), E experts; Mt/Nt/Kt = number of 128-wide tiles along that dim.
+Scale layouts (fp32 unless noted):
+  activation 1x128 tiles along the last dim: x (..., K) -> s (..., Kt)
+  token-axis tiles (wgrad): x (M, K) -> xt (K, M) fp8 with s (K, Mt)
+  grouped token-axis tiles: expert e's j-th tile of tokens sits at column
+      e + start_e // 128 + j of s (K, E + Mt); unused columns are 1.0
+  weight 128x128 blocks: w (N, K) -> s (Nt, Kt)
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# amax floor: an all-zero tile gets scale 1e-12/448 (finite, positive) rather than 0 -> inf/NaN.
+AMAX_FLOOR = 1e-12
+TILE = 128
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def scales_from_amax(amax: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, inverse scale) for fp32 amax values: scale = amax/448, or its power-of-two ceiling.
+
+    Every backend must compute exactly these bits: amax floored at AMAX_FLOOR,
+    `scale = amax / 448` and `inv = 448 / amax` in IEEE fp32; with ue8m0 the scale is
+    rounded up to a power of two (so x * inv never exceeds 448) and inv = 1 / scale
+    exactly.
+    """
+    amax = amax.to(torch.float32).clamp_min(AMAX_FLOOR)
+    scale = amax / FP8_MAX
+    if not ue8m0:
+        return scale, FP8_MAX / amax
+    bits = scale.view(torch.int32)
+    # Round a positive normal float up to a power of two: carry any mantissa bits into
+    # the exponent, then clear the mantissa.
+    pow2 = ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    return pow2, 1.0 / pow2
+
+
+def _to_fp8(y: torch.Tensor) -> torch.Tensor:
+    # Clamp first: float8_e4m3fn has no inf, so an out-of-range cast is not safe to rely on.
+    return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_act(
+    x: torch.Tensor, tile: int = TILE, ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise x (..., K) in 1 x tile tiles along the last dim -> (x_fp8 (..., K), s (..., Kt))."""
+    k = x.shape[-1]
+    kt = _cdiv(k, tile)
+    xf = x.to(torch.float32)
+    pad = kt * tile - k
+    xp = torch.nn.functional.pad(xf, (0, pad)) if pad else xf
+    xp = xp.reshape(*x.shape[:-1], kt, tile)
+    scale, inv = scales_from_amax(xp.abs().amax(dim=-1), ue8m0)
+    q = _to_fp8(xp * inv.unsqueeze(-1)).reshape(*x.shape[:-1], kt * tile)
+    return q[..., :k].contiguous(), scale
+
+
+def quantize_act_t(
+    x: torch.Tensor, tile: int = TILE, ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-axis tiling for wgrad: x (M, K) -> (xt_fp8 (K, M), s (K, Mt)), tiles of `tile` tokens."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_act_t expects a 2-D (M, K) tensor, got shape {tuple(x.shape)}")
+    return quantize_act(x.t(), tile, ue8m0)
+
+
+def quantize_act_both(
+    x: torch.Tensor, tile: int = TILE, ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both tilings of x (M, K): (x_fp8, s (M, Kt), xt_fp8 (K, M), st (K, Mt))."""
+    return (*quantize_act(x, tile, ue8m0), *quantize_act_t(x, tile, ue8m0))
+
+
+def grouped_tile_columns(offsets: torch.Tensor, num_tokens: int, tile: int = TILE) -> int:
+    """Columns of a grouped token-axis scale tensor: E + ceil(M / tile) (no host sync needed)."""
+    return offsets.numel() + _cdiv(num_tokens, tile)
+
+
+def quantize_act_t_grouped(
+    x: torch.Tensor, offsets: torch.Tensor, tile: int = TILE, ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-axis tiling per expert segment: x (M, K) sorted by expert, offsets (E,) cumulative ends.
+
+    Tiles restart at each expert's first token (no expert is padded); see the module
+    docstring for where each tile's scale column is.
+    """
+    m, k = x.shape
+    num_cols = grouped_tile_columns(offsets, m, tile)
+    xt = torch.zeros((k, m), dtype=FP8_DTYPE, device=x.device)
+    st = torch.ones((k, num_cols), dtype=torch.float32, device=x.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            q, s = quantize_act(x[start:end].t(), tile, ue8m0)
+            xt[:, start:end] = q
+            base = e + start // tile
+            st[:, base : base + s.shape[1]] = s
+        start = end
+    return xt, st
+
+
+def quantize_weight(
+    w: torch.Tensor, block: int = TILE, ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise w (..., N, K) in block x block tiles -> (w_fp8 (..., N, K), s (..., Nt, Kt))."""
+    *lead, n, k = w.shape
+    nt, kt = _cdiv(n, block), _cdiv(k, block)
+    wf = w.to(torch.float32)
+    wp = torch.nn.functional.pad(wf, (0, kt * block - k, 0, nt * block - n))
+    wp = wp.reshape(*lead, nt, block, kt, block)
+    scale, inv = scales_from_amax(wp.abs().amax(dim=(-3, -1)), ue8m0)
+    q = _to_fp8(wp * inv.unsqueeze(-1).unsqueeze(-3)).reshape(*lead, nt * block, kt * block)
+    return q[..., :n, :k].contiguous(), scale
+
+
+def dequantize_act(
+    q: torch.Tensor, s: torch.Tensor, tile: int = TILE, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of quantize_act: q (..., K) fp8, s (..., Kt) -> (..., K)."""
+    k = q.shape[-1]
+    expanded = s.to(torch.float32).repeat_interleave(tile, dim=-1)[..., :k]
+    return (q.to(torch.float32) * expanded).to(out_dtype)
+
+
+def dequantize_weight(
+    q: torch.Tensor, s: torch.Tensor, block: int = TILE, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of quantize_weight: q (..., N, K) fp8, s (..., Nt, Kt) -> (..., N, K)."""
+    n, k = q.shape[-2:]
+    expanded = s.to(torch.float32).repeat_interleave(block, dim=-2)[..., :n, :]
+    expanded = expanded.repeat_interleave(block, dim=-1)[..., :k]
+    return (q.to(torch.float32) * expanded).to(out_dtype)
+
+
+def b_scales_are_rowwise(b: torch.Tensor, b_s: torch.Tensor, block: int = TILE) -> bool:
+    """True if b_s holds 1 x block row scales (N, Kt), False for block x block (Nt, Kt).
+
+    Unambiguous: the two shapes coincide only when N == 1, where they mean the same.
+    """
+    n = b.shape[-2]
+    if b_s.shape[-2] == n:
+        return True
+    if b_s.shape[-2] == _cdiv(n, block):
+        return False
+    raise ValueError(
+        f"b scales of shape {tuple(b_s.shape)} fit neither 128x128 blocks "
+        f"({_cdiv(n, block)} rows) nor 1x128 rows ({n} rows) of b {tuple(b.shape)}"
+    )
+
+
+def dequantize_b(b: torch.Tensor, b_s: torch.Tensor, block: int = TILE) -> torch.Tensor:
+    """Dequantise a GEMM's b operand (N, K) given either row or block scales."""
+    if b_scales_are_rowwise(b, b_s, block):
+        return dequantize_act(b, b_s, block)
+    return dequantize_weight(b, b_s, block)
+
+
+def gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    b_s: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """out (M, N) = dequant(a) @ dequant(b)^T in fp32, cast to out_dtype."""
+    a_f = dequantize_act(a, a_s)
+    b_f = dequantize_b(b, b_s)
+    return (a_f @ b_f.t()).to(out_dtype)
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    b_s: torch.Tensor,
+    offsets: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Per-expert out[rows of e] = a[rows of e] @ b[e]^T; rows past offsets[-1] are zero."""
+    m = a.shape[0]
+    out = torch.zeros((m, b.shape[-2]), dtype=out_dtype, device=a.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = gemm(a[start:end], a_s[start:end], b[e], b_s[e], out_dtype)
+        start = end
+    return out
+
+
+def grouped_gemm_wgrad(
+    a_t: torch.Tensor,
+    a_ts: torch.Tensor,
+    b_t: torch.Tensor,
+    b_ts: torch.Tensor,
+    offsets: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-expert out[e] (N, K) = a_t[:, rows of e] @ b_t[:, rows of e]^T.
+
+    a_t (N, M) and b_t (K, M) fp8 with grouped token-axis scales (quantize_act_t_grouped).
+    """
+    num_experts = offsets.numel()
+    out = torch.zeros((num_experts, a_t.shape[0], b_t.shape[0]), dtype=out_dtype, device=a_t.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            base = e + start // TILE
+            cols = _cdiv(end - start, TILE)
+            a_f = dequantize_act(a_t[:, start:end], a_ts[:, base : base + cols])
+            b_f = dequantize_act(b_t[:, start:end], b_ts[:, base : base + cols])
+            out[e] = (a_f @ b_f.t()).to(out_dtype)
+        start = end
+    return out
+
+
+def swiglu_quant(
+    gate: torch.Tensor, up: torch.Tensor, tile: int = TILE, ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(gate) * up in fp32, quantised in 1 x tile tiles -> (h_fp8, s)."""
+    g = gate.to(torch.float32)
+    h = g * torch.sigmoid(g) * up.to(torch.float32)
+    return quantize_act(h, tile, ue8m0)

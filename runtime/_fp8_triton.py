@@ -1,0 +1,88 @@
+"""FP8 "triton" backend: finds the generated kernel module the runtime should call.
+
+A compiled build directory carries its own kernel module (rendered by
+compiler/codegen/kernels.py for the spec's GEMM shapes); `use_kernels` registers it.
+Without one, the generic module `_fp8_kernels_generic` (the same templates rendered
+with no GEMM table, checked in and kept in sync by a test) is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import pathlib
+import sys
+import types
+
+# Functions a kernel module must define (the backend protocol shared with _fp8_torch).
+PROTOCOL = (
+    "quantize_act",
+    "quantize_act_t",
+    "quantize_act_both",
+    "quantize_act_t_grouped",
+    "quantize_weight",
+    "dequantize_act",
+    "dequantize_weight",
+    "gemm",
+    "grouped_gemm",
+    "grouped_gemm_wgrad",
+    "swiglu_quant",
+)
+
+_registered: types.ModuleType | None = None
+
+
+def load_kernel_module(path: str | os.PathLike) -> types.ModuleType:
+    """Import a generated kernel module from a file path (Triton needs a real file for @jit)."""
+    path = pathlib.Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"generated kernel module {path} does not exist")
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    name = f"_dsvc_fp8_kernels_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]
+        raise
+    check_kernel_module(module)
+    return module
+
+
+def check_kernel_module(module: types.ModuleType) -> None:
+    """Raise a clear error if `module` lacks part of the kernel protocol."""
+    missing = [fn for fn in PROTOCOL if not callable(getattr(module, fn, None))]
+    if missing:
+        raise TypeError(
+            f"{getattr(module, '__name__', module)!r} is not a dsvc FP8 kernel module: "
+            f"missing {', '.join(missing)}"
+        )
+
+
+def use_kernels(module_or_path: types.ModuleType | str | os.PathLike | None) -> None:
+    """Make `backend="triton"` call this generated module (None: back to the generic one)."""
+    global _registered
+    if module_or_path is None or isinstance(module_or_path, types.ModuleType):
+        if module_or_path is not None:
+            check_kernel_module(module_or_path)
+        _registered = module_or_path
+    else:
+        _registered = load_kernel_module(module_or_path)
+
+
+def kernel_module() -> types.ModuleType:
+    """The registered kernel module, else the generic one (imports triton on first use)."""
+    if _registered is not None:
+        return _registered
+    try:
+        return importlib.import_module("._fp8_kernels_generic", __package__)
+    except ImportError as err:
+        raise RuntimeError(
+            f"fp8 backend 'triton' is unavailable ({err}); install triton or use backend='torch'"
+        ) from err

@@ -1,0 +1,118 @@
+"""Attention: multi-head latent attention (MLA, DeepSeek-V2/V3) and MHA/GQA.
+
+Parameter names follow Hugging Face DeepSeek-V3 (`self_attn.q_a_proj`, ...) and
+LLaMA (`q_proj`, `k_proj`, `v_proj`, `o_proj`), so checkpoints map 1:1. The
+attention core (softmax(QK^T) V, causal) runs in the plan's `attention_core`
+dtype through `F.scaled_dot_product_attention`.
+
+Shape legend: B batch, S sequence, D hidden, H heads, G kv heads, C kv latent
+(kv_lora_rank), Q q latent (q_lora_rank), P qk_nope_dim, R qk_rope_dim, V v_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Linear, RMSNorm, RotaryEmbedding, dtype_of, yarn_softmax_mscale
+from .plan import Attention, Model, Precision
+
+
+def _core(q_BHSd, k_BHSd, v_BHSd, scale: float, core_dtype, out_dtype) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(
+        q_BHSd.to(core_dtype), k_BHSd.to(core_dtype), v_BHSd.to(core_dtype), is_causal=True, scale=scale
+    )
+    return out.to(out_dtype)
+
+
+class MLA(nn.Module):
+    """Low-rank q (optional) and joint kv compression with a decoupled RoPE key."""
+
+    def __init__(self, model: Model, spec: Attention, prec: Precision):
+        super().__init__()
+        act = dtype_of(prec.default)
+        norm = dtype_of(prec.kept["norm"])
+        be = prec.fp8_backend
+        d, h = model.hidden, spec.heads
+        self.spec, self.act_dtype = spec, act
+        self.core_dtype = dtype_of(prec.kept["attention_core"])
+        qk_dim = spec.qk_nope_dim + spec.qk_rope_dim
+        if spec.q_lora_rank:
+            self.q_a_proj = Linear(d, spec.q_lora_rank, prec.linear_for("q_a_proj"), act, be)
+            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, model.norm_eps, norm, act)
+            self.q_b_proj = Linear(spec.q_lora_rank, h * qk_dim, prec.linear_for("q_b_proj"), act, be)
+        else:
+            self.q_proj = Linear(d, h * qk_dim, prec.linear_for("q_proj"), act, be)
+        kv_a_out = spec.kv_lora_rank + spec.qk_rope_dim
+        self.kv_a_proj_with_mqa = Linear(d, kv_a_out, prec.linear_for("kv_a_proj_with_mqa"), act, be)
+        self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, model.norm_eps, norm, act)
+        kv_b_out = h * (spec.qk_nope_dim + spec.v_dim)
+        self.kv_b_proj = Linear(spec.kv_lora_rank, kv_b_out, prec.linear_for("kv_b_proj"), act, be)
+        self.o_proj = Linear(h * spec.v_dim, d, prec.linear_for("o_proj"), act, be)
+        self.rotary = RotaryEmbedding(model.rope, spec.qk_rope_dim, model.max_seq_len, interleaved=True)
+        mscale = yarn_softmax_mscale(model.rope, model.max_seq_len)
+        self.softmax_scale = qk_dim**-0.5 * mscale * mscale
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        sp = self.spec
+        b, s, _ = x_BSD.shape
+        h, p, r, v = sp.heads, sp.qk_nope_dim, sp.qk_rope_dim, sp.v_dim
+        if sp.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        else:
+            q = self.q_proj(x_BSD)
+        q_BSHd = q.view(b, s, h, p + r)
+        q_nope_BSHP, q_pe_BSHR = torch.split(q_BSHd, [p, r], dim=-1)
+        q_pe_BSHR = self.rotary(q_pe_BSHR)
+        kv = self.kv_a_proj_with_mqa(x_BSD)
+        c_BSC, k_pe_BSR = torch.split(kv, [sp.kv_lora_rank, r], dim=-1)
+        k_pe_BS1R = self.rotary(k_pe_BSR.unsqueeze(2))
+        kv_BSHd = self.kv_b_proj(self.kv_a_layernorm(c_BSC)).view(b, s, h, p + v)
+        k_nope_BSHP, v_BSHV = torch.split(kv_BSHd, [p, v], dim=-1)
+        q_BSHd = torch.cat([q_nope_BSHP, q_pe_BSHR], dim=-1)
+        k_BSHd = torch.cat([k_nope_BSHP, k_pe_BS1R.expand(b, s, h, r)], dim=-1)
+        o_BHSV = _core(
+            q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2), v_BSHV.transpose(1, 2),
+            self.softmax_scale, self.core_dtype, self.act_dtype,
+        )  # fmt: skip
+        return self.o_proj(o_BHSV.transpose(1, 2).reshape(b, s, h * v))
+
+
+class GQA(nn.Module):
+    """Grouped-query attention (multi-head when kv_heads == heads), RoPE on the full head."""
+
+    def __init__(self, model: Model, spec: Attention, prec: Precision):
+        super().__init__()
+        act = dtype_of(prec.default)
+        be = prec.fp8_backend
+        d, h, g, hd = model.hidden, spec.heads, spec.kv_heads, spec.head_dim
+        self.spec, self.act_dtype = spec, act
+        self.core_dtype = dtype_of(prec.kept["attention_core"])
+        self.q_proj = Linear(d, h * hd, prec.linear_for("q_proj"), act, be)
+        self.k_proj = Linear(d, g * hd, prec.linear_for("k_proj"), act, be)
+        self.v_proj = Linear(d, g * hd, prec.linear_for("v_proj"), act, be)
+        self.o_proj = Linear(h * hd, d, prec.linear_for("o_proj"), act, be)
+        self.rotary = RotaryEmbedding(model.rope, hd, model.max_seq_len, interleaved=False)
+        mscale = yarn_softmax_mscale(model.rope, model.max_seq_len)
+        self.softmax_scale = hd**-0.5 * mscale * mscale
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        sp = self.spec
+        b, s, _ = x_BSD.shape
+        h, g, hd = sp.heads, sp.kv_heads, sp.head_dim
+        q_BSHd = self.rotary(self.q_proj(x_BSD).view(b, s, h, hd))
+        k_BSGd = self.rotary(self.k_proj(x_BSD).view(b, s, g, hd))
+        v_BSGd = self.v_proj(x_BSD).view(b, s, g, hd)
+        if g != h:
+            k_BSGd = k_BSGd.repeat_interleave(h // g, dim=2)
+            v_BSGd = v_BSGd.repeat_interleave(h // g, dim=2)
+        o_BHSd = _core(
+            q_BSHd.transpose(1, 2), k_BSGd.transpose(1, 2), v_BSGd.transpose(1, 2),
+            self.softmax_scale, self.core_dtype, self.act_dtype,
+        )  # fmt: skip
+        return self.o_proj(o_BHSd.transpose(1, 2).reshape(b, s, h * hd))
+
+
+def build_attention(model: Model, spec: Attention, prec: Precision) -> nn.Module:
+    return MLA(model, spec, prec) if spec.kind == "mla" else GQA(model, spec, prec)

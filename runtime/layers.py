@@ -1,0 +1,131 @@
+"""Building blocks: precision-aware linear, RMSNorm, RoPE (plain and YaRN), SwiGLU.
+
+Parameters are kept in the master dtype (fp32); each op casts to the compute
+dtype the plan gives it (`Precision`), so one module serves the fp32, bf16 and
+FP8-emulation modes. RoPE follows DeepSeek-V3's public reference model
+(`precompute_freqs_cis`, interleaved pairs for MLA); GQA uses the
+rotate-half layout of Hugging Face LLaMA-style checkpoints.
+
+Shape legend: B batch, S sequence, D hidden, H heads, R rotary dim, N out, K in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .plan import LinearFormat, Rope
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """Plan dtype name -> torch dtype ("fp8_e4m3" computes through runtime.fp8)."""
+    return _DTYPES[name]
+
+
+class Linear(nn.Module):
+    """y = x W^T in the plan's format for this linear; output in the activation dtype."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: LinearFormat, act_dtype, backend="torch"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.fmt, self.act_dtype, self.backend = fmt, act_dtype, backend
+
+    def forward(self, x_MK: torch.Tensor) -> torch.Tensor:
+        if self.fmt.format == "fp8_e4m3":
+            from .fp8 import fp8_linear
+
+            return fp8_linear(x_MK, self.weight, ue8m0=self.fmt.ue8m0, backend=self.backend).to(self.act_dtype)
+        dt = _DTYPES[self.fmt.format]
+        return F.linear(x_MK.to(dt), self.weight.to(dt)).to(self.act_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, {self.fmt.format}"
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in the plan's `norm` dtype (fp32 by default)."""
+
+    def __init__(self, dim: int, eps: float, compute_dtype, out_dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.compute_dtype, self.out_dtype = eps, compute_dtype, out_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(self.compute_dtype)
+        y = F.rms_norm(xf, (xf.shape[-1],), self.weight.to(self.compute_dtype), self.eps)
+        return y.to(self.out_dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense FFN and the shared experts."""
+
+    def __init__(self, dim: int, inter: int, fmts: tuple[LinearFormat, LinearFormat, LinearFormat], act_dtype, backend):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter, fmts[0], act_dtype, backend)
+        self.up_proj = Linear(dim, inter, fmts[1], act_dtype, backend)
+        self.down_proj = Linear(inter, dim, fmts[2], act_dtype, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# -- rotary embeddings -------------------------------------------------------------------
+
+
+def yarn_softmax_mscale(rope: Rope, max_seq_len: int) -> float:
+    """Factor on the attention softmax scale (squared by the caller), as DeepSeek-V3's reference."""
+    if rope.kind != "yarn" or max_seq_len <= rope.original_max_seq:
+        return 1.0
+    return 0.1 * rope.mscale * math.log(rope.factor) + 1.0
+
+
+def rope_frequencies(rope: Rope, rot_dim: int, max_seq_len: int) -> torch.Tensor:
+    """Angles (max_seq_len, rot_dim/2) in fp32; YaRN blends interpolated and original
+    frequencies when the model's context exceeds the original one."""
+    freqs = 1.0 / (rope.theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    if rope.kind == "yarn" and max_seq_len > rope.original_max_seq:
+
+        def correction_dim(num_rotations: float) -> float:
+            ratio = rope.original_max_seq / (num_rotations * 2 * math.pi)
+            return rot_dim * math.log(ratio) / (2 * math.log(rope.theta))
+
+        low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(rope.beta_slow)), rot_dim - 1)
+        if low == high:
+            high += 0.001  # the reference's guard against a zero-width ramp
+        ramp = ((torch.arange(rot_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / rope.factor * (1 - smooth) + freqs * smooth
+    positions = torch.arange(max_seq_len, dtype=torch.float32)
+    return torch.outer(positions, freqs)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to (B, S, H, R) tensors; `interleaved` pairs (x0, x1), (x2, x3)... as
+    DeepSeek's reference, else the rotate-half layout."""
+
+    def __init__(self, rope: Rope, rot_dim: int, max_seq_len: int, interleaved: bool):
+        super().__init__()
+        angles_SR2 = rope_frequencies(rope, rot_dim, max_seq_len)
+        self.register_buffer("cos_SR2", angles_SR2.cos(), persistent=False)
+        self.register_buffer("sin_SR2", angles_SR2.sin(), persistent=False)
+        self.interleaved = interleaved
+
+    def forward(self, x_BSHR: torch.Tensor) -> torch.Tensor:
+        s = x_BSHR.shape[1]
+        cos = self.cos_SR2[:s, None, :]
+        sin = self.sin_SR2[:s, None, :]
+        xf = x_BSHR.float()
+        if self.interleaved:
+            x0, x1 = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        else:
+            half = xf.shape[-1] // 2
+            x0, x1 = xf[..., :half], xf[..., half:]
+            out = torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return out.to(x_BSHR.dtype)
