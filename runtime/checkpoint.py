@@ -1,0 +1,155 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+
+Layout under a checkpoint directory:
+
+    step_00000020/            a complete checkpoint (DCP files + dsvc.json)
+    step_00000040.partial/    a save in progress, or one a crash interrupted: ignored
+
+Every rank writes its shard of the state with `dcp.save` into the `.partial`
+directory; after a barrier rank 0 writes `dsvc.json` (step, hashes, layout)
+and renames the directory. A rename is atomic, so a checkpoint is visible
+only when complete, and a process killed mid-save leaves the previous one
+untouched. State keys are global names (parameters by their model name,
+optimizer state by parameter name), so a run can resume with another
+data-parallel degree: each rank loads the keys it now owns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+META = "dsvc.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: missing, corrupt, or from another model or layout."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def save(root: str, step: int, state: dict, meta: dict) -> str:
+    """Save `state` (this rank's tensors and objects) as checkpoint `step`; collective."""
+    import torch.distributed.checkpoint as dcp
+
+    final = step_dir(root, step)
+    partial = final + ".partial"
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(partial):
+            shutil.rmtree(partial)  # left by an interrupted save
+    _barrier()
+    dcp.save(state, checkpoint_id=partial)
+    _barrier()
+    if _rank() == 0:
+        record = dict(meta, step=step)
+        tmp = os.path.join(partial, META + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(partial, META))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(root)
+    _barrier()
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def complete_steps(root: str) -> list[int]:
+    """Steps of the complete checkpoints under `root`, ascending."""
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, META)):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest(root: str) -> str | None:
+    steps = complete_steps(root)
+    return step_dir(root, steps[-1]) if steps else None
+
+
+def read_meta(path: str) -> dict:
+    try:
+        with open(os.path.join(path, META)) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META})") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: {META} is unreadable ({err})") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"{path}: {META} is not a dsvc checkpoint record")
+    return meta
+
+
+def check_compatible(meta: dict, expected: dict, path: str) -> None:
+    """Refuse a checkpoint of another model or another pipeline layout (DP may differ)."""
+    if meta.get("model_hash") != expected.get("model_hash"):
+        raise CheckpointError(f"{path} is a checkpoint of a different model "
+                              f"(model hash {str(meta.get('model_hash'))[:12]}, this plan "
+                              f"{str(expected.get('model_hash'))[:12]}); refusing to load it")
+    if meta.get("pipeline_layout") != expected.get("pipeline_layout"):
+        raise CheckpointError(f"{path} was written with pipeline layout "
+                              f"{meta.get('pipeline_layout')}, this plan has "
+                              f"{expected.get('pipeline_layout')}; a checkpoint can change its "
+                              "data-parallel degree but not its pipeline layout")
+
+
+def load(path: str, state: dict, expected: dict) -> dict:
+    """Load checkpoint `path` into `state` in place (collective); returns its record."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = read_meta(path)
+    check_compatible(meta, expected, path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"{path} is corrupt or incomplete: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    return meta
+
+
+def rng_state() -> dict:
+    """This rank's RNG states, as tensors DCP can store."""
+    return {"torch": torch.get_rng_state()}
+
+
+def set_rng_state(saved: dict) -> None:
+    torch.set_rng_state(saved["torch"])
