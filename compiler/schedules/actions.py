@@ -55,7 +55,7 @@ class Action:
     kind: str
     stage: int
     microbatch: int
-    sub_actions: tuple["Action", ...] = ()
+    sub_actions: tuple[Action, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind == OVERLAP_F_B:
@@ -79,7 +79,7 @@ class Action:
     def is_comm(self) -> bool:
         return self.kind in COMM_KINDS
 
-    def parts(self) -> tuple["Action", ...]:
+    def parts(self) -> tuple[Action, ...]:
         """The compute actions this stands for: the two halves of an overlap, else itself."""
         return self.sub_actions if self.kind == OVERLAP_F_B else (self,)
 

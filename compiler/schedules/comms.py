@@ -48,6 +48,14 @@ def message_for(schedule: Schedule, part: Action) -> tuple[Action, Action, int] 
     return send, recv, schedule.stage_device[peer]
 
 
+def recv_source(schedule: Schedule, recv: Action) -> int | None:
+    """The device a RECV_F / RECV_B receives from (None if its stage has no such peer)."""
+    peer = (
+        schedule.prev_stage(recv.stage) if recv.kind == RECV_F else schedule.next_stage(recv.stage)
+    )
+    return None if peer is None else schedule.stage_device[peer]
+
+
 def consumer_key(part: Action) -> tuple[str, int, int] | None:
     """The receive a compute part waits for, as (kind, stage, micro-batch), if any could exist."""
     if part.kind == FORWARD:

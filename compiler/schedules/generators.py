@@ -49,7 +49,9 @@ def validate_request(kind: str, pp: int, num_microbatches: int) -> None:
     if pp < 1:
         raise ScheduleConfigError(f"PP must be at least 1, got {pp}")
     if num_microbatches < 1:
-        raise ScheduleConfigError(f"the number of micro-batches must be at least 1, got {num_microbatches}")
+        raise ScheduleConfigError(
+            f"the number of micro-batches must be at least 1, got {num_microbatches}"
+        )
     if kind in ("dualpipe", "dualpipev") and pp % 2:
         what = (
             "DualPipe puts stage i of copy A and stage PP-1-i of copy B on one device"
@@ -152,8 +154,8 @@ def _dual_steps(num_half: int, r: int, n: int) -> list[tuple]:
     steps += [("I", 1), ("W",), ("F", 1)] * warm  # 3. first far backwards, zero-bubble split
     for i in range(n - 2 * num_half + r + 1):  # 4. steady state: overlapped F&B pairs
         if i == 0 and r == num_half - 1:
-            # The middle devices get the near forward's input one chunk before the far
-            # backward's gradient; running them apart starts the near chain sooner.
+            # The middle devices run their first steady F and B apart, as the reference
+            # construction does (kept so our lists equal torch's ScheduleDualPipeV).
             steps += [("F", 0), ("B", 1)]
         else:
             steps.append(("FB", 0, 1))
@@ -199,7 +201,10 @@ def _resolve(steps: list[tuple], stage_of: tuple[int, int]) -> tuple[Action, ...
         else:  # ("FB", forward phase, backward phase)
             fs, bs = stage_of[step[1]], stage_of[step[2]]
             out.append(
-                overlap(Action(FORWARD, fs, take(next_f, fs)), Action(FULL_BACKWARD, bs, take(next_b, bs)))
+                overlap(
+                    Action(FORWARD, fs, take(next_f, fs)),
+                    Action(FULL_BACKWARD, bs, take(next_b, bs)),
+                )
             )
     assert not deferred, "DualPipe construction left weight passes undone"
     return tuple(out)
@@ -224,8 +229,6 @@ def _dualpipe(pp: int, n: int) -> Schedule:
 def _dualpipev(pp: int, n: int) -> Schedule:
     devices = pp // 2
     stage_device = tuple(min(s, pp - 1 - s) for s in range(pp))
-    actions = tuple(
-        _resolve(_dual_steps(devices, d, n), (d, pp - 1 - d)) for d in range(devices)
-    )
+    actions = tuple(_resolve(_dual_steps(devices, d, n), (d, pp - 1 - d)) for d in range(devices))
     chains = (Chain("main", tuple(range(pp)), n, 0),)
     return Schedule("dualpipev", pp, n, chains, stage_device, actions)

@@ -90,7 +90,7 @@ class Schedule:
         """`actions[device]` without the sends and receives."""
         return tuple(a for a in self.actions[device] if a.is_compute)
 
-    def with_actions(self, actions) -> "Schedule":
+    def with_actions(self, actions) -> Schedule:
         """The same layout with other action lists (used by comm insertion and tests)."""
         return dataclasses.replace(self, actions=tuple(tuple(a) for a in actions))
 
@@ -118,7 +118,7 @@ class Schedule:
         }
 
     @classmethod
-    def from_json(cls, doc: dict) -> "Schedule":
+    def from_json(cls, doc: dict) -> Schedule:
         """Read `to_json`'s output back; a wrong format or version is a clear error."""
         if not isinstance(doc, dict) or doc.get("format") != SCHEDULE_FORMAT:
             raise ScheduleFormatError(f"not a {SCHEDULE_FORMAT} document")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict, deque
-from typing import Mapping
+from collections.abc import Mapping
 
 from .actions import (
     BACKWARD_INPUT,
@@ -256,7 +256,9 @@ def simulate(schedule: Schedule, costs: CostModel) -> SimResult:
     stuck = [d for d in range(n) if ptr[d] < len(schedule.actions[d])]
     if stuck:
         heads = ", ".join(f"device {d} at {schedule.actions[d][ptr[d]]}" for d in stuck[:8])
-        raise ScheduleDeadlock(f"the schedule cannot finish: {heads} wait for inputs never produced")
+        raise ScheduleDeadlock(
+            f"the schedule cannot finish: {heads} wait for inputs never produced"
+        )
 
     makespan = max((clock[d] for d in range(n)), default=0)
     busy = tuple(sum(t.end - t.start for t in timeline[d]) for d in range(n))

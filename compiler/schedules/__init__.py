@@ -1,0 +1,72 @@
+"""Pipeline schedules: generate, check, simulate and draw 1F1B, ZB1P, DualPipe, DualPipeV.
+
+    from compiler.schedules import build_schedule, check_schedule, simulate_uniform
+    schedule = build_schedule("dualpipe", 8, 20)      # PP = 8 stages per copy, 20 micro-batches
+    check_schedule(schedule)                           # raises ScheduleCheckError with every problem
+    result = simulate_uniform(schedule, f=1, b=2, w=1) # makespan, bubble, activations per device
+    draw_timeline(result, "dualpipe.png")
+
+Modules: `actions` (torch `_Action` vocabulary and strings), `schedule` (the
+`Schedule` and its versioned JSON), `generators`, `comms` (send/receive
+insertion), `check`, `simulate` (event simulator and cost models),
+`formulas` (published figures), `overlap` (dual micro-batch chunk order),
+`render` (text/JSON), `trace` (Chrome/Perfetto), `draw` (matplotlib, lazy).
+Pure Python: nothing here imports torch, and matplotlib only inside `draw_timeline`.
+"""
+
+from .actions import Action, ActionSyntaxError, from_torch, parse_action, to_torch
+from .check import ScheduleCheckError, check_schedule, schedule_problems
+from .comms import insert_send_recv
+from .draw import draw_timeline
+from .formulas import formula_conditions, published_activations, published_bubble
+from .generators import KINDS, ScheduleConfigError, build_schedule, validate_request
+from .overlap import overlap_order
+from .render import summary_json, summary_text
+from .schedule import SCHEDULE_FORMAT_VERSION, Chain, Schedule, ScheduleFormatError
+from .simulate import (
+    CostModel,
+    ScheduleDeadlock,
+    SimResult,
+    TableCosts,
+    TimedAction,
+    UniformCosts,
+    simulate,
+    simulate_uniform,
+)
+from .trace import chrome_trace
+
+__all__ = [
+    "KINDS",
+    "SCHEDULE_FORMAT_VERSION",
+    "Action",
+    "ActionSyntaxError",
+    "Chain",
+    "CostModel",
+    "Schedule",
+    "ScheduleCheckError",
+    "ScheduleConfigError",
+    "ScheduleDeadlock",
+    "ScheduleFormatError",
+    "SimResult",
+    "TableCosts",
+    "TimedAction",
+    "UniformCosts",
+    "build_schedule",
+    "check_schedule",
+    "chrome_trace",
+    "draw_timeline",
+    "formula_conditions",
+    "from_torch",
+    "insert_send_recv",
+    "overlap_order",
+    "parse_action",
+    "published_activations",
+    "published_bubble",
+    "schedule_problems",
+    "simulate",
+    "simulate_uniform",
+    "summary_json",
+    "summary_text",
+    "to_torch",
+    "validate_request",
+]

@@ -1,0 +1,153 @@
+"""Timeline pictures of a simulated schedule, in the style of the DualPipe README figure.
+
+One row per device; one block per action, coloured by kind (forward orange,
+full backward green, input-gradient backward light green, weight-gradient
+blue), darker for a second model copy (DualPipe's reverse direction) or the
+second leg of a V; an overlapped F&B pair is one block split in two halves
+inside a thick black border; the micro-batch number is written on each block.
+matplotlib is imported only here, only when drawing.
+"""
+
+from __future__ import annotations
+
+from .actions import BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, FULL_BACKWARD, OVERLAP_F_B
+
+# (first copy / first leg, second copy / second leg) per kind
+_COLOURS = {
+    FORWARD: ("#fbd38d", "#ed8936"),
+    FULL_BACKWARD: ("#9ae6b4", "#38a169"),
+    BACKWARD_INPUT: ("#d9f99d", "#84cc16"),
+    BACKWARD_WEIGHT: ("#90cdf4", "#3182ce"),
+}
+_LABELS = {
+    FORWARD: "F forward",
+    FULL_BACKWARD: "B full backward",
+    BACKWARD_INPUT: "I backward for input",
+    BACKWARD_WEIGHT: "W backward for weights",
+}
+
+
+def _second_leg(schedule, stage: int) -> bool:
+    """Whether a stage belongs to a second copy (DualPipe) or the V's way back (DualPipeV)."""
+    chain_index = next(i for i, c in enumerate(schedule.chains) if stage in c.stages)
+    if len(schedule.chains) > 1:
+        return chain_index == 1
+    if schedule.num_stages > schedule.num_devices:  # V placement: the second half returns
+        return stage >= schedule.num_stages // 2
+    return False
+
+
+def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> None:
+    """Draw `result` (a `SimResult`) to an image file (format from the suffix, e.g. .png)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    schedule = result.schedule
+    n = schedule.num_devices
+    span = float(result.makespan) or 1.0
+    handles = _legend(result)
+    # Layout in inches: device labels on the left; axis label, then the legend, below.
+    width_in = min(40.0, max(8.0, 0.3 * span * _unit_scale(result)))
+    legend_cols = len(handles) if width_in >= 14 else min(3, len(handles))
+    legend_rows = -(-len(handles) // legend_cols)
+    left_in, right_in, top_in = 1.1, 0.25, 0.45
+    rows_in, bottom_in = 0.42 * n, 0.75 + 0.25 * legend_rows
+    height_in = rows_in + top_in + bottom_in
+    fig = Figure(figsize=(width_in, height_in))
+    FigureCanvasAgg(fig)
+    axes_w = (width_in - left_in - right_in) / width_in
+    ax = fig.add_axes((left_in / width_in, bottom_in / height_in, axes_w, rows_in / height_in))
+    points_per_unit = 72.0 * width_in * axes_w / span
+
+    def block(x0, x1, y0, y1, kind, stage, text):
+        colour = _COLOURS[kind][1 if _second_leg(schedule, stage) else 0]
+        ax.add_patch(
+            Rectangle(
+                (x0, y0), x1 - x0, y1 - y0, facecolor=colour, edgecolor="#4a5568", linewidth=0.4
+            )
+        )
+        size = min(8.0, (x1 - x0) * points_per_unit / (0.65 * max(1, len(text))), (y1 - y0) * 60)
+        if size >= 3.5:
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2, text, ha="center", va="center", fontsize=size)
+
+    for row in result.timeline:
+        for t in row:
+            x0, x1 = float(t.start), float(t.end)
+            top, bottom = t.device + 0.08, t.device + 0.92  # device 0 drawn at the top
+            if t.action.kind == OVERLAP_F_B:
+                f, b = t.action.sub_actions
+                mid = (top + bottom) / 2
+                block(x0, x1, top, mid, f.kind, f.stage, str(f.microbatch))
+                block(x0, x1, mid, bottom, b.kind, b.stage, str(b.microbatch))
+                outline = Rectangle(
+                    (x0, top), x1 - x0, bottom - top, fill=False, edgecolor="black", linewidth=1.6
+                )
+                ax.add_patch(outline)
+            else:
+                a = t.action
+                block(x0, x1, top, bottom, a.kind, a.stage, str(a.microbatch))
+
+    ax.set_xlim(0, span)
+    ax.set_ylim(n, 0)
+    ax.set_yticks([d + 0.5 for d in range(n)])
+    ax.set_yticklabels(
+        [f"dev {d} ({','.join(str(s) for s in schedule.device_stages(d))})" for d in range(n)],
+        fontsize=8,
+    )
+    ax.set_xlabel(f"time ({result.time_unit})", fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.55 / rows_in),
+        ncol=legend_cols,
+        fontsize=8,
+        frameon=False,
+    )
+    if title is None:
+        title = (
+            f"{schedule.kind}: PP={schedule.pp}, {schedule.num_devices} devices, "
+            f"{schedule.num_microbatches} micro-batches; makespan {_short(result.makespan)}, "
+            f"max bubble {_short(result.max_bubble)}"
+        )
+    ax.set_title(title, fontsize=10)
+    fig.savefig(str(path), dpi=dpi)
+
+
+def _legend(result) -> list:
+    """Legend entries for what the picture actually shows."""
+    from matplotlib.patches import Patch
+
+    schedule = result.schedule
+    used = sorted(
+        {p.kind for row in result.timeline for t in row for p in t.action.parts()},
+        key=list(_COLOURS).index,
+    )
+    handles = [Patch(facecolor=_COLOURS[k][0], edgecolor="#4a5568", label=_LABELS[k]) for k in used]
+    if any(_second_leg(schedule, s) for s in range(schedule.num_stages)):
+        second = (
+            "second copy (reverse direction)" if len(schedule.chains) > 1 else "second leg of the V"
+        )
+        handles.append(
+            Patch(facecolor=_COLOURS[FORWARD][1], edgecolor="#4a5568", label=f"darker: {second}")
+        )
+    if any(t.action.kind == OVERLAP_F_B for row in result.timeline for t in row):
+        handles.append(
+            Patch(facecolor="white", edgecolor="black", linewidth=1.6, label="overlapped F&B pair")
+        )
+    return handles
+
+
+def _unit_scale(result) -> float:
+    """Width per time unit: uniform costs are small integers; seconds need a rescale."""
+    if result.time_unit == "unit":
+        return 1.0
+    return 60.0 / float(result.makespan or 1)
+
+
+def _short(x) -> str:
+    x = float(x)
+    return str(int(x)) if x.is_integer() else f"{x:.4g}"
