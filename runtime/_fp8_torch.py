@@ -20,8 +20,9 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
-# amax floor: an all-zero tile gets scale 1e-12/448 (finite, positive) rather than 0 -> inf/NaN.
-AMAX_FLOOR = 1e-12
+# amax floor: an all-zero tile gets scale 1e-30/448 (finite, positive) rather than 0 -> inf/NaN;
+# it is the smallest amax for which both 448/amax and amax/448 stay normal fp32 numbers.
+AMAX_FLOOR = 1e-30
 TILE = 128
 
 
@@ -38,9 +39,13 @@ def scales_from_amax(amax: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, tor
     exactly.
     """
     amax = amax.to(torch.float32).clamp_min(AMAX_FLOOR)
-    scale = amax / FP8_MAX
+    # Tensor / tensor on purpose: with a Python scalar on either side torch may multiply
+    # by a reciprocal (448 * (1 / amax); on CUDA also amax * (1 / 448)), which is not the
+    # correctly rounded quotient that the kernels' div_rn produces.
+    fp8_max = torch.full_like(amax, FP8_MAX)
+    scale = amax / fp8_max
     if not ue8m0:
-        return scale, FP8_MAX / amax
+        return scale, fp8_max / amax
     bits = scale.view(torch.int32)
     # Round a positive normal float up to a power of two: carry any mantissa bits into
     # the exponent, then clear the mantissa.

@@ -35,7 +35,10 @@ Public API (stable; shapes: M tokens, K in, N out, E experts, Xt = ceil(X/128)):
       routed SwiGLU experts, SwiGLU fused into the quantisation of its output
   use_kernels(module_or_path_or_None), load_kernel_module(path)
 
-amax = 0 gives scale 1e-12/448 (finite), never inf or NaN; values saturate at +-448.
+amax = 0 gives scale 1e-30/448 (finite), never inf or NaN; values saturate at +-448.
+Scales are equal across backends bit for bit; the generated kernels store activation
+scales with consecutive rows adjacent (the layout torch._scaled_mm wants), so do not
+assume a contiguous scale tensor (call .contiguous() where that matters).
 """
 
 from __future__ import annotations
