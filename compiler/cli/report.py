@@ -1,0 +1,53 @@
+"""`dsvc report SPEC [SPEC2] [--json] [--symbolic] [--expert-load F]`: what a spec costs.
+
+One spec: parameters, FLOPs, KV cache, memory per GPU, communication, network,
+decode speed limit and step time. Two specs: side by side with deltas (B - A).
+Imports neither torch, pydantic nor, without --symbolic, sympy.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("spec", metavar="SPEC", help=".dsv spec")
+    p.add_argument("spec2", metavar="SPEC2", nargs="?", help="a second spec to compare with")
+    p.add_argument("--json", action="store_true", help="machine-readable output (docs/report.md)")
+    p.add_argument("--symbolic", action="store_true",
+                   help="show each figure's formula in the spec's symbols beside its value")
+    p.add_argument("--expert-load", metavar="F",
+                   help="expert load histogram (JSON); overrides parallel.expert_load")
+
+
+def _build(path: str, args):
+    import dsl
+    from compiler.cli import UsageError
+    from compiler.report import ExpertLoadError, build_report
+    from dsl.diagnostics import Diagnostic, SpecError
+
+    spec, warnings = dsl.load_with_warnings(path)
+    for w in warnings:
+        print(w.render(), file=sys.stderr)
+    try:
+        return build_report(spec, symbolic=args.symbolic, expert_load=args.expert_load)
+    except ExpertLoadError as err:
+        if args.expert_load is not None:
+            raise UsageError(str(err)) from None
+        span = spec.span("parallel.expert_load")
+        raise SpecError([Diagnostic("error", str(err), span)]) from None
+
+
+def run(args) -> int:
+    import dsl
+
+    dsl.use_light_spec()  # the report only reads the Spec: skip importing pydantic (2x faster)
+    from compiler.report import compare_json, dumps, render_compare, render_text, report_json
+
+    a = _build(args.spec, args)
+    if args.spec2 is None:
+        sys.stdout.write(dumps(report_json(a)) if args.json else render_text(a))
+        return 0
+    b = _build(args.spec2, args)
+    sys.stdout.write(dumps(compare_json(a, b)) if args.json else render_compare(a, b))
+    return 0

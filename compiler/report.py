@@ -1,0 +1,383 @@
+"""`dsvc report`: assemble the cost figures of a spec and render them (text, JSON, A vs B).
+
+Python API:
+
+    from compiler.report import build_report, render_text, report_json
+    r = build_report(dsl.load("examples/deepseek_v3.dsv"))
+    r.value("model.kv_cache_bytes_per_token")        # 70272
+    print(render_text(r))
+
+Figures come from the formula families in `compiler.costs` (model, memory,
+comm, network, decode, step). By default they are evaluated on plain numbers
+(sympy is not imported); `symbolic=True` builds every figure as a sympy formula
+in the spec's own symbols as well, and the text and JSON then show both. The
+JSON schema (`SCHEMA`, `SCHEMA_VERSION`) is documented in docs/report.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from compiler.costs.fmt import format_delta, format_value
+from compiler.costs.symbols import BaseSymbol, Derived, Figure, Quantities, formula_text
+
+SCHEMA = "dsvc.report"
+SCHEMA_VERSION = 1
+
+# Keys every report has (value None where the spec lacks what a figure needs), with the
+# label and unit used when a figure is missing.
+REQUIRED = {
+    "model.params_total": ("parameters, total (main model)", "params"),
+    "model.params_active": ("parameters active per token", "params"),
+    "model.params_mtp": ("MTP modules' own parameters", "params"),
+    "model.kv_cache_bytes_per_token": ("KV cache per token", "B"),
+    "model.train_flops_per_token": ("training FLOPs per token (causal)", "FLOP"),
+    "memory.max_gpu_bytes": ("memory on the most loaded GPU", "B"),
+    "memory.fits": ("fits", "bool"),
+    "network.endpoints": ("endpoints (capacity)", "count"),
+    "network.switches": ("switches", "count"),
+    "network.links": ("switch-to-switch links", "count"),
+    "network.cost_usd": ("cost", "USD"),
+    "network.used_endpoints": ("endpoints used (one NIC per GPU)", "count"),
+    "decode.comm_s_per_stage": ("communication per stage", "s"),
+    "decode.tpot_s": ("time per output token", "s"),
+    "decode.tokens_per_s": ("tokens/s per sequence (upper bound)", "tok/s"),
+    "step.time_s": ("step time", "s"),
+    "step.mfu": ("MFU (causal FLOPs, BF16 peak)", "%"),
+}
+SECTIONS = ("model", "memory", "comm", "network", "decode", "step")
+EVEN_SPLIT_NOTE = ("layout: layers split evenly over pipeline stages (embedding first, head and "
+                   "MTP last); the graph's partition_stages will supply the balanced layout")
+
+
+class ExpertLoadError(ValueError):
+    """An expert-load histogram that cannot be read or does not match the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Figures of one spec, in the order the families recorded them."""
+
+    spec_file: str
+    model_name: str
+    figures: tuple[Figure, ...]
+    notes: tuple[str, ...] = ()
+    symbols: tuple[BaseSymbol, ...] = ()  # symbolic reports only
+    derived: tuple[Derived, ...] = ()
+    spans: dict = dataclasses.field(default_factory=dict)  # symbol name -> "file:line"
+
+    def value(self, key: str):
+        """The value of figure `key` (KeyError when the report has no such figure)."""
+        for f in self.figures:
+            if f.key == key:
+                return f.value
+        raise KeyError(key)
+
+    def figure(self, key: str) -> Figure:
+        return next(f for f in self.figures if f.key == key)
+
+
+def expert_load_imbalance(path: str, routed: int, ep: int) -> float:
+    """Mean over MoE layers of (hottest EP rank's load / mean rank load).
+
+    The file is JSON: a list of per-expert loads (one histogram for every
+    layer), a list of such lists (one per MoE layer), or an object whose values
+    are such lists (`{"layers.3": [...], ...}`, as the trainer logs them), or
+    `{"loads": ...}` holding any of these. Experts sit on EP ranks in
+    contiguous blocks of routed / EP.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as err:
+        raise ExpertLoadError(f"cannot read expert load file '{path}': {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ExpertLoadError(f"expert load file '{path}' is not JSON: {err}") from None
+    if isinstance(data, dict):
+        data = data["loads"] if "loads" in data else [data[k] for k in sorted(data)]
+    if isinstance(data, list) and data and all(isinstance(x, (int, float)) for x in data):
+        data = [data]
+    ok = isinstance(data, list) and data and all(
+        isinstance(h, list) and all(isinstance(x, (int, float)) and x >= 0 for x in h)
+        for h in data)
+    if not ok:
+        raise ExpertLoadError(f"expert load file '{path}' must hold lists of non-negative numbers")
+    per = routed // ep
+    ratios = []
+    for h in data:
+        if len(h) != routed:
+            raise ExpertLoadError(f"expert load file '{path}' has a histogram of {len(h)} experts; "
+                                  f"the model has {routed} routed experts")
+        ranks = [sum(h[r * per:(r + 1) * per]) for r in range(ep)]
+        mean = sum(ranks) / ep
+        ratios.append(max(ranks) / mean if mean > 0 else 1.0)
+    return sum(ratios) / len(ratios)
+
+
+def build_report(spec, symbolic: bool = False, expert_load: str | None = None,
+                 layout=None) -> Report:
+    """Every figure of `spec`. `expert_load` (a path) overrides `parallel.expert_load`.
+
+    `layout(spec, M)` returns, per device, the `StageContents` it holds (M is the
+    micro-batches per step, a number or a symbol); the default is
+    `compiler.costs.layout.even_layout`. The graph's partition will pass its own.
+    """
+    from compiler.costs.comm import comm_figures
+    from compiler.costs.decode import decode_figures
+    from compiler.costs.layout import even_layout, parallel_dims
+    from compiler.costs.memory import memory_figures
+    from compiler.costs.model import build_model
+    from compiler.costs.network import network_figures
+    from compiler.costs.step import StepModel
+
+    q = Quantities(symbolic)
+    notes = []
+    costs = build_model(spec, q)
+    moes = [p.spec for p in costs.ffns.values() if p.kind == "moe"]
+    imbalance = 1
+    p = spec.parallel
+    if expert_load is None and p is not None and p.expert_load is not None:
+        expert_load = os.path.join(os.path.dirname(spec.file), p.expert_load)
+    if expert_load is not None and moes and p is not None:
+        value = expert_load_imbalance(expert_load, moes[0].routed, p.expert)
+        imbalance = q.sym("f_load", value, "expert load histogram")
+        notes.append(f"expert load: {os.path.basename(expert_load)}, hottest EP rank at "
+                     f"{value:.2f}x the mean")
+    elif expert_load is not None:
+        notes.append("expert load: ignored (no MoE layers or no parallel block)")
+    if spec.cluster is not None and p is not None and spec.train is not None:
+        pd = parallel_dims(spec, q, costs.S)
+        if layout is None:
+            layout = even_layout
+            notes.append(EVEN_SPLIT_NOTE)
+        layout = layout(spec, pd.M)
+        memory_figures(spec, q, costs, pd, layout, imbalance)
+        comm = comm_figures(spec, q, costs, pd, layout, imbalance)
+        StepModel(spec, q, costs, pd, comm, imbalance).figures(layout)
+    else:
+        notes.append("memory, comm, step: need cluster, parallel and train blocks")
+    if spec.cluster is not None:
+        network_figures(spec, q)
+    decode_figures(spec, q, costs)
+    have = {f.key for f in q.figures}
+    figures = list(q.figures)
+    missing = "needs a cluster block" if spec.cluster is None else "needs parallel and train blocks"
+    figures += [Figure(k, *REQUIRED[k], None, note=missing) for k in REQUIRED if k not in have]
+    spans = {}
+    for s in q.base.values():
+        span = spec.span(s.path.split(" ")[0]) if s.path else None
+        if span is not None:
+            spans[s.name] = span.short
+    return Report(spec.file, spec.model.name, tuple(figures), tuple(notes),
+                  tuple(q.base.values()) if symbolic else (),
+                  tuple(q.derived.values()) if symbolic else (), spans)
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return _lists(out)
+
+
+def _lists(node):
+    """Dicts keyed 0..n-1 (per-device rows) become lists."""
+    if not isinstance(node, dict):
+        return node
+    node = {k: _lists(v) for k, v in node.items()}
+    if node and all(k.isdigit() for k in node) and sorted(map(int, node)) == list(range(len(node))):
+        return [node[str(i)] for i in range(len(node))]
+    return node
+
+
+def report_json(r: Report) -> dict:
+    """The report as a JSON-able dict (schema in docs/report.md)."""
+    out = {"schema": SCHEMA, "version": SCHEMA_VERSION, "spec": r.spec_file,
+           "model_name": r.model_name, "notes": list(r.notes)}
+    body = _nest({f.key: f.value for f in r.figures})
+    for section in SECTIONS:
+        out[section] = body.get(section, {})
+    if r.symbols:
+        out["formulas"] = {f.key: formula_text(f.formula) for f in r.figures
+                           if f.formula is not None}
+        out["symbols"] = {s.name: {"value": s.value, "path": s.path,
+                                   "source": r.spans.get(s.name)} for s in r.symbols}
+        out["derived"] = {d.name: {"formula": formula_text(d.formula), "value": d.value,
+                                   "meaning": d.label} for d in r.derived}
+    return out
+
+
+def compare_json(a: Report, b: Report) -> dict:
+    """Two reports and the delta (B - A) of every numeric figure both have."""
+    va = {f.key: f.value for f in a.figures}
+    delta = {}
+    for f in b.figures:
+        x, y = va.get(f.key), f.value
+        if _numeric(x) and _numeric(y) and f.unit != "index":
+            delta[f.key] = y - x
+    return {"schema": SCHEMA + ".compare", "version": SCHEMA_VERSION,
+            "a": report_json(a), "b": report_json(b), "delta": delta}
+
+
+def _numeric(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+# ----------------------------------------------------------------------------- text
+
+TITLES = {
+    "model": "model",
+    "memory": "memory per GPU",
+    "comm": "communication per training step, per GPU",
+    "network": "network",
+    "decode": "decode speed limit under EP (paper section 2.3)",
+    "step": "training step (roofline)",
+}
+TABLE_COLUMNS = ("stages", "layers", "weights", "master_weights", "grads", "optimizer_states",
+                 "activations", "buffers", "total")
+TABLE_HEADS = ("stages", "layers", "weights", "master", "grads", "optim", "activ", "buffers",
+               "total")
+
+
+def _is_row(key: str) -> bool:
+    parts = key.split(".")
+    return len(parts) == 4 and parts[1] == "devices" and parts[2].isdigit()
+
+
+def _section(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def _table(figures) -> list[str]:
+    rows: dict[int, dict] = {}
+    for f in figures:
+        _, _, i, col = f.key.split(".")
+        rows.setdefault(int(i), {})[col] = f
+    cells = [("device",) + TABLE_HEADS]
+    for i in sorted(rows):
+        row = rows[i]
+        cells.append((str(i),) + tuple(
+            format_value(row[c].value, row[c].unit) if c in row else "" for c in TABLE_COLUMNS))
+    widths = [max(len(r[j]) for r in cells) for j in range(len(cells[0]))]
+    return ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+
+
+def render_text(r: Report) -> str:
+    """The human report: one section per family; formulas under values when symbolic."""
+    lines = [f"dsvc report: {r.spec_file} (model {r.model_name})"]
+    shown = [f for f in r.figures if f.value is not None or f.key in REQUIRED]
+    width = min(58, max(len(f.label) for f in shown if not _is_row(f.key)))
+    for section in SECTIONS:
+        figs = [f for f in shown if _section(f.key) == section]
+        if not figs:
+            continue
+        lines += ["", TITLES[section]]
+        rows = [f for f in figs if _is_row(f.key)]
+        if rows:
+            lines += _table(rows)
+        for f in figs:
+            if _is_row(f.key):
+                continue
+            value = format_value(f.value, f.unit)
+            if f.value is None and f.note:
+                value += f" ({f.note})"
+            lines.append(f"  {f.label.ljust(width)}  {value}".rstrip())
+            if f.formula is not None and not _trivial(f):
+                lines.append(f"  {'':{width}}    = {formula_text(f.formula)}")
+    if r.symbols:
+        lines += _legend(r)
+    if r.notes:
+        lines += ["", "notes"] + [f"  - {n}" for n in r.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _trivial(f: Figure) -> bool:
+    return getattr(f.formula, "is_Number", False)
+
+
+def _plain(v) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e18:
+        v = int(v)
+    return f"{v:,}" if isinstance(v, int) else f"{v:.6g}"
+
+
+def _legend(r: Report) -> list[str]:
+    out = ["", "symbols (from the spec)"]
+    w = max(len(s.name) for s in r.symbols)
+    for s in r.symbols:
+        where = f"  [{r.spans[s.name]}]" if s.name in r.spans else ""
+        out.append(f"  {s.name.ljust(w)} = {_plain(s.value):<20} {s.path}{where}".rstrip())
+    if r.derived:
+        out += ["", "derived quantities"]
+        w = max(len(d.name) for d in r.derived)
+        for d in r.derived:
+            out.append(f"  {d.name.ljust(w)} = {formula_text(d.formula)}")
+            out.append(f"  {'':{w}}   ({d.label + ': ' if d.label else ''}{_plain(d.value)})")
+    return out
+
+
+def render_compare(a: Report, b: Report) -> str:
+    """Side by side: A, B, B - A and the relative change of every figure both have."""
+    fb = {f.key: f for f in b.figures}
+    lines = [f"dsvc report: A = {a.spec_file} (model {a.model_name})",
+             f"             B = {b.spec_file} (model {b.model_name})"]
+    rows_by_section: dict[str, list] = {}
+    keys = [f.key for f in a.figures] + [f.key for f in b.figures if f.key not in
+                                          {x.key for x in a.figures}]
+    fa = {f.key: f for f in a.figures}
+    for key in keys:
+        if _is_row(key):
+            continue
+        x, y = fa.get(key), fb.get(key)
+        f = x or y
+        if f.unit in ("list",) or (x is not None and x.value is None and
+                                   (y is None or y.value is None)):
+            continue
+        va = format_value(x.value, f.unit, compact=True) if x is not None else "-"
+        vb = format_value(y.value, f.unit, compact=True) if y is not None else "-"
+        d = rel = ""
+        if (x is not None and y is not None and _numeric(x.value) and _numeric(y.value)
+                and f.unit != "index"):
+            d, rel = format_delta(x.value, y.value, f.unit)
+        rows_by_section.setdefault(_section(key), []).append((f.label, va, vb, d, rel))
+    for section in SECTIONS:
+        rows = rows_by_section.get(section)
+        if not rows:
+            continue
+        head = [("", "A", "B", "B - A", "change")]
+        widths = [max(len(r[j]) for r in head + rows) for j in range(5)]
+        widths[0] = min(widths[0], 58)
+        lines += ["", TITLES[section]]
+        for r in head + rows:
+            lines.append("  " + r[0].ljust(widths[0]) + "  " + "  ".join(
+                c.rjust(w) for c, w in zip(r[1:], widths[1:])).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "REQUIRED",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "ExpertLoadError",
+    "Report",
+    "build_report",
+    "compare_json",
+    "dumps",
+    "expert_load_imbalance",
+    "render_compare",
+    "render_text",
+    "report_json",
+]

@@ -1,0 +1,198 @@
+"""Memory per GPU: storage and activation formulas, the stage layout, a hand-computed dense
+model, DeepSeek-V3's devices, and property tests on random specs."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dsl
+from compiler.costs.layout import StageContents, even_layout, split_layers
+from compiler.costs.memory import (
+    RESERVE_FRACTION,
+    activation_bytes,
+    cached_input_bytes,
+    linear_weight_bytes,
+)
+from compiler.costs.model import Linear, build_model
+from compiler.costs.symbols import Quantities
+from compiler.report import build_report
+from tests.conftest import EXAMPLES, ROOT
+
+SPECS = ROOT / "tests" / "compiler" / "specs"
+
+
+def test_fp8_weights_carry_block_scales():
+    pr = dsl.load(EXAMPLES / "deepseek_v3.dsv").precision
+    lin = Linear("expert.w1", 7168, 2048, count=256, expert=True)
+    per = 7168 * 2048 + (2048 // 128) * (7168 // 128) * 4  # 1 B/element + fp32 per 128x128
+    assert linear_weight_bytes(lin, pr) == 256 * per
+    # the router is kept in bf16: 2 B per element and no scales
+    assert linear_weight_bytes(Linear("router", 7168, 256, component="router"), pr) == \
+        7168 * 256 * 2
+    # a ragged block count rounds up (10944 = 85.5 blocks of 128)
+    ragged = linear_weight_bytes(Linear("w1", 2048, 10944), pr)
+    assert ragged == 2048 * 10944 + 86 * 16 * 4
+
+
+def test_activation_cache_bytes():
+    pr = dsl.load(EXAMPLES / "deepseek_v3.dsv").precision
+    assert cached_input_bytes(pr) == 1 + 4 / 128  # FP8 + a scale per 1 x 128 tile
+    assert cached_input_bytes(pr, "head") == 2  # kept in bf16
+    costs = build_model(dsl.load(EXAMPLES / "deepseek_v3.dsv"), Quantities())
+    mla, _ = activation_bytes(costs.attentions["mla"], pr)
+    # residual in, latents (1536 + 512 + 64), core out + lse, FP8 wo input
+    assert mla == 2 * (7168 + 2112 + 16384) + 4 * 128 + (1 + 4 / 128) * 16384
+    dense, routed = activation_bytes(costs.ffns["moe"], pr)
+    assert routed == 8 * (1 + 4 / 128) * (7168 + 2 * 2048)  # dispatched inputs, SwiGLU inputs
+    assert dense == 2 * 7168 + 4 * (256 + 8) + (1 + 4 / 128) * 2 * 2048
+
+
+def test_layouts():
+    assert split_layers(61, 16)[0] == (0, 1, 2, 3) and split_layers(61, 16)[-1] == (58, 59, 60)
+    v3 = dsl.load(EXAMPLES / "deepseek_v3.dsv")
+    lay = even_layout(v3, 120)
+    assert len(lay) == 16
+    for i, (a, b) in enumerate(lay):
+        assert (a.index, b.index) == (i, 31 - i)  # DualPipe: stage i of A, PP-1-i of B
+        assert a.in_flight + b.in_flight == 16 + 1  # PP + 1 on every device
+        assert a.micro_batches == b.micro_batches == 60  # each direction takes half
+    assert lay[0][0].embedding and lay[0][1].head and lay[0][1].mtp == 1
+    copy_a = [s for dev in lay for s in dev if s.index < 16]
+    assert sorted(i for s in copy_a for i in s.layers) == list(range(61))
+    tiny = dsl.load(EXAMPLES / "tiny.dsv")  # 1F1B: device i holds PP - i micro-batches
+    assert [dev[0].in_flight for dev in even_layout(tiny, 4)] == [2, 1]
+    text = (EXAMPLES / "deepseek_v3.dsv").read_text().replace("dualpipe", "dualpipev")
+    vee = even_layout(dsl.loads(text, str(EXAMPLES / "v.dsv")), 120)
+    assert len(vee) == 16 and [s.index for s in vee[3]] == [3, 28]
+    assert {a.in_flight + b.in_flight for a, b in vee} == {33}  # 2R + 1
+
+
+def test_dense_gqa_memory_by_hand():
+    r = build_report(dsl.load(SPECS / "llama3_8b_gqa.dsv"))  # bf16, ZeRO-1, PP 2, DP 32
+    d, V, T = 4096, 128256, 8192
+    layer = (4096 * 4096 * 2 + 2 * 4096 * 1024) + 3 * 4096 * 14336 + 2 * d
+    p0 = V * d + 16 * layer  # stage 0: embedding + layers 0..15
+    assert r.value("memory.devices.0.weights") == 2 * p0
+    assert math.isclose(r.value("memory.devices.0.master_weights"), 4 * p0 / 32)
+    assert r.value("memory.devices.0.grads") == 4 * p0
+    assert math.isclose(r.value("memory.devices.0.optimizer_states"), 2 * 4 * p0 / 32)
+    gqa = 2 * (d + 6144 + 4096) + 4 * 32 + 2 * 4096  # q,k,v + out + lse + wo input (bf16)
+    ffn = 2 * d + 2 * 2 * 14336
+    assert r.value("memory.devices.0.activations") == 2 * T * 16 * (gqa + ffn)  # 2 in flight
+    assert r.value("memory.devices.0.buffers") == 0
+    assert r.value("memory.fits") is True
+    assert math.isclose(r.value("memory.usable_bytes"), 80e9 * (1 - RESERVE_FRACTION))
+
+
+def test_a_given_layout_replaces_the_even_split():
+    spec = dsl.load(SPECS / "llama3_8b_gqa.dsv")
+
+    def lopsided(spec, M):  # 20 layers + embedding on device 0, 12 + head on device 1
+        return [(StageContents(0, 0, tuple(range(20)), embedding=True, in_flight=2,
+                               micro_batches=M),),
+                (StageContents(1, 1, tuple(range(20, 32)), head=True, in_flight=1,
+                               micro_batches=M),)]
+
+    even, given = build_report(spec), build_report(spec, layout=lopsided)
+    layer = (4096 * 4096 * 2 + 2 * 4096 * 1024) + 3 * 4096 * 14336 + 2 * 4096
+    assert given.value("memory.devices.0.weights") - even.value("memory.devices.0.weights") == \
+        2 * 4 * layer  # four more bf16 layers
+    assert given.value("memory.devices.0.layers") == 20
+    assert not any("split evenly" in n for n in given.notes)
+
+
+def test_v3_devices():
+    r = build_report(dsl.load(EXAMPLES / "deepseek_v3.dsv"))
+    rows = [r.value(f"memory.devices.{i}.total") for i in range(16)]
+    assert r.value("memory.max_gpu_bytes") == max(rows)
+    # stage 0 and stage 31 (head + MTP) share device 0: the most loaded under the even split
+    assert r.value("memory.max_device") == 0 and rows[0] == rows[15]
+    # DualPipe holds two stages' parameters: 4 routed experts x 8 MoE layers on device 5
+    per_expert_bytes = 3 * (7168 * 2048 + 16 * 56 * 4)
+    assert r.value("memory.devices.5.expert_weights") == 8 * 4 * per_expert_bytes
+    assert r.value("memory.fits") == (max(rows) <= r.value("memory.usable_bytes"))
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+def moe_spec(expert: int, routed: int, hidden: int, layers: int, pipeline: int, top_k: int):
+    return f"""
+cluster c {{
+  nodes = 2
+  gpus_per_node = 8
+  gpu = g {{ bf16 = 989 TFLOPS, fp8 = 1979 TFLOPS, memory = 80 GB, hbm = 3 TB/s }}
+  nvlink {{ bandwidth = 400 GB/s, effective = 160 GB/s }}
+  network infiniband {{ nic = 400 Gb/s, effective = 40 GB/s }}
+}}
+model m {{
+  vocab = 1024
+  hidden = {hidden}
+  attention mla {{ heads = 4, q_lora_rank = 64, kv_lora_rank = 64, qk_nope_dim = 32,
+                   qk_rope_dim = 16, v_dim = 32 }}
+  ffn moe {{ routed = {routed}, shared = 1, top_k = {top_k}, intermediate = 128 }}
+  layers {{ 0..{layers - 1} = block(mla, moe) }}
+}}
+parallel {{ pipeline = {pipeline}, expert = {expert}, zero = 1 }}
+train {{ seq_len = 128, global_batch = 64 }}
+"""
+
+
+@settings(max_examples=15, deadline=None)
+@given(ep=st.sampled_from([1, 2, 4]), routed=st.sampled_from([8, 16, 32]),
+       hidden=st.sampled_from([128, 256]), layers=st.integers(2, 6),
+       pipeline=st.sampled_from([1, 2]), top_k=st.integers(1, 4))
+def test_doubling_ep_halves_expert_weights_per_gpu(ep, routed, hidden, layers, pipeline, top_k):
+    a = build_report(dsl.loads(moe_spec(ep, routed, hidden, layers, pipeline, top_k), "a.dsv"))
+    b = build_report(dsl.loads(moe_spec(2 * ep, routed, hidden, layers, pipeline, top_k), "b.dsv"))
+    for i in range(pipeline):
+        wa = a.value(f"memory.devices.{i}.expert_weights")
+        wb = b.value(f"memory.devices.{i}.expert_weights")
+        assert wa > 0 and math.isclose(wb, wa / 2, rel_tol=1e-12)
+        # and nothing else about the weights changes
+        assert math.isclose(a.value(f"memory.devices.{i}.weights") - wa,
+                            b.value(f"memory.devices.{i}.weights") - wb, rel_tol=1e-12)
+
+
+def model_spec(att: str, hidden: int, n_dense: int, n_moe: int, routed: int, top_k: int):
+    attention = ("attention mla { heads = 4, q_lora_rank = 0, kv_lora_rank = 32, "
+                 "qk_nope_dim = 16, qk_rope_dim = 8, v_dim = 16 }" if att == "mla" else
+                 "attention gqa { heads = 4, kv_heads = 2 }")
+    layout = []
+    if n_dense:
+        layout.append(f"0..{n_dense - 1} = block({att}, dense)")
+    if n_moe:
+        layout.append(f"{n_dense}..{n_dense + n_moe - 1} = block({att}, moe)")
+    return (f"model m {{\n vocab = 512\n hidden = {hidden}\n {attention}\n"
+            f" ffn dense {{ intermediate = {3 * hidden} }}\n"
+            f" ffn moe {{ routed = {routed}, shared = 1, top_k = {top_k}, intermediate = 64 }}\n"
+            f" layers {{ {chr(10).join(layout)} }}\n mtp {{ depth = 1 }}\n}}\n"
+            f"train {{ seq_len = 256, global_batch = 8 }}\n")
+
+
+PER_LAYER = ("params", "params_active", "train_flops_per_token")
+
+
+@settings(max_examples=20, deadline=None)
+@given(att=st.sampled_from(["mla", "gqa"]), hidden=st.sampled_from([64, 128]),
+       n_dense=st.integers(1, 3), n_moe=st.integers(1, 4), routed=st.sampled_from([4, 8]),
+       top_k=st.integers(1, 3), grow=st.sampled_from(["dense", "moe"]))
+def test_adding_a_layer_adds_exactly_one_layer(att, hidden, n_dense, n_moe, routed, top_k, grow):
+    a = build_report(dsl.loads(model_spec(att, hidden, n_dense, n_moe, routed, top_k), "a.dsv"))
+    more = (n_dense + 1, n_moe) if grow == "dense" else (n_dense, n_moe + 1)
+    b = build_report(dsl.loads(model_spec(att, hidden, *more, routed, top_k), "b.dsv"))
+    grown, other = f"model.layers.{att}+{grow}", \
+        f"model.layers.{att}+{'moe' if grow == 'dense' else 'dense'}"
+    assert b.value(f"{grown}.count") == a.value(f"{grown}.count") + 1
+    for field in PER_LAYER:
+        one = a.value(f"{grown}.{field}") / a.value(f"{grown}.count")
+        assert math.isclose(b.value(f"{grown}.{field}") - a.value(f"{grown}.{field}"), one,
+                            rel_tol=1e-12)
+        assert b.value(f"{other}.{field}") == a.value(f"{other}.{field}")
+    layer = a.value(f"{grown}.params") // a.value(f"{grown}.count")
+    assert b.value("model.params_total") - a.value("model.params_total") == layer
+    kv = a.value("model.kv_cache_bytes_per_token")
+    assert b.value("model.kv_cache_bytes_per_token") - kv == kv // (n_dense + n_moe)
