@@ -1,0 +1,239 @@
+"""`dsvc compile`: the whole pass pipeline, then every file of a build directory.
+
+A build directory is self-contained: plan.json (the runtime's only input
+besides weights), model.py and train.py (generated from templates), the
+generated FP8 kernel module, a copy of runtime/, report.md, schedule.png and
+a README. All files are rendered in memory first and written into a sibling
+temporary directory that replaces the target in one rename, so a failed
+compile changes nothing on disk. Same spec, same bytes: everything is sorted
+and no clock or absolute path reaches a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import runtime as _runtime_pkg
+
+BUILD_MARKER = ".dsvc-build"
+RUNTIME_DIR = pathlib.Path(_runtime_pkg.__file__).resolve().parent
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    out_dir: str
+    files: tuple[str, ...]
+    summary: str
+
+
+def _spec_file(spec) -> str:
+    """The spec's path as recorded in generated files: relative, never absolute."""
+    return os.path.basename(spec.file)
+
+
+def _gemm_shapes(graph):
+    from compiler.codegen.kernels import GemmShape
+
+    seen = {}
+    for op in graph.ops():
+        fp8 = op.attr("fp8")
+        if not fp8 or op.attr("in_features") is None:
+            continue
+        role, n, k = op.attr("role") or op.kind, op.attr("out_features"), op.attr("in_features")
+        seen.setdefault((role, n, k), GemmShape(role, n, k))
+    return tuple(seen[key] for key in sorted(seen))
+
+
+def _kernel_config(spec, graph):
+    from compiler.codegen.kernels import KernelConfig
+
+    lin = spec.precision.linear
+    return KernelConfig(
+        act_tile=lin.act_tile[1], weight_block=tuple(lin.weight_block),
+        promote_every=lin.promote_every, scale_format=lin.scales,
+        out_dtype="fp32" if spec.precision.default == "fp32" else "bf16",
+        gemms=_gemm_shapes(graph), title=f"model {spec.model.name}",
+        spec_file=_spec_file(spec), span=_line_span(spec, "precision"),
+        passes=tuple(graph.passes),
+    )
+
+
+def _line_span(spec, path: str):
+    span = spec.span(path)
+    if span is None or span.line <= 0:
+        return None
+    return (span.line, max(span.end_line, span.line))
+
+
+def _schedule_section(spec, plan: dict) -> tuple[dict, object]:
+    """The plan's schedule section with the generated action lists, and the Schedule."""
+    from compiler.schedules import SCHEDULE_FORMAT_VERSION, build_schedule
+
+    p = spec.parallel
+    # build_schedule takes PP as the published formulas do: stages of one model copy
+    sched = build_schedule(p.schedule, p.stages_per_copy, spec.micro_batches)
+    section = dict(plan["schedule"])
+    section["version"] = SCHEDULE_FORMAT_VERSION
+    section["actions"] = [[str(a) for a in acts] for acts in sched.actions]
+    return section, sched
+
+
+def _stage_summary(spec, stage: dict) -> dict:
+    m = spec.model
+    parts = []
+    if stage["embedding"]:
+        parts.append("embedding")
+    layers = stage["layers"]
+    if layers:
+        parts.append(f"layers {layers[0]}..{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}")
+    if stage["head"]:
+        parts.append("final norm, head")
+    if stage["mtp"] and m.mtp.depth:
+        parts.append(f"{m.mtp.depth} MTP module{'s' if m.mtp.depth > 1 else ''}")
+    rows = []
+    for i in layers:
+        ls = m.layers[i]
+        span = spec.span(f"model.layers.{i}")
+        rows.append({"index": i, "what": f"{ls.attention} + {ls.ffn}",
+                     "source": f"{_spec_file(spec)}:{span.line}" if span else _spec_file(spec)})
+    return {"index": stage["index"], "rank": stage["rank"], "copy_name": stage["copy"],
+            "summary": ", ".join(parts) or "nothing", "embedding": stage["embedding"],
+            "head": stage["head"], "mtp": stage["mtp"] and m.mtp.depth > 0,
+            "prev": stage["index"] - 1, "layers": rows}
+
+
+def render_files(spec, expert_load: str | None = None) -> dict[str, bytes]:
+    """Every file of the build directory, in memory: relative path -> bytes."""
+    from compiler.codegen.kernels import render_kernels
+    from compiler.codegen.render import render_generated
+    from compiler.pipeline import run_until
+    from compiler.plan import emit_plan
+
+    if spec.train is None or spec.parallel is None or spec.cluster is None:
+        from dsl.diagnostics import Diagnostic, SpecError
+
+        missing = [b for b in ("cluster", "parallel", "train") if getattr(spec, b) is None]
+        raise SpecError([Diagnostic("error", f"cannot compile a trainer: no {', '.join(missing)} "
+                                    "block", spec.span("model"),
+                                    "a trainer needs a cluster, a parallel plan and a train block")])
+    graph = run_until(spec, "insert_comm", expert_load=expert_load)
+    plan = emit_plan(graph)
+    plan["schedule"], sched = _schedule_section(spec, plan)
+    plan["source"]["spec"] = _spec_file(spec)
+    passes = tuple(graph.passes) + ("schedule", "codegen")
+    plan["source"]["passes"] = list(passes)
+    files: dict[str, bytes] = {}
+    files["plan.json"] = (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
+    files["kernels/fp8_kernels.py"] = render_kernels(_kernel_config(spec, graph)).encode()
+    files["kernels/__init__.py"] = b""
+    common = dict(spec_file=_spec_file(spec), passes=passes, tile_config=None)
+    stages = [_stage_summary(spec, s) for s in plan["stages"]]
+    files["model.py"] = render_generated(
+        "model.py.jinja", span=_line_span(spec, "model"), model_name=spec.model.name,
+        hidden=spec.model.hidden, stages=stages, **common).encode()
+    p, t = spec.parallel, spec.train
+    files["train.py"] = render_generated(
+        "train.py.jinja", span=_line_span(spec, "train"), model_name=spec.model.name,
+        world=spec.cluster.world_size, pipeline=p.pipeline, data=p.data,
+        checkpoint_every=t.checkpoint.every, **common).encode()
+    from compiler import __version__
+
+    files["README.md"] = _render_plain("build_readme.md.jinja", model_name=spec.model.name,
+                                       version=__version__, spec_file=_spec_file(spec),
+                                       spec_hash=spec.content_hash[:16],
+                                       world=spec.cluster.world_size, pipeline=p.pipeline,
+                                       data=p.data, expert=p.expert, schedule=p.schedule,
+                                       micro_batches=spec.micro_batches).encode()
+    files["report.md"] = _report(spec).encode()
+    files["schedule.png"] = _schedule_png(sched)
+    for path in sorted(RUNTIME_DIR.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        rel = path.relative_to(RUNTIME_DIR.parent).as_posix()
+        files[rel] = path.read_bytes()
+    manifest = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
+    files[BUILD_MARKER] = (json.dumps({"spec_hash": spec.content_hash, "files": manifest},
+                                      indent=1, sort_keys=True) + "\n").encode()
+    return files
+
+
+def _render_plain(name: str, **context) -> str:
+    from compiler.codegen.render import render_template
+
+    return render_template(name, **context)
+
+
+def _report(spec) -> str:
+    from compiler.report import build_report, render_text
+
+    text = render_text(build_report(spec))
+    return f"# Report: {spec.model.name}\n\n```\n{text.rstrip()}\n```\n"
+
+
+def _schedule_png(sched) -> bytes:
+    from compiler.schedules import draw_timeline, simulate_uniform
+
+    result = simulate_uniform(sched, 1.0, 2.0, 1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "schedule.png")
+        draw_timeline(result, path)
+        return pathlib.Path(path).read_bytes()
+
+
+def write_tree(files: dict[str, bytes], out_dir: str) -> None:
+    """Write `files` as `out_dir`, replacing it in one rename; nothing changes on failure."""
+    out = pathlib.Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        from compiler.cli import UsageError
+
+        raise UsageError(f"{out_dir} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not (out / BUILD_MARKER).exists():
+        from compiler.cli import UsageError
+
+        raise UsageError(f"{out_dir} is a non-empty directory that is not a dsvc build; "
+                         "refusing to replace it (choose another -o or remove it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for rel, data in files.items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build(spec, out_dir: str, expert_load: str | None = None) -> BuildResult:
+    files = render_files(spec, expert_load)
+    write_tree(files, out_dir)
+    p = spec.parallel
+    summary = (f"{len(files)} files; {spec.cluster.world_size} processes (pipeline {p.pipeline} x "
+               f"data {p.data}, experts over {p.expert}); launch: torchrun --nproc-per-node "
+               f"{spec.cluster.world_size} {os.path.join(out_dir, 'train.py')}")
+    return BuildResult(out_dir, tuple(sorted(files)), summary)
+
+
+def build_cached(spec, out_dir: str) -> BuildResult | None:
+    """Compile into `out_dir` unless it already holds the build of this exact spec."""
+    marker = pathlib.Path(out_dir) / BUILD_MARKER
+    if marker.exists():
+        try:
+            if json.loads(marker.read_text()).get("spec_hash") == spec.content_hash:
+                return None
+        except (OSError, ValueError):
+            pass
+    return build(spec, out_dir)
