@@ -1,0 +1,290 @@
+"""Pass `simulate`: one training step on the cluster, event by event; and `simulate_step(spec)`.
+
+The schedule pass's action lists run on the partitioned graph's costs:
+
+* every compute action (forward, backward, its input / weight halves, an
+  overlapped F&B pair) takes the time its chunks take on the GPU, all-to-alls
+  played on the links as `simulate_play` describes (exposed communication is
+  what the compute stream waits for);
+* pipeline sends take latency + bytes / bandwidth of their link class, shared
+  with the sender's all-to-all traffic;
+* after a stage's last backward its data-parallel collectives (the DualPipe
+  copies' gradient sum, ZeRO-1 reduce-scatter, the optimizer step on the shard,
+  the all-gather of updated weights) queue on the device's network link while
+  the device's other stage may still compute.
+
+Data-parallel replicas are symmetric, so one replica is simulated: one device
+per pipeline rank, carrying its share of the expert all-to-all traffic. The
+result (`StepResult`, also `graph.simulation`) has the step time, the bubble,
+exposed communication, peak activation memory per rank, tokens per day and
+MFU (causal and non-causal FLOPs against the dense BF16 peak, the DeepSeek-V3
+report's accounting). docs/simulate.md lists the assumptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dsl.diagnostics import Diagnostic, SpecError
+
+from .simulate_costs import IB, Rates, Topology, stage_profiles
+from .simulate_play import ActionCosts, TopologyCosts
+
+SECONDS_PER_DAY = 86400
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """One simulated training step. Times in seconds; per-device tuples indexed by
+    pipeline rank (one data-parallel replica stands for all)."""
+
+    kind: str
+    overlap: str
+    num_microbatches: int
+    step_time_s: float
+    pipeline_s: float  # makespan of the pipeline phase (last compute anywhere)
+    compute_s: tuple  # per device: GPU compute
+    exposed_comm_s: tuple  # per device: all-to-all time the compute stream waited for
+    bubble_s: tuple  # per device: idle during the pipeline phase
+    dp_comm_s: tuple  # per device: data-parallel collectives and optimizer step
+    dp_exposed_s: float  # step time beyond the pipeline phase
+    activations_in_flight: tuple  # per device: micro-batch stage activations held at most
+    peak_activation_bytes: tuple  # per device: the same in bytes
+    tokens_per_step: int
+    flops_per_token: float  # training FLOPs, causal attention (the convention)
+    flops_per_token_noncausal: float
+    world: int
+    peak_flops: float  # dense BF16 peak per GPU (the MFU reference)
+    assumptions: tuple[str, ...]
+    sim: object = dataclasses.field(repr=False, compare=False, default=None)  # SimResult
+
+    @property
+    def bubble_max_s(self) -> float:
+        return max(self.bubble_s)
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle device-time in the step over all device-time (pipeline phase idle only)."""
+        return sum(self.bubble_s) / (len(self.bubble_s) * self.step_time_s)
+
+    @property
+    def exposed_comm_max_s(self) -> float:
+        return max(self.exposed_comm_s)
+
+    @property
+    def tokens_per_day(self) -> float:
+        return self.tokens_per_step / self.step_time_s * SECONDS_PER_DAY
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilisation with causal attention FLOPs (DeepSeek-V3's 38.94%)."""
+        return self.tokens_per_step * self.flops_per_token / (
+            self.step_time_s * self.world * self.peak_flops)
+
+    @property
+    def mfu_noncausal(self) -> float:
+        return self.tokens_per_step * self.flops_per_token_noncausal / (
+            self.step_time_s * self.world * self.peak_flops)
+
+    def to_json(self) -> dict:
+        """The `dsvc inspect --schedule --format json` figures (timeline excluded)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sim"}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        for name in ("bubble_max_s", "bubble_fraction", "exposed_comm_max_s", "tokens_per_day",
+                     "mfu", "mfu_noncausal"):
+            out[name] = getattr(self, name)
+        return {"format": "dsvc-step-simulation", "version": 1, **out}
+
+
+def simulate(graph):
+    """A copy of `graph` with `simulation` set to the `StepResult` (None, with a note,
+    when the spec lacks a cluster, parallel or train block to simulate with)."""
+    sched = getattr(graph, "schedule", None)
+    assert sched is not None, "the simulate pass runs after the schedule pass"
+    missing = _missing_blocks(graph.spec)
+    if missing:
+        note = f"step not simulated: no {' / '.join(missing)} block"
+        out, result = graph.derive("simulate", notes=graph.notes + (note,)), None
+    else:
+        out, result = graph.derive("simulate"), simulate_graph(graph, sched)
+    out.schedule, out.simulation = sched, result
+    return out
+
+
+def simulate_step(spec, *, overlap: str | None = None, expert_load: str | None = None) -> StepResult:
+    """Lower, partition, schedule and simulate `spec`; `overlap` ("none" or
+    "dual_microbatch") overrides `parallel.overlap`. Raises `SpecError` when the spec
+    lacks what a step needs (cluster, parallel and train blocks)."""
+    missing = _missing_blocks(spec)
+    if missing:
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1
+                             else missing)
+        raise SpecError([Diagnostic(
+            "error", f"simulating a training step needs the {names} "
+            f"block{'s' if len(missing) > 1 else ''}", spec.span("model"),
+            "add them, or include a cluster file (e.g. include \"clusters/h800_2048.dsv\")")])
+    if overlap is not None and overlap != spec.parallel.overlap:
+        spec = spec.model_copy(update={"parallel": spec.parallel.model_copy(
+            update={"overlap": overlap})})
+    return _run_passes(spec, expert_load).simulation
+
+
+def _missing_blocks(spec) -> list[str]:
+    return [b for b in ("cluster", "parallel", "train") if getattr(spec, b) is None]
+
+
+def _run_passes(spec, expert_load):
+    from compiler.pipeline import pass_names, run_until
+
+    if "simulate" in pass_names():
+        return run_until(spec, "simulate", expert_load=expert_load)
+    from .schedule import schedule  # until the pipeline lists these two passes
+
+    return simulate(schedule(run_until(spec, "insert_comm", expert_load=expert_load)))
+
+
+def simulate_graph(graph, sched) -> StepResult:
+    """Simulate `sched` on `graph` (after insert_comm) and the spec's cluster."""
+    from compiler.schedules import simulate as run_schedule
+
+    spec, pipe = graph.spec, graph.pipeline
+    topo, rates = Topology(spec), Rates.of(spec.cluster.gpu)
+    profiles = stage_profiles(graph, topo, rates)
+    stage_part = {s.index: s.part for s in pipe.stages}
+    actions = ActionCosts(profiles, stage_part, topo.bandwidth)
+    p2p = {}
+    for s in range(sched.num_stages):
+        nxt = sched.next_stage(s)
+        if nxt is not None:
+            a, b = sched.stage_device[s], sched.stage_device[nxt]
+            ranks = [topo.rank(a), topo.rank(b)]
+            p2p[(a, b)] = p2p[(b, a)] = (topo.link(ranks), topo.latency(ranks))
+    boundary: dict[tuple[int, int], float] = {}
+    for op in graph.ops():
+        if op.kind == "send":
+            edge = (op.attr("from_stage"), op.attr("to_stage"))
+            boundary[edge] = boundary.get(edge, 0.0) + graph.num(op.attr("bytes"))
+    costs = TopologyCosts(actions, sched, profiles, p2p, boundary, topo.bandwidth)
+    sim = run_schedule(sched, costs)
+    dp_busy, dp_end = _data_parallel_tail(graph, sched, sim, topo, rates)
+    step = max([sim.makespan] + dp_end)
+    n = sched.num_devices
+    flops, flops_nc = _flops_per_token(graph)
+    gpu = spec.cluster.gpu
+    return StepResult(
+        kind=sched.kind, overlap=spec.parallel.overlap, num_microbatches=sched.num_microbatches,
+        step_time_s=step, pipeline_s=sim.makespan,
+        compute_s=tuple(sim.busy[d] - sim.exposed_comm[d] for d in range(n)),
+        exposed_comm_s=tuple(sim.exposed_comm), bubble_s=tuple(sim.bubble),
+        dp_comm_s=tuple(dp_busy), dp_exposed_s=step - sim.makespan,
+        activations_in_flight=tuple(sim.activations_in_flight),
+        peak_activation_bytes=tuple(sim.peak_activation),
+        tokens_per_step=spec.train.global_batch * spec.train.seq_len,
+        flops_per_token=flops, flops_per_token_noncausal=flops_nc,
+        world=spec.cluster.world_size, peak_flops=gpu.bf16_flops,
+        assumptions=_assumptions(spec, topo), sim=sim)
+
+
+def _data_parallel_tail(graph, sched, sim, topo: Topology, rates: Rates):
+    """Per device: seconds of DP collectives + optimizer, and when the last one ends."""
+    spec, pipe = graph.spec, graph.pipeline
+    by_part: dict[int, list] = {}
+    params: dict[int, list[float]] = {p: [0.0, 0.0] for p in range(pipe.parts)}  # dense, expert
+    for op in graph.ops():
+        if op.kind == "collective":
+            by_part.setdefault(op.stage, []).append(op)
+        elif op.param_count and op.stage is not None:
+            params[op.stage][op.kind == "experts"] += op.param_count
+    ready = {}  # global stage -> end of its last action
+    for row in sim.timeline:
+        for t in row:
+            for p in t.action.parts():
+                ready[p.stage] = max(ready.get(p.stage, 0.0), t.end)
+    part_of = {s.index: s.part for s in pipe.stages}
+    part_stages: dict[int, list[int]] = {}
+    for s in pipe.stages:
+        part_stages.setdefault(s.part, []).append(s.index)
+    order = {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 3}
+    busy, end = [0.0] * sched.num_devices, [0.0] * sched.num_devices
+    for d in range(sched.num_devices):
+        jobs = []
+        for s in sorted(sched.device_stages(d), key=lambda s: (ready.get(s, 0.0), s)):
+            part = part_of[s]
+            peers = [x for x in part_stages[part] if x != s]
+            ops = by_part.get(part, [])
+            at = ready.get(s, 0.0)  # the copies' gradient sum also waits for the other copy
+            if any(op.attr("group") == "copies" for op in ops):
+                at = max([at] + [ready.get(x, 0.0) for x in peers])
+            peer_dev = sched.stage_device[peers[0]] if peers else d
+            for op in ops:
+                kind = op.attr("collective")
+                members = topo.group(op.attr("group"), d, op.attr("group_size"), peer_dev)
+                jobs.append((at, s, order[kind], _ring_time(kind, op.attr("bytes"), members,
+                                                           topo)))
+            jobs.append((at, s, 2, _optimizer_time(spec, params[part], rates)))
+        clock = 0.0
+        for at, _, _, seconds in sorted(jobs):
+            clock = max(clock, at) + seconds
+            busy[d] += seconds
+        end[d] = clock
+    return busy, end
+
+
+def _ring_time(kind: str, nbytes: float, members: list[int], topo: Topology) -> float:
+    """Ring algorithm: reduce-scatter / all-gather move (n-1)/n of the buffer per rank,
+    all-reduce twice that; one latency per ring step."""
+    n = len(members)
+    if n <= 1:
+        return 0.0
+    rounds = 2 if kind == "all_reduce" else 1
+    link = topo.link(members)
+    return rounds * ((n - 1) / n * nbytes / topo.bandwidth[link]
+                     + (n - 1) * topo.latency(members))
+
+
+def _optimizer_time(spec, params: list[float], rates: Rates) -> float:
+    """AdamW on this rank's ZeRO-1 shard: memory-bound (read master, grad, two moments;
+    write master, moments and the compute-format weight)."""
+    from dsl.spec import DTYPE_BYTES
+
+    p, pol = spec.parallel, spec.precision
+    dense, expert = params
+    if p.zero >= 1:
+        dense, expert = dense / p.data, expert / p.expert / max(1, p.expert_data)
+    else:
+        expert = expert / p.expert
+    per_param = (2 * DTYPE_BYTES[pol.master_weights] + DTYPE_BYTES[pol.grads]
+                 + 4 * DTYPE_BYTES[pol.optimizer_states] + DTYPE_BYTES[pol.default])
+    return (dense + expert) * per_param / rates.hbm
+
+
+def _flops_per_token(graph) -> tuple[float, float]:
+    """Training FLOPs per token of the main model (MTP excluded, the report's convention),
+    with the attention core causal as lowered, and with it non-causal (twice)."""
+    causal = extra = 0.0
+    for op in graph.ops():
+        if op.block in ("embed", "layer", "head"):
+            f = graph.num(op.flops)
+            causal += f
+            if op.kind == "attention_core" and op.attr("causal", False):
+                extra += f
+    return causal / graph.tokens, (causal + extra) / graph.tokens
+
+
+def _assumptions(spec, topo: Topology) -> tuple[str, ...]:
+    g, p = spec.cluster.gpu, spec.parallel
+    bw = topo.bandwidth
+    out = [
+        (f"GEMMs at {g.gemm_efficiency_fp8:.0%} of the FP8 peak and {g.gemm_efficiency_bf16:.0%} "
+        f"of the BF16 peak; memory-bound ops at {g.memory_efficiency:.0%} of HBM bandwidth "
+        "(cluster.gpu efficiency factors); attention core at the BF16 GEMM efficiency"),
+        (f"links: NVLink {bw['nvlink'] / 1e9:.0f} GB/s, network {bw[IB] / 1e9:.0f} GB/s per GPU "
+        "(effective); transfers sharing a link split it equally"),
+        ("expert all-to-all bytes for uniform routing (the graph's); no SMs set aside for "
+        "communication kernels; no recomputation; kernel launch overheads ignored"),
+        ("DP collectives: ring algorithm, after each stage's last backward, not overlapped "
+        "with the next step; AdamW on the ZeRO-1 shard memory-bound"),
+    ]
+    if p.overlap == "dual_microbatch" and p.schedule in ("1f1b", "zb1p"):
+        out.append(f"overlap = dual_microbatch has no F&B pairs to run under {p.schedule}")
+    return tuple(out)

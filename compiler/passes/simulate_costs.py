@@ -1,0 +1,219 @@
+"""Cost model of the `simulate` pass: chunk times from the graph, links from the cluster.
+
+Three pieces, all pure Python (docs/simulate.md has the derivations):
+
+* `Rates` and `op_times`: one op's forward, input-gradient and weight-gradient
+  seconds for one micro-batch, a roofline: FLOPs over the GPU peak of the op's
+  format times the spec's GEMM efficiency, or bytes over HBM bandwidth times
+  its memory efficiency, whichever is longer.
+* `Topology`: link classes (NVLink inside an NVLink domain, the network across),
+  their effective bandwidth and latency, and which class a group of ranks
+  (data-parallel, expert-data-parallel, pipeline neighbours) talks over. Ranks
+  are laid out as the graph's insert_comm assumes: global = pipeline x data + dp.
+* `Unit` / `stage_profiles`: per pipeline stage, its units (embedding, decoder
+  layers, head, MTP modules) split into the chunks of dual micro-batch overlap
+  (attention, dispatch, MLP, combine; backward into input and weight parts),
+  with each chunk's compute seconds or all-to-all bytes per link class.
+
+The action-level timing (chunks played against shared links) is in
+`simulate_play.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+from compiler.ir import num
+
+IB, NVLINK = "ib", "nvlink"
+BACKWARD_TRAFFIC = 2  # a memory-bound op's backward moves about twice its forward bytes
+COMM_KINDS = ("dispatch", "combine")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """Achieved FLOP/s per compute format and HBM bytes/s of one GPU."""
+
+    fp8: float
+    bf16: float
+    hbm: float
+
+    @classmethod
+    def of(cls, gpu) -> Rates:
+        return cls(fp8=gpu.fp8_flops * gpu.gemm_efficiency_fp8,
+                   bf16=gpu.bf16_flops * gpu.gemm_efficiency_bf16,
+                   hbm=gpu.hbm * gpu.memory_efficiency)
+
+    def flops(self, dtype: str) -> float:
+        if dtype.startswith("fp8"):
+            return self.fp8
+        if dtype == "fp32":
+            return self.bf16 / 2  # TF32 tensor cores: half the BF16 rate
+        return self.bf16
+
+
+def op_times(op, tokens: int, rates: Rates, ep: int = 1) -> tuple[float, float, float]:
+    """(forward, input-gradient, weight-gradient) seconds of `op` for one micro-batch."""
+    io = sum(num(t.nbytes, tokens) for t in op.inputs + op.outputs)
+    flops = [num(op.flops_fwd, tokens), num(op.flops_dgrad, tokens), num(op.flops_wgrad, tokens)]
+    if not any(flops):  # memory-bound: norms, quantisation, RoPE, adds, the loss, gathers
+        return io / rates.hbm, BACKWARD_TRAFFIC * io / rates.hbm, 0.0
+    params = 0 if op.kind == "embedding" else op.param_bytes
+    if op.kind == "experts":
+        params /= ep  # each EP rank reads only its own experts' weights
+    rate, moved = rates.flops(op.dtype), (io + params) / rates.hbm
+    return tuple(max(f / rate, moved) if f else 0.0 for f in flops)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- topology
+
+
+class Topology:
+    """Link classes and rank layout of the cluster, for one data-parallel replica."""
+
+    def __init__(self, spec):
+        c, p = spec.cluster, spec.parallel
+        self.gpn = c.gpus_per_node
+        self.domain = c.nvlink.domain or c.gpus_per_node
+        self.data = p.data if p is not None else 1
+        self.ep = p.expert if p is not None else 1
+        net = c.network
+        self.bandwidth = {NVLINK: c.nvlink.effective,
+                          IB: net.effective if net is not None else c.nvlink.effective}
+        self.nvlink_latency = c.nvlink.latency
+        self.ib_latency = (net.latency, net.latency_cross) if net is not None else (
+            c.nvlink.latency, c.nvlink.latency)
+        tree = net.topology if net is not None else None
+        self.leaf_nodes = max(1, tree.radix // 2) if tree is not None and tree.layers >= 2 else None
+
+    def rank(self, pp_rank: int, dp_rank: int = 0) -> int:
+        return pp_rank * self.data + dp_rank
+
+    def link(self, ranks) -> str:
+        """NVLink when every rank is in one NVLink domain, else the network."""
+        return NVLINK if len({r // self.domain for r in ranks}) <= 1 else IB
+
+    def latency(self, ranks) -> float:
+        if self.link(ranks) == NVLINK:
+            return self.nvlink_latency
+        if self.leaf_nodes is None:
+            return self.ib_latency[0]
+        leaves = {(r // self.gpn) // self.leaf_nodes for r in ranks}
+        return self.ib_latency[0] if len(leaves) <= 1 else self.ib_latency[1]
+
+    def group(self, name: str, pp_rank: int, size: int, peer_pp_rank: int | None = None):
+        """Global ranks of a collective group on pipeline rank `pp_rank` (replica 0)."""
+        if name == "data":
+            return [self.rank(pp_rank, i) for i in range(size)]
+        if name == "expert_data":
+            return [self.rank(pp_rank, j * self.ep) for j in range(size)]
+        if name == "expert":
+            return [self.rank(pp_rank, i) for i in range(size)]
+        if name == "copies":
+            return [self.rank(pp_rank), self.rank(peer_pp_rank)]
+        raise ValueError(f"unknown collective group {name!r}")
+
+
+# ----------------------------------------------------------------------------- stage profiles
+
+
+@dataclasses.dataclass
+class Unit:
+    """One unit of a stage, per micro-batch: chunk seconds and all-to-all demands.
+
+    `fwd[part]` (attention, mlp), `bwd[(part, grad)]` (grad input or weight),
+    `comm[(part, direction)]` = ({link: bytes}, latency) for dispatch/combine,
+    direction "F" or "B". A dense unit has no comm and all its compute in "attention".
+    """
+
+    name: str
+    kind: str
+    fwd: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
+    bwd: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
+    comm: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class StageProfile:
+    """What one per-copy stage costs per micro-batch."""
+
+    part: int
+    units: list[Unit]
+    saved_bytes: float  # activations kept for the backward
+    forward_s: float
+    backward_input_s: float
+    backward_weight_s: float
+    comm_bytes: dict  # link -> all-to-all bytes per forward + backward
+
+
+def stage_profiles(graph, topo: Topology, rates: Rates) -> dict[int, StageProfile]:
+    """Per-copy stage -> its profile, from the graph after insert_comm."""
+    from compiler.passes.schedule import stage_units, unit_name
+
+    tokens = graph.tokens
+    units = {p: {n: Unit(n, k) for n, k in us} for p, us in stage_units(graph).items()}
+    ops = [op for op in graph.ops()
+           if op.stage is not None and op.block != "step" and op.kind not in ("send", "recv")]
+    pre_dispatch = _attention_side(graph, ops)
+    saved: dict[int, float] = defaultdict(float)
+    for op in ops:
+        unit = units[op.stage][unit_name(op)]
+        saved[op.stage] += num(op.saved_bytes, tokens)
+        if op.kind in COMM_KINDS:
+            _add_comm(graph, unit, op, topo)
+            continue
+        part = "attention" if unit.kind == "dense" or op.name in pre_dispatch else "mlp"
+        fwd, dgrad, wgrad = op_times(op, tokens, rates, topo.ep)
+        unit.fwd[part] += fwd
+        unit.bwd[(part, "input")] += dgrad
+        unit.bwd[(part, "weight")] += wgrad
+    out = {}
+    for p, by_name in units.items():
+        us = list(by_name.values())
+        comm: dict[str, float] = defaultdict(float)
+        for u in us:
+            for demand, _ in u.comm.values():
+                for link, b in demand.items():
+                    comm[link] += b
+        out[p] = StageProfile(
+            part=p, units=us, saved_bytes=saved[p],
+            forward_s=sum(sum(u.fwd.values()) for u in us),
+            backward_input_s=sum(v for u in us for (_, gr), v in u.bwd.items() if gr == "input"),
+            backward_weight_s=sum(v for u in us for (_, gr), v in u.bwd.items() if gr == "weight"),
+            comm_bytes=dict(comm))
+    return out
+
+
+def _attention_side(graph, ops) -> set[str]:
+    """Names of ops that feed their unit's dispatch (attention, router): the rest of a
+    MoE unit (experts, shared expert, the residual add) is its MLP chunk."""
+    from compiler.passes.schedule import unit_name
+
+    unit_of = {op.name: (op.stage, unit_name(op)) for op in ops}
+    out: set[str] = set()
+    for op in ops:
+        if op.kind != "dispatch":
+            continue
+        todo = [op.name]
+        while todo:
+            for src in graph.g.predecessors(todo.pop()):
+                if unit_of.get(src) == unit_of[op.name] and src not in out:
+                    out.add(src)
+                    todo.append(src)
+    return out
+
+
+def _add_comm(graph, unit: Unit, op, topo: Topology) -> None:
+    """Forward bytes from the op; the backward of a dispatch carries gradients in the
+    combine's format and the backward of a combine in the dispatch's (DeepSeek-V3:
+    dispatch-direction traffic in FP8, combine-direction in BF16), so each backward
+    all-to-all is filled in from its mirror when both are known."""
+    tokens = graph.tokens
+    demand = {IB: float(num(op.attr("ib_bytes", 0), tokens)),
+              NVLINK: float(num(op.attr("nvlink_bytes", 0), tokens))}
+    members = topo.group("expert", 0, max(1, op.attr("ep", topo.ep)))
+    lat = topo.latency(members) if demand[IB] else topo.nvlink_latency
+    unit.comm[(op.kind, "F")] = (demand, lat)
+    mirror = "combine" if op.kind == "dispatch" else "dispatch"
+    unit.comm[(mirror, "B")] = (demand, lat)
