@@ -1,0 +1,207 @@
+"""Pass `place_experts`: routed experts of every MoE layer onto expert-parallel ranks.
+
+Primary copies are contiguous: EP rank r holds experts [r*E/R, (r+1)*E/R).
+Routing groups are contiguous id ranges too (group g = experts
+[g*E/G, (g+1)*E/G)), and EP ranks fill nodes in order (EP rank r sits on
+node r // gpus_per_node of its EP group: global rank = pipeline rank x data +
+data rank, data innermost), so with G equal to the nodes an EP group spans,
+group g lives entirely on node g: DeepSeek-V3's 256 experts, 4 per GPU on 64
+GPUs, group g on node g of 8. Node-limited routing then bounds the nodes a
+token reaches by `top_groups`.
+
+Redundant experts (EPLB-style): from a load histogram (`--expert-load F` or
+`parallel { expert_load = "F" }`, format in docs/ir.md) each layer's hottest
+experts get extra replicas, `parallel.redundant_experts` slots in all
+(default: one per EP rank when a histogram is given). Replica counts go
+greedily to the expert with the highest load per copy; each replica goes to
+the least-loaded rank with a free slot on a node that holds no copy of that
+expert yet (other nodes first, so a hot expert is served from several nodes).
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import json
+import os
+
+from compiler.ir import Graph, Placement
+from dsl.diagnostics import Diagnostic, Span, SpecError
+
+LOAD_FORMAT = "dsvc-expert-load"
+
+
+def place_experts(graph: Graph, expert_load: str | None = None) -> Graph:
+    """A copy of `graph` whose `experts` ops carry a `Placement`.
+
+    `expert_load` (a path) overrides the spec's `parallel.expert_load`.
+    """
+    spec = graph.spec
+    p = spec.parallel
+    ep = p.expert if p is not None else 1
+    gpn = spec.cluster.gpus_per_node if spec.cluster is not None else ep
+    experts = [op for op in graph.ops() if op.kind == "experts"]
+    histogram, source, span = _read_histogram(spec, expert_load, [op.layer for op in experts])
+    redundant = p.redundant_experts if p is not None else 0
+    out = graph.derive("place_experts")
+    if histogram is not None and redundant == 0 and ep > 1:
+        redundant = ep
+        out.notes = out.notes + (
+            f"expert load from {source}: redundant_experts unset, using one per EP rank ({ep})",)
+    for op in experts:
+        routed = op.attr("routed")
+        ffn = spec.model.ffns[op.attr("ffn")]
+        load = ()
+        if histogram is not None and op.layer in histogram:
+            load = _checked(histogram[op.layer], op.layer, routed, span or Span(source, 0, 0))
+        place = place_layer(routed, ffn.groups, ep, gpn, redundant if load else 0, load)
+        out.replace(op.with_attrs(placement=place))
+    return out
+
+
+@functools.cache
+def place_layer(routed: int, groups: int, ep: int, gpus_per_node: int, redundant: int = 0,
+                load: tuple[float, ...] = ()) -> Placement:
+    """The placement of one layer's routed experts (cached: layers usually share it)."""
+    per = routed // ep
+    size = routed // max(groups, 1)
+    node_of_rank = tuple(r // max(gpus_per_node, 1) for r in range(ep))
+    ranks = [list(range(r * per, (r + 1) * per)) for r in range(ep)]
+    if redundant and load and ep > 1:
+        _add_replicas(ranks, node_of_rank, load, redundant)
+    return Placement(routed=routed, per_rank=tuple(tuple(r) for r in ranks),
+                     group_of_expert=tuple(e // size for e in range(routed)),
+                     node_of_rank=node_of_rank, replicas=redundant if load and ep > 1 else 0,
+                     load=load)
+
+
+def _add_replicas(ranks: list[list[int]], node_of_rank, load, redundant: int) -> None:
+    """Fill `redundant` extra slots (evenly over ranks) with replicas of hot experts."""
+    ep = len(ranks)
+    free = [redundant // ep] * ep
+    copies = [1] * len(load)
+    holders = [[] for _ in load]  # ranks holding each expert
+    for r, ids in enumerate(ranks):
+        for e in ids:
+            holders[e].append(r)
+    rank_load = [sum(load[e] for e in ids) for ids in ranks]
+    heap = [(-load[e], e) for e in range(len(load))]  # most load per copy first
+    heapq.heapify(heap)
+    for _ in range(redundant):
+        open_ranks = [r for r in range(ep) if free[r]]
+        skipped = []
+        while True:  # the hottest expert some open rank does not hold yet
+            key, e = heapq.heappop(heap)
+            candidates = [r for r in open_ranks if r not in holders[e]]
+            if candidates:
+                break
+            skipped.append((key, e))
+        for item in skipped:
+            heapq.heappush(heap, item)
+        used_nodes = {node_of_rank[r] for r in holders[e]}
+        other = [r for r in candidates if node_of_rank[r] not in used_nodes]
+        r = min(other or candidates, key=lambda x: (rank_load[x], x))
+        before = load[e] / copies[e]
+        copies[e] += 1
+        share = load[e] / copies[e]
+        for q in holders[e]:  # every holder now serves a smaller share of e
+            rank_load[q] -= before - share
+        holders[e].append(r)
+        ranks[r].append(e)
+        free[r] -= 1
+        rank_load[r] += share
+        heapq.heappush(heap, (-share, e))
+
+
+def rank_loads(place: Placement) -> list[float]:
+    """Expected tokens per EP rank when each expert's load splits evenly over its copies."""
+    if not place.load:
+        return [float(len(ids)) for ids in place.per_rank]
+    copies = [0] * place.routed
+    for ids in place.per_rank:
+        for e in ids:
+            copies[e] += 1
+    return [sum(place.load[e] / copies[e] for e in ids) for ids in place.per_rank]
+
+
+# ----------------------------------------------------------------------------- the histogram file
+
+
+def read_expert_load(path: str, moe_layers: list[int], span: Span | None = None) -> dict[int, tuple]:
+    """Per-expert loads of each MoE layer from a histogram file (format in docs/ir.md).
+
+    The canonical form is `{"format": "dsvc-expert-load", "version": 1,
+    "layers": {"3": [...], ...}, "default": [...]}`; shorthands: one list (every
+    layer), a list of lists (the MoE layers in order), or `{"layers.3": [...]}`.
+    Layers without an entry are absent from the result. Raises `SpecError`.
+    """
+    where = span or Span(path, 0, 0)
+    raw = _load_json(path, where)
+    if isinstance(raw, list) and raw and all(_is_num(v) for v in raw):
+        return {layer: raw for layer in moe_layers}
+    if isinstance(raw, list) and raw and all(isinstance(h, list) for h in raw):
+        if len(raw) != len(moe_layers):
+            raise _error(f"expert load file lists {len(raw)} histograms; the model has "
+                         f"{len(moe_layers)} MoE layers (MTP included)", where)
+        return dict(zip(moe_layers, raw))
+    if isinstance(raw, dict) and raw.get("format") == LOAD_FORMAT:
+        if raw.get("version") != 1:
+            raise _error(f"expert load format version {raw.get('version')!r} is not supported "
+                         "(this dsvc reads 1)", where)
+        layers = raw.get("layers", {})
+        if not isinstance(layers, dict) or not all(str(k).isdigit() for k in layers):
+            raise _error('`layers` must map layer indices ("3") to per-expert loads', where)
+        out = {int(k): v for k, v in layers.items()}
+        if "default" in raw:
+            out = {layer: out.get(layer, raw["default"]) for layer in moe_layers} | out
+        return out
+    if isinstance(raw, dict) and raw and all(str(k).startswith("layers.") and str(k)[7:].isdigit()
+                                              for k in raw):
+        return {int(k[7:]): v for k, v in raw.items()}
+    raise _error(f"'{path}' is not an expert load histogram", where,
+                 f'expected {{"format": "{LOAD_FORMAT}", "version": 1, "layers": {{"3": [...]}}}}')
+
+
+def _read_histogram(spec, override: str | None, moe_layers: list[int]):
+    if override is not None:
+        path, span = override, None
+    elif spec.parallel is not None and spec.parallel.expert_load is not None:
+        path = os.path.join(os.path.dirname(spec.file), spec.parallel.expert_load)
+        span = spec.span("parallel.expert_load")
+    else:
+        return None, "", None
+    return read_expert_load(path, moe_layers, span), path, span
+
+
+@functools.lru_cache(maxsize=8)
+def _load_json_cached(path: str, mtime: float):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _load_json(path: str, where: Span):
+    try:
+        return _load_json_cached(path, os.path.getmtime(path))
+    except OSError as exc:
+        raise _error(f"cannot read expert load file '{path}': {exc.strerror}", where) from None
+    except json.JSONDecodeError as exc:
+        raise _error(f"expert load file is not valid JSON: {exc.msg}",
+                     Span(path, exc.lineno, exc.colno)) from None
+    except UnicodeDecodeError:
+        raise _error(f"expert load file '{path}' is not UTF-8 text", where) from None
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+def _checked(values, layer: int, routed: int, where: Span) -> tuple[float, ...]:
+    if not (isinstance(values, list) and all(_is_num(v) for v in values)) or len(values) != routed:
+        got = f"{len(values)} entries" if isinstance(values, list) else repr(values)[:40]
+        raise _error(f"expert load of layer {layer} must list {routed} non-negative numbers "
+                     f"(one per routed expert), got {got}", where)
+    return tuple(float(v) for v in values)
+
+
+def _error(message: str, span: Span | None, hint: str | None = None) -> SpecError:
+    return SpecError([Diagnostic("error", message, span, hint)])
