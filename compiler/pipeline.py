@@ -43,16 +43,27 @@ def _insert_comm(spec, graph, opts):
     return insert_comm(graph)
 
 
-# (name, runner, what it does). Later passes (schedule, simulate, codegen) append here.
+def _schedule(spec, graph, opts):
+    from compiler.passes.schedule import schedule
+
+    return schedule(graph)
+
+
+def _simulate(spec, graph, opts):
+    from compiler.passes.simulate import simulate
+
+    return simulate(graph)
+
+
+# (name, runner, what it does). Code generation (compiler/codegen/build.py) reads the result.
 PASSES: list[tuple[str, Callable, str]] = [
     ("lower", _lower, "Spec -> op graph of one micro-batch (sympy shapes in T, FLOPs, bytes)"),
     ("assign_precision", _assign_precision, "formats per the policy; quantize/cast ops; FP8 tiles"),
     ("partition_stages", _partition_stages, "every op on one pipeline stage, balanced by cost"),
     ("place_experts", _place_experts, "routed experts on EP ranks; groups on nodes; EPLB replicas"),
     ("insert_comm", _insert_comm, "dispatch/combine all-to-all, PP send/recv, DP collectives"),
-    # ("schedule", ...),   per-rank action lists           (compiler/schedules)
-    # ("simulate", ...),   timeline on the topology        (compiler/schedules)
-    # ("codegen", ...),    kernels, stage modules, plan    (compiler/codegen)
+    ("schedule", _schedule, "per-rank action lists (1F1B, ZB1P, DualPipe, DualPipeV); F&B pairs"),
+    ("simulate", _simulate, "one step on the cluster: time, bubble, exposed comm, memory, MFU"),
 ]
 
 GRAPH_PASSES = ("lower", "assign_precision", "partition_stages", "place_experts", "insert_comm")

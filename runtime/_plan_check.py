@@ -13,7 +13,9 @@ from ._plan_read import Reader
 
 # torch.distributed.pipelining `_Action` string form (compute and comm actions),
 # plus the overlapped pair "(0F1;3B0)OVERLAP_F_B".
-_ACTION = re.compile(r"^(\d+)(F|I|B|W|UNSHARD|RESHARD|REDUCE_GRAD|SEND_F|RECV_F|SEND_B|RECV_B)(\d*)$")
+_ACTION = re.compile(
+    r"^(\d+)(F|I|B|W|UNSHARD|RESHARD|REDUCE_GRAD|SEND_F|RECV_F|SEND_B|RECV_B)(\d*)$"
+)
 _OVERLAP = re.compile(r"^\((.*)\)OVERLAP_F_B$")
 
 
@@ -67,7 +69,9 @@ def _check_stages(r: Reader, plan: P.Plan) -> None:
     ordered = sorted(stages, key=lambda s: s.index)
     for s in ordered:
         if not 0 <= s.rank < mesh.pipeline:
-            r.error(f"stages[{s.index}].rank", f"pipeline rank {s.rank} outside 0..{mesh.pipeline - 1}")
+            r.error(
+                f"stages[{s.index}].rank", f"pipeline rank {s.rank} outside 0..{mesh.pipeline - 1}"
+            )
     copies = {s.copy for s in stages}
     if kind != "dualpipe" and copies != {"A"}:
         r.error("stages", f"copy B stages exist only under dualpipe, not {kind}")
@@ -85,10 +89,14 @@ def _check_stages(r: Reader, plan: P.Plan) -> None:
         if not chain[-1].head or any(s.head for s in chain[:-1]):
             r.error("stages", f"copy {copy}: the head belongs to its last stage only")
         if plan.model.mtp.depth and not chain[-1].mtp:
-            r.error("stages", f"copy {copy}: MTP (depth {plan.model.mtp.depth}) needs the head stage")
+            r.error(
+                "stages", f"copy {copy}: MTP (depth {plan.model.mtp.depth}) needs the head stage"
+            )
     for s in ordered:
         if s.mtp and not s.head:
-            r.error(f"stages[{s.index}].mtp", "MTP shares the output head: put it on the head stage")
+            r.error(
+                f"stages[{s.index}].mtp", "MTP shares the output head: put it on the head stage"
+            )
     per_rank = [[s.index for s in ordered if s.rank == k] for k in range(mesh.pipeline)]
     n, pp = len(stages), mesh.pipeline
     if kind in ("1f1b", "zb1p") and per_rank != [[k] for k in range(pp)]:
@@ -113,7 +121,10 @@ def _check_experts(r: Reader, plan: P.Plan) -> None:
             r.error(w, f"MoE ffn {name!r} has no expert placement")
             continue
         if len(place.per_rank) != plan.mesh.expert:
-            r.error(f"{w}.per_rank", f"one list per EP rank: expected {plan.mesh.expert}, got {len(place.per_rank)}")
+            r.error(
+                f"{w}.per_rank",
+                f"one list per EP rank: expected {plan.mesh.expert}, got {len(place.per_rank)}",
+            )
         ids = sorted(e for ranks in place.per_rank for e in ranks)
         if ids != list(range(ffn.routed)):
             r.error(f"{w}.per_rank", f"must place experts 0..{ffn.routed - 1} exactly once")
@@ -122,11 +133,16 @@ def _check_experts(r: Reader, plan: P.Plan) -> None:
         size = ffn.routed // max(ffn.groups, 1)
         expected = tuple(e // size for e in range(ffn.routed))
         if place.group_of_expert and place.group_of_expert != expected:
-            r.error(f"{w}.group_of_expert", "groups are contiguous id ranges: expert e is in group e // (routed / groups)")
+            r.error(
+                f"{w}.group_of_expert",
+                "groups are contiguous id ranges: expert e is in group e // (routed / groups)",
+            )
         if place.two_hop:
             g = plan.mesh.gpus_per_node
-            if not g or plan.mesh.expert % g and g % plan.mesh.expert:
-                r.error(f"{w}.two_hop", "the two-hop path needs mesh.gpus_per_node dividing mesh.expert")
+            if not g or plan.mesh.expert % g:
+                r.error(
+                    f"{w}.two_hop", "the two-hop path needs mesh.gpus_per_node dividing mesh.expert"
+                )
 
 
 def _check_schedule(r: Reader, plan: P.Plan) -> None:
@@ -140,13 +156,20 @@ def _check_schedule(r: Reader, plan: P.Plan) -> None:
                 f"= {expected}, not {sch.num_microbatches}",
             )
     if sch.kind == "dualpipev" and not sch.actions and sch.num_microbatches < len(plan.stages):
-        r.error("schedule.num_microbatches", f"torch's DualPipeV needs >= {len(plan.stages)} micro-batches")
+        r.error(
+            "schedule.num_microbatches",
+            f"torch's DualPipeV needs >= {len(plan.stages)} micro-batches",
+        )
     stage_rank = {s.index: s.rank for s in plan.stages}
     for rank, acts in sorted(sch.actions.items()):
         if not 0 <= rank < mesh.pipeline:
             r.error(f"schedule.actions.{rank}", f"no pipeline rank {rank}")
             continue
+        before = len(r.problems)
         for i, text in enumerate(acts):
+            if len(r.problems) - before >= 3:  # a wrong list would repeat one problem
+                r.error(f"schedule.actions.{rank}", "more problems in this list not shown")
+                break
             for sub in _sub_actions(text):
                 m = _ACTION.match(sub)
                 if not m:
@@ -154,11 +177,19 @@ def _check_schedule(r: Reader, plan: P.Plan) -> None:
                     break
                 stage, mb = int(m.group(1)), m.group(3)
                 if stage_rank.get(stage) != rank:
-                    r.error(f"schedule.actions.{rank}[{i}]", f"{text!r}: stage {stage} is not on rank {rank}")
+                    r.error(
+                        f"schedule.actions.{rank}[{i}]",
+                        f"{text!r}: stage {stage} is not on rank {rank}",
+                    )
                 if mb and int(mb) >= sch.num_microbatches:
-                    r.error(f"schedule.actions.{rank}[{i}]", f"{text!r}: micro-batch {mb} out of range")
+                    r.error(
+                        f"schedule.actions.{rank}[{i}]", f"{text!r}: micro-batch {mb} out of range"
+                    )
     if sch.actions and sorted(sch.actions) != list(range(mesh.pipeline)):
-        r.error("schedule.actions", f"need an action list for every pipeline rank 0..{mesh.pipeline - 1}")
+        r.error(
+            "schedule.actions",
+            f"need an action list for every pipeline rank 0..{mesh.pipeline - 1}",
+        )
 
 
 def _sub_actions(text: str) -> list[str]:
@@ -177,7 +208,10 @@ def _check_train(r: Reader, plan: P.Plan) -> None:
         )
     if t.seq_len > plan.model.max_seq_len:
         r.error("train.seq_len", f"{t.seq_len} exceeds model.max_seq_len {plan.model.max_seq_len}")
-    if t.lr_schedule.kind == "warmup_cosine" and t.lr_schedule.total_steps <= t.lr_schedule.warmup_steps:
+    if (
+        t.lr_schedule.kind == "warmup_cosine"
+        and t.lr_schedule.total_steps <= t.lr_schedule.warmup_steps
+    ):
         r.error("train.lr_schedule.total_steps", "warmup_cosine needs total_steps > warmup_steps")
     if t.data.kind == "tokens" and not t.data.path:
         r.error("train.data.path", "token data needs a path")

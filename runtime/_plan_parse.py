@@ -191,7 +191,10 @@ def _precision(r: Reader, d: dict) -> P.Precision:
     overrides = {}
     for role, fmt in r.obj(d, "linear_overrides", w, required=False).items():
         if role not in P.LINEAR_ROLES:
-            r.error(f"{w}.linear_overrides.{role}", f"unknown linear; one of {', '.join(P.LINEAR_ROLES)}")
+            r.error(
+                f"{w}.linear_overrides.{role}",
+                f"unknown linear; one of {', '.join(P.LINEAR_ROLES)}",
+            )
         overrides[role] = _linear(r, fmt, f"{w}.linear_overrides.{role}")
     kept_raw = r.obj(d, "kept", w, required=False)
     r.unknown_keys(kept_raw, P.KEPT_COMPONENTS, f"{w}.kept")
@@ -262,12 +265,18 @@ def _schedule(r: Reader, d: dict) -> P.Schedule:
     w = "schedule"
     r.unknown_keys(d, ("kind", "num_microbatches", "overlap", "actions", "version"), w)
     actions: dict[int, tuple[str, ...]] = {}
-    for key, acts in r.obj(d, "actions", w, required=False).items():
+    raw_actions = d.get("actions") or {}
+    if isinstance(raw_actions, list):  # the schedule generator's form: one list per rank
+        raw_actions = {str(i): a for i, a in enumerate(raw_actions)}
+    if not isinstance(raw_actions, dict):
+        r.error(f"{w}.actions", "expected {rank: [actions]} or [[actions] per rank]")
+        raw_actions = {}
+    for key, acts in raw_actions.items():
         if not str(key).isdigit():
             r.error(f"{w}.actions.{key}", "keys are pipeline ranks (0, 1, ...)")
             continue
         if not isinstance(acts, list) or not all(isinstance(a, str) for a in acts):
-            r.error(f"{w}.actions.{key}", "expected a list of action strings like \"0F1\"")
+            r.error(f"{w}.actions.{key}", 'expected a list of action strings like "0F1"')
             continue
         actions[int(key)] = tuple(acts)
     return P.Schedule(
@@ -287,7 +296,9 @@ def _train(r: Reader, d: dict) -> P.Train:
         w,
     )  # fmt: skip
     opt = r.obj(d, "optimizer", w)
-    r.unknown_keys(opt, ("kind", "lr", "betas", "eps", "weight_decay", "grad_clip"), f"{w}.optimizer")
+    r.unknown_keys(
+        opt, ("kind", "lr", "betas", "eps", "weight_decay", "grad_clip"), f"{w}.optimizer"
+    )
     betas = opt.get("betas", [0.9, 0.95])
     if not (isinstance(betas, list) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         r.error(f"{w}.optimizer.betas", f"expected [beta1, beta2] in [0, 1), got {betas!r}")

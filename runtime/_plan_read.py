@@ -25,7 +25,9 @@ class Reader:
         self.problems: list[str] = []
 
     def error(self, where: str, message: str) -> None:
-        self.problems.append(f"{self.source}: {where}: {message}" if where else f"{self.source}: {message}")
+        self.problems.append(
+            f"{self.source}: {where}: {message}" if where else f"{self.source}: {message}"
+        )
 
     def raise_if_errors(self) -> None:
         if self.problems:

@@ -21,7 +21,11 @@ from .plan import Attention, Model, Precision
 
 def _core(q_BHSd, k_BHSd, v_BHSd, scale: float, core_dtype, out_dtype) -> torch.Tensor:
     out = F.scaled_dot_product_attention(
-        q_BHSd.to(core_dtype), k_BHSd.to(core_dtype), v_BHSd.to(core_dtype), is_causal=True, scale=scale
+        q_BHSd.to(core_dtype),
+        k_BHSd.to(core_dtype),
+        v_BHSd.to(core_dtype),
+        is_causal=True,
+        scale=scale,
     )
     return out.to(out_dtype)
 
@@ -41,16 +45,22 @@ class MLA(nn.Module):
         if spec.q_lora_rank:
             self.q_a_proj = Linear(d, spec.q_lora_rank, prec.linear_for("q_a_proj"), act, be)
             self.q_a_layernorm = RMSNorm(spec.q_lora_rank, model.norm_eps, norm, act)
-            self.q_b_proj = Linear(spec.q_lora_rank, h * qk_dim, prec.linear_for("q_b_proj"), act, be)
+            self.q_b_proj = Linear(
+                spec.q_lora_rank, h * qk_dim, prec.linear_for("q_b_proj"), act, be
+            )
         else:
             self.q_proj = Linear(d, h * qk_dim, prec.linear_for("q_proj"), act, be)
         kv_a_out = spec.kv_lora_rank + spec.qk_rope_dim
-        self.kv_a_proj_with_mqa = Linear(d, kv_a_out, prec.linear_for("kv_a_proj_with_mqa"), act, be)
+        self.kv_a_proj_with_mqa = Linear(
+            d, kv_a_out, prec.linear_for("kv_a_proj_with_mqa"), act, be
+        )
         self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, model.norm_eps, norm, act)
         kv_b_out = h * (spec.qk_nope_dim + spec.v_dim)
         self.kv_b_proj = Linear(spec.kv_lora_rank, kv_b_out, prec.linear_for("kv_b_proj"), act, be)
         self.o_proj = Linear(h * spec.v_dim, d, prec.linear_for("o_proj"), act, be)
-        self.rotary = RotaryEmbedding(model.rope, spec.qk_rope_dim, model.max_seq_len, interleaved=True)
+        self.rotary = RotaryEmbedding(
+            model.rope, spec.qk_rope_dim, model.max_seq_len, interleaved=True
+        )
         mscale = yarn_softmax_mscale(model.rope, model.max_seq_len)
         self.softmax_scale = qk_dim**-0.5 * mscale * mscale
 

@@ -30,7 +30,9 @@ def dtype_of(name: str) -> torch.dtype:
 class Linear(nn.Module):
     """y = x W^T in the plan's format for this linear; output in the activation dtype."""
 
-    def __init__(self, in_features: int, out_features: int, fmt: LinearFormat, act_dtype, backend="torch"):
+    def __init__(
+        self, in_features: int, out_features: int, fmt: LinearFormat, act_dtype, backend="torch"
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.fmt, self.act_dtype, self.backend = fmt, act_dtype, backend
@@ -39,7 +41,9 @@ class Linear(nn.Module):
         if self.fmt.format == "fp8_e4m3":
             from .fp8 import fp8_linear
 
-            return fp8_linear(x_MK, self.weight, ue8m0=self.fmt.ue8m0, backend=self.backend).to(self.act_dtype)
+            return fp8_linear(x_MK, self.weight, ue8m0=self.fmt.ue8m0, backend=self.backend).to(
+                self.act_dtype
+            )
         dt = _DTYPES[self.fmt.format]
         return F.linear(x_MK.to(dt), self.weight.to(dt)).to(self.act_dtype)
 
@@ -64,7 +68,14 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): the dense FFN and the shared experts."""
 
-    def __init__(self, dim: int, inter: int, fmts: tuple[LinearFormat, LinearFormat, LinearFormat], act_dtype, backend):
+    def __init__(
+        self,
+        dim: int,
+        inter: int,
+        fmts: tuple[LinearFormat, LinearFormat, LinearFormat],
+        act_dtype,
+        backend,
+    ):
         super().__init__()
         self.gate_proj = Linear(dim, inter, fmts[0], act_dtype, backend)
         self.up_proj = Linear(dim, inter, fmts[1], act_dtype, backend)

@@ -54,7 +54,13 @@ def tiny_precision(mode: str = "fp32") -> dict:
     if mode == "fp32":
         return {"default": "fp32", "linear": "fp32", "master_weights": "fp32", "grads": "fp32",
                 "optimizer_states": "fp32", "dispatch": "fp32", "combine": "fp32"}  # fmt: skip
-    kept = {"embedding": "bf16", "head": "bf16", "router": "fp32", "attention_core": "bf16", "norm": "fp32"}
+    kept = {
+        "embedding": "bf16",
+        "head": "bf16",
+        "router": "fp32",
+        "attention_core": "bf16",
+        "norm": "fp32",
+    }
     linear = (
         {"format": "fp8_e4m3", "act_tile": 128, "weight_block": [128, 128], "ue8m0": False}
         if mode == "fp8"
@@ -111,8 +117,11 @@ def tiny_plan(
     two_hop: bool = False,
     gpus_per_node: int = 0,
     lr: float = 1e-3,
+    actions: dict[str, list[str]] | None = None,
 ) -> dict:
-    """The dict form of plan.json for the tiny model (see the module docstring)."""
+    """The dict form of plan.json for the tiny model (see the module docstring).
+
+    `actions` replaces the schedule's action lists (e.g. from compiler.schedules)."""
     model = tiny_model(num_layers, mtp_depth)
     if schedule == "dualpipev":
         chunks = split_layers(num_layers, 2 * pp)
@@ -133,11 +142,16 @@ def tiny_plan(
     experts = {
         "moe": {
             "per_rank": [list(range(r * per, (r + 1) * per)) for r in range(ep)],
-            "group_of_expert": [e // (routed // model["ffn"]["moe"]["groups"]) for e in range(routed)],
+            "group_of_expert": [
+                e // (routed // model["ffn"]["moe"]["groups"]) for e in range(routed)
+            ],
             "two_hop": two_hop,
         }
     }
-    actions = one_f_one_b_actions(pp, num_microbatches) if with_actions and schedule == "1f1b" else {}
+    if actions is None:
+        actions = (
+            one_f_one_b_actions(pp, num_microbatches) if with_actions and schedule == "1f1b" else {}
+        )
     mesh = {"pipeline": pp, "data": dp, "expert": ep, "world_size": pp * dp}
     if gpus_per_node:
         mesh.update(nodes=pp * dp // gpus_per_node, gpus_per_node=gpus_per_node)

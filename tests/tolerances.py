@@ -42,7 +42,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     # hand-computed report values whose inputs are floats (bandwidths, efficiencies)
     "report_hand_float": (1e-9, 0.0),
     # runtime model vs transformers' DeepseekV3 on the same fp32 weights (runtime/hf.py): logits
-    # of the tiny model (|logits| ~ 5), only summation order differs; measured max 2.4e-6 abs
+    # of the tiny model (|logits| up to 3.6), only summation order differs; measured max 2.5e-6 abs
     "hf_logits": (1e-5, 1e-5),
     # an FP8 checkpoint (e4m3, 128x128 block scales) of that model, dequantised on load, against
     # the fp32 original: relative Frobenius error of the logits (rtol only). Measured 0.22: each

@@ -1,0 +1,235 @@
+"""Expert-parallel dispatch and combine over `all_to_all_single`, autograd-correct.
+
+A token's (token, expert) slots travel to the EP rank that owns each expert,
+are computed there grouped by local expert, and come back to be weighted by the
+gate and summed. Splits are uneven and exchanged first (counts per destination
+expert), nothing is dropped, and every exchange has an autograd backward that
+is the reverse exchange. The dispatch payload can be FP8 (1x128 tiles, fp32
+scales travel beside it) while gradients and the combine go in BF16, as the
+plan's precision says.
+
+Two paths:
+- one hop: every slot straight to its expert's rank (any placement);
+- two hop (`ExpertPlacement.two_hop`): a token crosses to each destination
+  *node* once, to the rank with its own local index, which forwards copies to
+  the owners inside the node and sums their weighted outputs before the single
+  reply crosses back (DeepSeek-V3's IB-then-NVLink route).
+
+Shape legend: T tokens, K top_k, D hidden, R rows in an exchange, E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .plan import ExpertPlacement
+
+ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x sorted by expert, counts) -> y
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows split by `in_splits` to each peer; backward sends gradients the reverse way."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, grad_dtype):
+        ctx.splits, ctx.group, ctx.grad_dtype = (out_splits, in_splits), group, grad_dtype
+        return _a2a(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        out_splits, in_splits = ctx.splits
+        dtype = g.dtype
+        gt = g.to(ctx.grad_dtype) if ctx.grad_dtype is not None else g
+        return _a2a(gt, in_splits, out_splits, ctx.group).to(dtype), None, None, None, None
+
+
+class _FP8AllToAll(torch.autograd.Function):
+    """Forward payload quantised to e4m3 in 1x128 tiles (scales sent beside it); the
+    gradient returns in `grad_dtype` as if the quantisation were the identity (the
+    expert GEMMs quantise their inputs again; this only changes the wire format)."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, grad_dtype, ue8m0):
+        from .fp8 import dequantize_act, quantize_act
+
+        ctx.splits, ctx.group, ctx.grad_dtype = (out_splits, in_splits), group, grad_dtype
+        q_RD, s_RDt = quantize_act(x.contiguous(), 128, ue8m0)
+        q_recv = _a2a(q_RD.view(torch.uint8), out_splits, in_splits, group).view(q_RD.dtype)
+        s_recv = _a2a(s_RDt, out_splits, in_splits, group)
+        return dequantize_act(q_recv, s_recv, 128, out_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        out_splits, in_splits = ctx.splits
+        back = _a2a(g.to(ctx.grad_dtype), in_splits, out_splits, ctx.group).to(g.dtype)
+        return back, None, None, None, None, None
+
+
+def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    return out
+
+
+class Route:
+    """One exchange: rows with a destination rank and a bucket (local expert) there.
+
+    `send` delivers rows grouped by bucket (`counts[b]` rows each, sources in
+    rank order inside a bucket); `back` returns rows computed there to their
+    original positions. Without a group (one process) no communication happens.
+    """
+
+    def __init__(
+        self, dest_R: torch.Tensor, bucket_R: torch.Tensor, num_dest: int, num_buckets: int, group
+    ):
+        self.group, self.num_dest = group, num_dest
+        pos_R = dest_R * num_buckets + bucket_R
+        self.order = torch.argsort(pos_R, stable=True)
+        self.inv_order = torch.argsort(self.order)
+        send_counts = torch.bincount(pos_R, minlength=num_dest * num_buckets).view(
+            num_dest, num_buckets
+        )
+        if group is not None and num_dest > 1:
+            # counts first, so every peer can size its receive buffers exactly
+            recv_counts = _a2a(send_counts, [1] * num_dest, [1] * num_dest, group)
+        else:
+            recv_counts = send_counts
+        self.send_splits = send_counts.sum(1).tolist()
+        self.recv_splits = recv_counts.sum(1).tolist()
+        self.counts = recv_counts.sum(0)  # rows per bucket after arrival
+        # arrival order is (source, bucket); make it (bucket, source) for the grouped GEMM
+        lengths = recv_counts.t().reshape(-1)
+        src_start = (torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)).view_as(
+            recv_counts
+        )
+        new_start = torch.cumsum(lengths, 0) - lengths
+        shift = torch.repeat_interleave(src_start.t().reshape(-1) - new_start, lengths)
+        self.perm = torch.arange(int(lengths.sum()), dtype=torch.long, device=dest_R.device) + shift
+        self.inv_perm = torch.argsort(self.perm)
+
+    def _exchange(self, x, out_splits, in_splits, wire: str, grad_dtype, ue8m0=False):
+        if self.group is None or self.num_dest == 1:
+            return x
+        if wire == "fp8_e4m3" and x.is_floating_point():
+            return _FP8AllToAll.apply(x, out_splits, in_splits, self.group, grad_dtype, ue8m0)
+        return _AllToAll.apply(x, out_splits, in_splits, self.group, grad_dtype)
+
+    def send(
+        self, x_R: torch.Tensor, wire: str = "fp32", grad_dtype=None, ue8m0: bool = False
+    ) -> torch.Tensor:
+        """Rows to their destinations; `wire` fp8_e4m3 | bf16 | fp32 (float rows only)."""
+        xs = x_R.index_select(0, self.order)
+        if wire == "bf16" and xs.is_floating_point():
+            xs = xs.to(torch.bfloat16)
+        xr = self._exchange(xs, self.recv_splits, self.send_splits, wire, grad_dtype, ue8m0)
+        return xr.to(x_R.dtype).index_select(0, self.perm)
+
+    def back(self, y: torch.Tensor, wire_dtype: torch.dtype) -> torch.Tensor:
+        """Rows computed at the destination back to where they came from, in `wire_dtype`."""
+        yr = y.index_select(0, self.inv_perm).to(wire_dtype)
+        ys = self._exchange(yr, self.send_splits, self.recv_splits, "", wire_dtype)
+        return ys.to(y.dtype).index_select(0, self.inv_order)
+
+
+class ExpertComm:
+    """Where each expert lives and how tokens reach it, for one MoE layer on one rank."""
+
+    def __init__(
+        self,
+        placement: ExpertPlacement,
+        ep_rank: int = 0,
+        group=None,
+        dispatch: str = "fp32",
+        combine: str = "fp32",
+        ue8m0: bool = False,
+        node_size: int = 0,
+        inter_group=None,
+        intra_group=None,
+    ):
+        self.placement, self.group = placement, group
+        self.ep_size = len(placement.per_rank)
+        self.ep_rank = ep_rank
+        self.local_experts = list(placement.per_rank[ep_rank])
+        num_experts = sum(len(r) for r in placement.per_rank)
+        owner = torch.empty(num_experts, dtype=torch.long)
+        local = torch.empty(num_experts, dtype=torch.long)
+        for r, ids in enumerate(placement.per_rank):
+            for j, e in enumerate(ids):
+                owner[e], local[e] = r, j
+        self.owner, self.local_index = owner, local
+        self.dispatch_wire = dispatch
+        self.combine_dtype = torch.bfloat16 if combine == "bf16" else torch.float32
+        self.ue8m0 = ue8m0
+        self.two_hop = placement.two_hop and group is not None and node_size > 0
+        self.node_size, self.inter_group, self.intra_group = node_size, inter_group, intra_group
+
+    def _maps(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.owner.device != device:
+            self.owner, self.local_index = self.owner.to(device), self.local_index.to(device)
+        return self.owner, self.local_index
+
+    @property
+    def num_local(self) -> int:
+        return len(self.local_experts)
+
+    def run(
+        self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, experts: ExpertFn
+    ) -> torch.Tensor:
+        """sum_k w[t, k] * expert_{idx[t, k]}(x[t]), wherever the experts live."""
+        if self.group is None and self.ep_size > 1:
+            raise RuntimeError(
+                f"expert placement spans {self.ep_size} EP ranks but this layer has no EP process "
+                "group: build it through runtime.trainer.Trainer (or pass the mesh's ep_group)"
+            )
+        if self.two_hop:
+            return self._run_two_hop(x_TD, idx_TK, w_TK, experts)
+        t, k = idx_TK.shape
+        slot_e = idx_TK.reshape(-1)
+        owner, local = self._maps(idx_TK.device)
+        route = Route(owner[slot_e], local[slot_e], self.ep_size, self.num_local, self.group)
+        x_slots = x_TD.repeat_interleave(k, dim=0)
+        x_local = route.send(x_slots, self.dispatch_wire, self.combine_dtype, self.ue8m0)
+        y_local = experts(x_local, route.counts)
+        y_slots_TKD = route.back(y_local, self.combine_dtype).view(t, k, -1)
+        return (y_slots_TKD * w_TK.unsqueeze(-1).to(y_slots_TKD.dtype)).sum(1)
+
+    def _run_two_hop(self, x_TD, idx_TK, w_TK, experts: ExpertFn) -> torch.Tensor:
+        t = idx_TK.shape[0]
+        g = self.node_size
+        num_nodes = self.ep_size // g
+        owner, local = self._maps(idx_TK.device)
+        node_TK = owner[idx_TK] // g
+        # hop 1: one copy of a token per destination node, to the same local index there
+        hit_TN = torch.zeros(t, num_nodes, dtype=torch.bool, device=idx_TK.device)
+        hit_TN.scatter_(1, node_TK, True)
+        copy_tok, copy_node = hit_TN.nonzero(as_tuple=True)
+        hop1 = Route(copy_node, torch.zeros_like(copy_node), num_nodes, 1, self.inter_group)
+        on_node_CK = node_TK[copy_tok] == copy_node.unsqueeze(1)
+        slot_expert_CK = torch.where(
+            on_node_CK, idx_TK[copy_tok], torch.full_like(idx_TK[copy_tok], -1)
+        )
+        slot_w_CK = torch.where(on_node_CK, w_TK[copy_tok], torch.zeros_like(w_TK[copy_tok]))
+        x_fwd = hop1.send(
+            x_TD.index_select(0, copy_tok), self.dispatch_wire, self.combine_dtype, self.ue8m0
+        )
+        # the copies keep FP8-exact values, so hop 2 re-quantises them losslessly
+        e_fwd = hop1.send(slot_expert_CK)
+        w_fwd = hop1.send(slot_w_CK, "fp32", torch.float32)
+        # hop 2: inside the node, each valid slot of a received copy to its expert's owner
+        c_idx, k_idx = (e_fwd >= 0).nonzero(as_tuple=True)
+        slot_e = e_fwd[c_idx, k_idx]
+        hop2 = Route(owner[slot_e] % g, local[slot_e], g, self.num_local, self.intra_group)
+        x_local = hop2.send(
+            x_fwd.index_select(0, c_idx), self.dispatch_wire, self.combine_dtype, self.ue8m0
+        )
+        y_local = experts(x_local, hop2.counts)
+        y_slot = hop2.back(y_local, self.combine_dtype)
+        # weighted sum per copy on the forwarding rank: one reply per (token, node)
+        weighted = y_slot * w_fwd[c_idx, k_idx].unsqueeze(1).to(y_slot.dtype)
+        y_copy = weighted.new_zeros(x_fwd.shape).index_add(0, c_idx, weighted)
+        y_back = hop1.back(y_copy, self.combine_dtype)
+        return y_back.new_zeros(t, x_TD.shape[1]).index_add(0, copy_tok, y_back)

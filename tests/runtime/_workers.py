@@ -1,0 +1,107 @@
+"""Functions the multi-process runtime tests run on every rank (importable by spawn).
+
+Each returns plain data (metrics, gradients, byte counts) that the test process
+compares with a single-process reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def train_scenarios(rank: int, scenarios: list[tuple[str, dict, int]]) -> dict:
+    """For each (name, plan dict, steps): build a Trainer, run the steps, record per
+    step the metrics and the averaged full gradients of this rank's parameters."""
+    from runtime.plan import parse_plan
+    from runtime.trainer import Trainer
+
+    out = {}
+    for name, raw, steps in scenarios:
+        trainer = Trainer(parse_plan(raw))
+        trainer.keep_grads = True
+        records = []
+        for _ in range(steps):
+            metrics = trainer.step()
+            grads = {n: p.grad.detach().clone() for n, p in trainer.named_parameters()}
+            records.append((metrics, grads))
+        mesh = trainer.mesh
+        out[name] = {
+            "records": records,
+            "coords": (mesh.pp_rank, mesh.dp_rank, mesh.ep_rank),
+            "state_bytes": trainer.optimizer.state_bytes(),
+            "unsharded_state_bytes": trainer.optimizer.unsharded_state_bytes(),
+            "expert_ids": {
+                n: list(m.expert_ids) for mod in trainer.modules for n, m in mod.named_modules()
+                if hasattr(m, "expert_ids")
+            },
+        }  # fmt: skip
+    return out
+
+
+def fail_at_step(rank: int, raw: dict, bad_rank: int) -> None:
+    """Train; rank `bad_rank` raises in the middle of step 1 while its peers wait on it."""
+    from runtime.plan import parse_plan
+    from runtime.trainer import Trainer
+
+    trainer = Trainer(parse_plan(raw))
+    trainer.step()
+    if rank == bad_rank:
+        raise ValueError("injected failure in step 1")
+    trainer.step()  # the others block in the pipeline / collectives until killed
+
+
+def dispatch_combine(rank: int, raw: dict, num_tokens: int, seed: int) -> dict:
+    """EP exchanges on their own: identity experts, routing limits, gradients.
+
+    Every rank builds the same global token set and routing, handles its own
+    slice, and returns what it computed so the test can rebuild the global picture."""
+    from runtime.ep import ExpertComm
+    from runtime.mesh import build_mesh
+    from runtime.plan import parse_plan
+
+    plan = parse_plan(raw)
+    mesh = build_mesh(plan)
+    place = plan.experts["moe"]
+    ffn = plan.model.ffn["moe"]
+    gen = torch.Generator().manual_seed(seed)
+    world_x = torch.randn(mesh.dp, num_tokens, plan.model.hidden, generator=gen)
+    # skewed, uneven routing: some experts get nothing, top_k distinct experts per token
+    scores = torch.rand(mesh.dp, num_tokens, ffn.routed, generator=gen) * torch.linspace(
+        0.2, 2.0, ffn.routed
+    )
+    world_idx = scores.topk(ffn.top_k, dim=-1).indices
+    world_w = torch.rand(mesh.dp, num_tokens, ffn.top_k, generator=gen)
+    x, idx, w = world_x[mesh.dp_rank], world_idx[mesh.dp_rank], world_w[mesh.dp_rank]
+    result = {}
+    for two_hop in (False, True):
+        p = type(place)(place.per_rank, place.group_of_expert, two_hop)
+        comm = ExpertComm(
+            p, mesh.ep_rank, mesh.ep_group, "fp32", "fp32", node_size=mesh.node_size,
+            inter_group=mesh.inter_node_group, intra_group=mesh.intra_node_group,
+        )  # fmt: skip
+        received: list[torch.Tensor] = []
+
+        def identity(x_MD, counts, received=received):
+            received.append(counts.clone())
+            return x_MD
+
+        halves = torch.full_like(w, 1.0 / ffn.top_k)
+        y_identity = comm.run(x, idx, halves, identity)
+        # a non-trivial expert (scaled by 1 + global expert id) for gradient checks
+        ids = torch.tensor(comm.local_experts, dtype=torch.float32)
+
+        def scaled(x_MD, counts, ids=ids):
+            return x_MD * torch.repeat_interleave(1.0 + ids, counts).unsqueeze(1)
+
+        xg = x.clone().requires_grad_(True)
+        wg = w.clone().requires_grad_(True)
+        y = comm.run(xg, idx, wg, scaled)
+        (y * torch.arange(y.numel(), dtype=torch.float32).view_as(y).sin()).sum().backward()
+        result["two_hop" if two_hop else "one_hop"] = {
+            "y_identity": y_identity, "received": received[0], "y": y.detach(),
+            "dx": xg.grad, "dw": wg.grad, "is_two_hop": comm.two_hop,
+        }  # fmt: skip
+    fp8 = ExpertComm(place, mesh.ep_rank, mesh.ep_group, "fp8_e4m3", "bf16")
+    result["fp8_identity"] = fp8.run(x, idx, torch.full_like(w, 1.0 / ffn.top_k), lambda a, c: a)
+    result.update(x=x, idx=idx, w=w, coords=(mesh.dp_rank, mesh.ep_rank), local=comm.local_experts)
+    return result

@@ -1,0 +1,89 @@
+"""ZeRO-1 AdamW on one process: the AdamW arithmetic, clipping, LR schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from runtime.mesh import ProcessMesh
+from runtime.optim import ZeroAdamW, lr_at
+from runtime.plan import LrSchedule, Optimizer
+from tests.tolerances import tol
+
+CFG = Optimizer(kind="adamw", lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=0.0)
+
+
+def _params(seed=0):
+    torch.manual_seed(seed)
+    return [("a.weight", torch.nn.Parameter(torch.randn(5, 7))), ("a.norm", torch.nn.Parameter(torch.randn(7))),
+            ("b.weight", torch.nn.Parameter(torch.randn(3, 5)))]  # fmt: skip
+
+
+def _grads(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [
+        torch.randn(5, 7, generator=gen),
+        torch.randn(7, generator=gen),
+        torch.randn(3, 5, generator=gen),
+    ]
+
+
+def test_matches_torch_adamw_with_decay_on_matrices_only():
+    ours, theirs = _params(), _params()
+    opt = ZeroAdamW(ours, [], CFG, torch.float32, ProcessMesh())
+    ref = torch.optim.AdamW(
+        [{"params": [theirs[0][1], theirs[2][1]]}, {"params": [theirs[1][1]], "weight_decay": 0.0}],
+        lr=CFG.lr, betas=CFG.betas, eps=CFG.eps, weight_decay=CFG.weight_decay,
+    )  # fmt: skip
+    rtol, atol = tol("fp32_equivalence")
+    for step in range(4):
+        for (_, p), (_, q), g in zip(ours, theirs, _grads(step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step(CFG.lr)
+        ref.step()
+        for (_, p), (_, q) in zip(ours, theirs):
+            torch.testing.assert_close(p.data, q.data, rtol=rtol, atol=atol)
+
+
+def test_global_norm_and_clipping():
+    clip = Optimizer(**{**CFG.__dict__, "grad_clip": 0.5, "weight_decay": 0.0})
+    ours, theirs = _params(), _params()
+    opt = ZeroAdamW(ours, [], clip, torch.float32, ProcessMesh())
+    ref = torch.optim.AdamW(
+        [q for _, q in theirs], lr=CFG.lr, betas=CFG.betas, eps=CFG.eps, weight_decay=0.0
+    )
+    rtol, atol = tol("fp32_equivalence")
+    for step in range(3):  # clipping changes the gradients' relative weight across steps
+        grads = _grads(step)
+        for (_, p), (_, q), g in zip(ours, theirs, grads):
+            p.grad = g.clone()
+            q.grad = g.clone()
+        norm = opt.step(CFG.lr)
+        want = torch.nn.utils.clip_grad_norm_([q for _, q in theirs], 0.5)
+        ref.step()
+        assert norm == pytest.approx(float(want), rel=1e-6) and norm > 0.5
+        for (_, p), (_, q) in zip(ours, theirs):
+            torch.testing.assert_close(p.data, q.data, rtol=rtol, atol=atol)
+
+
+def test_bf16_moments_and_state_bytes():
+    params = _params()
+    opt = ZeroAdamW(params[:2], params[2:], CFG, torch.bfloat16, ProcessMesh())
+    numel = sum(p.numel() for _, p in params)
+    assert opt.state_bytes() == numel * (4 + 2 + 2)
+    assert opt.unsharded_state_bytes() == opt.state_bytes()
+    for (_, p), g in zip(params, _grads(0)):
+        p.grad = g
+    opt.step(1e-3)
+    assert opt.dense.exp_avg.dtype == torch.bfloat16 and opt.dense.exp_avg.abs().sum() > 0
+
+
+def test_lr_schedules():
+    warm = LrSchedule(kind="warmup_cosine", warmup_steps=4, final_lr=1e-4, total_steps=14)
+    assert [lr_at(s, 1e-3, warm) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lr_at(9, 1e-3, warm) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(14, 1e-3, warm) == pytest.approx(1e-4)
+    assert lr_at(1000, 1e-3, warm) == pytest.approx(1e-4)
+    assert lr_at(7, 1e-3, LrSchedule(kind="constant")) == 1e-3
