@@ -144,12 +144,16 @@ class StageModule(nn.Module):
 
     def _loss(self, h_BSD: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         m = self.plan.model
-        logits = self.logits(self.norm(h_BSD))
+        # MTP chains from the final-normed state (as transformers, vLLM and Megatron-LM
+        # run DeepSeek's released MTP weights), each depth's shared_head.norm output feeding
+        # the next depth.
+        hn_BSD = self.norm(h_BSD)
+        logits = self.logits(hn_BSD)
         main = F.cross_entropy(logits.reshape(-1, m.vocab), labels_BS.reshape(-1))
         log = {"lm": main.detach()}
         total = main
         if self.stage.mtp and m.mtp.depth:
-            prev = h_BSD
+            prev = hn_BSD
             s = labels_BS.shape[1]
             mtp_sum = main.new_zeros(())
             for k, module in enumerate(self.mtp, start=1):
@@ -157,8 +161,8 @@ class StageModule(nn.Module):
                 ahead = torch.roll(labels_BS, shifts=-(k - 1), dims=1)
                 target = torch.roll(labels_BS, shifts=-k, dims=1)
                 valid = torch.arange(s, device=labels_BS.device) < s - k
-                prev = module(prev, self.embed(ahead))
-                lg = self.logits(module.shared_head.norm(prev))
+                prev = module.shared_head.norm(module(prev, self.embed(ahead)))
+                lg = self.logits(prev)
                 ce = F.cross_entropy(
                     lg[:, valid].reshape(-1, m.vocab), target[:, valid].reshape(-1)
                 )

@@ -1,0 +1,275 @@
+"""The Hugging Face `config.json` of a plan's model, and the check of a checkpoint's config.
+
+`hf_config_from_plan` writes what `transformers.DeepseekV3ForCausalLM` (and
+DeepSeek's own config readers: vLLM, SGLang) need to rebuild the model the
+plan describes; `check_hf_config` compares a checkpoint's `config.json`
+against a plan and lists every difference that would change the numbers.
+
+RoPE is compared by what is *computed*, not by what is written: the runtime
+applies YaRN only when `max_seq_len` exceeds `rope.original_max_seq` (as
+DeepSeek-V3's reference does), while transformers applies a `yarn` entry at
+any length. So a plan whose YaRN is inactive exports plain RoPE, and a
+checkpoint config with YaRN does not match a plan that would not apply it.
+Standard library only (a build directory reads configs without dsvc).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+from .plan import Plan
+
+# transformers' DeepseekV3Config defaults: what transformers runs when a config.json omits a key
+_HF_DEFAULTS = {
+    "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "rope_interleave": True, "attention_bias": False, "hidden_act": "silu",
+}  # fmt: skip
+
+# keys compared one to one (absent from the checkpoint's config: its transformers default, if any)
+_COMPARED = (
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    "v_head_dim", "intermediate_size", "moe_intermediate_size", "n_routed_experts",
+    "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "routed_scaling_factor",
+    "first_k_dense_replace", "norm_topk_prob", "scoring_func", "topk_method", "moe_layer_freq",
+    "rms_norm_eps", "tie_word_embeddings", "num_nextn_predict_layers", "hidden_act",
+    "attention_bias", "rope_interleave",
+)  # fmt: skip
+
+HF_NORM_EPS = 1e-6  # transformers' DeepseekV3 builds q_a_layernorm / kv_a_layernorm with this eps
+
+
+class HFFormatError(ValueError):
+    """A plan or a checkpoint config that the DeepSeek-V3 format cannot express or does not match;
+    `problems` lists every reason, one a line."""
+
+    def __init__(self, what: str, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(what + ":\n  " + "\n  ".join(self.problems))
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def effective_rope_of_plan(plan: Plan) -> dict:
+    """The rotary embedding the runtime computes for this plan."""
+    m, r = plan.model, plan.model.rope
+    if r.kind == "yarn" and m.max_seq_len > r.original_max_seq:
+        return {
+            "kind": "yarn", "theta": float(r.theta), "factor": float(r.factor),
+            "original_max_seq": int(r.original_max_seq), "beta_fast": float(r.beta_fast),
+            "beta_slow": float(r.beta_slow), "softmax_mscale": float(r.mscale), "cos_sin_scale": 1.0,
+        }  # fmt: skip
+    return {"kind": "plain", "theta": float(r.theta)}
+
+
+def effective_rope_of_config(cfg: dict) -> dict:
+    """The rotary embedding transformers computes for a DeepseekV3 config.json (new
+    `rope_parameters` or legacy `rope_scaling` + `rope_theta`)."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return {"kind": "plain", "theta": theta}
+    if kind != "yarn":
+        return {"kind": str(kind), "theta": theta}
+    max_pos = cfg.get("max_position_embeddings", 0)
+    orig = params.get(
+        "original_max_position_embeddings", cfg.get("original_max_position_embeddings", max_pos)
+    )
+    factor = params.get("factor") or (max_pos / orig if orig else 1.0)
+    mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:  # transformers' _compute_yarn_parameters
+        if mscale and mscale_all:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+        else:
+            attention_factor = _yarn_mscale(factor, 1.0)
+    out = {
+        "kind": "yarn", "theta": theta, "factor": float(factor), "original_max_seq": int(orig),
+        "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
+        "softmax_mscale": float(mscale_all or 0.0), "cos_sin_scale": float(attention_factor),
+    }  # fmt: skip
+    if not params.get("truncate", True):
+        out["truncate"] = (
+            False  # the runtime (and DeepSeek's reference) always floor/ceil the range
+        )
+    return out
+
+
+def _hf_rope(plan: Plan) -> tuple[dict, dict | None]:
+    """(rope_parameters, legacy rope_scaling) that make transformers compute the plan's RoPE."""
+    eff = effective_rope_of_plan(plan)
+    if eff["kind"] == "plain":
+        return {"rope_type": "default", "rope_theta": eff["theta"]}, None
+    scaling = {
+        "type": "yarn", "factor": eff["factor"], "original_max_position_embeddings": eff["original_max_seq"],
+        "beta_fast": eff["beta_fast"], "beta_slow": eff["beta_slow"],
+        # equal mscale and mscale_all_dim: softmax scale x mscale^2, cos/sin unscaled (DeepSeek-V3)
+        "mscale": eff["softmax_mscale"], "mscale_all_dim": eff["softmax_mscale"],
+    }  # fmt: skip
+    params = {k: v for k, v in scaling.items() if k != "type"}
+    params.update(rope_type="yarn", rope_theta=eff["theta"])
+    return params, scaling
+
+
+def _structure(plan: Plan, problems: list[str]):
+    """(attention, dense ffn or None, moe ffn or None, number of leading dense layers)."""
+    m = plan.model
+    blocks = [(i, s) for i, s in enumerate(m.layers)]
+    if m.mtp.depth:
+        blocks.append(("mtp", m.mtp_block()))
+    attns = {m.attention[s.attention] for _, s in blocks}
+    attn = next(iter(attns))
+    if len(attns) > 1:
+        problems.append(
+            "every layer must use the same attention (DeepseekV3 has one attention shape)"
+        )
+    if attn.kind != "mla":
+        problems.append(
+            f"attention is {attn.kind}, DeepseekV3 is multi-head latent attention (mla)"
+        )
+    kinds = [m.ffn[s.ffn].kind for s in m.layers]
+    first_moe = kinds.index("moe") if "moe" in kinds else len(kinds)
+    if "dense" in kinds[first_moe:]:
+        problems.append("DeepseekV3 runs dense FFN layers first, then only MoE layers")
+    dense = {m.ffn[s.ffn] for s in m.layers if m.ffn[s.ffn].kind == "dense"}
+    moe = {m.ffn[s.ffn] for _, s in blocks if m.ffn[s.ffn].kind == "moe"}
+    if len(dense) > 1 or len(moe) > 1:
+        problems.append("all dense layers must share one FFN shape and all MoE layers another")
+    if m.mtp.depth and m.ffn[m.mtp_block().ffn].kind != "moe" and first_moe < len(kinds):
+        problems.append(
+            "the MTP block must be a MoE block (DeepSeek's MTP layers follow the MoE layers)"
+        )
+    moe_ffn = next(iter(moe)) if moe else None
+    if moe_ffn is not None:
+        if moe_ffn.score != "sigmoid":
+            problems.append(f"routing score {moe_ffn.score}: DeepseekV3 routes with sigmoid scores")
+        if moe_ffn.shared and moe_ffn.shared_intermediate != moe_ffn.intermediate:
+            problems.append(
+                f"shared experts {moe_ffn.shared_intermediate} wide but routed {moe_ffn.intermediate}: "
+                "DeepseekV3 sizes shared experts as n_shared_experts x moe_intermediate_size"
+            )
+    return attn, next(iter(dense)) if dense else None, moe_ffn, first_moe
+
+
+def hf_config_from_plan(plan: Plan, torch_dtype: str = "bfloat16") -> dict:
+    """`config.json` for the plan's model as a DeepSeek-V3 checkpoint (model_type deepseek_v3).
+
+    Raises HFFormatError listing everything the format cannot express (GQA, softmax
+    routing, interleaved dense/MoE layers, ...). The whole plan `model` section is also
+    kept under `"dsvc"` so that nothing of it (bias update rate, MTP loss weight) is lost."""
+    m = plan.model
+    problems: list[str] = []
+    attn, dense, moe, first_k = _structure(plan, problems)
+    if problems:
+        raise HFFormatError(
+            "the plan's model cannot be written as a DeepSeek-V3 checkpoint", problems
+        )
+    if m.norm_eps != HF_NORM_EPS:
+        warnings.warn(
+            f"norm_eps {m.norm_eps}: transformers' DeepseekV3 uses {HF_NORM_EPS} in q_a_layernorm and "
+            "kv_a_layernorm whatever rms_norm_eps says, so its logits will differ slightly",
+            stacklevel=2,
+        )
+    rope_parameters, rope_scaling = _hf_rope(plan)
+    moe_inter = moe.intermediate if moe else (dense.intermediate if dense else 0)
+    cfg = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": m.vocab,
+        "hidden_size": m.hidden,
+        "intermediate_size": dense.intermediate if dense else moe_inter,
+        "moe_intermediate_size": moe_inter,
+        "num_hidden_layers": len(m.layers),
+        "num_attention_heads": attn.heads,
+        "num_key_value_heads": attn.heads,
+        "q_lora_rank": attn.q_lora_rank or None,
+        "kv_lora_rank": attn.kv_lora_rank,
+        "qk_nope_head_dim": attn.qk_nope_dim,
+        "qk_rope_head_dim": attn.qk_rope_dim,
+        "v_head_dim": attn.v_dim,
+        "n_routed_experts": moe.routed if moe else 0,
+        "n_shared_experts": moe.shared if moe else 0,
+        "num_experts_per_tok": moe.top_k if moe else 0,
+        "n_group": moe.groups if moe else 1,
+        "topk_group": moe.top_groups if moe else 1,
+        "routed_scaling_factor": moe.route_scale if moe else 1.0,
+        "first_k_dense_replace": first_k,
+        "moe_layer_freq": 1,
+        "norm_topk_prob": True,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "aux_loss_alpha": moe.seq_aux_loss if moe else 0.0,
+        "seq_aux": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.max_seq_len,
+        "initializer_range": m.init_std,
+        "rms_norm_eps": m.norm_eps,
+        "tie_word_embeddings": m.tie_embeddings,
+        "rope_theta": rope_parameters["rope_theta"],
+        "rope_parameters": rope_parameters,
+        "rope_scaling": rope_scaling,
+        "rope_interleave": True,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "num_nextn_predict_layers": m.mtp.depth,
+        "torch_dtype": torch_dtype,
+        "dtype": torch_dtype,
+        "dsvc": {"model": dataclasses.asdict(m)},
+    }
+    return cfg
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def check_hf_config(plan: Plan, cfg: dict, source: str = "config.json") -> list[str]:
+    """Every way the checkpoint config `cfg` disagrees with the plan (empty: they agree)."""
+    try:
+        want = hf_config_from_plan(plan)
+    except HFFormatError as exc:
+        return [f"{source}: {p}" for p in exc.problems]
+    got = dict(cfg)
+    if "num_nextn_predict_layers" not in got and "num_mtp_layers" in got:
+        got["num_nextn_predict_layers"] = got["num_mtp_layers"]
+    if not got.get("q_lora_rank"):
+        got["q_lora_rank"] = None
+    problems = []
+    for key in _COMPARED:
+        if key not in got and key not in _HF_DEFAULTS:
+            continue  # not stated and no default: the tensors' shapes decide
+        value = got.get(key, _HF_DEFAULTS.get(key))
+        if key == "intermediate_size" and not any(
+            plan.model.ffn[s.ffn].kind == "dense" for s in plan.model.layers
+        ):
+            continue  # unused without dense layers
+        if not _same(value, want[key]):
+            problems.append(
+                f"{source}: {key} is {value!r} in the checkpoint, {want[key]!r} in the plan"
+            )
+    rope_got, rope_want = effective_rope_of_config(got), effective_rope_of_plan(plan)
+    if not _same(rope_got, rope_want):
+        hint = ""
+        if (
+            rope_got["kind"] == "yarn"
+            and plan.model.rope.kind == "yarn"
+            and rope_want["kind"] == "plain"
+        ):
+            hint = (
+                f" (the runtime applies YaRN only when max_seq_len {plan.model.max_seq_len} exceeds "
+                f"original_max_seq {plan.model.rope.original_max_seq})"
+            )
+        problems.append(
+            f"{source}: RoPE computed from the checkpoint {rope_got}, from the plan {rope_want}{hint}"
+        )
+    return problems
