@@ -116,13 +116,39 @@ def expert_load_imbalance(path: str, routed: int, ep: int) -> float:
     return sum(ratios) / len(ratios)
 
 
+def _simulated_graph(spec, expert_load):
+    """The graph after every pass: its partition is the layout, its simulation the step."""
+    from compiler.pipeline import run_until
+
+    return run_until(spec, "simulate", expert_load=expert_load)
+
+
+def _simulated_figures(q, r) -> None:
+    """The step as the `simulate` pass played it on the topology (numbers, not formulas)."""
+    q.figure("step.time_s", "step time (simulated)", "s", r.step_time_s)
+    q.figure("step.bubble_s", f"pipeline bubble, busiest device ({r.kind})", "s", r.bubble_max_s)
+    q.figure("step.bubble_fraction", "bubble fraction (simulated)", "%", r.bubble_fraction)
+    q.figure("step.exposed_comm_s", "exposed all-to-all, worst device (simulated)", "s",
+             r.exposed_comm_max_s)
+    q.figure("step.tokens_per_day", "tokens per day (simulated)", "count", r.tokens_per_day)
+    q.figure("step.mfu", "MFU (simulated; causal FLOPs, BF16 peak)", "%", r.mfu)
+    q.figure("step.mfu_noncausal", "MFU (simulated; non-causal FLOPs)", "%", r.mfu_noncausal)
+    q.figure("step.gpu_hours_per_trillion_tokens", "GPU-hours per trillion tokens (simulated)",
+             "count", r.world * r.step_time_s / r.tokens_per_step * 1e12 / 3600)
+
+
 def build_report(spec, symbolic: bool = False, expert_load: str | None = None,
-                 layout=None) -> Report:
+                 layout=None, even_split: bool = False) -> Report:
     """Every figure of `spec`. `expert_load` (a path) overrides `parallel.expert_load`.
 
     `layout(spec, M)` returns, per device, the `StageContents` it holds (M is the
     micro-batches per step, a number or a symbol); the default is
     `compiler.costs.layout.even_layout`. The graph's partition will pass its own.
+
+    By default the layout is the graph's `partition_stages` result and the step
+    figures come from the `simulate` pass (the roofline ones are kept beside them,
+    as `step.roofline_*`); `even_split=True` skips the graph (an even split of the
+    layers, no simulation: fast, and what `--symbolic` shows as formulas).
     """
     from compiler.costs.comm import comm_figures
     from compiler.costs.decode import decode_figures
@@ -149,13 +175,21 @@ def build_report(spec, symbolic: bool = False, expert_load: str | None = None,
         notes.append("expert load: ignored (no MoE layers or no parallel block)")
     if spec.cluster is not None and p is not None and spec.train is not None:
         pd = parallel_dims(spec, q, costs.S)
-        if layout is None:
+        graph = None
+        if layout is None and not even_split:
+            graph = _simulated_graph(spec, expert_load)
+            from compiler.passes.partition_stages import stage_contents
+
+            layout = lambda spec_, m: stage_contents(graph, m)  # noqa: E731
+        elif layout is None:
             layout = even_layout
             notes.append(EVEN_SPLIT_NOTE)
         layout = layout(spec, pd.M)
         memory_figures(spec, q, costs, pd, layout, imbalance)
         comm = comm_figures(spec, q, costs, pd, layout, imbalance)
         StepModel(spec, q, costs, pd, comm, imbalance).figures(layout)
+        if graph is not None:
+            _simulated_figures(q, graph.simulation)
     else:
         notes.append("memory, comm, step: need cluster, parallel and train blocks")
     if spec.cluster is not None:
@@ -244,7 +278,7 @@ TITLES = {
     "comm": "communication per training step, per GPU",
     "network": "network",
     "decode": "decode speed limit under EP (paper section 2.3)",
-    "step": "training step (roofline)",
+    "step": "training step: roofline model, then the schedule simulated on the topology",
 }
 TABLE_COLUMNS = ("stages", "layers", "weights", "master_weights", "grads", "optimizer_states",
                  "activations", "buffers", "total")

@@ -93,18 +93,18 @@ class StepModel:
         q.figure("step.device", "busiest device", "index", worst)
         q.figure("step.compute_s", "compute on the busiest device", "s", compute)
         q.figure("step.ep_exposed_s", "EP all-to-all not hidden", "s", exposed)
-        q.figure("step.bubble_s", f"pipeline bubble ({p.schedule})", "s", bubble)
+        q.figure("step.roofline_bubble_s", f"pipeline bubble ({p.schedule}, formula)", "s", bubble)
         q.figure("step.dp_s", "DP collectives (end of step)", "s", dp)
-        time = q.figure("step.time_s", "step time", "s", busy[worst] + bubble + dp)
-        time = q.let("t_step", time, "step time")
+        time = q.figure("step.roofline_time_s", "step time (roofline)", "s",
+                        busy[worst] + bubble + dp)
+        time = q.let("t_step", time, "roofline step time")
         tokens = q.figure("step.tokens_per_step", "tokens per step", "count",
                           q.ref("B_g") * self.costs.S)
-        q.figure("step.tokens_per_day", "tokens per day", "count", tokens / time * 86400)
+        q.figure("step.roofline_tokens_per_day", "tokens per day (roofline)", "count",
+                 tokens / time * 86400)
         world = pd.world
         peak = q.sym("R_peak", self.spec.cluster.gpu.bf16_flops, "cluster.gpu.bf16 (MFU reference)")
-        q.figure("step.mfu", "MFU (causal FLOPs, BF16 peak)", "%",
+        q.figure("step.roofline_mfu", "MFU (roofline; causal FLOPs, BF16 peak)", "%",
                  tokens * q.ref("F_token") / (time * world * peak))
-        q.figure("step.mfu_noncausal", "MFU (non-causal FLOPs)", "%",
+        q.figure("step.roofline_mfu_noncausal", "MFU (roofline; non-causal FLOPs)", "%",
                  tokens * q.ref("F_token_nc") / (time * world * peak))
-        q.figure("step.gpu_hours_per_trillion_tokens", "GPU-hours per trillion tokens", "count",
-                 world * time / tokens * 1e12 / 3600)
