@@ -9,6 +9,13 @@ Python API:
 Both raise `dsl.SpecError` (its `.diagnostics` lists every problem, each with a
 file:line:col span and a hint) and never any other exception for bad input.
 Warnings are available through `load_with_warnings` / `loads_with_warnings`.
+docs/language.md describes the language, every rule and this API.
+
+Module map: lexer + parser (text -> `ast`), values + fields + blocks* (AST ->
+checked values), elaborate (includes, constants, the whole spec), rules* (cross-
+field checks), spec (the pydantic Spec; records: its light base for `dsvc
+check`), fmt (canonical layout), import_hf (Hugging Face configs), files
+(reading and atomic writing).
 """
 
 from __future__ import annotations
@@ -19,6 +26,23 @@ from dsl.diagnostics import Diagnostic, Span, SpecError
 
 __all__ = ["load", "loads", "load_with_warnings", "loads_with_warnings", "SpecError",
            "Diagnostic", "Span"]
+
+_LIGHT_SPEC = False
+
+
+def use_light_spec() -> bool:
+    """Build Specs in this process on a pydantic-free base (see dsl/records.py).
+
+    For processes that only read specs (`dsvc check`, `dsvc report`): it saves
+    importing pydantic. Takes effect only if `dsl.spec` has not been imported
+    yet, and returns whether the light base is in use.
+    """
+    global _LIGHT_SPEC
+    import sys
+
+    if "dsl.spec" not in sys.modules:
+        _LIGHT_SPEC = True
+    return _LIGHT_SPEC
 
 
 def _guard(file: str, fn, *args):

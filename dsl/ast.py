@@ -2,21 +2,30 @@
 
 Produced by `dsl.parser`, consumed by `dsl.elaborate` (meaning) and `dsl.fmt`
 (layout). Values are kept unevaluated (constants, arithmetic and units are
-resolved by elaboration) so the formatter can print them as written.
+resolved by elaboration) so the formatter can print them as written. Each
+class lists its fields in `_fields`, in constructor order (see dsl/struct.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Union
-
 from dsl.diagnostics import Span
+from dsl.struct import Struct
 
 
-@dataclasses.dataclass
-class Num:
-    text: str  # as written, e.g. "1e-6", "129_280"
-    span: Span
+def _node(name: str, fields: str, doc: str):
+    cls = type(name, (Struct,), {"__slots__": tuple(fields.split()), "__doc__": doc})
+    cls._fields = tuple(fields.split())
+    return cls
+
+
+# ----------------------------------------------------------------------------- expressions
+
+
+class Num(Struct):
+    """A number as written (`text`: "1e-6", "129_280"), evaluated on demand."""
+
+    _fields = ("text", "span")
+    __slots__ = _fields
 
     @property
     def value(self) -> int | float:
@@ -26,170 +35,61 @@ class Num:
         return int(t)
 
 
-@dataclasses.dataclass
-class Name:
-    id: str
-    span: Span
+Name = _node("Name", "id span", "A bare word: a constant, an enum value or a reference.")
+Str = _node("Str", "value span", "A string literal, unescaped.")
+Quantity = _node("Quantity", "expr unit span", "`expr UNIT`, e.g. `400 GB/s`.")
+BinOp = _node("BinOp", "op left right span", "`left op right`; op is one of + - * / // %.")
+Neg = _node("Neg", "operand span", "`-operand`.")
+KwArg = _node("KwArg", "name name_span value span", "`name = value` inside a call.")
+Call = _node("Call", "func func_span args kwargs span",
+             "`func(args..., kwargs...)`: positional args and keyword args in two lists.")
+Tuple = _node("Tuple", "items span", "`(a, b)`.")
+List = _node("List", "items span", "`[a, b]`.")
+TypedBlock = _node("TypedBlock", "kind kind_span entries span",
+                   "A value with a kind and fields: `h800 { bf16 = 989 TFLOPS }`.")
+
+# ----------------------------------------------------------------------------- entries and items
+
+Assign = _node("Assign", "key key_span value span", "`key = value`.")
+RangeAssign = _node("RangeAssign", "lo hi value span",
+                    "`0..2 = value` (hi inclusive) or `5 = value` (hi is None).")
+Const = _node("Const", "name name_span value span", "`const NAME = expr`.")
+Block = _node("Block", "kind kind_span label label_span entries span",
+              "`kind [label] { entries }`, at the top level or nested.")
+Include = _node("Include", "path span", '`include "file.dsv"`; span is the path string.')
+Comment = _node("Comment", "text line col end_col", "`# ...` (text includes the '#').")
+File = _node("File", "path items comments source span", "One parsed file.")
+
+Expr = (Num, Name, Str, Quantity, BinOp, Neg, Call, Tuple, List)  # for isinstance
+Value = Expr + (TypedBlock,)
+Entry = (Assign, RangeAssign, Block, Const)
 
 
-@dataclasses.dataclass
-class Str:
-    value: str  # unescaped
-    span: Span
-
-
-@dataclasses.dataclass
-class Quantity:
-    expr: "Expr"
-    unit: str
-    span: Span
-
-
-@dataclasses.dataclass
-class BinOp:
-    op: str  # + - * / // %
-    left: "Expr"
-    right: "Expr"
-    span: Span
-
-
-@dataclasses.dataclass
-class Neg:
-    operand: "Expr"
-    span: Span
-
-
-@dataclasses.dataclass
-class KwArg:
-    name: str
-    name_span: Span
-    value: "Expr"
-    span: Span
-
-
-@dataclasses.dataclass
-class Call:
-    func: str
-    func_span: Span
-    args: list["Expr"]
-    kwargs: list[KwArg]
-    span: Span
-
-
-@dataclasses.dataclass
-class Tuple:
-    items: list["Expr"]
-    span: Span
-
-
-@dataclasses.dataclass
-class List:
-    items: list["Expr"]
-    span: Span
-
-
-@dataclasses.dataclass
-class TypedBlock:
-    """A value with a kind and fields: `h800 { bf16 = 989 TFLOPS }`."""
-
-    kind: str
-    kind_span: Span
-    entries: list["Entry"]
-    span: Span
-
-
-Expr = Union[Num, Name, Str, Quantity, BinOp, Neg, Call, Tuple, List]
-Value = Union[Expr, TypedBlock]
-
-
-@dataclasses.dataclass
-class Assign:
-    key: str
-    key_span: Span
-    value: Value
-    span: Span
-
-
-@dataclasses.dataclass
-class RangeAssign:
-    """`0..2 = value` (hi inclusive) or `5 = value` (hi is None)."""
-
-    lo: Expr
-    hi: Expr | None
-    value: Value
-    span: Span
-
-
-@dataclasses.dataclass
-class Const:
-    name: str
-    name_span: Span
-    value: Expr
-    span: Span
-
-
-@dataclasses.dataclass
-class Block:
-    kind: str
-    kind_span: Span
-    label: str | None
-    label_span: Span | None
-    entries: list["Entry"]
-    span: Span
-
-
-Entry = Union[Assign, RangeAssign, Block, Const]
-
-
-@dataclasses.dataclass
-class Include:
-    path: str
-    span: Span
-
-
-@dataclasses.dataclass
-class Comment:
-    text: str  # including the leading '#'
-    line: int
-    col: int
-    end_col: int
-
-
-@dataclasses.dataclass
-class File:
-    path: str
-    items: list[Union[Include, Const, Block]]
-    comments: list[Comment]
-    source: str
-    span: Span
-
-
-def dump(node, indent: int = 0) -> str:
-    """A stable, readable dump of a syntax tree (used by golden tests)."""
+def dump(node, indent: int = 0, spans: bool = False) -> str:
+    """A stable, readable dump of a syntax tree (golden tests; `spans=True` shows every span)."""
     pad = "  " * indent
     if isinstance(node, list):
-        return "\n".join(dump(n, indent) for n in node)
-    if not dataclasses.is_dataclass(node):
+        return "\n".join(dump(n, indent, spans) for n in node)
+    if not isinstance(node, Struct) or isinstance(node, Span):
         return pad + repr(node)
-    name = type(node).__name__
-    fields = []
-    children = []
-    for f in dataclasses.fields(node):
-        if f.name in ("span", "source", "comments") or f.name.endswith("_span"):
+    fields, children = [], []
+    for name in node._fields:
+        if name in ("source", "comments"):
             continue
-        v = getattr(node, f.name)
-        if dataclasses.is_dataclass(v) or (isinstance(v, list) and v and dataclasses.is_dataclass(v[0])):
-            children.append((f.name, v))
-        elif isinstance(v, list) and not v:
+        v = getattr(node, name)
+        if name == "span" or name.endswith("_span"):
+            if spans and v is not None:
+                fields.append(f"{name}={v.line}:{v.col}-{v.end_line}:{v.end_col}")
             continue
-        else:
-            fields.append(f"{f.name}={v!r}")
+        if isinstance(v, Struct) or (isinstance(v, list) and v and isinstance(v[0], Struct)):
+            children.append((name, v))
+        elif not (isinstance(v, list) and not v):
+            fields.append(f"{name}={v!r}")
     span = getattr(node, "span", None)
-    where = f" @{span.line}:{span.col}" if isinstance(span, Span) else ""
-    out = [f"{pad}{name}({', '.join(fields)}){where}"]
-    for fname, v in children:
-        out.append(f"{pad}  .{fname}:")
-        items = v if isinstance(v, list) else [v]
-        for item in items:
-            out.append(dump(item, indent + 2))
+    where = f" @{span.line}:{span.col}" if isinstance(span, Span) and not spans else ""
+    out = [f"{pad}{type(node).__name__}({', '.join(fields)}){where}"]
+    for name, v in children:
+        out.append(f"{pad}  .{name}:")
+        for item in v if isinstance(v, list) else [v]:
+            out.append(dump(item, indent + 2, spans))
     return "\n".join(out)

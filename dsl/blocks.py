@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dsl import ast
 from dsl import fields as F
-from dsl.diagnostics import DiagnosticSink, Span, did_you_mean
+from dsl.diagnostics import DiagnosticSink, did_you_mean
 from dsl.fields import Field
-from dsl.units import BANDWIDTH, BYTES, MONEY, RATE, TIME
-from dsl.values import CallValue, Evaluator, Ident
+from dsl.values import Evaluator
 
 DTYPES = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
 ATTENTION_KINDS = ("mla", "gqa", "mha", "mqa")
@@ -128,7 +127,8 @@ def read_model(block: ast.Block, sink, ev: Evaluator, spans):
     if r.get("norm") is not None:
         cv = F.as_call(r.get("norm"), block.span, sink, "norm", ("rmsnorm",))
         if cv is not None:
-            a = F.call_args(cv, {"eps": Field(F.number(0, lo_open=True))}, sink, "model.norm", spans)
+            eps = {"eps": Field(F.number(0, lo_open=True))}
+            a = F.call_args(cv, eps, sink, "model.norm", spans)
             if a is not None:
                 out["norm"] = S.RMSNorm(**a)
     if r.get("rope") is not None:
@@ -194,7 +194,8 @@ def read_model(block: ast.Block, sink, ev: Evaluator, spans):
         sink.error("the model has no `layers` block", block.kind_span,
                    "add e.g. `layers { 0..31 = block(attn, ffn) }`")
         return None
-    layer_list = _read_layers(layers, sink, ev, spans, attentions, ffns)
+    declared = {s.label for s in subs if s.label}  # valid or not, even if misspelt
+    layer_list = read_layers(layers, sink, ev, spans, attentions, ffns, declared)
     if layer_list is None or sink.has_errors:
         return None
     out.update(attentions=attentions, ffns=ffns, layers=layer_list)
@@ -209,11 +210,18 @@ def read_model(block: ast.Block, sink, ev: Evaluator, spans):
 
 def _kind_of(sub: ast.Block, kinds, sink) -> str | None:
     for e in sub.entries:
-        if isinstance(e, ast.Assign) and e.key == "kind" and isinstance(e.value, ast.Name):
-            return e.value.id if e.value.id in kinds else None
+        if isinstance(e, ast.Assign) and e.key == "kind":
+            word = e.value.id if isinstance(e.value, ast.Name) else None
+            if word in kinds:
+                return word
+            guess = did_you_mean(word, kinds) if word else None
+            sink.error(f"unknown {sub.kind} kind `{word or '...'}`", e.value.span,
+                       f"did you mean `{guess}`?" if guess else f"one of: {', '.join(kinds)}")
+            return None
     if sub.label in kinds:
         return sub.label
-    sink.error(f"cannot tell what kind of {sub.kind} '{sub.label}' is", sub.label_span or sub.kind_span,
+    sink.error(f"cannot tell what kind of {sub.kind} '{sub.label}' is",
+               sub.label_span or sub.kind_span,
                f"add `kind = {'|'.join(kinds)}` (or name the block after its kind)")
     return None
 
@@ -301,116 +309,10 @@ def _read_ffn(sub, sink, ev, spans):
     )
 
 
-def _read_layers(block, sink, ev, spans, attentions, ffns):
-    from dsl import spec as S
-
-    spans["model.layers"] = block.kind_span
-    plain, subs, ranges = _split(block.entries)
-    for e in plain:
-        if isinstance(e, ast.Const):
-            ev.constants[e.name] = ev.evaluate(e.value)
-        else:
-            sink.error(f"unexpected '{e.key} = ...' in `layers`", e.key_span,
-                       "layers are given by index ranges: `0..2 = block(mla, dense)`")
-    for b in subs:
-        sink.error(f"unexpected block '{b.kind}' in `layers`", b.kind_span)
-    assigned: dict[int, Span] = {}
-    per_layer: dict[int, S.LayerSpec] = {}
-    int_conv = F.integer(0)
-    for ra in ranges:
-        lo = int_conv(ev.evaluate(ra.lo), ra.lo.span, sink, "layer index")
-        hi = lo if ra.hi is None else int_conv(ev.evaluate(ra.hi), ra.hi.span, sink, "layer index")
-        if lo is None or hi is None:
-            continue
-        if hi < lo:
-            sink.error(f"empty layer range {lo}..{hi}", ra.span,
-                       "ranges are inclusive and ascending: `3..60`")
-            continue
-        if hi - lo > 100_000:
-            sink.error(f"layer range {lo}..{hi} is implausibly long", ra.span)
-            continue
-        layer = _read_block_call(ra.value, sink, ev, attentions, ffns)
-        for i in range(lo, hi + 1):
-            if i in assigned:
-                sink.error(f"layer {i} is assigned twice", ra.span,
-                           f"it is also in the range at line {assigned[i].line}")
-                break
-            assigned[i] = ra.span
-            spans[f"model.layers.{i}"] = ra.span
-            if layer is not None:
-                per_layer[i] = layer
-    if not assigned:
-        sink.error("`layers` assigns no layer", block.kind_span,
-                   "add e.g. `0..31 = block(attn, ffn)`")
-        return None
-    n = max(assigned) + 1
-    missing = [i for i in range(n) if i not in assigned]
-    if missing:
-        sink.error(f"layer{'s' if len(missing) > 1 else ''} {_ranges_text(missing)} "
-                   f"{'are' if len(missing) > 1 else 'is'} not assigned", block.kind_span,
-                   f"layer ranges must cover 0..{n - 1} exactly once")
-        return None
-    if len(per_layer) != n:
-        return None
-    return tuple(per_layer[i] for i in range(n))
-
-
-def _ranges_text(idx: list[int]) -> str:
-    parts, start, prev = [], idx[0], idx[0]
-    for i in idx[1:] + [None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}..{prev}")
-        if i is not None:
-            start = prev = i
-    return ", ".join(parts)
-
-
-def _read_block_call(value, sink, ev, attentions, ffns):
-    from dsl import spec as S
-
-    if isinstance(value, ast.TypedBlock):
-        sink.error("a layer is `block(attention, ffn)`", value.span)
-        return None
-    v = ev.evaluate(value)
-    if not isinstance(v, CallValue) or v.func != "block":
-        sink.error("a layer is `block(attention, ffn)`", value.span,
-                   "e.g. `3..60 = block(mla, moe)`")
-        return None
-    args = list(v.args)
-    spans_ = list(v.arg_spans)
-    for key in ("attention", "ffn"):
-        if key in v.kwargs:
-            args.append(v.kwargs[key])
-            spans_.append(v.kwarg_spans[key])
-    if len(args) != 2:
-        sink.error("`block(...)` takes an attention and an ffn", v.span,
-                   "e.g. `block(mla, moe)`")
-        return None
-    names = []
-    for arg, span, table, what in ((args[0], spans_[0], attentions, "attention"),
-                                   (args[1], spans_[1], ffns, "ffn")):
-        if not isinstance(arg, Ident) or arg.id not in table:
-            word = arg.id if isinstance(arg, Ident) else None
-            other = ffns if what == "attention" else attentions
-            guess = did_you_mean(word, table) if word else None
-            if word in other:
-                hint = f"'{word}' is an {'ffn' if what == 'attention' else 'attention'}; " \
-                       f"the order is block(attention, ffn)"
-            elif guess:
-                hint = f"did you mean `{guess}`?"
-            else:
-                hint = f"defined {what}s: {', '.join(sorted(table)) or 'none'}"
-            sink.error(f"unknown {what} '{word if word else F.describe(arg)}'", span, hint)
-            return None
-        names.append(arg.id)
-    return S.LayerSpec(attention=names[0], ffn=names[1])
-
-
 # ----------------------------------------------------------------------------- other blocks:
 # precision, cluster, parallel, train, decode live in dsl/blocks_run.py to keep files short.
 
+from dsl.blocks_layers import read_layers  # noqa: E402
 from dsl.blocks_run import (  # noqa: E402,F401
     read_cluster,
     read_decode,

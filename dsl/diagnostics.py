@@ -8,19 +8,18 @@ sees every problem of a file at once.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Iterable, Iterator
+import functools
+from collections.abc import Iterable, Iterator
+
+from dsl.struct import Frozen
 
 
-@dataclasses.dataclass(frozen=True, order=True)
-class Span:
+class Span(Frozen):
     """A source range: 1-based line and column, end exclusive."""
 
-    file: str
-    line: int
-    col: int
-    end_line: int = 0
-    end_col: int = 0
+    _fields = ("file", "line", "col", "end_line", "end_col")
+    _defaults = {"end_line": 0, "end_col": 0}
+    __slots__ = _fields
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}"
@@ -30,31 +29,52 @@ class Span:
         """`file:line`, as the graph and plan cite sources."""
         return f"{self.file}:{self.line}"
 
+    def __lt__(self, other: "Span") -> bool:
+        return self._key() < other._key()
+
+    def __le__(self, other: "Span") -> bool:
+        return self._key() <= other._key()
+
+    def __gt__(self, other: "Span") -> bool:
+        return self._key() > other._key()
+
+    def __ge__(self, other: "Span") -> bool:
+        return self._key() >= other._key()
+
 
 NO_SPAN = Span("<unknown>", 0, 0)
+MAX_SHOWN = 200  # diagnostics rendered per SpecError; a file with more is rarely a spec
 
 ERROR = "error"
 WARNING = "warning"
 NOTE = "note"
 
 
-@dataclasses.dataclass(frozen=True)
-class Diagnostic:
-    severity: str
-    message: str
-    span: Span | None = None
-    hint: str | None = None
-    # The source text of the file, kept so that the caret can be drawn later.
-    source: str | None = dataclasses.field(default=None, compare=False, repr=False)
+class Diagnostic(Frozen):
+    """One problem: severity, message, span, hint; `code` names the rule that found it.
+
+    `source` is the text of the span's file, kept so that the caret can be
+    drawn later; it takes no part in equality.
+    """
+
+    _fields = ("severity", "message", "span", "hint", "source", "code")
+    _defaults = {"span": None, "hint": None, "source": None, "code": None}
+    _compare = ("severity", "message", "span", "hint", "code")
+    __slots__ = _fields
+
+    def __repr__(self) -> str:
+        return (f"Diagnostic({self.severity!r}, {self.message!r}, {self.span!r}, "
+                f"hint={self.hint!r}, code={self.code!r})")
 
     def render(self) -> str:
-        """`file:line:col: error: message`, the line, a caret under the span, a hint."""
+        """`file:line:col: error: message [rule]`, the line, a caret under the span, a hint."""
+        message = self.message + (f" [{self.code}]" if self.code else "")
         if self.span is None or self.span.line <= 0:
-            head = f"dsvc: {self.severity}: {self.message}"
+            head = f"dsvc: {self.severity}: {message}"
             if self.span is not None and self.span.file != NO_SPAN.file:
-                head = f"{self.span.file}: {self.severity}: {self.message}"
+                head = f"{self.span.file}: {self.severity}: {message}"
             return head + (f"\n  hint: {self.hint}" if self.hint else "")
-        out = [f"{self.span}: {self.severity}: {self.message}"]
+        out = [f"{self.span}: {self.severity}: {message}"]
         line_text = _source_line(self.source, self.span.line)
         if line_text is not None:
             shown = line_text.expandtabs(1).rstrip("\n")
@@ -70,10 +90,15 @@ class Diagnostic:
         return "\n".join(out)
 
 
+@functools.lru_cache(maxsize=8)
+def _lines(source: str) -> list[str]:
+    return source.splitlines()  # once per file, however many diagnostics it has
+
+
 def _source_line(source: str | None, line: int) -> str | None:
     if source is None:
         return None
-    lines = source.splitlines()
+    lines = _lines(source)
     if 1 <= line <= len(lines):
         text = lines[line - 1]
         if len(text) > 300:  # a pathological line: show its start only
@@ -97,8 +122,12 @@ class SpecError(Exception):
     def errors(self) -> tuple[Diagnostic, ...]:
         return tuple(d for d in self.diagnostics if d.severity == ERROR)
 
-    def render(self) -> str:
-        return "\n".join(d.render() for d in self.diagnostics)
+    def render(self, limit: int = MAX_SHOWN) -> str:
+        """Every diagnostic as the CLI prints it; past `limit`, a count of the rest."""
+        shown = [d.render() for d in self.diagnostics[:limit]]
+        if len(self.diagnostics) > limit:
+            shown.append(f"dsvc: {len(self.diagnostics) - limit} more problems not shown")
+        return "\n".join(shown)
 
 
 class DiagnosticSink:
@@ -114,11 +143,13 @@ class DiagnosticSink:
             return self._source
         return self.sources.get(span.file, self._source if not self.sources else None)
 
-    def error(self, message: str, span: Span | None = None, hint: str | None = None) -> None:
-        self._items.append(Diagnostic(ERROR, message, span, hint, self._text_for(span)))
+    def error(self, message: str, span: Span | None = None, hint: str | None = None,
+              code: str | None = None) -> None:
+        self._items.append(Diagnostic(ERROR, message, span, hint, self._text_for(span), code))
 
-    def warning(self, message: str, span: Span | None = None, hint: str | None = None) -> None:
-        self._items.append(Diagnostic(WARNING, message, span, hint, self._text_for(span)))
+    def warning(self, message: str, span: Span | None = None, hint: str | None = None,
+                code: str | None = None) -> None:
+        self._items.append(Diagnostic(WARNING, message, span, hint, self._text_for(span), code))
 
     def add(self, diag: Diagnostic) -> None:
         self._items.append(diag)

@@ -7,7 +7,7 @@ user sees all the errors of a spec at once. Block readers are in
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import keyword
 import os
 import pathlib
@@ -146,13 +146,16 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None):
     spans: dict[str, Span] = {}
     spec = None
     spec_parts = blocks.read_all(by_kind, sink, ev, spans, file)
-    if "model" not in by_kind and not sink.has_errors:
+    if not text.strip() and not sink.has_errors:
+        sink.error("the file is empty", Span(file, 1, 1),
+                   "a spec describes a model: `model NAME { vocab = ..., hidden = ... }`")
+    elif "model" not in by_kind and not sink.has_errors:
         sink.error("no `model` block", Span(file, 1, 1),
                    "a spec describes a model: `model NAME { vocab = ..., hidden = ... }`")
     elif spec_parts is not None and not sink.has_errors:
         from dsl.spec import Spec
 
-        digest = hashlib.sha256()
+        digest = _sha256()
         for f in sources.order:
             digest.update(f.encode() + b"\0" + sources.texts[f].encode() + b"\0")
         try:
@@ -163,24 +166,55 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None):
                        Span(file, 1, 1), "this is a bug in dsvc; please report it")
         if spec is not None:
             rules.check(spec, sink)
+    if spec is None and not sink.has_errors:  # every failed read reports why; guard our own bug
+        sink.error("internal: the spec could not be built, but no problem was reported",
+                   Span(file, 1, 1), "this is a bug in dsvc; please report it")
     if sink.has_errors:
         raise SpecError(sink.sorted())
     return spec, sink.warnings
 
 
-def check_names(items: list, sink: DiagnosticSink) -> None:
-    """Names reach generated code: they must be identifiers that are not Python keywords."""
-    def visit(node):
-        if isinstance(node, ast.Block):
-            for name, span in ((node.label, node.label_span),):
-                if name is not None and (keyword.iskeyword(name) or name.startswith("__")):
-                    sink.error(f"'{name}' cannot be used as a name", span,
-                               "names become Python identifiers in generated code; pick another")
-            for e in node.entries:
-                visit(e)
+@functools.lru_cache(maxsize=1)
+def _sha256_type():
+    """hashlib's sha256 without OpenSSL's import cost, where the builtin module exists."""
+    try:
+        from _sha2 import sha256  # Python >= 3.12
+    except ImportError:
+        try:
+            from _sha256 import sha256  # Python 3.10, 3.11
+        except ImportError:
+            from hashlib import sha256
+    return sha256
 
-    for item in items:
-        visit(item)
+
+def _sha256():
+    return _sha256_type()()
+
+
+def check_names(items: list, sink: DiagnosticSink) -> None:
+    """Names reach generated code: they must be identifiers that are not Python keywords.
+
+    The grammar already makes every name an identifier; this rejects the rest:
+    keywords (`class`) and dunder names, for block labels and typed-block kinds.
+    """
+    def bad(name: str) -> bool:
+        return keyword.iskeyword(name) or name.startswith("__")
+
+    def visit(entries):
+        for e in entries:
+            if isinstance(e, ast.Block):
+                if e.label is not None and bad(e.label):
+                    sink.error(f"'{e.label}' cannot be used as a name", e.label_span,
+                               "names become Python identifiers in generated code; pick another")
+                visit(e.entries)
+            elif isinstance(e, (ast.Assign, ast.RangeAssign)) \
+                    and isinstance(e.value, ast.TypedBlock):
+                if bad(e.value.kind):
+                    sink.error(f"'{e.value.kind}' cannot be used as a name", e.value.kind_span,
+                               "names become Python identifiers in generated code; pick another")
+                visit(e.value.entries)
+
+    visit([i for i in items if isinstance(i, ast.Block)])
 
 
 def load_with_warnings(path: str | os.PathLike):

@@ -7,11 +7,11 @@ ranges, required keys) and returns the converted values plus their spans.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from dsl import ast
 from dsl.diagnostics import DiagnosticSink, Span, did_you_mean
+from dsl.struct import Frozen, Struct
 from dsl.units import EXAMPLE, NUMBER, units_of
 from dsl.values import CallValue, Evaluator, Ident, Qty
 
@@ -19,12 +19,13 @@ Convert = Callable[[object, Span, DiagnosticSink, str], object]
 MISSING = object()
 
 
-@dataclasses.dataclass(frozen=True)
-class Field:
-    convert: Convert
-    required: bool = False
-    doc: str = ""
-    block: bool = False  # accepts `kind { ... }`; the caller reads the raw ast.TypedBlock
+class Field(Frozen):
+    """One key of a block: its converter, whether it is required, a doc line, and
+    `block`: whether it accepts `kind { ... }` (the caller then reads the raw ast.TypedBlock)."""
+
+    _fields = ("convert", "required", "doc", "block")
+    _defaults = {"required": False, "doc": "", "block": False}
+    __slots__ = _fields
 
 
 def describe(v) -> str:
@@ -218,10 +219,11 @@ def name_list(options: tuple[str, ...]) -> Convert:
 # ----------------------------------------------------------------------------- reading blocks
 
 
-@dataclasses.dataclass
-class Read:
-    values: dict[str, object]
-    spans: dict[str, Span]
+class Read(Struct):
+    """What `read_entries` found: converted values and the span of each key written."""
+
+    _fields = ("values", "spans")
+    __slots__ = _fields
 
     def get(self, key, default=None):
         v = self.values.get(key, MISSING)
@@ -342,7 +344,8 @@ def call_args(
     return out if ok else None
 
 
-def as_call(v, span: Span, sink: DiagnosticSink, key: str, kinds: tuple[str, ...]) -> CallValue | None:
+def as_call(v, span: Span, sink: DiagnosticSink, key: str,
+            kinds: tuple[str, ...]) -> CallValue | None:
     """Accept `kind(...)` or a bare `kind` (no arguments) for a call-typed field."""
     if isinstance(v, Ident):
         return CallValue(v.id, v.span, (), (), {}, {}, v.span) if v.id in kinds else _bad_kind(

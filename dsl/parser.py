@@ -1,40 +1,377 @@
-"""Text -> syntax tree, with every syntax problem turned into a diagnostic.
+"""Text -> syntax tree (`dsl.ast`), with every syntax problem turned into a diagnostic.
 
-The lark grammar lives in `grammar.lark`; this module owns the one parser
-instance (built once, LALR), the tree -> `dsl.ast` transform, and the mapping
-of lark's exceptions to `file:line:col` diagnostics with a hint.
+A hand-written recursive-descent parser for the grammar in `dsl/grammar.lark`.
+It exists for speed: importing lark and building its tables costs several
+times Python's own start-up, and `dsvc check` must start in about that much
+(docs/language.md, "Speed"). The tests parse every example and thousands of
+generated inputs with both this parser and lark on `grammar.lark` and require
+the same trees, spans included: the .lark file stays the normative grammar.
+
+Spans follow lark's `propagate_positions`: a node spans from the start of its
+first child to the end of its last, where a child written in parentheses
+counts with its parentheses; a parenthesised expression's own span excludes them.
+Nesting (brackets, blocks, operators) is bounded so that everything downstream
+can recurse over the tree safely.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.resources
-
 from dsl import ast
-from dsl.diagnostics import Diagnostic, DiagnosticSink, Span, SpecError, ERROR
+from dsl.diagnostics import Diagnostic, Span, SpecError, ERROR
+from dsl.lexer import (  # noqa: F401 - decode_source and MAX_BYTES are part of this API
+    DIGIT_WORD, EOF, KEYWORDS, MAX_BYTES, NAME, NUMBER, STRING, Token, decode_source, tokens,
+    unit_at,
+)
 
-MAX_BYTES = 2_000_000  # specs are small; a bigger file is almost surely not a spec
 MAX_NESTING = 64  # brackets and braces
+MAX_EXPR_DEPTH = 200  # operators and brackets inside one expression
+
+_ATOM_START = (NUMBER, DIGIT_WORD, NAME, STRING, "(", "[")
+_BINARY = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2}
+_WORDS = {NAME: "a name", NUMBER: "a number", DIGIT_WORD: "a word", STRING: "a string",
+          EOF: "end of file"}
 
 
-@functools.lru_cache(maxsize=1)
-def _lark():
-    import lark
-
-    grammar = importlib.resources.files("dsl").joinpath("grammar.lark").read_text()
-    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+class _Fail(Exception):
+    pass
 
 
-def _span(file: str, meta) -> Span:
-    return Span(file, meta.line, meta.column, meta.end_line, meta.end_column)
+class _Expr:
+    """An expression being built: the node, its container span (with parentheses), its depth."""
+
+    __slots__ = ("node", "start", "end", "depth")
+
+    def __init__(self, node, start: tuple[int, int], end: tuple[int, int], depth: int):
+        self.node, self.start, self.end, self.depth = node, start, end, depth
 
 
-def _tok_span(file: str, tok) -> Span:
-    return Span(file, tok.line, tok.column, tok.end_line, tok.end_column)
+class _Parser:
+    def __init__(self, source: str, file: str):
+        self.source = source
+        self.file = file
+        self.comments: list[ast.Comment] = []
+        self._next = tokens(source, file, self.comments).__next__
+        self.toks: list[Token] = []  # lexed so far; lexing stays a few tokens ahead
+        self.i = 0
+        self.nesting = 0
+        self.open_blocks: list[Token] = []
+
+    # ------------------------------------------------------------------ helpers
+
+    def peek(self, k: int = 0) -> Token:
+        toks = self.toks
+        j = self.i + k
+        while j >= len(toks):
+            if toks and toks[-1].kind == EOF:
+                return toks[-1]
+            toks.append(self._next())
+        return toks[j]
+
+    def take(self) -> Token:
+        tok = self.peek()
+        if tok.kind != EOF:
+            self.i += 1
+        return tok
+
+    def expect(self, kind: str, what: str) -> Token:
+        tok = self.peek()
+        if tok.kind != kind:
+            self.fail(tok, what)
+        return self.take()
+
+    def span(self, start: tuple[int, int], end: tuple[int, int]) -> Span:
+        return Span(self.file, start[0], start[1], end[0], end[1])
+
+    def enter(self, tok: Token) -> None:
+        self.nesting += 1
+        if self.nesting > MAX_NESTING:
+            self.error(f"nesting deeper than {MAX_NESTING} levels", tok.span(self.file),
+                       "a spec never needs this much nesting; is this the right file?")
+
+    def error(self, message: str, span: Span, hint: str | None = None):
+        raise SpecError([Diagnostic(ERROR, message, span, hint, self.source)])
+
+    def fail(self, tok: Token, expected: str):
+        if tok.kind == EOF:
+            hint = f"the file ends where {expected} should be"
+            if self.open_blocks:
+                b = self.open_blocks[-1]
+                hint = f"the block `{b.text}` opened at line {b.line} is not closed: add '}}'"
+            text = self.source.rstrip()  # point just after the last thing written
+            line = text.count("\n") + 1
+            col = len(text) - (text.rfind("\n") + 1) + 1
+            self.error("unexpected end of file", Span(self.file, line, col, line, col + 1), hint)
+        shown = tok.text if len(tok.text) <= 30 else tok.text[:27] + "..."
+        hint = f"expected {expected}"
+        if tok.kind == NAME and unit_at(self.source, tok.offset) == tok.text:
+            hint += f"; '{tok.text}' is a unit, so it cannot be used as a name here"
+        elif tok.kind in KEYWORDS:
+            hint += f"; `{tok.text}` is a reserved word"
+        self.error(f"unexpected '{shown}'", tok.span(self.file), hint)
+
+    def unit_next(self) -> bool:
+        tok = self.peek()
+        return tok.kind == NAME and unit_at(self.source, tok.offset) is not None
+
+    def take_unit(self) -> Token:
+        first = self.peek()
+        text = unit_at(self.source, first.offset)
+        end = first.offset + len(text)
+        while self.peek().offset < end:  # `GB/s` is three tokens: GB, /, s
+            self.take()
+        return Token("UNIT", text, first.line, first.col, first.offset)
+
+    # ------------------------------------------------------------------ file, items, entries
+
+    def file_(self) -> ast.File:
+        items = []
+        while self.peek().kind != EOF:
+            tok = self.peek()
+            if tok.kind == "include":
+                self.take()
+                s = self.expect(STRING, "the quoted path of a .dsv file")
+                items.append(ast.Include(_unescape(s.text), s.span(self.file)))
+            elif tok.kind == "const":
+                items.append(self.const())
+            elif tok.kind == NAME:
+                items.append(self.block(top=True))
+            else:
+                self.fail(tok, "`include`, `const` or a block such as `model NAME { ... }`")
+        lines = self.source.count("\n") + 1
+        return ast.File(self.file, items, self.comments, self.source,
+                        Span(self.file, 1, 1, lines, 1))
+
+    def const(self) -> ast.Const:
+        self.take()
+        name = self.expect(NAME, "the constant's name")
+        self.expect("=", "'='")
+        e = self.expr()
+        sp = e.node.span
+        return ast.Const(name.text, name.span(self.file), e.node,
+                         Span(self.file, name.line, name.col, sp.end_line, sp.end_col))
+
+    def block(self, top: bool) -> ast.Block:
+        kind = self.take()
+        label = None
+        if self.peek().kind == NAME:
+            label = self.take()
+        if self.peek().kind != "{":
+            self.fail(self.peek(), "'{'" if label else "a name or '{'")
+        entries, end = self.braces(kind)
+        return ast.Block(kind.text, kind.span(self.file), label.text if label else None,
+                         label.span(self.file) if label else None, entries,
+                         self.span((kind.line, kind.col), end))
+
+    def braces(self, opener: Token):
+        """`{ entry, ... }` -> (entries, end position of '}')."""
+        brace = self.take()
+        self.enter(brace)
+        self.open_blocks.append(opener)
+        entries = []
+        while self.peek().kind != "}":
+            entries.append(self.entry())
+            if self.peek().kind == ",":
+                self.take()
+        close = self.take()
+        self.open_blocks.pop()
+        self.nesting -= 1
+        return entries, (close.line, close.end_col)
+
+    def entry(self):
+        tok = self.peek()
+        if tok.kind == "const":
+            return self.const()
+        if tok.kind == NAME:
+            nxt = self.peek(1)
+            unit = nxt.kind == NAME and unit_at(self.source, nxt.offset) is not None
+            if not unit:
+                if nxt.kind == "=":
+                    key = self.take()
+                    self.take()
+                    value, end = self.value()
+                    return ast.Assign(key.text, key.span(self.file), value,
+                                      self.span((key.line, key.col), end))
+                if nxt.kind in ("{", NAME):
+                    return self.block(top=False)
+        elif tok.kind not in _ATOM_START and tok.kind != "-":
+            self.fail(tok, "`key = value`, a block or '}'")
+        lo = self.expr()
+        hi = None
+        if self.peek().kind == "..":
+            self.take()
+            hi = self.expr()
+        self.expect("=", "'=' (or '..' in an index range such as `0..2 = ...`)")
+        value, end = self.value()
+        return ast.RangeAssign(lo.node, hi.node if hi else None, value, self.span(lo.start, end))
+
+    def value(self):
+        """The right-hand side of '=': an expression or `kind { ... }`. -> (node, container end)."""
+        tok = self.peek()
+        if tok.kind == NAME and self.peek(1).kind == "{":
+            self.take()
+            entries, end = self.braces(tok)
+            return ast.TypedBlock(tok.text, tok.span(self.file), entries,
+                                  self.span((tok.line, tok.col), end)), end
+        e = self.expr()
+        return e.node, e.end
+
+    # ------------------------------------------------------------------ expressions
+
+    def expr(self, level: int = 1) -> _Expr:
+        left = self.expr(level + 1) if level < 2 else self.unary()
+        while True:
+            op = self.peek().kind
+            if _BINARY.get(op) != level:
+                return left
+            self.take()
+            right = self.expr(level + 1) if level < 2 else self.unary()
+            depth = max(left.depth, right.depth) + 1
+            self.check_depth(depth, left.start)
+            node = ast.BinOp(op, left.node, right.node, self.span(left.start, right.end))
+            left = _Expr(node, left.start, right.end, depth)
+
+    def check_depth(self, depth: int, start: tuple[int, int]) -> None:
+        if depth > MAX_EXPR_DEPTH:
+            self.error(f"expression nested more than {MAX_EXPR_DEPTH} deep",
+                       Span(self.file, start[0], start[1], start[0], start[1] + 1),
+                       "split it with `const NAME = ...`")
+
+    def unary(self) -> _Expr:
+        minus = []
+        while self.peek().kind == "-":
+            minus.append(self.take())
+            self.check_depth(len(minus), (minus[0].line, minus[0].col))
+        e = self.postfix()
+        for tok in reversed(minus):
+            depth = e.depth + 1
+            self.check_depth(depth, (tok.line, tok.col))
+            e = _Expr(ast.Neg(e.node, self.span((tok.line, tok.col), e.end)), (tok.line, tok.col),
+                      e.end, depth)
+        return e
+
+    def postfix(self) -> _Expr:
+        e = self.atom()
+        if self.unit_next():
+            unit = self.take_unit()
+            end = (unit.line, unit.end_col)
+            e = _Expr(ast.Quantity(e.node, unit.text, self.span(e.start, end)), e.start, end,
+                      e.depth + 1)
+        return e
+
+    def atom(self) -> _Expr:
+        tok = self.peek()
+        f = self.file
+        if tok.kind == NUMBER:
+            self.take()
+            return _leaf(ast.Num(tok.text, tok.span(f)), tok)
+        if tok.kind == DIGIT_WORD:
+            self.take()
+            return _leaf(ast.Name(tok.text, tok.span(f)), tok)
+        if tok.kind == STRING:
+            self.take()
+            return _leaf(ast.Str(_unescape(tok.text), tok.span(f)), tok)
+        if tok.kind == NAME:
+            self.take()
+            if self.peek().kind == "(":
+                return self.call(tok)
+            return _leaf(ast.Name(tok.text, tok.span(f)), tok)
+        if tok.kind == "(":
+            return self.parens()
+        if tok.kind == "[":
+            return self.list_()
+        self.fail(tok, "a value")
+
+    def call(self, name: Token) -> _Expr:
+        open_ = self.take()
+        self.enter(open_)
+        args, kwargs, depth = [], [], 1
+        first = True
+        while self.peek().kind != ")":
+            if not first or self.peek().kind != ",":
+                tok = self.peek()
+                if tok.kind == NAME and self.peek(1).kind == "=":
+                    self.take()
+                    self.take()
+                    v = self.expr()
+                    kwargs.append(ast.KwArg(tok.text, tok.span(self.file), v.node,
+                                            self.span((tok.line, tok.col), v.end)))
+                else:
+                    v = self.expr()
+                    args.append(v.node)
+                depth = max(depth, v.depth + 1)
+            if self.peek().kind != ",":
+                break
+            self.take()
+            if first and not args and not kwargs:  # `f(,)`: the grammar allows it
+                break
+            first = False
+        close = self.expect(")", "',' or ')'")
+        self.nesting -= 1
+        self.check_depth(depth, (name.line, name.col))
+        end = (close.line, close.end_col)
+        node = ast.Call(name.text, name.span(self.file), args, kwargs,
+                        self.span((name.line, name.col), end))
+        return _Expr(node, (name.line, name.col), end, depth)
+
+    def parens(self) -> _Expr:
+        open_ = self.take()
+        self.enter(open_)
+        if self.peek().kind == ")":
+            self.fail(self.peek(), "a value inside '( )'")
+        first = self.expr()
+        items, depth = [first.node], first.depth
+        if self.peek().kind == ",":
+            self.take()
+            if self.peek().kind == ",":  # `(a,,)`: the grammar allows one trailing comma here
+                self.take()
+            else:
+                while self.peek().kind != ")":
+                    e = self.expr()
+                    items.append(e.node)
+                    depth = max(depth, e.depth)
+                    if self.peek().kind != ",":
+                        break
+                    self.take()
+            close = self.expect(")", "',' or ')'")
+            start, end = (open_.line, open_.col), (close.line, close.end_col)
+            node = ast.Tuple(items, self.span(start, end))
+        else:
+            close = self.expect(")", "')'")
+            start, end = (open_.line, open_.col), (close.line, close.end_col)
+            node = first.node  # its own span excludes the parentheses
+        self.nesting -= 1
+        self.check_depth(depth + 1, start)
+        return _Expr(node, start, end, depth + 1)
+
+    def list_(self) -> _Expr:
+        open_ = self.take()
+        self.enter(open_)
+        items, depth = [], 0
+        if self.peek().kind == ",":  # `[,]`: the grammar allows it
+            self.take()
+        else:
+            while self.peek().kind != "]":
+                e = self.expr()
+                items.append(e.node)
+                depth = max(depth, e.depth)
+                if self.peek().kind != ",":
+                    break
+                self.take()
+        close = self.expect("]", "',' or ']'")
+        self.nesting -= 1
+        start, end = (open_.line, open_.col), (close.line, close.end_col)
+        self.check_depth(depth + 1, start)
+        return _Expr(ast.List(items, self.span(start, end)), start, end, depth + 1)
+
+
+def _leaf(node, tok: Token) -> _Expr:
+    return _Expr(node, (tok.line, tok.col), (tok.line, tok.end_col), 0)
 
 
 def _unescape(raw: str) -> str:
     body = raw[1:-1]
+    if "\\" not in body:
+        return body
     out, i = [], 0
     while i < len(body):
         c = body[i]
@@ -48,295 +385,6 @@ def _unescape(raw: str) -> str:
     return "".join(out)
 
 
-def _make_transformer(file: str):
-    import lark
-
-    class ToAst(lark.Transformer_NonRecursive):
-        def start(self, items):
-            return items
-
-        def include(self, items):
-            (tok,) = items
-            return ast.Include(_unescape(tok), _tok_span(file, tok))
-
-        def const(self, items):
-            name, value = items
-            span = Span(file, name.line, name.column, *_end(value))
-            return ast.Const(str(name), _tok_span(file, name), value, span)
-
-        @lark.v_args(meta=True)
-        def block(self, meta, items):
-            kind, label, *entries = items
-            return ast.Block(
-                str(kind),
-                _tok_span(file, kind),
-                str(label) if label is not None else None,
-                _tok_span(file, label) if label is not None else None,
-                entries,
-                _span(file, meta),
-            )
-
-        @lark.v_args(meta=True)
-        def assign(self, meta, items):
-            key, value = items
-            return ast.Assign(str(key), _tok_span(file, key), value, _span(file, meta))
-
-        @lark.v_args(meta=True)
-        def range_assign(self, meta, items):
-            if len(items) == 4:
-                lo, _dots, hi, value = items
-            else:
-                lo, value = items
-                hi = None
-            return ast.RangeAssign(lo, hi, value, _span(file, meta))
-
-        @lark.v_args(meta=True)
-        def typed_block(self, meta, items):
-            kind, *entries = items
-            return ast.TypedBlock(str(kind), _tok_span(file, kind), entries, _span(file, meta))
-
-        def _bin(op):
-            @lark.v_args(meta=True)
-            def f(self, meta, items):
-                left, right = items
-                return ast.BinOp(op, left, right, _span(file, meta))
-
-            return f
-
-        add = _bin("+")
-        sub = _bin("-")
-        mul = _bin("*")
-        div = _bin("/")
-        floordiv = _bin("//")
-        mod = _bin("%")
-
-        @lark.v_args(meta=True)
-        def neg(self, meta, items):
-            return ast.Neg(items[0], _span(file, meta))
-
-        @lark.v_args(meta=True)
-        def quantity(self, meta, items):
-            expr, unit = items
-            return ast.Quantity(expr, str(unit), _span(file, meta))
-
-        def number(self, items):
-            (tok,) = items
-            return ast.Num(str(tok), _tok_span(file, tok))
-
-        def name(self, items):
-            (tok,) = items
-            return ast.Name(str(tok), _tok_span(file, tok))
-
-        def string(self, items):
-            (tok,) = items
-            return ast.Str(_unescape(tok), _tok_span(file, tok))
-
-        @lark.v_args(meta=True)
-        def call(self, meta, items):
-            func, *rest = items
-            args = [a for a in rest if a is not None and not isinstance(a, ast.KwArg)]
-            kwargs = [a for a in rest if isinstance(a, ast.KwArg)]
-            return ast.Call(str(func), _tok_span(file, func), args, kwargs, _span(file, meta))
-
-        @lark.v_args(meta=True)
-        def kwarg(self, meta, items):
-            name, value = items
-            return ast.KwArg(str(name), _tok_span(file, name), value, _span(file, meta))
-
-        @lark.v_args(meta=True)
-        def tuple(self, meta, items):
-            return ast.Tuple([i for i in items if i is not None], _span(file, meta))
-
-        @lark.v_args(meta=True)
-        def list(self, meta, items):
-            return ast.List([i for i in items if i is not None], _span(file, meta))
-
-    return ToAst()
-
-
-def _end(node) -> tuple[int, int]:
-    span = node.span
-    return span.end_line, span.end_col
-
-
-_TOKEN_WORDS = {
-    "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['",
-    "RSQB": "']'", "EQUAL": "'='", "COMMA": "','", "NAME": "a name", "NUMBER": "a number",
-    "STRING": "a string", "UNIT": "a unit", "RANGE_DOTS": "'..'", "PLUS": "'+'",
-    "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "PERCENT": "'%'", "$END": "end of file",
-    "INCLUDE": "'include'", "CONST": "'const'", "__ANON_0": "'//'",
-}
-
-
-def _describe_expected(expected) -> str:
-    words = sorted({_TOKEN_WORDS.get(t, t.lower()) for t in expected})
-    if len(words) > 6:
-        words = words[:6] + ["..."]
-    return ", ".join(words)
-
-
-def _syntax_diagnostic(file: str, source: str, exc) -> Diagnostic:
-    import lark
-
-    if isinstance(exc, lark.UnexpectedEOF) or (
-        isinstance(exc, lark.UnexpectedToken) and exc.token.type == "$END"
-    ):
-        lines = source.splitlines() or [""]
-        line = len(lines)
-        col = len(lines[-1]) + 1
-        expected = getattr(exc, "expected", None) or getattr(exc, "accepts", None) or []
-        hint = "the file ends in the middle of a block or value"
-        if "RBRACE" in expected:
-            hint = "a block is not closed: add the missing '}'"
-        return Diagnostic(ERROR, "unexpected end of file", Span(file, line, col, line, col + 1),
-                          hint, source)
-    if isinstance(exc, lark.UnexpectedCharacters):
-        ch = source[exc.pos_in_stream] if 0 <= exc.pos_in_stream < len(source) else "?"
-        hint = None
-        if ch == "'":
-            hint = "strings use double quotes"
-        elif ch == ":":
-            hint = "use '=' between a key and its value"
-        elif ch == ";":
-            hint = "separate entries with a newline or ','"
-        span = Span(file, exc.line, exc.column, exc.line, exc.column + 1)
-        return Diagnostic(ERROR, f"unexpected character {ch!r}", span, hint, source)
-    if isinstance(exc, lark.UnexpectedToken):
-        tok = exc.token
-        span = Span(file, tok.line, tok.column, tok.end_line or tok.line,
-                    tok.end_column or tok.column + 1)
-        expected = exc.accepts or exc.expected or set()
-        text = str(tok)
-        shown = text if len(text) <= 30 else text[:27] + "..."
-        hint = f"expected {_describe_expected(expected)}" if expected else None
-        if tok.type == "UNIT":
-            hint = f"'{text}' is a unit; it cannot be used as a name"
-        return Diagnostic(ERROR, f"unexpected {shown!r}", span, hint, source)
-    return Diagnostic(ERROR, f"syntax error: {exc}", Span(file, 1, 1), None, source)
-
-
-def _check_nesting(file: str, source: str, sink: DiagnosticSink) -> bool:
-    depth, line, col = 0, 1, 0
-    in_comment = in_string = False
-    for ch in source:
-        col += 1
-        if ch == "\n":
-            line, col, in_comment, in_string = line + 1, 0, False, False
-            continue
-        if in_comment:
-            continue
-        if in_string:
-            in_string = ch != '"'
-            continue
-        if ch == "#":
-            in_comment = True
-        elif ch == '"':
-            in_string = True
-        elif ch in "({[":
-            depth += 1
-            if depth > MAX_NESTING:
-                sink.error(f"nesting deeper than {MAX_NESTING} levels",
-                           Span(file, line, col, line, col + 1),
-                           "a spec never needs this much nesting; is this the right file?")
-                return False
-        elif ch in ")}]":
-            depth = max(0, depth - 1)
-    return True
-
-
-def decode_source(file: str, data: bytes) -> str:
-    """Bytes -> text, or a SpecError saying why it is not a spec."""
-    if len(data) > MAX_BYTES:
-        raise SpecError([Diagnostic(
-            ERROR, f"file is {len(data) / 1e6:.1f} MB; dsvc reads specs of at most "
-            f"{MAX_BYTES / 1e6:.0f} MB", Span(file, 0, 0), "is this the right file?")])
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        before = data[: err.start]
-        line = before.count(b"\n") + 1
-        col = err.start - (before.rfind(b"\n") + 1) + 1
-        raise SpecError([Diagnostic(
-            ERROR, f"not UTF-8 text (byte 0x{data[err.start]:02x})", Span(file, line, col),
-            "a .dsv spec is a UTF-8 text file")]) from None
-    if "\x00" in text:
-        pos = text.index("\x00")
-        line = text.count("\n", 0, pos) + 1
-        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
-        raise SpecError([Diagnostic(ERROR, "NUL byte in file", Span(file, line, col),
-                                    "a .dsv spec is a text file; is this a binary file?", text)])
-    return text
-
-
 def parse(source: str, file: str = "<string>") -> ast.File:
     """Parse one file's text. Raises `SpecError` with a diagnostic on a syntax error."""
-    import lark
-
-    sink = DiagnosticSink(source)
-    if not _check_nesting(file, source, sink):
-        sink.raise_if_errors()
-    comments: list[ast.Comment] = []
-
-    def on_comment(tok):
-        comments.append(ast.Comment(str(tok), tok.line, tok.column, tok.end_column))
-
-    try:
-        tree = _lark().parse(source)
-    except lark.exceptions.UnexpectedInput as exc:
-        raise SpecError([_syntax_diagnostic(file, source, exc)]) from None
-    except RecursionError:
-        raise SpecError([Diagnostic(ERROR, "expression too deeply nested", Span(file, 1, 1),
-                                    None, source)]) from None
-    for tok in _lex_comments(source):
-        on_comment(tok)
-    try:
-        items = _make_transformer(file).transform(tree)
-    except RecursionError:
-        raise SpecError([Diagnostic(ERROR, "expression too deeply nested", Span(file, 1, 1),
-                                    None, source)]) from None
-    lines = source.count("\n") + 1
-    return ast.File(file, items, comments, source, Span(file, 1, 1, lines, 1))
-
-
-def _lex_comments(source: str):
-    """Comments with positions (the parser ignores them; `fmt` keeps them)."""
-    return list(_with_ignored(source))
-
-
-class _Tok(str):
-    line: int
-    column: int
-    end_column: int
-
-
-def _with_ignored(source: str):
-    """Scan comments directly: '#' outside strings to end of line."""
-    line = 1
-    i = 0
-    n = len(source)
-    line_start = 0
-    in_string = False
-    while i < n:
-        ch = source[i]
-        if ch == "\n":
-            line += 1
-            line_start = i + 1
-            in_string = False
-        elif in_string:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == "#":
-            j = source.find("\n", i)
-            j = n if j < 0 else j
-            tok = _Tok(source[i:j].rstrip("\r"))
-            tok.line = line
-            tok.column = i - line_start + 1
-            tok.end_column = tok.column + len(tok)
-            yield tok
-            i = j
-            continue
-        i += 1
+    return _Parser(source, file).file_()

@@ -9,11 +9,15 @@ the source.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
-
-from pydantic import BaseModel, ConfigDict, Field
-
+import dsl as _dsl
 from dsl.diagnostics import Span
+
+if _dsl._LIGHT_SPEC:  # `dsvc check` only: the same classes on a pydantic-free base (dsl/records.py)
+    from dsl.records import BaseModel, ConfigDict, Field, Literal, Optional, Union
+else:
+    from typing import Literal, Optional, Union
+
+    from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Frozen(BaseModel):
@@ -261,6 +265,12 @@ class Parallel(_Frozen):
         if self.schedule in ("dualpipe", "dualpipev"):
             return 2 * self.pipeline
         return self.pipeline
+
+    @property
+    def stages_per_copy(self) -> int:
+        """Stages one copy of the model is cut into: `pipeline` for 1F1B, ZB1P and DualPipe
+        (whose two copies have `pipeline` stages each), 2 x `pipeline` for DualPipeV."""
+        return 2 * self.pipeline if self.schedule == "dualpipev" else self.pipeline
 
     @property
     def expert_data(self) -> int:

@@ -6,7 +6,7 @@ way NICs are sold) convert to bytes per second.
 
 from __future__ import annotations
 
-BYTES = "bytes"
+BYTES = "size"  # in bytes
 BANDWIDTH = "bandwidth"
 RATE = "compute rate"
 TIME = "time"

@@ -8,36 +8,33 @@ are reported to the sink and evaluate to `None`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from dsl import ast
-from dsl.diagnostics import DiagnosticSink, Span, did_you_mean
+from dsl.diagnostics import DiagnosticSink, did_you_mean
+from dsl.struct import Frozen
 from dsl.units import NUMBER, UNITS
 
 
-@dataclasses.dataclass(frozen=True)
-class Qty:
-    value: float
-    dim: str
-    unit: str  # as written (for messages)
+class Qty(Frozen):
+    """A number with a dimension, in base units; `unit` is as written (for messages)."""
+
+    _fields = ("value", "dim", "unit")
+    __slots__ = _fields
 
 
-@dataclasses.dataclass(frozen=True)
-class Ident:
-    id: str
-    span: Span
+class Ident(Frozen):
+    """A bare name that is not a constant: an enum word or a reference."""
+
+    _fields = ("id", "span")
+    __slots__ = _fields
 
 
-@dataclasses.dataclass(frozen=True)
-class CallValue:
-    func: str
-    func_span: Span
-    args: tuple
-    arg_spans: tuple
-    kwargs: dict  # name -> value
-    kwarg_spans: dict  # name -> Span (of the name)
-    span: Span
+class CallValue(Frozen):
+    """`func(args, k = v)` evaluated: args and kwargs (name -> value) with their spans."""
+
+    _fields = ("func", "func_span", "args", "arg_spans", "kwargs", "kwarg_spans", "span")
+    __slots__ = _fields
 
 
 def _dim(v) -> str:

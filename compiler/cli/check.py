@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import dsl
 
+    dsl.use_light_spec()  # this process only checks: skip importing pydantic
+
     failed = 0
     for path in args.files:
         try:
@@ -35,6 +37,7 @@ def run(args) -> int:
             continue
         if not args.quiet:
             m = spec.model
-            extra = f", {len(warnings)} warning{'s' if len(warnings) != 1 else ''}" if warnings else ""
+            n = len(warnings)
+            extra = f", {n} warning{'s' if n != 1 else ''}" if warnings else ""
             print(f"{path}: ok (model {m.name}: {m.num_layers} layers{extra})")
     return 1 if failed else 0

@@ -1,0 +1,213 @@
+"""`dsvc import-hf`: public Hugging Face configs become .dsv specs that check clean."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pathlib
+
+import pytest
+
+import dsl
+from compiler.cli import main
+from dsl.diagnostics import SpecError
+from dsl.fmt import format_source
+from dsl.import_hf import import_config, sanitize_name
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+# Field values of the public config.json files (deepseek-ai/DeepSeek-V3,
+# deepseek-ai/DeepSeek-V2-Lite, meta-llama/Meta-Llama-3-8B, Qwen/Qwen2-7B).
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_nextn_predict_layers": 1,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
+    "n_routed_experts": 256, "ep_size": 1, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
+    "scoring_func": "sigmoid", "aux_loss_alpha": 0.001, "seq_aux": True, "hidden_act": "silu",
+    "max_position_embeddings": 163840, "initializer_range": 0.02, "rms_norm_eps": 1e-06,
+    "use_cache": True, "pad_token_id": None, "bos_token_id": 0, "eos_token_id": 1,
+    "tie_word_embeddings": False, "rope_theta": 10000, "attention_bias": False,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                     "type": "yarn"},
+    "torch_dtype": "bfloat16",
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+}
+DEEPSEEK_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+    "attention_bias": False, "aux_loss_alpha": 0.001, "bos_token_id": 100000,
+    "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu",
+    "hidden_size": 2048, "intermediate_size": 10944, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "moe_intermediate_size": 1408, "moe_layer_freq": 1,
+    "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
+    "num_key_value_heads": 16, "q_lora_rank": None, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                     "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+                     "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
+    "seq_aux": True, "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy",
+    "v_head_dim": 128, "vocab_size": 102400,
+}
+LLAMA_3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+    "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 8192, "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 500000.0,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 128256,
+}
+QWEN2_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 3584,
+    "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 131072,
+    "max_window_layers": 28, "num_attention_heads": 28, "num_hidden_layers": 28,
+    "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_sliding_window": False, "vocab_size": 152064,
+}
+
+
+def imported(cfg: dict, name: str = "m"):
+    text, notes = import_config(json.dumps(cfg, indent=2), "config.json", name)
+    assert format_source(text) == text  # already canonical
+    return dsl.loads(text, filename="imported.dsv").model, text
+
+
+def test_deepseek_v3_matches_the_example():
+    got, text = imported(DEEPSEEK_V3)
+    want = dsl.load(ROOT / "examples/deepseek_v3.dsv").model
+    assert got.attentions == want.attentions and got.layers == want.layers
+    assert got.ffns["dense"] == want.ffns["dense"]
+    differs = {"seq_aux_loss"}  # config.json: aux_loss_alpha 0.001; the report's run: 0.0001
+    for field in type(want.ffns["moe"]).model_fields:
+        if field not in differs:
+            assert getattr(got.ffns["moe"], field) == getattr(want.ffns["moe"], field), field
+    assert (got.vocab, got.hidden, got.norm, got.mtp) == (want.vocab, want.hidden, want.norm,
+                                                          want.mtp)
+    assert got.rope.factor == 40 and got.rope.mscale_all_dim == 1.0
+    assert got.max_seq == 163840 and not got.tie_embeddings
+    assert "0..2 = block(mla, dense)" in text and "3..60 = block(mla, moe)" in text
+
+
+def test_deepseek_v2_lite_matches_the_example():
+    got, _ = imported(DEEPSEEK_V2_LITE)
+    want = dsl.load(ROOT / "examples/deepseek_v2_lite.dsv").model
+    for field in ("vocab", "hidden", "norm", "rope", "attentions", "ffns", "layers", "mtp"):
+        assert getattr(got, field) == getattr(want, field), field
+    assert got.attentions["mla"].q_lora_rank == 0
+
+
+def test_llama_3_8b():
+    got, text = imported(LLAMA_3_8B)
+    attn = got.attentions["gqa"]
+    assert (attn.heads, attn.kv_heads, attn.head_dim, attn.qkv_bias) == (32, 8, 128, False)
+    assert got.ffns["dense"].intermediate == 14336 and got.num_layers == 32
+    assert (got.vocab, got.hidden, got.max_seq, got.norm.eps) == (128256, 4096, 8192, 1e-5)
+    assert got.rope.kind == "plain" and got.rope.theta == 500000
+    assert "rope = rope(theta = 500000)" in text
+
+
+def test_qwen2_7b():
+    got, _ = imported(QWEN2_7B)
+    attn = got.attentions["gqa"]
+    assert (attn.heads, attn.kv_heads, attn.head_dim, attn.qkv_bias) == (28, 4, 128, True)
+    assert got.ffns["dense"].intermediate == 18944 and got.num_layers == 28
+    assert (got.vocab, got.hidden, got.rope.theta) == (152064, 3584, 1e6)
+
+
+def test_moe_layer_freq_and_notes():
+    cfg = dict(DEEPSEEK_V3, moe_layer_freq=2, first_k_dense_replace=1, num_hidden_layers=6,
+               rope_scaling={"type": "linear", "factor": 2.0})
+    text, notes = import_config(json.dumps(cfg), "config.json", "m")
+    model = dsl.loads(text).model
+    assert [layer.ffn for layer in model.layers] == ["dense", "dense", "moe", "dense", "moe",
+                                                     "dense"]
+    assert any("rope_scaling" in n for n in notes) and "# note: rope_scaling" in text
+
+
+@pytest.mark.parametrize("raw, name", [
+    ("deepseek-ai/DeepSeek-V3", "deepseek_v3"), ('a"); import os', "a_import_os"),
+    ("class", "class_model"), ("3B-chat", "m_3b_chat"), ("", "model"), ("include", "include_model"),
+    ("__init__", "init"),
+])
+def test_names_are_sanitised(raw, name):
+    assert sanitize_name(raw) == name
+
+
+def test_name_from_the_config():
+    cfg = dict(LLAMA_3_8B, _name_or_path="meta-llama/Meta-Llama-3-8B")
+    text, _ = import_config(json.dumps(cfg), "config.json")
+    assert "model meta_llama_3_8b {" in text
+
+
+def diag(text: str):
+    with pytest.raises(SpecError) as info:
+        import_config(text, "config.json")
+    return info.value
+
+
+def test_bad_json_points_at_line_and_column():
+    err = diag('{\n  "model_type": "llama",\n  "hidden_size": 4096,,\n}\n')
+    (d,) = err.diagnostics
+    assert (d.span.line, d.span.col) == (3, 23) and d.message.startswith("not valid JSON")
+    assert "    3 |" in err.render() and "^" in err.render()
+
+
+def test_unknown_model_type_names_the_supported_ones():
+    err = diag(json.dumps({"model_type": "mistral"}, indent=1))
+    assert "model_type 'mistral' is not supported" in err.render()
+    assert "deepseek_v2, deepseek_v3, llama, qwen2" in err.render()
+    assert "model_type 'missing'" not in diag("{}").render()
+    assert "a config.json holds one JSON object" in diag("[1, 2]").render()
+
+
+def test_bad_values_are_located():
+    cfg = dict(LLAMA_3_8B, hidden_size="big", hidden_act="gelu")
+    err = diag(json.dumps(cfg, indent=1))
+    text = err.render()
+    assert "'hidden_size' must be an integer of at least 1, got \"big\"" in text
+    assert 'hidden_act "gelu" is not supported' in text
+    line = json.dumps(cfg, indent=1).splitlines().index(' "hidden_size": "big",') + 1
+    assert any(d.span.line == line for d in err.diagnostics)
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["import-hf", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_writes_a_spec_that_checks(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(QWEN2_7B))
+    out = tmp_path / "qwen.dsv"
+    out.write_text("old contents")
+    code, stdout, stderr = run_cli(str(cfg), "-o", str(out), "--name", "qwen2-7b")
+    assert code == 0 and stdout == "" and f"replaced {out}" in stderr
+    assert "model qwen2_7b {" in out.read_text()
+    assert main(["check", "-q", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "qwen.dsv"]
+    code, stdout, _ = run_cli(str(cfg))  # to stdout, named after the model type
+    assert code == 0 and stdout == out.read_text().replace("model qwen2_7b {", "model qwen2 {")
+
+
+def test_cli_errors_write_nothing(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"model_type": "gpt2"}')
+    out = tmp_path / "out.dsv"
+    code, _, stderr = run_cli(str(cfg), "-o", str(out))
+    assert code == 1 and "not supported" in stderr and not out.exists()
+    assert run_cli(str(cfg), "-o", str(tmp_path / "out.txt"))[0] == 2
+    assert run_cli(str(cfg), "-o", str(tmp_path / "no" / "out.dsv"))[0] == 2
+    code, _, stderr = run_cli(str(tmp_path / "missing.json"))
+    assert code == 1 and "file not found" in stderr and "Traceback" not in stderr
