@@ -89,7 +89,7 @@ def test_dense_gqa_memory_by_hand():
     assert r.value("memory.devices.0.activations") == 2 * T * 16 * (gqa + ffn)  # 2 in flight
     assert r.value("memory.devices.0.buffers") == 0
     assert r.value("memory.fits") is True
-    assert math.isclose(r.value("memory.usable_bytes"), 80e9 * (1 - RESERVE_FRACTION))
+    assert math.isclose(r.value("memory.usable_bytes"), 80 * 2**30 * (1 - RESERVE_FRACTION))  # 80 GiB H800
 
 
 def test_a_given_layout_replaces_the_even_split():
