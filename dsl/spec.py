@@ -188,9 +188,9 @@ class GPU(_Frozen):
     hbm: float  # bytes/s
     # Fractions of peak the compute model assumes (settable; defaults measured
     # on an H200: see docs/report.md).
-    gemm_efficiency_bf16: float = 0.70
-    gemm_efficiency_fp8: float = 0.53
-    memory_efficiency: float = 0.80
+    gemm_efficiency_bf16: float = 0.67
+    gemm_efficiency_fp8: float = 0.51
+    memory_efficiency: float = 0.89
 
 
 class NVLink(_Frozen):

@@ -26,7 +26,7 @@ from compiler.ir import Graph, Op, Pipeline, StageInfo, num
 from dsl.diagnostics import Diagnostic, SpecError
 
 # Nominal GPU when the spec has no cluster: an H800 at the default efficiency factors.
-_NOMINAL = {"bf16": 989e12 * 0.70, "fp8": 1979e12 * 0.53, "hbm": 3.35e12 * 0.80}
+_NOMINAL = {"bf16": 989e12 * 0.67, "fp8": 1979e12 * 0.51, "hbm": 3.35e12 * 0.89}
 _ELEMENTWISE_PASSES = 3  # forward reads + writes, backward about twice that
 _EPS = 1e-9
 
