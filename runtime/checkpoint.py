@@ -16,10 +16,12 @@ data-parallel degree: each rank loads the keys it now owns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -56,7 +58,8 @@ def save(root: str, step: int, state: dict, meta: dict) -> str:
         if os.path.exists(partial):
             shutil.rmtree(partial)  # left by an interrupted save
     _barrier()
-    dcp.save(state, checkpoint_id=partial)
+    with _one_process_quiet():
+        dcp.save(state, checkpoint_id=partial)
     _barrier()
     if _rank() == 0:
         record = dict(meta, step=step)
@@ -72,6 +75,15 @@ def save(root: str, step: int, state: dict, meta: dict) -> str:
         _fsync_dir(root)
     _barrier()
     return final
+
+
+@contextlib.contextmanager
+def _one_process_quiet():
+    """DCP warns that it assumes one process when no process group exists: here it is
+    meant (a world-size-1 plan), so the warning would only be noise on the console."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _fsync_dir(path: str) -> None:
@@ -123,11 +135,16 @@ def check_compatible(meta: dict, expected: dict, path: str) -> None:
         raise CheckpointError(f"{path} is a checkpoint of a different model "
                               f"(model hash {str(meta.get('model_hash'))[:12]}, this plan "
                               f"{str(expected.get('model_hash'))[:12]}); refusing to load it")
-    if meta.get("pipeline_layout") != expected.get("pipeline_layout"):
-        raise CheckpointError(f"{path} was written with pipeline layout "
-                              f"{meta.get('pipeline_layout')}, this plan has "
-                              f"{expected.get('pipeline_layout')}; a checkpoint can change its "
-                              "data-parallel degree but not its pipeline layout")
+    have, want = meta.get("pipeline_layout"), expected.get("pipeline_layout")
+    if have != want:
+        what = f"{have}, this plan has {want}"
+        if isinstance(have, dict) and isinstance(want, dict):
+            parts = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+            what = "; ".join(f"{k}: checkpoint {have.get(k)}, this plan {want.get(k)}"
+                             for k in parts)
+        raise CheckpointError(f"{path} was written with another pipeline layout ({what}); "
+                              "a checkpoint can change its data-parallel degree but not its "
+                              "pipeline stages or expert placement")
 
 
 def load(path: str, state: dict, expected: dict) -> dict:
@@ -137,13 +154,25 @@ def load(path: str, state: dict, expected: dict) -> dict:
     meta = read_meta(path)
     check_compatible(meta, expected, path)
     try:
-        dcp.load(state, checkpoint_id=path)
+        with _one_process_quiet():
+            dcp.load(state, checkpoint_id=path)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
-        raise CheckpointError(f"{path} is corrupt or incomplete: {type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
+        raise CheckpointError(f"{path} is corrupt or incomplete ({_cause(err)}); remove it to "
+                              "resume from the checkpoint before it") from None
     return meta
+
+
+def _cause(err: BaseException) -> str:
+    """One line naming what went wrong: the first failing rank's error inside DCP's wrapper."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        inner = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+        return f"rank {rank}: {_cause(inner)}"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def rng_state() -> dict:

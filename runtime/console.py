@@ -55,6 +55,11 @@ class Console:
         with open(self.path, "w") as f:
             f.writelines(kept)
 
+    def header(self, text: str) -> None:
+        """One line saying what is about to run (rank 0 only)."""
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -77,7 +82,7 @@ class Console:
         if not self.records:
             return "no steps run"
         losses = [r["loss"] for r in self.records]
-        k = min(5, len(losses))
+        k = max(1, min(5, len(losses) // 2))  # first and last k steps do not overlap
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
         elapsed = time.perf_counter() - self.start
         tps = [r["tokens_per_s"] for r in self.records if math.isfinite(r["tokens_per_s"])]

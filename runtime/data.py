@@ -4,7 +4,8 @@ Both are indexed by a global *sample* number, so sharding over data-parallel
 ranks and resuming are exact: step `s` of a run with global batch `G` uses
 samples `s*G .. s*G + G - 1`; data-parallel rank `r` of `D` takes the
 contiguous slice `r*G/D .. (r+1)*G/D - 1` of them, in micro-batches. A
-resumed run restarts at the step it left off, so it reads the same samples.
+resumed run restarts at the sample position its checkpoint recorded, so it reads the same
+samples (even if the global batch changed in between).
 
 Shapes: `tokens_BS1` is (batch, seq_len + 1) int64: inputs are `[:, :-1]`,
 labels `[:, 1:]`.
@@ -38,7 +39,10 @@ class SyntheticData:
     def samples(self, start: int, count: int) -> torch.Tensor:
         idx = np.arange(start, start + count, dtype=np.uint64)
         # a splitmix-style hash of (seed, index): deterministic, order-free
-        h = (idx + np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
+        # the seed's mix in Python ints (numpy warns on a scalar uint64 overflow); array
+        # arithmetic wraps modulo 2**64 as the hash wants
+        mix = np.uint64(self.seed * 0x9E3779B97F4A7C15 % (1 << 64))
+        h = (idx + mix) * np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(31)
         first = (h % np.uint64(self.vocab)).astype(np.int64)
         stride = np.array(self.STRIDES, dtype=np.int64)[((h >> np.uint64(17)) % np.uint64(len(self.STRIDES))).astype(np.int64)]
@@ -76,6 +80,9 @@ class TokenFileData:
             other = "uint32" if dtype == "uint16" else "uint16"
             raise DataError(f"{path}: token id {top} is outside the vocabulary of {vocab}; "
                             f"the file may hold {other} tokens")
+        if dtype == "uint16" and _looks_like_uint32(probe):
+            raise DataError(f"{path}: every second uint16 token is 0, the pattern of uint32 "
+                            "token ids read as uint16; is the dtype right (uint32)?")
 
     def samples(self, start: int, count: int) -> torch.Tensor:
         rows = []
@@ -86,6 +93,16 @@ class TokenFileData:
         if int(out.max()) >= self.vocab:
             raise DataError(f"token id {int(out.max())} is outside the vocabulary of {self.vocab}")
         return out
+
+
+def _looks_like_uint32(probe: np.ndarray) -> bool:
+    """Small uint32 ids read as uint16 come out as (id, 0) pairs: all odd positions 0.
+
+    Ids below the vocabulary pass the range check, so this pattern is the only tell;
+    real uint16 text never has it over a few dozen tokens."""
+    if probe.size < 64:
+        return False
+    return not probe[1::2].any() and bool(probe[0::2].any())
 
 
 def make_data(kind: str, *, vocab: int, seq_len: int, seed: int = 0, path: str | None = None,
@@ -116,8 +133,21 @@ class Sharder:
     def num_microbatches(self) -> int:
         return self.per_rank // self.micro
 
+    # A run resumed from a checkpoint continues at the checkpoint's sample position even
+    # if the global batch changed since: step `base_step` reads sample `base_sample`.
+    base_step = 0
+    base_sample = 0
+
+    def resume_at(self, step: int, sample: int) -> None:
+        """Read sample `sample` (a checkpoint's `data.samples`) at step `step`."""
+        self.base_step, self.base_sample = step, sample
+
+    def samples_before(self, step: int) -> int:
+        """The global sample index step `step` starts at (what a checkpoint records)."""
+        return self.base_sample + (step - self.base_step) * self.global_batch
+
     def first_sample(self, step: int) -> int:
-        return step * self.global_batch + self.rank * self.per_rank
+        return self.samples_before(step) + self.rank * self.per_rank
 
     def step_batch(self, data, step: int) -> torch.Tensor:
         """This rank's (per_rank, seq_len + 1) tokens for `step` (0-based)."""

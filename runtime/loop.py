@@ -1,12 +1,14 @@
 """The entry point of a build directory's train.py: arguments, checks, the step loop.
 
-Runs on every rank under torchrun (or alone for a world-size-1 plan):
-checks the launch matches the plan before touching any file, builds the
-`Trainer`, resumes from the latest complete checkpoint when asked, runs the
-steps with the console on rank 0, saves checkpoints atomically, and prints a
-summary. User errors (a missing data file, a wrong token dtype, a corrupt or
-foreign checkpoint, a world size that does not match the plan) end the job
-with a one-line message and exit code 1; nothing is overwritten.
+Runs on every rank under torchrun (or alone for a world-size-1 plan). Before it
+starts a process group or writes a file it checks everything a user can get
+wrong: the data file (exists, its dtype plausible), the checkpoint to resume
+(complete, readable, of this model and pipeline layout), the world size. Then
+it builds the `Trainer` with this build's generated stage modules (model.py),
+resumes, runs the steps with the console on rank 0, saves checkpoints
+atomically and prints a summary. A user error ends the job with a one-line
+`[dsvc] error: ...` and exit code 1, and nothing is overwritten; under
+torchrun the process leaves at once so that torchrun stops its peers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import time
 
 EXIT_USER = 1
+_QUIET_EXIT_DELAY_S = 2.0
 
 
 class LaunchError(Exception):
@@ -27,14 +30,32 @@ class LaunchError(Exception):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Train the compiled model (see README.md here).")
     p.add_argument("--run-dir", default="run", help="metrics.jsonl and checkpoints/")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the plan's)")
+    p.add_argument("--steps", type=_positive, help="train until this step (default: the plan's)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--data", help="token file (overrides the plan's path)")
+    p.add_argument("--data", help="token file (overrides the plan's data)")
+    p.add_argument("--data-dtype", choices=("uint16", "uint32"),
+                   help="dtype of the --data file (default: the plan's)")
     p.add_argument("--fp32", action="store_true", help="every linear and state in fp32")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--checkpoint-every", type=_non_negative,
+                   help="steps between checkpoints (0: none; default: the spec's)")
     p.add_argument("--backend", choices=("torch", "triton"),
-                   help="FP8 GEMMs: torch emulation or the generated Triton kernels")
+                   help="FP8 GEMMs: torch emulation or this build's generated Triton kernels "
+                   "(default: triton with CUDA, torch on CPU)")
     return p.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
 
 
 def fp32_precision() -> dict:
@@ -42,8 +63,12 @@ def fp32_precision() -> dict:
             "optimizer_states": "fp32", "dispatch": "fp32", "combine": "fp32"}
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def _say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _rank() == 0:
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -52,6 +77,15 @@ def main(build_dir: str, argv=None, checkpoint_every: int = 0) -> int:
     args = parse_args(argv)
     if args.checkpoint_every is None:
         args.checkpoint_every = checkpoint_every
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .launch import run_guarded
+
+        # an unexpected error on one rank must not leave the others waiting in a collective
+        return run_guarded(_main_checked, build_dir, args, True)
+    return _main_checked(build_dir, args, False)
+
+
+def _main_checked(build_dir: str, args, distributed: bool) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .plan import PlanError
@@ -59,9 +93,27 @@ def main(build_dir: str, argv=None, checkpoint_every: int = 0) -> int:
     try:
         return _run(build_dir, args)
     except (DataError, CheckpointError, PlanError, LaunchError) as err:
-        _say(f"[dsvc] error: {err}")
+        text = " ".join(str(err).split("\n"))  # one line, whatever the message holds
+        # before the process group exists every rank finds the same problem: rank 0 says it;
+        # a data error met while training can be one rank's own (its slice of the file)
+        if _rank() == 0 or (isinstance(err, DataError) and _group_started()):
+            who = "" if _rank() == 0 else f" (rank {_rank()})"
+            print(f"[dsvc] error{who}: {text}", file=sys.stderr, flush=True)
+        if distributed:
+            sys.stdout.flush()
+            if _rank() != 0:
+                # errors found before the first collective are found by every rank: let
+                # rank 0 print its line before torchrun stops the job on the first exit
+                time.sleep(_QUIET_EXIT_DELAY_S)
+            os._exit(EXIT_USER)  # torchrun then stops the other ranks at once
         _shutdown()
         return EXIT_USER
+
+
+def _group_started() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _shutdown() -> None:
@@ -71,76 +123,181 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def load_raw_plan(build_dir: str, args) -> dict:
+    """plan.json with the command line's overrides applied (precision, backend, data)."""
+    path = os.path.join(build_dir, "plan.json")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise LaunchError(f"{build_dir} is not a dsvc build directory (no plan.json)") from None
+    except (OSError, ValueError) as err:
+        raise LaunchError(f"{path} is unreadable ({err}); recompile the spec") from None
+    if args.fp32:
+        raw["precision"] = fp32_precision()
+    if linear_format(raw).startswith("fp8"):
+        raw["precision"]["fp8_backend"] = args.backend or _default_backend(raw)
+    if args.data:
+        raw["train"]["data"] = {"kind": "tokens", "path": os.path.abspath(args.data),
+                                "dtype": args.data_dtype or raw["train"]["data"].get("dtype")
+                                or "uint32"}
+    elif args.data_dtype:
+        raw["train"]["data"]["dtype"] = args.data_dtype
+    return raw
+
+
+def linear_format(raw: dict) -> str:
+    """The format of the plan's linears: "fp8_e4m3", "bf16", "fp32"."""
+    linear = raw["precision"].get("linear", raw["precision"].get("default", "fp32"))
+    return linear.get("format", "fp32") if isinstance(linear, dict) else str(linear)
+
+
+def _default_backend(raw: dict) -> str:
+    """The generated Triton kernels where they can run fast, the torch emulation elsewhere."""
+    import torch
+
+    return "triton" if torch.cuda.is_available() else raw["precision"].get("fp8_backend", "torch")
+
+
+def _stage_factory(build_dir: str):
+    """`build_stage` of this build's generated model.py, if the Trainer accepts a factory."""
+    import importlib.util
+    import inspect
+
+    from .trainer import Trainer
+
+    path = os.path.join(build_dir, "model.py")
+    if "stage_factory" not in inspect.signature(Trainer).parameters or not os.path.isfile(path):
+        return None  # a runtime without the hook builds runtime.model.StageModule itself
+    spec = importlib.util.spec_from_file_location("dsvc_build_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_stage
+
+
 def _run(build_dir: str, args) -> int:
     from . import checkpoint as ckpt
     from . import train_state
     from .console import Console
-    from .launch import init_distributed
     from .plan import parse_plan
-    from .trainer import Trainer
 
-    with open(os.path.join(build_dir, "plan.json")) as f:
-        raw = json.load(f)
-    if args.fp32:
-        raw["precision"] = fp32_precision()
-    if args.backend:
-        if isinstance(raw["precision"].get("linear"), dict):
-            raw["precision"]["fp8_backend"] = args.backend
-    if args.data:
-        raw["train"]["data"]["path"] = os.path.abspath(args.data)
-    steps = args.steps or raw["train"].get("steps") or 1
+    build_dir = os.path.abspath(build_dir)
+    raw = load_raw_plan(build_dir, args)
     plan = parse_plan(raw, os.path.join(build_dir, "plan.json"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = args.steps or raw["train"].get("steps") or 1
+    data = raw["train"]["data"]
+    if data["kind"] == "tokens":  # a missing file or a wrong dtype, before any process group
+        from .data import make_data
+
+        make_data("tokens", vocab=plan.model.vocab, seq_len=plan.train.seq_len,
+                  path=data["path"], dtype=data["dtype"])
+    expected = {"model_hash": train_state.model_hash(raw),
+                "pipeline_layout": train_state.pipeline_layout(raw),
+                "world_size": plan.mesh.world_size, "data": plan.mesh.data}
+    run_dir = os.path.abspath(args.run_dir)
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    start_path, meta = _checkpoint_to_resume(ckpt_root, args.resume, expected)
     if world != plan.mesh.world_size:
         raise LaunchError(
             f"this plan needs {plan.mesh.world_size} processes (pipeline {plan.mesh.pipeline} x "
             f"data {plan.mesh.data}), launched with {world}: run `torchrun --nproc-per-node "
             f"{plan.mesh.world_size} {os.path.join(build_dir, 'train.py')}`")
-    if raw["train"]["data"]["kind"] == "tokens":
-        from .data import make_data
-
-        make_data("tokens", vocab=plan.model.vocab, seq_len=plan.train.seq_len,
-                  path=raw["train"]["data"]["path"], dtype=raw["train"]["data"]["dtype"])
-    ckpt_root = os.path.join(os.path.abspath(args.run_dir), "checkpoints")
-    start_path = ckpt.latest(ckpt_root) if args.resume else None
-    if start_path is not None:
-        ckpt.read_meta(start_path)  # a broken record fails here, before anything runs
     if plan.precision.fp8_backend == "triton":
         from . import fp8
 
         fp8.use_kernels(os.path.join(build_dir, "kernels", "fp8_kernels.py"))
-    init_distributed()
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    trainer = Trainer(plan)
-    expected = {"model_hash": train_state.model_hash(raw),
-                "pipeline_layout": train_state.pipeline_layout(raw),
-                "world_size": world, "data": plan.mesh.data}
+    trainer = _build_trainer(plan, build_dir)
     if start_path is not None:
-        meta = ckpt.read_meta(start_path)
         same_world = meta.get("world_size") == world
         state = train_state.template_for_load(trainer, with_rng=same_world)
         ckpt.load(start_path, state, expected)
         train_state.apply_loaded(trainer, state, with_rng=same_world)
-        _say(f"[dsvc] resumed from {start_path} (step {trainer.step_index})")
+        samples = meta.get("data_samples", trainer.sharder.samples_before(trainer.step_index))
+        trainer.sharder.resume_at(trainer.step_index, int(samples))
+        change = "" if same_world else f" (written by {meta.get('world_size')} processes)"
+        _say(f"[dsvc] resumed from {start_path} at step {trainer.step_index}{change}")
     elif args.resume:
         _say(f"[dsvc] no complete checkpoint in {ckpt_root}: starting from step 0")
-    every = args.checkpoint_every
-    console = Console(os.path.abspath(args.run_dir), steps, trainer.step_index, enabled=rank == 0)
+    if trainer.step_index >= steps:
+        _say(f"[dsvc] nothing to do: at step {trainer.step_index}, asked to train until {steps}")
+        _shutdown()
+        return 0
+    rank = _rank()
+    console = Console(run_dir, steps, trainer.step_index, enabled=rank == 0)
+    console.header(_describe(plan, raw, steps))
+    _train(trainer, plan, steps, console, ckpt_root, expected, args.checkpoint_every)
+    console.summary()
+    _shutdown()
+    return 0
+
+
+def _checkpoint_to_resume(ckpt_root: str, resume: bool, expected: dict):
+    """(path, record) of the checkpoint to resume, checked against this plan; (None, None)
+    for a fresh start, which is refused where it would overwrite another run's checkpoints."""
+    from . import checkpoint as ckpt
+
+    path = ckpt.latest(ckpt_root)
+    if not resume:
+        if path is not None:
+            raise LaunchError(
+                f"{ckpt_root} already holds checkpoints (latest: step "
+                f"{ckpt.complete_steps(ckpt_root)[-1]}): pass --resume to continue that run, "
+                "or choose another --run-dir to start a new one")
+        return None, None
+    if path is None:
+        return None, None
+    meta = ckpt.read_meta(path)
+    ckpt.check_compatible(meta, expected, path)
+    return path, meta
+
+
+def _build_trainer(plan, build_dir: str):
+    from .launch import init_distributed
+    from .mesh import build_mesh
+    from .trainer import Trainer
+
+    mesh = build_mesh(plan, init_distributed())  # this rank's GPU under CUDA, else the CPU
+    factory = _stage_factory(build_dir)
+    if factory is None:
+        return Trainer(plan, mesh)
+    return Trainer(plan, mesh, stage_factory=factory)
+
+
+def _describe(plan, raw: dict, steps: int) -> str:
+    m = plan.mesh
+    gemms = linear_format(raw)
+    if gemms.startswith("fp8"):
+        gemms = {"torch": "FP8 (torch emulation)", "triton": "FP8 (generated Triton kernels)",
+                 "cublas": "FP8 (cuBLAS)"}[plan.precision.fp8_backend]
+    return (f"[dsvc] {plan.train.global_batch} x {plan.train.seq_len} tokens per step, "
+            f"{m.world_size} process{'es' if m.world_size != 1 else ''} (pipeline {m.pipeline} "
+            f"x data {m.data}, experts over {m.expert}), linears {gemms}, until step {steps}")
+
+
+def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, every: int):
+    from . import checkpoint as ckpt
+    from . import train_state
+
+    def save() -> None:
+        record = dict(expected, data_samples=trainer.sharder.samples_before(trainer.step_index))
+        ckpt.save(ckpt_root, trainer.step_index, train_state.state_for_save(trainer), record)
+
     tokens_per_step = plan.train.global_batch * plan.train.seq_len
+    saved = trainer.step_index
     while trainer.step_index < steps:
         t0 = time.perf_counter()
         metrics = trainer.step()
         dt = time.perf_counter() - t0
-        record = {"step": trainer.step_index, "loss": metrics["loss"], "lr": metrics["lr"],
-                  "grad_norm": metrics["grad_norm"], "tokens_per_s": tokens_per_step / dt,
-                  "max_expert_load_ratio": metrics["max_expert_load_ratio"],
-                  "lm_loss": metrics.get("lm_loss"), "mtp_loss": metrics.get("mtp_loss"),
-                  "aux_loss": metrics.get("aux_loss"), "step_time_s": dt}
-        console.log(record)
+        console.log({
+            "step": trainer.step_index, "loss": metrics["loss"], "lr": metrics["lr"],
+            "grad_norm": metrics["grad_norm"], "tokens_per_s": tokens_per_step / dt,
+            "max_expert_load_ratio": metrics["max_expert_load_ratio"],
+            "lm_loss": metrics.get("lm_loss"), "mtp_loss": metrics.get("mtp_loss"),
+            "aux_loss": metrics.get("aux_loss"), "step_time_s": dt,
+        })  # fmt: skip
         if every and trainer.step_index % every == 0:
-            ckpt.save(ckpt_root, trainer.step_index, train_state.state_for_save(trainer), expected)
-    console.summary()
-    _shutdown()
-    return 0
+            save()
+            saved = trainer.step_index
+    if every and saved != trainer.step_index:
+        save()  # the last step, so that a longer run can resume where this one stopped

@@ -10,8 +10,14 @@ Keys (global, the same whichever rank writes them):
   data-parallel degree. (The all-gather holds one full copy of a stage's optimizer
   state per rank for the moment of the save: fine at the sizes this runtime is tested
   at; a production path would write the flat shards as DTensors.)
-- `trainer.step`, `trainer.optimizer_steps`; `data.samples` (the next sample index);
-  `rng.rank<r>` when the world size is unchanged.
+- `trainer.step`, `trainer.optimizer_steps`; `rng.rank<r>` (restored only when the
+  world size is unchanged: another world has other ranks).
+
+The checkpoint's record (dsvc.json, see checkpoint.py) holds what identifies it:
+`model_hash` (the plan's model section only, so a second spec that differs in cluster
+size or data degree resumes it) and `pipeline_layout` (stages per pipeline rank and the
+routed experts per EP rank: what the shards' keys depend on), plus `data_samples`, the
+global sample index the next step reads.
 """
 
 from __future__ import annotations
@@ -38,18 +44,23 @@ def _full(shard, t: torch.Tensor) -> torch.Tensor:
 
 
 def model_hash(plan_raw: dict) -> str:
-    """Identifies the model (architecture and init seed), not how it is laid out."""
+    """Identifies the model's architecture, not how it is laid out or trained: the plan's
+    `model` section only (cluster, parallel plan, precision and schedule may differ)."""
     model = json.dumps(plan_raw["model"], sort_keys=True)
     return hashlib.sha256(model.encode()).hexdigest()
 
 
-def pipeline_layout(plan_raw: dict) -> list:
-    """What a checkpoint's shards depend on besides data parallelism."""
+def pipeline_layout(plan_raw: dict) -> dict:
+    """What a checkpoint's shards depend on besides data parallelism: which pipeline rank
+    holds which stage (layers, embedding, head, MTP; the model copy under DualPipe) and
+    which routed experts each EP rank holds. The schedule is not part of it: the same
+    stages under 1F1B or ZB1P hold the same state."""
     stages = [[s["rank"], s.get("copy", "A"), list(s["layers"]), bool(s["embedding"]),
                bool(s["head"]), bool(s["mtp"])] for s in plan_raw["stages"]]
     experts = {k: v["per_rank"] for k, v in sorted(plan_raw.get("experts", {}).items())}
-    return [plan_raw["mesh"]["pipeline"], stages, json.loads(json.dumps(experts)),
-            plan_raw["schedule"]["kind"]]
+    # through JSON, so that it compares equal to what dsvc.json gives back (lists, not tuples)
+    return json.loads(json.dumps({"pipeline": plan_raw["mesh"]["pipeline"], "stages": stages,
+                                  "experts": experts}))
 
 
 def state_for_save(trainer) -> dict:

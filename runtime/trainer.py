@@ -16,6 +16,8 @@ its parts, lr, grad_norm, max_expert_load_ratio and per-layer loads.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -36,7 +38,7 @@ _SHARED = "embed_tokens.weight"  # held by the embedding stage, the MTP stage an
 class Trainer:
     def __init__(
         self, plan: Plan, mesh: ProcessMesh | None = None, *, _modules=None, _ref_microbatches: int = 1,
-        data_base_dir: str | None = None,
+        data_base_dir: str | None = None, stage_factory=None,
     ):  # fmt: skip
         self.plan = plan
         self.mesh = mesh if mesh is not None else build_mesh(plan)
@@ -44,7 +46,8 @@ class Trainer:
         if _modules is None:
             stages = plan.stages_of_rank(mesh.pp_rank)
             comms = self._comms()
-            self.modules = [StageModule(plan, s, comms) for s in stages]
+            factory = stage_factory or StageModule  # build_stage of a build's model.py
+            self.modules = [factory(plan, s, comms) for s in stages]
             for mod in self.modules:
                 init_parameters(mod, plan.train.seed, plan.model.init_std)
             self._tie_local()
@@ -61,9 +64,22 @@ class Trainer:
             dense, expert, plan.train.optimizer, dtype_of(plan.precision.optimizer_states), mesh,
             shared=shared, skip_norm=skip_norm,
         )  # fmt: skip
-        if _modules is not None or mesh.pp == 1:
+        self.num_microbatches = n_mb
+        sch = plan.schedule
+        paired = sch.kind == "dualpipev" and sch.overlap and sch.actions
+        if _modules is None and (sch.kind == "dualpipe" or paired):
+            # two model copies or overlapped F&B pairs: our executor (torch's has neither)
+            from .dualpipe import ActionExecutor
+
+            self.executor = ActionExecutor(plan, self.modules, mesh)
+        elif _modules is not None or mesh.pp == 1:
             self.executor = LocalExecutor(self.modules, n_mb)
         else:
+            if sch.overlap and mesh.pp > 1:
+                warnings.warn(
+                    f"schedule.overlap needs the schedule's action lists; running {sch.kind} "
+                    "through torch's schedule class without overlap", stacklevel=2,
+                )  # fmt: skip
             self.executor = PipelineExecutor(plan, self.modules, mesh.pp_group, mesh.device)
         t = plan.train
         self.data = make_data(
@@ -109,6 +125,13 @@ class Trainer:
         """Groups of pipeline ranks holding the shared embedding; every rank creates them."""
         plan, mesh = self.plan, self.mesh
         m = plan.model
+        if plan.schedule.kind == "dualpipe" and mesh.pp > 1:
+            # ranks i and PP-1-i hold the same parameters (the two copies); the executor sums
+            # their gradients, the shared embedding included, and only rank i counts them
+            # in the gradient norm
+            if mesh.pp_rank < mesh.pp // 2:
+                return {}, set()
+            return {}, {n for mod in self.modules for n, _ in mod.named_parameters()}
         holder_ranks = sorted(
             {
                 s.rank
@@ -183,26 +206,34 @@ class Trainer:
             load = moe.take_load()
             if self.mesh.dp > 1:
                 dist.all_reduce(load, group=self.mesh.dp_group)
-            moe.update_bias(load)
             loads[name] = load
+        copy_group = getattr(self.executor, "copy_group", None)
+        if copy_group is not None and loads:
+            # DualPipe: each copy of a layer saw half the micro-batches; both take the sum
+            flat = torch.cat(list(loads.values()))
+            dist.all_reduce(flat, group=copy_group)
+            loads = dict(zip(loads, flat.split([len(v) for v in loads.values()])))
+        for name, load in loads.items():
+            self.moe_layers()[name].update_bias(load)
         return loads
 
     def _losses(self) -> dict:
-        """Mean over micro-batches and data-parallel ranks, summed over pipeline stages."""
+        """Mean over micro-batches and data-parallel ranks, summed over pipeline stages
+        (under DualPipe each copy of a stage saw half the step's micro-batches)."""
         depth = self.plan.model.mtp.depth
+        n = self.num_microbatches
         vec = torch.zeros(
             2 + depth, dtype=torch.float64, device=self.mesh.device
         )  # lm, mtp1.., aux
         for mod in self.modules:
             if mod.loss_log:
-                n = len(mod.loss_log)
                 vec[0] += sum(float(e["lm"]) for e in mod.loss_log) / n
                 for k in range(1, depth + 1):
                     vec[k] += sum(float(e[f"mtp{k}"]) for e in mod.loss_log) / n
                 mod.loss_log.clear()
         for moe in self.moe_layers().values():
             if moe.aux_values:
-                vec[-1] += sum(float(a) for a in moe.aux_values) / len(moe.aux_values)
+                vec[-1] += sum(float(a) for a in moe.aux_values) / n
                 moe.aux_values.clear()
         if self.mesh.distributed:
             dist.all_reduce(vec)

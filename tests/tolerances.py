@@ -31,6 +31,12 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     # ... and routed-expert gradients at step 0, whose token tiles the EP dispatch regroups:
     # bounded by one e4m3 step (3 mantissa bits: 2**-4 relative); measured 4.2e-2
     "fp8_emulation_expert_grad": (2.0**-4, 0.0),
+    # a compiled trainer's losses with the generated Triton kernels (TRITON_INTERPRET=1) vs the
+    # torch emulation, same weights and batches (tests/test_train_small.py), rtol only. Scales
+    # agree bit for bit, but fp32 summation order differs, so bf16 GEMM outputs can differ by
+    # an ulp, re-quantise to a neighbouring e4m3 code, and a near-tied router choice can flip;
+    # measured 3.5e-4 at steps 1 and 2. A broken kernel (scale, tile, transpose) is off by >1e-2.
+    "fp8_triton_vs_torch_loss": (1e-3, 0.0),
     # runtime, one rank: RoPE, norms and attention vs straightforward torch formulas
     "runtime_layer": (1e-5, 1e-6),
     # dsvc report vs published figures (issue 3): DeepSeek-V3 total params, training FLOPs

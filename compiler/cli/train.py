@@ -1,20 +1,25 @@
 """`dsvc train SPEC [--steps N] [--run-dir DIR] [--resume]`: compile (cached) and launch.
 
-The build is cached by the spec's content hash (sources and includes), so a
-second run of the same spec compiles nothing. The trainer is launched with
-torchrun semantics (`torch.distributed.run --standalone`) at the world size
-the plan needs: gloo on CPU, NCCL when CUDA is present. Afterwards the loss
-curve is drawn from RUN_DIR/metrics.jsonl into RUN_DIR/loss.png.
+The build is cached by the spec's content hash (sources and includes) and the
+dsvc toolchain that compiled it, so a second run of the same spec compiles
+nothing. The trainer is launched with torchrun semantics
+(`torch.distributed.run --standalone`) at the world size the plan needs: gloo
+on CPU, NCCL when CUDA is present. torchrun runs inside this module's own
+`__main__` so that a failed job ends with the trainer's one-line message and
+an exit code, not torchrun's traceback. Afterwards the loss curve is drawn from
+RUN_DIR/metrics.jsonl into RUN_DIR/loss.png.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 
 
 def add_arguments(p) -> None:
     p.add_argument("spec", metavar="SPEC", help=".dsv spec")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the spec's train.steps)")
+    p.add_argument("--steps", type=int, help="train until this step (default: the spec's "
+                   "train.steps)")
     p.add_argument("--run-dir", metavar="DIR", help="metrics, checkpoints, loss.png "
                    "(default: runs/MODEL)")
     p.add_argument("--resume", action="store_true",
@@ -27,6 +32,28 @@ def add_arguments(p) -> None:
 
 def cache_root() -> str:
     return os.environ.get("DSVC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsvc")
+
+
+def _token_file(spec) -> str | None:
+    """The spec's token file as an absolute path (relative to the spec), checked to exist."""
+    data = spec.train.data
+    if data.kind != "tokens":
+        return None
+    path = data.path
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(spec.file)), path)
+    if not os.path.isfile(path):
+        from dsl.diagnostics import Diagnostic, SpecError
+
+        span = spec.span("train.data")
+        try:  # the line itself, for the caret
+            source = pathlib.Path(span.file).read_text() if span else None
+        except OSError:
+            source = None
+        raise SpecError([Diagnostic("error", f"token file not found: {path}", span,
+                                    "a path in tokens(...) is relative to the spec's directory",
+                                    source)])
+    return path
 
 
 def run(args) -> int:
@@ -45,12 +72,13 @@ def run(args) -> int:
     if spec.train is None or spec.parallel is None or spec.cluster is None:
         missing = [b for b in ("cluster", "parallel", "train") if getattr(spec, b) is None]
         raise UsageError(f"{args.spec} has no {', '.join(missing)} block: nothing to train")
+    data_path = _token_file(spec)
     build_dir = args.build_dir or os.path.join(cache_root(), "builds",
                                                f"{spec.model.name}-{spec.content_hash[:16]}")
-    build_cached(spec, build_dir)
+    compiled = build_cached(spec, build_dir)
     run_dir = os.path.abspath(args.run_dir or os.path.join("runs", spec.model.name))
     world = spec.cluster.world_size
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "compiler.cli.train", "--standalone",
            f"--nproc-per-node={world}", os.path.join(build_dir, "train.py"),
            "--run-dir", run_dir]
     if args.steps is not None:
@@ -59,17 +87,16 @@ def run(args) -> int:
         cmd.append("--resume")
     if args.fp32:
         cmd.append("--fp32")
-    if spec.train.data.kind == "tokens":
-        path = spec.train.data.path
-        if not os.path.isabs(path):
-            path = os.path.join(os.path.dirname(os.path.abspath(spec.file)), path)
-        cmd += ["--data", path]
+    if data_path is not None:
+        cmd += ["--data", data_path]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # world-size processes share the cores
-    print(f"dsvc train: {world} processes, build {build_dir}, run {run_dir}", file=sys.stderr)
-    proc = subprocess.run(cmd, env=env)
+    how = "compiled" if compiled is not None else "cached"
+    print(f"dsvc train: {world} process{'es' if world != 1 else ''}, build {build_dir} ({how}), "
+          f"run {run_dir}", file=sys.stderr)
+    proc = subprocess.run(cmd, check=False, env=env)
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(metrics):
+    if proc.returncode == 0 and os.path.exists(metrics):
         from compiler.plots import draw_loss
 
         try:
@@ -77,4 +104,33 @@ def run(args) -> int:
             print(f"dsvc train: loss curve in {out}", file=sys.stderr)
         except ValueError as err:
             print(f"dsvc train: no loss curve ({err})", file=sys.stderr)
-    return proc.returncode if proc.returncode >= 0 else 1
+    elif proc.returncode != 0:
+        print(f"dsvc train: training failed (exit code {proc.returncode})", file=sys.stderr)
+    return proc.returncode if proc.returncode > 0 else 1 if proc.returncode else 0
+
+
+def launch_torchrun(argv: list[str]) -> int:
+    """`torch.distributed.run` with `argv`; a failed worker gives its exit code, not a traceback.
+
+    The workers print their own errors (one line for a user error, the traceback for a
+    bug); torchrun's report of the same failure would only bury them."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    if not os.environ.get("DSVC_DEBUG"):
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        main(argv)
+    except ChildFailedError as err:
+        codes = [f.exitcode for f in err.failures.values()]
+        first = min(err.failures.values(), key=lambda f: f.timestamp)
+        return first.exitcode if first.exitcode > 0 else max(max(codes), 1)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(launch_torchrun(sys.argv[1:]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import keyword
 import os
 import pathlib
 import shutil
@@ -65,10 +66,48 @@ def _kernel_config(spec, graph):
 
 
 def _line_span(spec, path: str):
+    """First and last line of block `path` in its file: the block's own span and every
+    field span recorded under it (the parser records a block by its header line)."""
     span = spec.span(path)
     if span is None or span.line <= 0:
         return None
-    return (span.line, max(span.end_line, span.line))
+    last = max(span.end_line, span.line)
+    for key, sub in spec.spans.items():
+        if key.startswith(path + ".") and sub.file == span.file:
+            last = max(last, sub.line, sub.end_line)
+    return (span.line, last)
+
+
+def _check_names(spec) -> None:
+    """Refuse, before anything is rendered, a name that would not be a plain identifier.
+
+    The parser already rejects such names; this is the compiler's own guard, because
+    names are the only user text that reaches generated code outside a string literal
+    or an escaped comment."""
+    from dsl.diagnostics import Diagnostic, SpecError
+
+    m = spec.model
+    names = [("model", m.name)]
+    names += [(f"model.attention.{a}", a) for a in sorted(m.attentions)]
+    names += [(f"model.ffn.{f}", f) for f in sorted(m.ffns)]
+    bad = [Diagnostic("error", f"{name!r} cannot become a Python identifier in generated code",
+                      spec.span(path), "use letters, digits and underscores, not a keyword")
+           for path, name in names
+           if not (name.isascii() and name.isidentifier() and not keyword.iskeyword(name))]
+    if bad:
+        raise SpecError(bad)
+
+
+def _check_python(files: dict[str, bytes]) -> None:
+    """Every generated Python file must parse: a failure here is a compiler bug."""
+    import ast
+
+    for rel, data in files.items():
+        if rel.endswith(".py") and not rel.startswith("runtime/"):
+            try:
+                ast.parse(data.decode("utf-8"), filename=rel)
+            except SyntaxError as err:
+                raise AssertionError(f"dsvc generated invalid Python in {rel}: {err}") from None
 
 
 def _schedule_section(spec, plan: dict) -> tuple[dict, object]:
@@ -85,6 +124,8 @@ def _schedule_section(spec, plan: dict) -> tuple[dict, object]:
 
 
 def _stage_summary(spec, stage: dict) -> dict:
+    from compiler.codegen.render import comment_safe
+
     m = spec.model
     parts = []
     if stage["embedding"]:
@@ -100,8 +141,10 @@ def _stage_summary(spec, stage: dict) -> dict:
     for i in layers:
         ls = m.layers[i]
         span = spec.span(f"model.layers.{i}")
+        where = f"{_spec_file(spec)}:{span.line}" if span else _spec_file(spec)
+        # the file name is user text: it reaches the comment escaped, on one line
         rows.append({"index": i, "what": f"{ls.attention} + {ls.ffn}",
-                     "source": f"{_spec_file(spec)}:{span.line}" if span else _spec_file(spec)})
+                     "source": comment_safe(where)})
     return {"index": stage["index"], "rank": stage["rank"], "copy_name": stage["copy"],
             "summary": ", ".join(parts) or "nothing", "embedding": stage["embedding"],
             "head": stage["head"], "mtp": stage["mtp"] and m.mtp.depth > 0,
@@ -122,6 +165,7 @@ def render_files(spec, expert_load: str | None = None) -> dict[str, bytes]:
         raise SpecError([Diagnostic("error", f"cannot compile a trainer: no {', '.join(missing)} "
                                     "block", spec.span("model"),
                                     "a trainer needs a cluster, a parallel plan and a train block")])
+    _check_names(spec)
     graph = run_until(spec, "insert_comm", expert_load=expert_load)
     plan = emit_plan(graph)
     plan["schedule"], sched = _schedule_section(spec, plan)
@@ -132,7 +176,7 @@ def render_files(spec, expert_load: str | None = None) -> dict[str, bytes]:
     files["plan.json"] = (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode()
     files["kernels/fp8_kernels.py"] = render_kernels(_kernel_config(spec, graph)).encode()
     files["kernels/__init__.py"] = b""
-    common = dict(spec_file=_spec_file(spec), passes=passes, tile_config=None)
+    common = {"spec_file": _spec_file(spec), "passes": passes, "tile_config": None}
     stages = [_stage_summary(spec, s) for s in plan["stages"]]
     files["model.py"] = render_generated(
         "model.py.jinja", span=_line_span(spec, "model"), model_name=spec.model.name,
@@ -143,9 +187,11 @@ def render_files(spec, expert_load: str | None = None) -> dict[str, bytes]:
         world=spec.cluster.world_size, pipeline=p.pipeline, data=p.data,
         checkpoint_every=t.checkpoint.every, **common).encode()
     from compiler import __version__
+    from compiler.codegen.render import comment_safe
 
     files["README.md"] = _render_plain("build_readme.md.jinja", model_name=spec.model.name,
-                                       version=__version__, spec_file=_spec_file(spec),
+                                       version=__version__,
+                                       spec_file=comment_safe(_spec_file(spec)),
                                        spec_hash=spec.content_hash[:16],
                                        world=spec.cluster.world_size, pipeline=p.pipeline,
                                        data=p.data, expert=p.expert, schedule=p.schedule,
@@ -157,10 +203,27 @@ def render_files(spec, expert_load: str | None = None) -> dict[str, bytes]:
             continue
         rel = path.relative_to(RUNTIME_DIR.parent).as_posix()
         files[rel] = path.read_bytes()
+    _check_python(files)
     manifest = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
-    files[BUILD_MARKER] = (json.dumps({"spec_hash": spec.content_hash, "files": manifest},
-                                      indent=1, sort_keys=True) + "\n").encode()
+    marker = {"spec_hash": spec.content_hash, "toolchain": toolchain_hash(), "files": manifest}
+    files[BUILD_MARKER] = (json.dumps(marker, indent=1, sort_keys=True) + "\n").encode()
     return files
+
+
+def toolchain_hash() -> str:
+    """What else a build depends on: dsvc's version, its compiler, templates and runtime.
+
+    A cached build of an unchanged spec is stale once any of them changes."""
+    from compiler import __version__
+
+    compiler_dir = pathlib.Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256(__version__.encode() + b"\0")
+    for root in (compiler_dir, RUNTIME_DIR):
+        for path in sorted(root.rglob("*")):
+            if path.suffix in (".py", ".jinja") and "__pycache__" not in path.parts:
+                digest.update(path.relative_to(root.parent).as_posix().encode() + b"\0")
+                digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _render_plain(name: str, **context) -> str:
@@ -221,19 +284,31 @@ def build(spec, out_dir: str, expert_load: str | None = None) -> BuildResult:
     files = render_files(spec, expert_load)
     write_tree(files, out_dir)
     p = spec.parallel
-    summary = (f"{len(files)} files; {spec.cluster.world_size} processes (pipeline {p.pipeline} x "
-               f"data {p.data}, experts over {p.expert}); launch: torchrun --nproc-per-node "
-               f"{spec.cluster.world_size} {os.path.join(out_dir, 'train.py')}")
+    world = spec.cluster.world_size
+    summary = (f"{len(files)} files; {world} process{'es' if world != 1 else ''} "
+               f"(pipeline {p.pipeline} x data {p.data}, experts over {p.expert}); launch: "
+               f"torchrun --nproc-per-node {world} {os.path.join(out_dir, 'train.py')}")
     return BuildResult(out_dir, tuple(sorted(files)), summary)
 
 
 def build_cached(spec, out_dir: str) -> BuildResult | None:
-    """Compile into `out_dir` unless it already holds the build of this exact spec."""
-    marker = pathlib.Path(out_dir) / BUILD_MARKER
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()).get("spec_hash") == spec.content_hash:
-                return None
-        except (OSError, ValueError):
-            pass
+    """Compile into `out_dir` unless it already holds an intact build of this exact spec
+    by this exact dsvc; returns None when the cached build was kept."""
+    if is_current_build(out_dir, spec.content_hash):
+        return None
     return build(spec, out_dir)
+
+
+def is_current_build(out_dir: str, spec_hash: str) -> bool:
+    """True when `out_dir` is a build of `spec_hash` by this toolchain, every file intact."""
+    root = pathlib.Path(out_dir)
+    try:
+        marker = json.loads((root / BUILD_MARKER).read_text())
+        if marker.get("spec_hash") != spec_hash or marker.get("toolchain") != toolchain_hash():
+            return False
+        for rel, digest in marker["files"].items():
+            if hashlib.sha256((root / rel).read_bytes()).hexdigest() != digest:
+                return False  # edited or damaged since: rebuild
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return True

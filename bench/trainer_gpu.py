@@ -1,0 +1,263 @@
+"""A compiled trainer on one GPU: FP8 with the generated kernels beside BF16 eager.
+
+    python bench/trainer_gpu.py [--build DIR] [--steps 6] [--warmup 2] [--autotune]
+    python bench/trainer_gpu.py --cpu-smoke     (checks this script on a CPU: a tiny
+                                                 build, the kernels under TRITON_INTERPRET=1)
+
+Trains the ~1.1B-parameter DeepSeek-V3-like model of tests/train_specs/bench_1b.dsv
+(MLA, 1 dense + 11 MoE layers of 24 routed + 1 shared experts, 4 per token, MTP
+depth 1; 8 sequences of 2048 tokens per step) through the build directory's own
+runtime, in the same process, twice from the same initial weights and batches:
+
+- fp8:  the spec's precision (FP8 e4m3 linears and expert GEMMs, 1x128 / 128x128
+        scales) with the build's generated Triton kernels (`runtime.fp8.use_kernels`);
+- bf16: the same model with every linear in BF16 (torch matmuls), eager.
+
+For each it prints the median step time, tokens/s, model TFLOP/s, MFU and peak
+memory. Model FLOPs per token follow REFERENCE.md's convention (6 x matmul
+parameters touched per token, output head included, embedding excluded, plus the
+causal attention products x 3), with the MTP module's own block and head counted
+because it trains; MFU divides by the card's dense BF16 peak (989 TFLOP/s on
+H100/H200/H800) for both runs. The build is compiled here when `--build` is not
+given (needs dsvc); on a machine without the compiler pass a build compiled
+elsewhere. Without CUDA (and without --cpu-smoke) it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SPEC = ROOT / "tests" / "train_specs" / "bench_1b.dsv"
+SMOKE_SPEC = ROOT / "tests" / "train_specs" / "kernels1.dsv"
+# dense peaks (TFLOP/s) by device name: (bf16, fp8)
+PEAKS = {"H200": (989.0, 1979.0), "H100": (989.0, 1979.0), "H800": (989.0, 1979.0)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--build", help="a compiled build directory (default: compile --spec)")
+    p.add_argument("--spec", default=str(SPEC), help="spec to compile when --build is not given")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel compiles)")
+    p.add_argument("--modes", default="fp8,bf16", help="comma-separated: fp8, bf16")
+    p.add_argument(
+        "--autotune",
+        action="store_true",
+        help="let triton.autotune search tile configs (slow first steps); default: "
+        "launch the configs the compiler chose",
+    )
+    p.add_argument("--peak-tflops", type=float, help="dense BF16 peak for MFU (default: by name)")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--cpu-smoke", action="store_true", help="check this script on a CPU")
+    return p.parse_args(argv)
+
+
+def compile_build(spec: str, out: str) -> str:
+    try:
+        import dsl
+        from compiler.codegen.build import build_cached
+    except ImportError as err:
+        sys.exit(
+            f"trainer_gpu: cannot compile {spec} here ({err}); compile it where dsvc is "
+            "installed (dsvc compile SPEC -o DIR) and pass --build DIR"
+        )
+    build_cached(dsl.load(spec), out)
+    return out
+
+
+def flops_per_token(raw: dict) -> float:
+    """Training FLOPs per token (REFERENCE.md's convention, MTP modules included)."""
+    m, seq = raw["model"], raw["train"]["seq_len"]
+    d = m["hidden"]
+
+    def attention(a):
+        if a["kind"] == "mla":
+            qk = a["qk_nope_dim"] + a["qk_rope_dim"]
+            q = (
+                d * a["q_lora_rank"] + a["q_lora_rank"] * a["heads"] * qk
+                if a["q_lora_rank"]
+                else d * a["heads"] * qk
+            )
+            kv = d * (a["kv_lora_rank"] + a["qk_rope_dim"]) + a["kv_lora_rank"] * a["heads"] * (
+                a["qk_nope_dim"] + a["v_dim"]
+            )
+            matmul, v = q + kv + a["heads"] * a["v_dim"] * d, a["v_dim"]
+        else:
+            qk = v = a["head_dim"]
+            matmul = d * qk * (a["heads"] + 2 * a["kv_heads"]) + a["heads"] * qk * d
+        core = 2 * a["heads"] * (qk + v) * seq / 2  # scores and values, causal
+        return matmul, core
+
+    def ffn(f):
+        if f["kind"] == "dense":
+            return 3 * d * f["intermediate"]
+        shared = f["shared"] * 3 * d * f.get("shared_intermediate", f["intermediate"])
+        return f["top_k"] * 3 * d * f["intermediate"] + shared + d * f["routed"]
+
+    head = d * m["vocab"]
+    layers = list(m["layers"])
+    depth = m.get("mtp", {}).get("depth", 0)
+    if depth:  # each MTP module: eh_proj, one block (the last layer's kinds), the shared head
+        layers += [layers[-1]] * depth
+    matmul, core = head * (1 + depth) + depth * 2 * d * d, 0.0
+    for layer in layers:
+        am, ac = attention(m["attention"][layer["attention"]])
+        matmul += am + ffn(m["ffn"][layer["ffn"]])
+        core += ac
+    return 6 * matmul + 3 * core
+
+
+def bf16_precision(raw: dict) -> dict:
+    """The spec's policy with every linear, dispatch and combine in BF16."""
+    prec = copy.deepcopy(raw["precision"])
+    prec.update(linear="bf16", linear_overrides={}, dispatch="bf16", combine="bf16")
+    prec.pop("fp8_backend", None)
+    return prec
+
+
+def run_mode(build: str, raw: dict, mode: str, device, args) -> dict:
+    import torch
+
+    from runtime import fp8
+    from runtime.mesh import build_mesh
+    from runtime.plan import parse_plan
+    from runtime.trainer import Trainer
+
+    r = copy.deepcopy(raw)
+    if mode == "bf16":
+        r["precision"] = bf16_precision(raw)
+        fp8.use_kernels(None)
+    else:
+        r["precision"]["fp8_backend"] = "triton"
+        fp8.use_kernels(os.path.join(build, "kernels", "fp8_kernels.py"))
+    plan = parse_plan(r, os.path.join(build, "plan.json"))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer = Trainer(plan, build_mesh(plan, device))
+    setup_s = time.perf_counter() - t0
+    losses, times = [], []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        metrics = trainer.step()  # ends with host reads of the loss: synchronised
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        losses.append(metrics["loss"])
+        if i >= args.warmup:
+            times.append(dt)
+        print(f"  {mode} step {i + 1}: {dt:.3f} s, loss {metrics['loss']:.4f}", flush=True)
+    step_s = statistics.median(times)
+    tokens = plan.train.global_batch * plan.train.seq_len
+    out = {
+        "mode": mode,
+        "setup_s": setup_s,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "losses": losses,
+    }
+    if device.type == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    del trainer
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cpu_smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+    import torch
+
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print(
+            "trainer_gpu: no CUDA device here; nothing to measure "
+            "(`--cpu-smoke` checks the script on a CPU)"
+        )
+        return 0
+    if not args.autotune:
+        os.environ.setdefault("DSVC_FP8_AUTOTUNE", "0")
+    if args.cpu_smoke:
+        args.steps, args.warmup = min(args.steps, 1), 0
+        build = args.build or compile_build(str(SMOKE_SPEC), tempfile.mkdtemp(prefix="dsvc-smk"))
+        device = torch.device("cpu")
+        torch.set_num_threads(1)
+    else:
+        build = args.build or compile_build(args.spec, str(ROOT / "build" / "bench_1b"))
+        device = torch.device("cuda")
+    build = os.path.abspath(build)
+    sys.path.insert(0, build)  # the build's own runtime copy, as its train.py would use
+    with open(os.path.join(build, "plan.json")) as f:
+        raw = json.load(f)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v[0] for k, v in PEAKS.items() if k in name), None)
+    fpt = flops_per_token(raw)
+    t = raw["train"]
+    print(
+        f"trainer_gpu: {raw['source'].get('spec')} on {name}; {t['global_batch']} x "
+        f"{t['seq_len']} tokens per step; {fpt / 1e9:.2f} GFLOP per token; torch "
+        f"{torch.__version__}; autotune {'on' if args.autotune else 'off'}",
+        flush=True,
+    )
+    results = []
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        try:
+            res = run_mode(build, raw, mode, device, args)
+        except Exception as err:  # noqa: BLE001 - report the mode's failure, run the next
+            import traceback
+
+            traceback.print_exc()
+            res = {"mode": mode, "error": f"{type(err).__name__}: {err}"}
+        results.append(res)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _print_table(results, fpt, peak)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": name, "flops_per_token": fpt, "peak_tflops": peak, "results": results},
+                f,
+                indent=1,
+            )
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def _print_table(results: list[dict], fpt: float, peak: float | None) -> None:
+    print(
+        "\n| mode | step (s) | tokens/s | model TFLOP/s | MFU | peak mem (GB) | loss first -> last |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['mode']} | failed: {r['error']} | | | | | |")
+            continue
+        tflops = fpt * r["tokens_per_s"] / 1e12
+        mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+        mem = f"{r['peak_mem_gb']:.1f}" if "peak_mem_gb" in r else "n/a"
+        print(
+            f"| {r['mode']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {tflops:.1f} | "
+            f"{mfu} | {mem} | {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} |"
+        )
+    ok = {r["mode"]: r for r in results if "error" not in r}
+    if "fp8" in ok and "bf16" in ok:
+        speed = ok["fp8"]["tokens_per_s"] / ok["bf16"]["tokens_per_s"]
+        first = ok["fp8"]["losses"][0] / ok["bf16"]["losses"][0] - 1
+        print(
+            f"\nfp8 / bf16 tokens/s: {speed:.2f}x; first-step loss fp8 vs bf16: {first:+.2e} "
+            f"(relative)"
+        )
+    if peak:
+        print(f"MFU against the dense BF16 peak of {peak:.0f} TFLOP/s for both modes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""`dsvc compile`: the build directory, golden model.py/train.py, determinism, refusals.
+
+What must hold (issue 9): every file of a build is rendered before any is
+written; compiling twice gives the same bytes; the generated Python parses and
+is left unchanged by the project's formatter; user text never reaches generated
+code unescaped; `-o` never replaces a directory that is not a dsvc build; the
+`dsvc train` cache notices a changed spec, toolchain or build file.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import dsl
+from compiler.cli import main as dsvc
+from compiler.codegen import build as build_mod
+from dsl.diagnostics import SpecError
+from tests.golden import check_golden
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples" / "tiny.dsv"
+W1 = ROOT / "tests" / "train_specs" / "w1.dsv"
+GENERATED = ("model.py", "train.py", "kernels/fp8_kernels.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_files():
+    return build_mod.render_files(dsl.load(str(TINY)))
+
+
+def test_golden_model_and_train(tiny_files):
+    check_golden("build/tiny_model.py.txt", tiny_files["model.py"].decode())
+    check_golden("build/tiny_train.py.txt", tiny_files["train.py"].decode())
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_generated_python_parses_and_is_formatted(tiny_files, name, tmp_path):
+    text = tiny_files[name].decode()
+    ast.parse(text)
+    path = tmp_path / pathlib.Path(name).name
+    path.write_text(text)
+    proc = subprocess.run(  # noqa: PLW1510 - the exit code is the test
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "format",
+            "--check",
+            "--config",
+            str(ROOT / "pyproject.toml"),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, f"ruff format would change {name}:\n{proc.stdout}{proc.stderr}"
+
+
+def test_provenance_headers(tiny_files):
+    model = tiny_files["model.py"].decode().splitlines()
+    train = tiny_files["train.py"].decode().splitlines()
+    assert model[0] == train[0] == "# generated: do not edit"
+    # the block the file came from (header to last field), not only its first line
+    assert model[1] == "# source: tiny.dsv lines 7-43"
+    assert train[1] == "# source: tiny.dsv lines 69-78"
+    for name in GENERATED:
+        head = tiny_files[name].decode().splitlines()[:6]
+        assert any(line.startswith("# content hash: sha256:") for line in head), name
+
+
+def test_compile_is_deterministic(tiny_files):
+    again = build_mod.render_files(dsl.load(str(TINY)))
+    assert sorted(again) == sorted(tiny_files)
+    differ = [name for name in again if again[name] != tiny_files[name]]
+    assert differ == []
+
+
+def test_build_directory_contents(tmp_path):
+    out = tmp_path / "b"
+    assert dsvc(["compile", str(W1), "-o", str(out)]) == 0
+    for name in (
+        "plan.json",
+        "model.py",
+        "train.py",
+        "README.md",
+        "report.md",
+        "schedule.png",
+        "kernels/fp8_kernels.py",
+        "runtime/loop.py",
+        build_mod.BUILD_MARKER,
+    ):
+        assert (out / name).is_file(), name
+    runtime_src = ROOT / "runtime"
+    for path in runtime_src.glob("*.py"):
+        assert (out / "runtime" / path.name).read_bytes() == path.read_bytes(), path.name
+    marker = json.loads((out / build_mod.BUILD_MARKER).read_text())
+    for rel, digest in marker["files"].items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest, rel
+    readme = (out / "README.md").read_text()
+    assert "torchrun --nproc-per-node 1 train.py" in readme
+    assert (out / "schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # generated model.py builds the stage the trainer asks for, by the plan's Stage
+    assert "def build_stage(plan, stage, comms=None):" in (out / "model.py").read_text()
+
+
+def test_compile_refuses_a_directory_that_is_not_a_build(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    assert dsvc(["compile", str(W1), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not a dsvc build" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "precious"
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    assert dsvc(["compile", str(W1), "-o", str(afile)]) == 2
+    assert afile.read_text() == "x"
+
+
+def test_compile_replaces_a_previous_build(tmp_path):
+    out = tmp_path / "b"
+    assert dsvc(["compile", str(W1), "-o", str(out)]) == 0
+    (out / "stale.txt").write_text("from an older compile")
+    assert dsvc(["compile", str(W1), "-o", str(out)]) == 0
+    assert not (out / "stale.txt").exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "b"]
+    assert leftovers == []  # no temporary or old directory left beside it
+
+
+def _spec_copy(tmp_path, name: str, edit=lambda text: text) -> pathlib.Path:
+    """w1.dsv and small.dsv copied into tmp_path, the main file under `name`."""
+    src = W1.parent
+    shutil.copy(src / "small.dsv", tmp_path / "small.dsv")
+    path = tmp_path / name
+    path.write_text(edit((src / "w1.dsv").read_text()))
+    return path
+
+
+def test_spec_file_name_cannot_inject_code(tmp_path):
+    evil = 'x\nimport os; os.system("echo PWNED")\n#.dsv'
+    spec = _spec_copy(tmp_path, evil)
+    files = build_mod.render_files(dsl.load(str(spec)))
+    for name in GENERATED:
+        text = files[name].decode()
+        tree = ast.parse(text)
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "system"]
+        assert calls == [], f"{name}: the spec's file name became code"
+        assert "\\nimport os" in text or name == "kernels/fp8_kernels.py"  # escaped, kept
+
+
+def test_token_path_reaches_only_plan_json(tmp_path):
+    path = 'data/a"); import os; #\n.bin'
+    spec = _spec_copy(tmp_path, "w1.dsv", lambda t: t)
+    small = (tmp_path / "small.dsv").read_text()
+    escaped = path.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    small = small.replace("data = synthetic", f'data = tokens("{escaped}", dtype = uint16)')
+    (tmp_path / "small.dsv").write_text(small)
+    loaded = dsl.load(str(spec))
+    assert loaded.train.data.path == path
+    files = build_mod.render_files(loaded)
+    assert json.loads(files["plan.json"])["train"]["data"]["path"] == path
+    for name in GENERATED:
+        assert b"import os; #" not in files[name], name
+
+
+@pytest.mark.parametrize("bad", ["class", "None", "x-y", "naïve", "import"])
+def test_names_that_are_not_identifiers_are_refused_before_any_file(tmp_path, bad):
+    spec = dsl.load(str(W1))
+    # the parser refuses these already; build.py must refuse them on its own too
+    evil = spec.model_copy(update={"model": spec.model.model_copy(update={"name": bad})})
+    out = tmp_path / "b"
+    with pytest.raises(SpecError, match="cannot become a Python identifier"):
+        build_mod.build(evil, str(out))
+    assert not out.exists()
+
+
+def test_keyword_model_name_is_a_spec_error_through_the_cli(tmp_path, capsys):
+    spec = _spec_copy(tmp_path, "w1.dsv")
+    small = tmp_path / "small.dsv"
+    small.write_text(small.read_text().replace("model small {", "model lambda {"))
+    out = tmp_path / "b"
+    assert dsvc(["compile", str(spec), "-o", str(out)]) == 1
+    assert "'lambda' cannot be used as a name" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_build_cache_notices_changes(tmp_path, monkeypatch):
+    spec = dsl.load(str(W1))
+    out = tmp_path / "b"
+    assert build_mod.build_cached(spec, str(out)) is not None  # compiled
+    assert build_mod.build_cached(spec, str(out)) is None  # cached
+    (out / "model.py").write_text("edited\n")
+    assert build_mod.build_cached(spec, str(out)) is not None  # an edited file: rebuilt
+    assert (out / "model.py").read_text() != "edited\n"
+    monkeypatch.setattr(build_mod, "toolchain_hash", lambda: "another dsvc")
+    assert build_mod.build_cached(spec, str(out)) is not None  # another toolchain: rebuilt
+    other = spec.model_copy(update={"content_hash": "0" * 64})
+    assert not build_mod.is_current_build(str(out), other.content_hash)

@@ -1,0 +1,215 @@
+"""Bad input to a compiled trainer: one clear line, a non-zero exit, nothing overwritten.
+
+A missing token file, a token file of the wrong dtype, a corrupt checkpoint, a
+launch with the wrong world size, a fresh start over another run's
+checkpoints, and (through `dsvc train`) a spec naming a missing token file.
+Each case checks the message, the exit code and that the run directory is
+byte for byte what it was.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from compiler.cli import main as dsvc
+from tests.test_train_support import (
+    ROOT,
+    SPECS,
+    child_env,
+    compile_spec,
+    error_lines,
+    train_here,
+)
+
+
+@pytest.fixture(scope="module")
+def w1(tmp_path_factory):
+    return compile_spec(SPECS / "w1.dsv", tmp_path_factory.mktemp("w1") / "build")
+
+
+@pytest.fixture(scope="module")
+def trained(w1, tmp_path_factory):
+    """A run directory with metrics and a complete checkpoint at step 2."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert train_here(w1, "--run-dir", str(run), "--steps", "2", "--checkpoint-every", "2") == 0
+    return run
+
+
+def _snapshot(root) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def _fails_cleanly(capsys, build, run, *args, expect: str) -> None:
+    before = _snapshot(run) if os.path.exists(run) else None
+    capsys.readouterr()
+    assert train_here(build, "--run-dir", str(run), *args) == 1
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("[dsvc] error: "), err
+    assert expect in lines[0], lines[0]
+    assert "Traceback" not in err
+    if before is None:
+        assert not os.path.exists(run)
+    else:
+        assert _snapshot(run) == before
+
+
+def test_missing_token_file(w1, trained, tmp_path, capsys):
+    missing = str(tmp_path / "nowhere.bin")
+    _fails_cleanly(
+        capsys,
+        w1,
+        trained,
+        "--resume",
+        "--data",
+        missing,
+        expect=f"token file not found: '{missing}'",
+    )
+
+
+def test_token_file_with_the_wrong_dtype(w1, trained, tmp_path, capsys):
+    ids = (np.arange(4096) * 7 % 256).astype(np.uint32)  # valid ids, written as uint32
+    path = tmp_path / "tokens.bin"
+    ids.tofile(path)
+    _fails_cleanly(
+        capsys,
+        w1,
+        trained,
+        "--resume",
+        "--data",
+        str(path),
+        "--data-dtype",
+        "uint16",
+        expect="is the dtype right (uint32)?",
+    )
+    # uint16 ids read as uint32 pair up into ids far outside the vocabulary
+    ids.astype(np.uint16).tofile(path)
+    _fails_cleanly(
+        capsys,
+        w1,
+        trained,
+        "--resume",
+        "--data",
+        str(path),
+        "--data-dtype",
+        "uint32",
+        expect="may hold uint16 tokens",
+    )
+    # and the right dtype trains
+    assert (
+        train_here(
+            w1,
+            "--run-dir",
+            str(tmp_path / "ok"),
+            "--steps",
+            "1",
+            "--data",
+            str(path),
+            "--data-dtype",
+            "uint16",
+        )
+        == 0
+    )
+
+
+def test_corrupt_checkpoint_data(w1, trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    step = run / "checkpoints" / "step_00000002"
+    for name in os.listdir(step):
+        if name.endswith(".distcp"):
+            with open(step / name, "r+b") as f:
+                f.truncate(100)
+    _fails_cleanly(capsys, w1, run, "--resume", "--steps", "4", expect="is corrupt or incomplete")
+
+
+def test_corrupt_checkpoint_record(w1, trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "checkpoints" / "step_00000002" / "dsvc.json").write_text("{half a rec")
+    _fails_cleanly(capsys, w1, run, "--resume", "--steps", "4", expect="dsvc.json is unreadable")
+
+
+def test_fresh_start_over_another_runs_checkpoints(w1, trained, capsys):
+    _fails_cleanly(capsys, w1, trained, "--steps", "4", expect="pass --resume to continue")
+
+
+def test_world_size_that_does_not_match_the_plan(tmp_path):
+    build = compile_spec(SPECS / "w2.dsv", tmp_path / "w2")
+    run = tmp_path / "run"
+    proc = subprocess.run(  # noqa: PLW1510 - the exit code is the test
+        [sys.executable, str(build / "train.py"), "--run-dir", str(run)],
+        env=child_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    expected = (
+        "[dsvc] error: this plan needs 2 processes (pipeline 1 x data 2), launched with 1: "
+        f"run `torchrun --nproc-per-node 2 {build / 'train.py'}`"
+    )
+    assert proc.stderr.strip().splitlines() == [expected]
+    assert not run.exists()
+
+
+def test_dsvc_train_checks_the_token_file_before_compiling(tmp_path, capsys):
+    spec_dir = tmp_path / "spec"
+    spec_dir.mkdir()
+    (spec_dir / "w1.dsv").write_text((SPECS / "w1.dsv").read_text())
+    small = (SPECS / "small.dsv").read_text()
+    (spec_dir / "small.dsv").write_text(
+        small.replace("data = synthetic", 'data = tokens("missing.bin", dtype = uint16)')
+    )
+    build = tmp_path / "build"
+    assert (
+        dsvc(
+            [
+                "train",
+                str(spec_dir / "w1.dsv"),
+                "--build-dir",
+                str(build),
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert f"small.dsv:{_line_of(small, 'data = synthetic')}:" in err
+    assert f"token file not found: {spec_dir / 'missing.bin'}" in err
+    assert not build.exists() and not (tmp_path / "run").exists()
+
+
+def _line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def test_usage_errors_exit_2(w1, tmp_path):
+    for args in (["--steps", "0"], ["--checkpoint-every", "-1"], ["--backend", "cuda"]):
+        proc = subprocess.run(  # noqa: PLW1510 - the exit code is the test
+            [sys.executable, str(w1 / "train.py"), "--run-dir", str(tmp_path / "r"), *args],
+            env=child_env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "error:" in proc.stderr.splitlines()[-1]

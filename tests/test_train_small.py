@@ -1,0 +1,244 @@
+"""Compiled trainers of the small test specs (tests/train_specs/), on one process.
+
+- the generated Triton kernels in the loop: two steps with `--backend triton`
+  under TRITON_INTERPRET=1 call the build's own kernel module (registered with
+  `runtime.fp8.use_kernels`) and give the torch emulation's losses within the
+  FP8 tolerance;
+- the generated model.py is what the trainer builds its stages from;
+- a build directory is self-contained: copied elsewhere, it trains with dsvc,
+  lark, pydantic, jinja2, networkx, sympy and matplotlib made unimportable.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import runtime.trainer as trainer_mod
+from runtime import _fp8_triton, fp8, loop
+from tests.test_train_support import SPECS, child_env, compile_spec, losses, train_here
+from tests.tolerances import tol
+
+
+@pytest.fixture(scope="module")
+def kernels1_build(tmp_path_factory):
+    return compile_spec(SPECS / "kernels1.dsv", tmp_path_factory.mktemp("k1") / "build")
+
+
+@pytest.fixture(scope="module")
+def w1_build(tmp_path_factory):
+    return compile_spec(SPECS / "w1.dsv", tmp_path_factory.mktemp("w1") / "build")
+
+
+def test_generated_triton_kernels_match_torch_emulation(kernels1_build, tmp_path, monkeypatch):
+    kernel_file = kernels1_build / "kernels" / "fp8_kernels.py"
+    module = fp8.load_kernel_module(kernel_file)  # the instance use_kernels will register
+    calls: dict[str, int] = {}
+
+    def counted(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in _fp8_triton.PROTOCOL:
+        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    registered = []
+    monkeypatch.setattr(_fp8_triton, "_registered", None)  # restored after the test
+    real_use = fp8.use_kernels
+    monkeypatch.setattr(fp8, "use_kernels", lambda m: (registered.append(m), real_use(m)))
+
+    assert (
+        train_here(
+            kernels1_build,
+            "--run-dir",
+            str(tmp_path / "triton"),
+            "--steps",
+            "2",
+            "--backend",
+            "triton",
+        )
+        == 0
+    )
+    assert [str(p) for p in registered] == [str(kernel_file)]
+    assert _fp8_triton._registered is module
+    # forward, dgrad and wgrad GEMMs of the dense and the routed-expert linears all ran here
+    for name in (
+        "quantize_act",
+        "quantize_weight",
+        "gemm",
+        "grouped_gemm",
+        "grouped_gemm_wgrad",
+        "swiglu_quant",
+    ):
+        assert calls.get(name, 0) > 0, f"{name} was never called: {calls}"
+
+    calls.clear()
+    assert (
+        train_here(
+            kernels1_build,
+            "--run-dir",
+            str(tmp_path / "torch"),
+            "--steps",
+            "2",
+            "--backend",
+            "torch",
+        )
+        == 0
+    )
+    assert calls == {}  # the emulation does not touch the kernels
+    with_kernels, emulated = losses(tmp_path / "triton"), losses(tmp_path / "torch")
+    rtol, atol = tol("fp8_triton_vs_torch_loss")
+    assert sorted(with_kernels) == sorted(emulated) == [1, 2]
+    for step in (1, 2):
+        assert math.isclose(with_kernels[step], emulated[step], rel_tol=rtol, abs_tol=atol), (
+            step,
+            with_kernels[step],
+            emulated[step],
+        )
+
+
+class _HookedTrainer(trainer_mod.Trainer):
+    """The proposed `stage_factory` hook, for a runtime that lacks it: builds the stages
+    through the factory by standing it in for StageModule during construction."""
+
+    def __init__(self, plan, mesh=None, *, stage_factory=None, **kwargs):
+        real = trainer_mod.StageModule
+        trainer_mod.StageModule = stage_factory or real
+        try:
+            super().__init__(plan, mesh, **kwargs)
+        finally:
+            trainer_mod.StageModule = real
+
+
+def test_trainer_builds_stages_from_generated_model_py(w1_build, tmp_path, monkeypatch):
+    import inspect
+
+    if "stage_factory" not in inspect.signature(trainer_mod.Trainer).parameters:
+        monkeypatch.setattr(trainer_mod, "Trainer", _HookedTrainer)
+    built = []
+    real_init = trainer_mod.Trainer.__init__
+
+    @functools.wraps(real_init)
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built.append([type(m) for m in self.modules])
+
+    monkeypatch.setattr(trainer_mod.Trainer, "__init__", spy)
+    assert train_here(w1_build, "--run-dir", str(tmp_path / "gen"), "--steps", "2") == 0
+    assert [[(t.__module__, t.__name__) for t in mods] for mods in built] == [
+        [("dsvc_build_model", "Stage0")]
+    ]
+    # the generated forward is the runtime's, written out: the same losses to the bit
+    monkeypatch.setattr(loop, "_stage_factory", lambda build_dir: None)
+    assert train_here(w1_build, "--run-dir", str(tmp_path / "plain"), "--steps", "2") == 0
+    assert built[-1] == [trainer_mod.StageModule]
+    assert losses(tmp_path / "gen") == losses(tmp_path / "plain")
+
+
+# Never needed by a build. torch itself imports sympy, networkx and jinja2 (they are its own
+# dependencies, present wherever torch is), so those three are refused only to code outside
+# torch and triton: the build's train.py, model.py, kernels and runtime copy.
+BLOCKED = ("dsl", "compiler", "lark", "pydantic", "matplotlib")
+BLOCKED_OUTSIDE_TORCH = ("jinja2", "networkx", "sympy")
+
+WRAPPER = """
+import importlib.abc, importlib.util, os, runpy, sys
+
+BLOCKED = {blocked!r}
+BLOCKED_OUTSIDE_TORCH = {outside!r}
+TORCH_DIRS = tuple(os.path.dirname(importlib.util.find_spec(p).origin) + os.sep
+                   for p in ("torch", "triton"))
+
+
+def importer():
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename.startswith("<frozen")
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    return frame.f_code.co_filename if frame is not None else ""
+
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        # a package's own submodules come after its top level, which is what gets checked
+        if top in BLOCKED or (name in BLOCKED_OUTSIDE_TORCH
+                              and not importer().startswith(TORCH_DIRS)):
+            raise ModuleNotFoundError(f"{{name}} is blocked (imported by {{importer()}})")
+        return None
+
+
+sys.meta_path.insert(0, Blocker())
+build = sys.argv[1]
+sys.argv = [os.path.join(build, "train.py")] + sys.argv[2:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    import runtime
+    assert os.path.dirname(runtime.__file__) == os.path.join(build, "runtime"), runtime.__file__
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    assert not leaked, leaked
+"""
+
+
+@pytest.mark.slow
+def test_build_directory_runs_without_dsvc_and_compile_time_packages(w1_build, tmp_path):
+    elsewhere = tmp_path / "copied" / "trainer"
+    shutil.copytree(w1_build, elsewhere)
+    wrapper = tmp_path / "run_blocked.py"
+    wrapper.write_text(WRAPPER.format(blocked=BLOCKED, outside=BLOCKED_OUTSIDE_TORCH))
+    proc = subprocess.run(  # noqa: PLW1510 - the exit code is asserted
+        [sys.executable, str(wrapper), str(elsewhere), "--run-dir", "run", "--steps", "3"],
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+    assert "done: 3 steps" in proc.stderr
+
+
+def _bench_module():
+    import importlib.util
+
+    from tests.test_train_support import ROOT
+
+    spec = importlib.util.spec_from_file_location("trainer_gpu", ROOT / "bench" / "trainer_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_flops_agree_with_the_report(tmp_path):
+    import json
+
+    import dsl
+    from compiler.report import build_report
+
+    bench = _bench_module()
+    spec = dsl.load(str(bench.SPEC))
+    raw = json.loads((compile_spec(bench.SPEC, tmp_path / "b") / "plan.json").read_text())
+    params = build_report(spec).value("model.params_total")
+    assert 0.9e9 < params < 1.3e9  # "about 1B parameters"
+    raw["model"]["mtp"]["depth"] = 0  # the report counts the MTP module apart
+    assert bench.flops_per_token(raw) == build_report(spec).value("model.train_flops_per_token")
+
+
+def test_gpu_bench_without_cuda_says_so():
+    import torch
+
+    from tests.test_train_support import ROOT
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the bench would run")
+    proc = subprocess.run(  # noqa: PLW1510 - the exit code is the test
+        [sys.executable, str(ROOT / "bench" / "trainer_gpu.py")],
+        capture_output=True, text=True, timeout=120, env=child_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0 and "no CUDA device here" in proc.stdout

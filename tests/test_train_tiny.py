@@ -1,0 +1,118 @@
+"""The tiny example trained end to end at world size 4 (pipeline 2 x data 2, EP 2).
+
+- golden loss curves: the first 20 losses with the spec's seed, in FP32
+  (`--fp32`) and FP8-emulation modes, checked in under tests/golden/loss/ and
+  reproduced exactly (bit for bit: the processes run one thread each);
+- a run stopped at step 20 and resumed to 40 gives exactly the losses of an
+  uninterrupted 40-step run (FP32 mode);
+- `dsvc train` itself: compiles into a build directory, launches, writes
+  metrics.jsonl with the documented keys and draws loss.png.
+
+Three launches of four processes (about a minute on two loaded cores).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.golden import check_golden
+from tests.test_train_support import EXAMPLES, ROOT, child_env, compile_spec, losses, torchrun
+
+pytestmark = pytest.mark.slow
+
+TINY = EXAMPLES / "tiny.dsv"
+GOLDEN_STEPS = 20
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "max_expert_load_ratio"}
+
+
+def _golden_text(mode: str, run_losses: dict[int, float]) -> str:
+    steps = range(1, GOLDEN_STEPS + 1)
+    record = {
+        "spec": "examples/tiny.dsv",
+        "mode": mode,
+        "world_size": 4,
+        "losses": [run_losses[s] for s in steps],
+    }
+    return json.dumps(record, indent=1) + "\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    return compile_spec(TINY, tmp_path_factory.mktemp("tiny") / "build")
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tiny_build, tmp_path_factory):
+    """40 uninterrupted FP32 steps, checkpoints at 20 and 40."""
+    run = tmp_path_factory.mktemp("fp32") / "run"
+    proc = torchrun(
+        tiny_build, 4, "--run-dir", str(run), "--fp32", "--steps", "40", "--checkpoint-every", "20"
+    )
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+def test_golden_loss_fp32(fp32_run):
+    check_golden("loss/tiny_fp32.json", _golden_text("fp32", losses(fp32_run)))
+
+
+def test_stop_at_20_and_resume_to_40_is_bitwise(fp32_run, tiny_build, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    # the state of a run that stopped at step 20 (its own final checkpoint)
+    shutil.copytree(
+        fp32_run / "checkpoints" / "step_00000020", run / "checkpoints" / "step_00000020"
+    )
+    proc = torchrun(
+        tiny_build,
+        4,
+        "--run-dir",
+        str(run),
+        "--fp32",
+        "--steps",
+        "40",
+        "--resume",
+        "--checkpoint-every",
+        "20",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stderr and "at step 20" in proc.stderr
+    resumed, straight = losses(run), losses(fp32_run)
+    assert sorted(resumed) == list(range(21, 41))
+    assert [resumed[s] for s in range(21, 41)] == [straight[s] for s in range(21, 41)]
+
+
+def test_dsvc_train_fp8_golden_metrics_and_plot(tmp_path):
+    run, build = tmp_path / "run", tmp_path / "build"
+    cmd = [
+        sys.executable,
+        "-m",
+        "compiler.cli",
+        "train",
+        str(TINY),
+        "--steps",
+        str(GOLDEN_STEPS),
+        "--run-dir",
+        str(run),
+        "--build-dir",
+        str(build),
+    ]
+    proc = subprocess.run(
+        cmd, check=False, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "linears FP8 (torch emulation)" in proc.stderr
+    check_golden("loss/tiny_fp8.json", _golden_text("fp8_emulation", losses(run)))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, GOLDEN_STEPS + 1))
+    assert all(METRIC_KEYS <= set(r) for r in rows)
+    assert any(r["max_expert_load_ratio"] > 1.0 for r in rows)  # a real measurement
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # the spec checkpoints every 25 steps; the run's last step is saved all the same
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000020"]
+    assert "done: 20 steps" in proc.stderr
