@@ -35,8 +35,8 @@ def emit_plan(graph, fp8_backend: str = "torch") -> dict:
     spec, notes = graph.spec, []
     plan = {
         "version": PLAN_VERSION,
-        "model": _model(spec, notes),
-        "precision": _precision(graph, fp8_backend, notes),
+        "model": _model(spec),
+        "precision": _precision(graph, fp8_backend),
         "mesh": _mesh(spec),
         "stages": [{"index": s.index, "rank": s.device, "copy": s.copy, "layers": list(s.layers),
                     "embedding": s.embedding, "head": s.head, "mtp": s.mtp}
@@ -52,7 +52,7 @@ def emit_plan(graph, fp8_backend: str = "torch") -> dict:
     return plan
 
 
-def _model(spec, notes: list) -> dict:
+def _model(spec) -> dict:
     m = spec.model
     r = m.rope
     atts = {}
@@ -63,9 +63,7 @@ def _model(spec, notes: list) -> dict:
                           "qk_rope_dim": a.qk_rope_dim, "v_dim": a.v_dim}
         else:
             atts[name] = {"kind": "gqa", "heads": a.heads, "kv_heads": a.kv_heads,
-                          "head_dim": a.head_dim}
-            if a.qkv_bias:
-                notes.append(f"attention '{name}': qkv_bias is not expressible in plan v1")
+                          "head_dim": a.head_dim, "qkv_bias": a.qkv_bias}
     ffns = {}
     for name, f in sorted(m.ffns.items()):
         if f.kind == "dense":
@@ -77,16 +75,14 @@ def _model(spec, notes: list) -> dict:
                       "groups": f.groups, "top_groups": f.top_groups,
                       "route_scale": f.route_scale,
                       "bias_update_rate": f.bias_update_rate if f.balance == "bias" else 0.0,
-                      "seq_aux_loss": f.seq_aux_loss}
-        if not f.renormalize:
-            notes.append(f"ffn '{name}': renormalize = false is not expressible in plan v1")
-    if r.mscale_all_dim:
-        notes.append("rope.mscale_all_dim is not expressible in plan v1")
+                      "seq_aux_loss": f.seq_aux_loss, "renormalize": f.renormalize}
     return {
         "vocab": m.vocab, "hidden": m.hidden, "norm_eps": m.norm.eps, "max_seq_len": m.max_seq,
         "rope": {"kind": r.kind, "theta": r.theta, "factor": r.factor,
                  "original_max_seq": r.original_max_seq, "beta_fast": r.beta_fast,
-                 "beta_slow": r.beta_slow, "mscale": r.mscale},
+                 "beta_slow": r.beta_slow, "mscale": r.mscale,
+                 # the spec's 0 is "not given": one mscale for both, as DeepSeek-V3's reference
+                 "mscale_all_dim": r.mscale_all_dim or r.mscale},
         "attention": atts, "ffn": ffns,
         "layers": [{"attention": lay.attention, "ffn": lay.ffn} for lay in m.layers],
         "mtp": {"depth": m.mtp.depth, "loss_weight": m.mtp.loss_weight},
@@ -97,11 +93,11 @@ def _model(spec, notes: list) -> dict:
 def _format(dtype: str, lin) -> dict | str:
     if dtype.startswith("fp8"):
         return {"format": dtype, "act_tile": lin.act_tile[1], "weight_block": list(lin.weight_block),
-                "ue8m0": lin.scales == "ue8m0"}
+                "ue8m0": lin.scales == "ue8m0", "pad": lin.pad}
     return dtype
 
 
-def _precision(graph, fp8_backend: str, notes: list) -> dict:
+def _precision(graph, fp8_backend: str) -> dict:
     spec = graph.spec
     pol = spec.precision
     bad = [(k, v) for k, v in (("default", pol.default), ("optimizer_states", pol.optimizer_states),
@@ -120,8 +116,6 @@ def _precision(graph, fp8_backend: str, notes: list) -> dict:
             overrides[role] = fmt
     kept = {c: pol.keep.get(c, "fp32" if c == "norm" else pol.default)
             for c in ("embedding", "head", "router", "attention_core", "norm")}
-    if pol.linear.pad:
-        notes.append("precision.linear.pad (ragged K padded to a tile) is not expressible in plan v1")
     return {"default": pol.default, "linear": default_linear,
             "linear_overrides": dict(sorted(overrides.items())), "kept": kept,
             "master_weights": pol.master_weights, "grads": pol.grads,

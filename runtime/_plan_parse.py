@@ -53,9 +53,10 @@ def _model(r: Reader, d: dict) -> P.Model:
     rope = r.obj(d, "rope", w)
     r.unknown_keys(
         rope,
-        ("kind", "theta", "factor", "original_max_seq", "beta_fast", "beta_slow", "mscale"),
+        ("kind", "theta", "factor", "original_max_seq", "beta_fast", "beta_slow", "mscale",
+         "mscale_all_dim"),
         f"{w}.rope",
-    )
+    )  # fmt: skip
     layers = []
     for i, layer in enumerate(r.arr(d, "layers", w)):
         where = f"{w}.layers[{i}]"
@@ -76,6 +77,11 @@ def _model(r: Reader, d: dict) -> P.Model:
             beta_fast=r.num(rope, "beta_fast", f"{w}.rope", default=32.0),
             beta_slow=r.num(rope, "beta_slow", f"{w}.rope", default=1.0),
             mscale=r.num(rope, "mscale", f"{w}.rope", default=1.0),
+            mscale_all_dim=(  # absent: plan v1, where `mscale` also scales the softmax
+                r.num(rope, "mscale_all_dim", f"{w}.rope", minimum=0.0)
+                if "mscale_all_dim" in rope
+                else None
+            ),
         ),
         attention={
             name: _attention(r, a, f"{w}.attention.{name}")
@@ -111,7 +117,7 @@ def _attention(r: Reader, d: Any, w: str) -> P.Attention:
             qk_rope_dim=r.int_(d, "qk_rope_dim", w, minimum=2),
             v_dim=r.int_(d, "v_dim", w, minimum=1),
         )
-    r.unknown_keys(d, ("kind", "heads", "kv_heads", "head_dim"), w)
+    r.unknown_keys(d, ("kind", "heads", "kv_heads", "head_dim", "qkv_bias"), w)
     heads = r.int_(d, "heads", w, minimum=1)
     kv_heads = r.int_(d, "kv_heads", w, default=heads, minimum=1)
     head_dim = r.int_(d, "head_dim", w, minimum=2)
@@ -119,7 +125,13 @@ def _attention(r: Reader, d: Any, w: str) -> P.Attention:
         r.error(f"{w}.kv_heads", f"{heads} heads do not divide into {kv_heads} kv_heads groups")
     if head_dim % 2:
         r.error(f"{w}.head_dim", f"RoPE needs an even head_dim, got {head_dim}")
-    return P.Attention(kind=kind, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    return P.Attention(
+        kind=kind,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        qkv_bias=r.bool_(d, "qkv_bias", w, default=False),
+    )
 
 
 def _ffn(r: Reader, d: Any, w: str) -> P.Ffn:
@@ -130,7 +142,8 @@ def _ffn(r: Reader, d: Any, w: str) -> P.Ffn:
     r.unknown_keys(
         d,
         ("kind", "routed", "shared", "top_k", "intermediate", "shared_intermediate", "score",
-         "groups", "top_groups", "route_scale", "bias_update_rate", "seq_aux_loss"),
+         "groups", "top_groups", "route_scale", "bias_update_rate", "seq_aux_loss",
+         "renormalize"),
         w,
     )  # fmt: skip
     routed = r.int_(d, "routed", w, minimum=1)
@@ -161,13 +174,14 @@ def _ffn(r: Reader, d: Any, w: str) -> P.Ffn:
         route_scale=r.num(d, "route_scale", w, default=1.0),
         bias_update_rate=r.num(d, "bias_update_rate", w, default=0.0, minimum=0.0),
         seq_aux_loss=r.num(d, "seq_aux_loss", w, default=0.0, minimum=0.0),
+        renormalize=r.bool_(d, "renormalize", w, default=None),  # absent: sigmoid only
     )
 
 
 def _linear(r: Reader, d: Any, w: str) -> P.LinearFormat:
     if isinstance(d, str):  # shorthand: "bf16"
         d = {"format": d}
-    r.unknown_keys(d, ("format", "act_tile", "weight_block", "ue8m0"), w)
+    r.unknown_keys(d, ("format", "act_tile", "weight_block", "ue8m0", "pad"), w)
     block = d.get("weight_block", [128, 128]) if isinstance(d, dict) else [128, 128]
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) for b in block)):
         r.error(f"{w}.weight_block", f"expected [rows, cols], got {block!r}")
@@ -177,6 +191,7 @@ def _linear(r: Reader, d: Any, w: str) -> P.LinearFormat:
         act_tile=r.int_(d, "act_tile", w, default=128, minimum=1),
         weight_block=(block[0], block[1]),
         ue8m0=r.bool_(d, "ue8m0", w, default=False),
+        pad=r.bool_(d, "pad", w, default=False),
     )
 
 

@@ -90,7 +90,8 @@ class MLA(nn.Module):
 
 
 class GQA(nn.Module):
-    """Grouped-query attention (multi-head when kv_heads == heads), RoPE on the full head."""
+    """Grouped-query attention (multi-head when kv_heads == heads), RoPE on the full head;
+    optional q/k/v biases (`qkv_bias`)."""
 
     def __init__(self, model: Model, spec: Attention, prec: Precision):
         super().__init__()
@@ -99,9 +100,10 @@ class GQA(nn.Module):
         d, h, g, hd = model.hidden, spec.heads, spec.kv_heads, spec.head_dim
         self.spec, self.act_dtype = spec, act
         self.core_dtype = dtype_of(prec.kept["attention_core"])
-        self.q_proj = Linear(d, h * hd, prec.linear_for("q_proj"), act, be)
-        self.k_proj = Linear(d, g * hd, prec.linear_for("k_proj"), act, be)
-        self.v_proj = Linear(d, g * hd, prec.linear_for("v_proj"), act, be)
+        bias = spec.qkv_bias  # Qwen2: q, k and v carry biases, o does not
+        self.q_proj = Linear(d, h * hd, prec.linear_for("q_proj"), act, be, bias=bias)
+        self.k_proj = Linear(d, g * hd, prec.linear_for("k_proj"), act, be, bias=bias)
+        self.v_proj = Linear(d, g * hd, prec.linear_for("v_proj"), act, be, bias=bias)
         self.o_proj = Linear(h * hd, d, prec.linear_for("o_proj"), act, be)
         self.rotary = RotaryEmbedding(model.rope, hd, model.max_seq_len, interleaved=False)
         mscale = yarn_softmax_mscale(model.rope, model.max_seq_len)

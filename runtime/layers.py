@@ -28,27 +28,63 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 class Linear(nn.Module):
-    """y = x W^T in the plan's format for this linear; output in the activation dtype."""
+    """y = x W^T (+ b) in the plan's format for this linear; output in the activation dtype."""
 
     def __init__(
-        self, in_features: int, out_features: int, fmt: LinearFormat, act_dtype, backend="torch"
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: LinearFormat,
+        act_dtype,
+        backend="torch",
+        bias: bool = False,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.fmt, self.act_dtype, self.backend = fmt, act_dtype, backend
 
     def forward(self, x_MK: torch.Tensor) -> torch.Tensor:
         if self.fmt.format == "fp8_e4m3":
             from .fp8 import fp8_linear
 
-            return fp8_linear(x_MK, self.weight, ue8m0=self.fmt.ue8m0, backend=self.backend).to(
-                self.act_dtype
-            )
+            x, w = x_MK, self.weight
+            if self.fmt.pad:
+                x, w = pad_to_tile(x, -1, self.fmt.act_tile), pad_to_tile(w, -1, self.fmt.act_tile)
+            y = fp8_linear(x, w, self.bias, ue8m0=self.fmt.ue8m0, backend=self.backend)
+            return y.to(self.act_dtype)
         dt = _DTYPES[self.fmt.format]
-        return F.linear(x_MK.to(dt), self.weight.to(dt)).to(self.act_dtype)
+        b = self.bias.to(dt) if self.bias is not None else None
+        return F.linear(x_MK.to(dt), self.weight.to(dt), b).to(self.act_dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, {self.fmt.format}"
+        bias = ", bias" if self.bias is not None else ""
+        return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, {self.fmt.format}{bias}"
+
+
+def pad_to_tile(t: torch.Tensor, dim: int, tile: int) -> torch.Tensor:
+    """`t` with zeros appended along `dim` up to a multiple of `tile` (`t` itself if it is one).
+
+    Used on the K of FP8 GEMMs when the plan's format says `pad`: zero columns in both
+    operands add nothing to the product and leave every tile's amax (so every scale)
+    unchanged, so the padded GEMM equals the unpadded one while the kernels see whole
+    tiles. Autograd slices the gradient back to the original width.
+    """
+    extra = -t.shape[dim] % tile
+    if not extra:
+        return t
+    widths = [0, 0] * (t.dim() - dim % t.dim() - 1) + [0, extra]  # F.pad counts from the last dim
+    return F.pad(t, widths)
+
+
+def pad_swiglu_k(x_MD, w1_EID, w3_EID, w2_EDI, tile: int):
+    """Zero-pad both Ks of routed SwiGLU experts (D of gate/up, I of down) to tile multiples.
+
+    Padded gate/up rows give silu(0) * 0 = 0 in h's padded columns, which meet zero
+    columns of down: the (M, D) output is the unpadded one.
+    """
+    w1, w3 = (pad_to_tile(pad_to_tile(w, -1, tile), -2, tile) for w in (w1_EID, w3_EID))
+    return pad_to_tile(x_MD, -1, tile), w1, w3, pad_to_tile(w2_EDI, -1, tile)
 
 
 class RMSNorm(nn.Module):
@@ -88,18 +124,38 @@ class SwiGLU(nn.Module):
 # -- rotary embeddings -------------------------------------------------------------------
 
 
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """DeepSeek's `yarn_get_mscale`: 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_active(rope: Rope, max_seq_len: int) -> bool:
+    """YaRN applies only past the original context, as in DeepSeek-V3's reference."""
+    return rope.kind == "yarn" and max_seq_len > rope.original_max_seq
+
+
 def yarn_softmax_mscale(rope: Rope, max_seq_len: int) -> float:
-    """Factor on the attention softmax scale (squared by the caller), as DeepSeek-V3's reference."""
-    if rope.kind != "yarn" or max_seq_len <= rope.original_max_seq:
+    """Factor on the attention softmax scale (squared by the caller): yarn_mscale(factor,
+    mscale_all_dim) when YaRN applies (DeepSeek-V2/V3; mscale_all_dim defaults to mscale)."""
+    if not yarn_active(rope, max_seq_len):
         return 1.0
-    return 0.1 * rope.mscale * math.log(rope.factor) + 1.0
+    return yarn_mscale(rope.factor, rope.effective_mscale_all_dim)
+
+
+def yarn_cos_sin_scale(rope: Rope, max_seq_len: int) -> float:
+    """Factor on RoPE's cos/sin: yarn_mscale(mscale) / yarn_mscale(mscale_all_dim) when YaRN
+    applies (DeepSeek-V2's rotary embedding); 1 when the two are equal (V2-Lite, V3)."""
+    if not yarn_active(rope, max_seq_len):
+        return 1.0
+    m_all = yarn_mscale(rope.factor, rope.effective_mscale_all_dim)
+    return yarn_mscale(rope.factor, rope.mscale) / m_all
 
 
 def rope_frequencies(rope: Rope, rot_dim: int, max_seq_len: int) -> torch.Tensor:
     """Angles (max_seq_len, rot_dim/2) in fp32; YaRN blends interpolated and original
     frequencies when the model's context exceeds the original one."""
     freqs = 1.0 / (rope.theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
-    if rope.kind == "yarn" and max_seq_len > rope.original_max_seq:
+    if yarn_active(rope, max_seq_len):
 
         def correction_dim(num_rotations: float) -> float:
             ratio = rope.original_max_seq / (num_rotations * 2 * math.pi)
@@ -123,8 +179,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, rope: Rope, rot_dim: int, max_seq_len: int, interleaved: bool):
         super().__init__()
         angles_SR2 = rope_frequencies(rope, rot_dim, max_seq_len)
-        self.register_buffer("cos_SR2", angles_SR2.cos(), persistent=False)
-        self.register_buffer("sin_SR2", angles_SR2.sin(), persistent=False)
+        scale = yarn_cos_sin_scale(rope, max_seq_len)
+        self.register_buffer("cos_SR2", angles_SR2.cos() * scale, persistent=False)
+        self.register_buffer("sin_SR2", angles_SR2.sin() * scale, persistent=False)
         self.interleaved = interleaved
 
     def forward(self, x_BSHR: torch.Tensor) -> torch.Tensor:

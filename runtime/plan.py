@@ -39,6 +39,13 @@ class Rope:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     mscale: float = 1.0
+    mscale_all_dim: float | None = None  # None: a plan that omits it (see below)
+
+    @property
+    def effective_mscale_all_dim(self) -> float:
+        """The softmax-scale mscale (DeepSeek-V2/V3's `mscale_all_dim`); unset, `mscale`,
+        the single factor of DeepSeek-V3's reference (plan v1's rule)."""
+        return self.mscale if self.mscale_all_dim is None else self.mscale_all_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Attention:
     v_dim: int = 0
     kv_heads: int = 0
     head_dim: int = 0
+    qkv_bias: bool = False  # gqa: q_proj, k_proj, v_proj carry biases (Qwen2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,13 @@ class Ffn:
     route_scale: float = 1.0
     bias_update_rate: float = 0.0
     seq_aux_loss: float = 0.0
+    renormalize: bool | None = None  # None: a plan that omits it (see below)
+
+    @property
+    def effective_renormalize(self) -> bool:
+        """Whether gate weights are divided by their sum over the chosen top_k; unset,
+        plan v1's rule: sigmoid scores yes, softmax scores no."""
+        return self.score == "sigmoid" if self.renormalize is None else self.renormalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +125,7 @@ class LinearFormat:
     act_tile: int = 128
     weight_block: tuple[int, int] = (128, 128)
     ue8m0: bool = False
+    pad: bool = False  # fp8: zero-pad a ragged K up to a multiple of act_tile
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,7 @@ def test_unsupported_precision_is_a_spec_error():
         build_plan(load(spec_text(default="fp16", linear="bf16")))
 
 
-def test_what_plan_v1_cannot_say_is_listed():
+def test_v2_lite_routing_is_a_plan_key_not_a_note():
     plan = build_plan(dsl.load(EXAMPLES / "deepseek_v2_lite.dsv"))
-    assert any("renormalize" in note for note in plan["comment"])
+    assert plan["model"]["ffn"]["moe"]["renormalize"] is False
+    assert not any("renormalize" in note for note in plan.get("comment", []))
