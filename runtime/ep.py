@@ -15,6 +15,13 @@ Two paths:
   the owners inside the node and sums their weighted outputs before the single
   reply crosses back (DeepSeek-V3's IB-then-NVLink route).
 
+Every row exchange goes through `ExpertComm.exchange`: started asynchronously
+(the transport's work handle), then waited. Between the two, an active
+`overlap.OverlapSession` lets the other micro-batch of an overlapped F&B pair
+compute: the exchanges are the chunk boundaries of dual micro-batch overlap
+(attention | dispatch | MLP | combine). The per-destination counts are a short
+synchronous exchange before the rows.
+
 Shape legend: T tokens, K top_k, D hidden, R rows in an exchange, E experts.
 """
 
@@ -23,8 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
+from .overlap import BACKWARD, FORWARD, CollectiveTransport
 from .plan import ExpertPlacement
 
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x sorted by expert, counts) -> y
@@ -34,16 +41,18 @@ class _AllToAll(torch.autograd.Function):
     """Rows split by `in_splits` to each peer; backward sends gradients the reverse way."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, grad_dtype):
+    def forward(ctx, x, out_splits, in_splits, group, grad_dtype, comm, label):
         ctx.splits, ctx.group, ctx.grad_dtype = (out_splits, in_splits), group, grad_dtype
-        return _a2a(x, out_splits, in_splits, group)
+        ctx.comm, ctx.label = comm, label
+        return comm.exchange([x], out_splits, in_splits, group, FORWARD, label)[0]
 
     @staticmethod
     def backward(ctx, g):
         out_splits, in_splits = ctx.splits
         dtype = g.dtype
         gt = g.to(ctx.grad_dtype) if ctx.grad_dtype is not None else g
-        return _a2a(gt, in_splits, out_splits, ctx.group).to(dtype), None, None, None, None
+        (back,) = ctx.comm.exchange([gt], in_splits, out_splits, ctx.group, BACKWARD, ctx.label)
+        return back.to(dtype), None, None, None, None, None, None
 
 
 class _FP8AllToAll(torch.autograd.Function):
@@ -52,27 +61,23 @@ class _FP8AllToAll(torch.autograd.Function):
     expert GEMMs quantise their inputs again; this only changes the wire format)."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, grad_dtype, ue8m0):
+    def forward(ctx, x, out_splits, in_splits, group, grad_dtype, ue8m0, comm, label):
         from .fp8 import dequantize_act, quantize_act
 
         ctx.splits, ctx.group, ctx.grad_dtype = (out_splits, in_splits), group, grad_dtype
+        ctx.comm, ctx.label = comm, label
         q_RD, s_RDt = quantize_act(x.contiguous(), 128, ue8m0)
-        q_recv = _a2a(q_RD.view(torch.uint8), out_splits, in_splits, group).view(q_RD.dtype)
-        s_recv = _a2a(s_RDt, out_splits, in_splits, group)
-        return dequantize_act(q_recv, s_recv, 128, out_dtype=x.dtype)
+        q_recv, s_recv = comm.exchange(
+            [q_RD.view(torch.uint8), s_RDt], out_splits, in_splits, group, FORWARD, label
+        )
+        return dequantize_act(q_recv.view(q_RD.dtype), s_recv, 128, out_dtype=x.dtype)
 
     @staticmethod
     def backward(ctx, g):
         out_splits, in_splits = ctx.splits
-        back = _a2a(g.to(ctx.grad_dtype), in_splits, out_splits, ctx.group).to(g.dtype)
-        return back, None, None, None, None, None
-
-
-def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    x = x.contiguous()
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
-    return out
+        gt = g.to(ctx.grad_dtype)
+        (back,) = ctx.comm.exchange([gt], in_splits, out_splits, ctx.group, BACKWARD, ctx.label)
+        return back.to(g.dtype), None, None, None, None, None, None, None
 
 
 class Route:
@@ -80,22 +85,27 @@ class Route:
 
     `send` delivers rows grouped by bucket (`counts[b]` rows each, sources in
     rank order inside a bucket); `back` returns rows computed there to their
-    original positions. Without a group (one process) no communication happens.
+    original positions. `comm` moves the bytes (its transport decides whether
+    anything needs to move: not without a group in one process).
     """
 
     def __init__(
-        self, dest_R: torch.Tensor, bucket_R: torch.Tensor, num_dest: int, num_buckets: int, group
-    ):
-        self.group, self.num_dest = group, num_dest
+        self, dest_R: torch.Tensor, bucket_R: torch.Tensor, num_dest: int, num_buckets: int,
+        group, comm: ExpertComm,
+    ):  # fmt: skip
+        self.group, self.num_dest, self.comm = group, num_dest, comm
+        self.moves = comm.transport.active(group, num_dest)
         pos_R = dest_R * num_buckets + bucket_R
         self.order = torch.argsort(pos_R, stable=True)
         self.inv_order = torch.argsort(self.order)
         send_counts = torch.bincount(pos_R, minlength=num_dest * num_buckets).view(
             num_dest, num_buckets
         )
-        if group is not None and num_dest > 1:
-            # counts first, so every peer can size its receive buffers exactly
-            recv_counts = _a2a(send_counts, [1] * num_dest, [1] * num_dest, group)
+        if self.moves:
+            # counts first, so every peer can size its receive buffers exactly (a short,
+            # synchronous exchange: the rows' exchange below is the one that overlaps)
+            ones = [1] * num_dest
+            recv_counts = comm.transport.start([send_counts], ones, ones, group).wait()[0]
         else:
             recv_counts = send_counts
         self.send_splits = send_counts.sum(1).tolist()
@@ -111,27 +121,34 @@ class Route:
         self.perm = torch.arange(int(lengths.sum()), dtype=torch.long, device=dest_R.device) + shift
         self.inv_perm = torch.argsort(self.perm)
 
-    def _exchange(self, x, out_splits, in_splits, wire: str, grad_dtype, ue8m0=False):
-        if self.group is None or self.num_dest == 1:
+    def _exchange(self, x, out_splits, in_splits, wire: str, grad_dtype, label, ue8m0=False):
+        if not self.moves:
             return x
         if wire == "fp8_e4m3" and x.is_floating_point():
-            return _FP8AllToAll.apply(x, out_splits, in_splits, self.group, grad_dtype, ue8m0)
-        return _AllToAll.apply(x, out_splits, in_splits, self.group, grad_dtype)
+            return _FP8AllToAll.apply(
+                x, out_splits, in_splits, self.group, grad_dtype, ue8m0, self.comm, label
+            )
+        if not x.is_floating_point():  # routing metadata (two-hop expert ids): no autograd
+            return self.comm.exchange([x], out_splits, in_splits, self.group, FORWARD, label)[0]
+        return _AllToAll.apply(x, out_splits, in_splits, self.group, grad_dtype, self.comm, label)
 
     def send(
-        self, x_R: torch.Tensor, wire: str = "fp32", grad_dtype=None, ue8m0: bool = False
-    ) -> torch.Tensor:
+        self, x_R: torch.Tensor, wire: str = "fp32", grad_dtype=None, ue8m0: bool = False,
+        label: str = "dispatch",
+    ) -> torch.Tensor:  # fmt: skip
         """Rows to their destinations; `wire` fp8_e4m3 | bf16 | fp32 (float rows only)."""
         xs = x_R.index_select(0, self.order)
         if wire == "bf16" and xs.is_floating_point():
             xs = xs.to(torch.bfloat16)
-        xr = self._exchange(xs, self.recv_splits, self.send_splits, wire, grad_dtype, ue8m0)
+        xr = self._exchange(xs, self.recv_splits, self.send_splits, wire, grad_dtype, label, ue8m0)
         return xr.to(x_R.dtype).index_select(0, self.perm)
 
-    def back(self, y: torch.Tensor, wire_dtype: torch.dtype) -> torch.Tensor:
+    def back(
+        self, y: torch.Tensor, wire_dtype: torch.dtype, label: str = "combine"
+    ) -> torch.Tensor:
         """Rows computed at the destination back to where they came from, in `wire_dtype`."""
         yr = y.index_select(0, self.inv_perm).to(wire_dtype)
-        ys = self._exchange(yr, self.send_splits, self.recv_splits, "", wire_dtype)
+        ys = self._exchange(yr, self.send_splits, self.recv_splits, "", wire_dtype, label)
         return ys.to(y.dtype).index_select(0, self.inv_order)
 
 
@@ -149,8 +166,13 @@ class ExpertComm:
         node_size: int = 0,
         inter_group=None,
         intra_group=None,
+        transport=None,
     ):
         self.placement, self.group = placement, group
+        # how bytes move (CollectiveTransport; overlap.CopyTransport on one GPU), and the
+        # OverlapSession of the F&B pair running now, if any (set by the pipeline executor)
+        self.transport = transport if transport is not None else CollectiveTransport()
+        self.session = None
         self.ep_size = len(placement.per_rank)
         self.ep_rank = ep_rank
         self.local_experts = list(placement.per_rank[ep_rank])
@@ -176,28 +198,60 @@ class ExpertComm:
     def num_local(self) -> int:
         return len(self.local_experts)
 
+    def exchange(self, tensors, out_splits, in_splits, group, role: str, label: str):
+        """Start the all-to-all of `tensors`, let the other half of an overlapped pair run
+        while it is in flight (when a session is active), then wait for it."""
+        handle = self.transport.start(tensors, out_splits, in_splits, group)
+        session = self.session
+        if session is not None:
+            session.started(role, label)
+        outs = handle.wait()
+        if session is not None:
+            session.waited(role, label)
+        return outs
+
     def run(
-        self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, experts: ExpertFn
-    ) -> torch.Tensor:
-        """sum_k w[t, k] * expert_{idx[t, k]}(x[t]), wherever the experts live."""
+        self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, experts: ExpertFn,
+        tag: str = "moe", local=None,
+    ):  # fmt: skip
+        """sum_k w[t, k] * expert_{idx[t, k]}(x[t]), wherever the experts live.
+
+        `tag` names the layer in overlap event logs. `local()` (the shared experts) runs
+        after the dispatch arrives, beside the routed experts, so that under overlap it
+        computes in the MLP chunk; with it, returns (routed sum, local()'s result)."""
         if self.group is None and self.ep_size > 1:
             raise RuntimeError(
                 f"expert placement spans {self.ep_size} EP ranks but this layer has no EP process "
                 "group: build it through runtime.trainer.Trainer (or pass the mesh's ep_group)"
             )
+        out = [None]
+
+        def in_mlp_chunk(x_local, counts):
+            y = experts(x_local, counts)
+            if local is not None:
+                out[0] = local()
+            return y
+
         if self.two_hop:
-            return self._run_two_hop(x_TD, idx_TK, w_TK, experts)
+            y_TD = self._run_two_hop(x_TD, idx_TK, w_TK, in_mlp_chunk, tag)
+        else:
+            y_TD = self._run_one_hop(x_TD, idx_TK, w_TK, in_mlp_chunk, tag)
+        return (y_TD, out[0]) if local is not None else y_TD
+
+    def _run_one_hop(self, x_TD, idx_TK, w_TK, experts: ExpertFn, tag: str) -> torch.Tensor:
         t, k = idx_TK.shape
         slot_e = idx_TK.reshape(-1)
         owner, local = self._maps(idx_TK.device)
-        route = Route(owner[slot_e], local[slot_e], self.ep_size, self.num_local, self.group)
+        route = Route(owner[slot_e], local[slot_e], self.ep_size, self.num_local, self.group, self)
         x_slots = x_TD.repeat_interleave(k, dim=0)
-        x_local = route.send(x_slots, self.dispatch_wire, self.combine_dtype, self.ue8m0)
+        x_local = route.send(
+            x_slots, self.dispatch_wire, self.combine_dtype, self.ue8m0, f"{tag}.dispatch"
+        )
         y_local = experts(x_local, route.counts)
-        y_slots_TKD = route.back(y_local, self.combine_dtype).view(t, k, -1)
+        y_slots_TKD = route.back(y_local, self.combine_dtype, f"{tag}.combine").view(t, k, -1)
         return (y_slots_TKD * w_TK.unsqueeze(-1).to(y_slots_TKD.dtype)).sum(1)
 
-    def _run_two_hop(self, x_TD, idx_TK, w_TK, experts: ExpertFn) -> torch.Tensor:
+    def _run_two_hop(self, x_TD, idx_TK, w_TK, experts: ExpertFn, tag: str) -> torch.Tensor:
         t = idx_TK.shape[0]
         g = self.node_size
         num_nodes = self.ep_size // g
@@ -207,29 +261,32 @@ class ExpertComm:
         hit_TN = torch.zeros(t, num_nodes, dtype=torch.bool, device=idx_TK.device)
         hit_TN.scatter_(1, node_TK, True)
         copy_tok, copy_node = hit_TN.nonzero(as_tuple=True)
-        hop1 = Route(copy_node, torch.zeros_like(copy_node), num_nodes, 1, self.inter_group)
+        hop1 = Route(copy_node, torch.zeros_like(copy_node), num_nodes, 1, self.inter_group, self)
+        dispatch, combine = f"{tag}.dispatch", f"{tag}.combine"
         on_node_CK = node_TK[copy_tok] == copy_node.unsqueeze(1)
         slot_expert_CK = torch.where(
             on_node_CK, idx_TK[copy_tok], torch.full_like(idx_TK[copy_tok], -1)
         )
         slot_w_CK = torch.where(on_node_CK, w_TK[copy_tok], torch.zeros_like(w_TK[copy_tok]))
         x_fwd = hop1.send(
-            x_TD.index_select(0, copy_tok), self.dispatch_wire, self.combine_dtype, self.ue8m0
-        )
+            x_TD.index_select(0, copy_tok), self.dispatch_wire, self.combine_dtype, self.ue8m0,
+            dispatch,
+        )  # fmt: skip
         # the copies keep FP8-exact values, so hop 2 re-quantises them losslessly
-        e_fwd = hop1.send(slot_expert_CK)
-        w_fwd = hop1.send(slot_w_CK, "fp32", torch.float32)
+        e_fwd = hop1.send(slot_expert_CK, label=dispatch)
+        w_fwd = hop1.send(slot_w_CK, "fp32", torch.float32, label=dispatch)
         # hop 2: inside the node, each valid slot of a received copy to its expert's owner
         c_idx, k_idx = (e_fwd >= 0).nonzero(as_tuple=True)
         slot_e = e_fwd[c_idx, k_idx]
-        hop2 = Route(owner[slot_e] % g, local[slot_e], g, self.num_local, self.intra_group)
+        hop2 = Route(owner[slot_e] % g, local[slot_e], g, self.num_local, self.intra_group, self)
         x_local = hop2.send(
-            x_fwd.index_select(0, c_idx), self.dispatch_wire, self.combine_dtype, self.ue8m0
-        )
+            x_fwd.index_select(0, c_idx), self.dispatch_wire, self.combine_dtype, self.ue8m0,
+            dispatch,
+        )  # fmt: skip
         y_local = experts(x_local, hop2.counts)
-        y_slot = hop2.back(y_local, self.combine_dtype)
+        y_slot = hop2.back(y_local, self.combine_dtype, combine)
         # weighted sum per copy on the forwarding rank: one reply per (token, node)
         weighted = y_slot * w_fwd[c_idx, k_idx].unsqueeze(1).to(y_slot.dtype)
         y_copy = weighted.new_zeros(x_fwd.shape).index_add(0, c_idx, weighted)
-        y_back = hop1.back(y_copy, self.combine_dtype)
+        y_back = hop1.back(y_copy, self.combine_dtype, combine)
         return y_back.new_zeros(t, x_TD.shape[1]).index_add(0, copy_tok, y_back)

@@ -114,6 +114,9 @@ class StageModule(nn.Module):
                 MTPModule(plan, comms.get(mtp_ffn)) for _ in range(m.mtp.depth)
             )
         self.loss_log: list[dict[str, torch.Tensor]] = []
+        for name, moe in self.moe_layers().items():
+            parts = name.split(".")  # "layers.3.mlp" -> L3, "mtp.0.block.mlp" -> mtp0
+            moe.tag = f"L{parts[1]}" if parts[0] == "layers" else f"mtp{parts[1]}"
 
     # -- pieces ----------------------------------------------------------------------
     def embed(self, tokens_BS: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ sigmoid scores; the per-expert bias `e_score_correction_bias` is added for the
 choice only; with expert groups each token first keeps its `top_groups` groups
 ranked by the sum of their two best biased scores (node-limited routing when a
 group lives on one node); the gate weights are the *unbiased* scores of the
-chosen `top_k`, renormalised (sigmoid) and times `route_scale`.
+chosen `top_k`, renormalised over them when the plan's `renormalize` says so
+(default: sigmoid yes, softmax no; DeepSeek-V2-Lite's softmax gates stay raw
+top-k probabilities) and times `route_scale`.
 
 Balancing is auxiliary-loss-free: each MoE layer counts the tokens its experts
 receive during a step; after the step the trainer sums the counts over the
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ep import ExpertComm
-from .layers import SwiGLU, dtype_of
+from .layers import SwiGLU, dtype_of, pad_swiglu_k
 from .plan import Ffn, Model, Precision
 
 
@@ -53,7 +55,7 @@ class Router(nn.Module):
             biased_TE = biased_TGe.masked_fill(drop_TG.unsqueeze(-1), float("-inf")).view(t, -1)
         idx_TK = biased_TE.topk(f.top_k, dim=-1).indices
         w_TK = scores_TE.gather(1, idx_TK)
-        if f.score == "sigmoid":
+        if f.effective_renormalize:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         return w_TK * f.route_scale, idx_TK, scores_TE
 
@@ -83,10 +85,12 @@ class RoutedExperts(nn.Module):
             from .fp8 import fp8_grouped_swiglu_ffn
 
             offsets = torch.cumsum(counts_El, 0)
+            x, w1, w3, w2 = x_MD, self.gate_proj, self.up_proj, self.down_proj
+            if self.fmt.pad:  # ragged hidden or intermediate: whole tiles for the kernels
+                x, w1, w3, w2 = pad_swiglu_k(x, w1, w3, w2, self.fmt.act_tile)
             y = fp8_grouped_swiglu_ffn(
-                x_MD, self.gate_proj, self.up_proj, self.down_proj, offsets,
-                ue8m0=self.fmt.ue8m0, backend=self.backend,
-            )  # fmt: skip
+                x, w1, w3, w2, offsets, ue8m0=self.fmt.ue8m0, backend=self.backend
+            )
             return y.to(self.act_dtype)
         dt = dtype_of(self.fmt.format)
         outs = []
@@ -148,6 +152,7 @@ class MoE(nn.Module):
             )
         self.register_buffer("load_E", torch.zeros(ffn.routed, dtype=torch.long), persistent=False)
         self.aux_scale = 1.0  # set by the executor: this micro-batch's share of the loss
+        self.tag = "moe"  # the layer's name in overlap event logs (StageModule sets L<i>, mtp<k>)
         self.aux_values: list[torch.Tensor] = []
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -156,9 +161,14 @@ class MoE(nn.Module):
         w_TK, idx_TK, scores_TE = self.gate(x_TD)
         with torch.no_grad():
             self.load_E += torch.bincount(idx_TK.reshape(-1), minlength=self.ffn.routed)
-        y_TD = self.comm.run(x_TD, idx_TK, w_TK, self.experts)
         if self.ffn.shared:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            # the shared experts run beside the routed ones, inside the MLP chunk (overlap)
+            y_TD, shared_TD = self.comm.run(
+                x_TD, idx_TK, w_TK, self.experts, self.tag, lambda: self.shared_experts(x_TD)
+            )
+            y_TD = y_TD + shared_TD
+        else:
+            y_TD = self.comm.run(x_TD, idx_TK, w_TK, self.experts, self.tag)
         out = y_TD.to(self.act_dtype).view(b, s, d)
         if self.ffn.seq_aux_loss > 0 and torch.is_grad_enabled():
             aux = sequence_aux_loss(scores_TE.view(b, s, -1), idx_TK.view(b, s, -1), self.ffn)

@@ -10,9 +10,10 @@ would run the MoE all-to-alls on garbage). The schedule is:
 - torch's own schedule class for the plan's kind (`Schedule1F1B`,
   `ScheduleDualPipeV`, `ScheduleInterleavedZeroBubble`) when the plan has no lists.
 
-`register_action(kind, fn)` is where DualPipe's bidirectional executor and the
-dual micro-batch overlap (issue 8) plug in: it registers a custom function for
-an action kind (OVERLAP_F_B first) on the runtime schedule.
+`register_action(kind, fn)` registers a custom function for an action kind on
+the runtime schedule. DualPipe (two model copies) and overlapped F&B pairs do
+not run here but in `runtime.dualpipe.ActionExecutor`, which the Trainer picks
+for them.
 
 With one pipeline rank there is no pipeline: micro-batches run one after the
 other in this process (`LocalExecutor`), with the same loss scaling.
@@ -99,8 +100,8 @@ class PipelineExecutor:
         n = sch.num_microbatches
         if sch.kind == "dualpipe":
             raise NotImplementedError(
-                "dualpipe (two model copies) needs the bidirectional executor of dsvc issue 8; "
-                "this runtime executes 1f1b, zb1p and dualpipev plans"
+                "dualpipe (two model copies) runs in runtime.dualpipe.ActionExecutor (the Trainer "
+                "picks it); torch's schedules have one stage per index and one copy"
             )
         if sch.actions:
             runtime = S._PipelineScheduleRuntime(

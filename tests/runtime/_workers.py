@@ -9,9 +9,14 @@ from __future__ import annotations
 import torch
 
 
-def train_scenarios(rank: int, scenarios: list[tuple[str, dict, int]]) -> dict:
+def train_scenarios(
+    rank: int, scenarios: list[tuple[str, dict, int]], extras: bool = False
+) -> dict:
     """For each (name, plan dict, steps): build a Trainer, run the steps, record per
-    step the metrics and the averaged full gradients of this rank's parameters."""
+    step the metrics and the averaged full gradients of this rank's parameters.
+
+    `extras` also records per step the weights and router biases after the update and
+    the overlap event logs of the step (pipeline executors that keep them)."""
     from runtime.plan import parse_plan
     from runtime.trainer import Trainer
 
@@ -19,11 +24,19 @@ def train_scenarios(rank: int, scenarios: list[tuple[str, dict, int]]) -> dict:
     for name, raw, steps in scenarios:
         trainer = Trainer(parse_plan(raw))
         trainer.keep_grads = True
-        records = []
+        records, weights, logs = [], [], []
         for _ in range(steps):
             metrics = trainer.step()
             grads = {n: p.grad.detach().clone() for n, p in trainer.named_parameters()}
             records.append((metrics, grads))
+            if extras:
+                state = {n: p.detach().clone() for n, p in trainer.named_parameters()}
+                for mod in trainer.modules:
+                    for n, b in mod.named_buffers():
+                        if n.endswith("e_score_correction_bias"):
+                            state[n] = b.clone()
+                weights.append(state)
+                logs.append(list(getattr(trainer.executor, "overlap_log", [])))
         mesh = trainer.mesh
         out[name] = {
             "records": records,
@@ -34,6 +47,7 @@ def train_scenarios(rank: int, scenarios: list[tuple[str, dict, int]]) -> dict:
                 n: list(m.expert_ids) for mod in trainer.modules for n, m in mod.named_modules()
                 if hasattr(m, "expert_ids")
             },
+            "weights": weights, "overlap_logs": logs,
         }  # fmt: skip
     return out
 
@@ -105,3 +119,49 @@ def dispatch_combine(rank: int, raw: dict, num_tokens: int, seed: int) -> dict:
     result["fp8_identity"] = fp8.run(x, idx, torch.full_like(w, 1.0 / ffn.top_k), lambda a, c: a)
     result.update(x=x, idx=idx, w=w, coords=(mesh.dp_rank, mesh.ep_rank), local=comm.local_experts)
     return result
+
+
+def overlapped_pair(rank: int, raw: dict, f_layers: list[int], b_layers: list[int]) -> dict:
+    """One F&B pair on the EP ranks of a plan with pipeline 1 (data = EP): the forward of
+    micro-batch X through a stage of `f_layers` and the backward of micro-batch Y through
+    a stage of `b_layers`, run plain (F then B) and overlapped. Returns per mode the F
+    output, the input and parameter gradients, and the event log."""
+    from runtime.ep import ExpertComm
+    from runtime.init import init_parameters
+    from runtime.mesh import build_mesh
+    from runtime.model import StageModule
+    from runtime.overlap import OverlapSession
+    from runtime.plan import Stage, parse_plan
+
+    plan = parse_plan(raw)
+    mesh = build_mesh(plan)
+    comms = {}
+    for name, place in plan.experts.items():
+        comms[name] = ExpertComm(
+            place, mesh.ep_rank, mesh.ep_group, "fp32", "fp32", node_size=mesh.node_size,
+            inter_group=mesh.inter_node_group, intra_group=mesh.intra_node_group,
+        )  # fmt: skip
+    mods = []
+    for i, layers in enumerate((f_layers, b_layers)):
+        mod = StageModule(plan, Stage(i, 0, "A", tuple(layers), False, False, False), comms)
+        init_parameters(mod, plan.train.seed, plan.model.init_std)
+        mods.append(mod)
+    f_mod, b_mod = mods
+    gen = torch.Generator().manual_seed(100 + mesh.dp_rank)
+    shape = (plan.train.micro_batch, plan.train.seq_len, plan.model.hidden)
+    x_f, x_b, g_b = (torch.randn(shape, generator=gen) for _ in range(3))
+    out = {}
+    for mode in ("plain", "overlap"):
+        for mod in mods:
+            mod.zero_grad(set_to_none=True)
+        xb = x_b.clone().requires_grad_(True)
+        y_b = b_mod(xb)  # Y's forward happened earlier in the schedule
+        session = OverlapSession("1F1", "2B0", interleave=mode == "overlap")
+        for comm in comms.values():
+            comm.session = session
+        y_f, _ = session.run(lambda: f_mod(x_f), lambda y=y_b: torch.autograd.backward(y, g_b))
+        for comm in comms.values():
+            comm.session = None
+        grads = {n: p.grad.clone() for n, p in b_mod.named_parameters() if p.grad is not None}
+        out[mode] = {"y_f": y_f.detach(), "dx_b": xb.grad, "grads": grads, "log": session.log}
+    return out
