@@ -50,7 +50,7 @@ def test_token_file_windows(tmp_path):
     assert s[0].tolist() == list(range(20, 31)) and s[1].tolist() == list(range(30, 41))
     assert d.num_samples == 99
     wrapped = d.samples(99, 1)
-    assert wrapped[0].tolist() == list(range(0, 11))
+    assert wrapped[0].tolist() == list(range(11))
 
 
 def test_token_file_errors(tmp_path):
