@@ -226,20 +226,30 @@ def _kind_of(sub: ast.Block, kinds, sink) -> str | None:
     return None
 
 
+def _open_kind_block(sub: ast.Block, what: str, kinds, sink, spans):
+    """(name, key path, kind, plain entries, where) of a named `attention`/`ffn` sub-block,
+    or None when its kind is unknown; ranges and nested blocks in it are reported."""
+    name = _label(sub, sink, True, what)
+    path = f"model.{what}.{name}"
+    spans[path] = sub.label_span or sub.kind_span
+    kind = _kind_of(sub, kinds, sink)
+    if kind is None:
+        return None
+    where = f"{what} '{name}'"
+    plain, subs, ranges = _split(sub.entries)
+    _no_ranges(ranges, where, sink)
+    for b in subs:
+        sink.error(f"unexpected block '{b.kind}' in {where}", b.kind_span)
+    return name, path, kind, plain, where
+
+
 def _read_attention(sub, sink, ev, spans, hidden):
     from dsl import spec as S
 
-    name = _label(sub, sink, True, "attention")
-    path = f"model.attention.{name}"
-    spans[path] = sub.label_span or sub.kind_span
-    kind = _kind_of(sub, ATTENTION_KINDS, sink)
-    if kind is None:
+    opened = _open_kind_block(sub, "attention", ATTENTION_KINDS, sink, spans)
+    if opened is None:
         return None
-    plain, subs, ranges = _split(sub.entries)
-    _no_ranges(ranges, f"attention '{name}'", sink)
-    for b in subs:
-        sink.error(f"unexpected block '{b.kind}' in attention '{name}'", b.kind_span)
-    where = f"attention '{name}'"
+    name, path, kind, plain, where = opened
     if kind == "mla":
         r = F.read_entries(plain, MLA_KEYS, sink, ev, where, sub.kind_span, path, spans)
         vals = {k: r.get(k) for k in MLA_KEYS if k != "kind"}
@@ -270,17 +280,10 @@ def _read_attention(sub, sink, ev, spans, hidden):
 def _read_ffn(sub, sink, ev, spans):
     from dsl import spec as S
 
-    name = _label(sub, sink, True, "ffn")
-    path = f"model.ffn.{name}"
-    spans[path] = sub.label_span or sub.kind_span
-    kind = _kind_of(sub, FFN_KINDS, sink)
-    if kind is None:
+    opened = _open_kind_block(sub, "ffn", FFN_KINDS, sink, spans)
+    if opened is None:
         return None
-    plain, subs, ranges = _split(sub.entries)
-    _no_ranges(ranges, f"ffn '{name}'", sink)
-    for b in subs:
-        sink.error(f"unexpected block '{b.kind}' in ffn '{name}'", b.kind_span)
-    where = f"ffn '{name}'"
+    name, path, kind, plain, where = opened
     if kind == "dense":
         r = F.read_entries(plain, DENSE_KEYS, sink, ev, where, sub.kind_span, path, spans)
         if r.get("intermediate") is None:
@@ -312,8 +315,8 @@ def _read_ffn(sub, sink, ev, spans):
 # ----------------------------------------------------------------------------- other blocks:
 # precision, cluster, parallel, train, decode live in dsl/blocks_run.py to keep files short.
 
-from dsl.blocks_layers import read_layers  # noqa: E402
-from dsl.blocks_run import (  # noqa: E402,F401
+from dsl.blocks_layers import read_layers
+from dsl.blocks_run import (
     read_cluster,
     read_decode,
     read_parallel,

@@ -52,8 +52,8 @@ def import_config(text: str, file: str = "config.json", name: str | None = None)
     else:
         lines = _llama_like(c, model_type, notes)
     sink.raise_if_errors()
-    head = [f"# Imported by `dsvc import-hf` from {os.path.basename(file)} "
-            f"(model_type {model_type}).",
+    head = [(f"# Imported by `dsvc import-hf` from {os.path.basename(file)} "
+             f"(model_type {model_type})."),
             "# A model block only: add precision, cluster, parallel and train blocks to plan a run",
             "# (examples/deepseek_v3.dsv has all of them)."]
     head += [f"# note: {n}" for n in notes]
@@ -179,6 +179,13 @@ def _common(c: _Config, notes: list[str]) -> list[str]:
                 continue
             args.append(f"{dst} = {int(v) if dst == 'original_max_seq' else num_text(v)}")
         lines.append(f"rope = yarn({', '.join(args)})")
+        factor = scaling.get("factor", 1.0)
+        if not scaling.get("mscale_all_dim") and isinstance(factor, (int, float)) and factor > 1:
+            # every released DeepSeek config states both; without it the two readings differ
+            notes.append("rope_scaling has no mscale_all_dim: dsvc takes it equal to mscale "
+                         "(DeepSeek's reference: softmax scale x m(mscale)^2, cos/sin "
+                         "unscaled); transformers would leave the softmax scale alone and "
+                         "scale cos/sin by 0.1 ln(factor) + 1")
     else:
         if scaling is not None:
             notes.append(f"rope_scaling {json.dumps(kind)} is not modelled; plain RoPE is used")

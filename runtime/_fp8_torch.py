@@ -186,6 +186,37 @@ def gemm(
     return (a_f @ b_f.t()).to(out_dtype)
 
 
+def expert_rows(offsets: torch.Tensor):
+    """(expert, first row, end row) of every expert that has rows, from cumulative ends."""
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            yield e, start, end
+        start = end
+
+
+def grouped_gemm_by_expert(gemm_fn, a, a_s, b, b_s, offsets, out_dtype):
+    """Per-expert out[rows of e] = gemm_fn(a[rows of e], ..., b[e], b_s[e]): the grouped GEMM
+    as a loop of plain GEMMs (the torch reference and the cuBLAS baseline share it)."""
+    out = torch.zeros((a.shape[0], b.shape[-2]), dtype=out_dtype, device=a.device)
+    for e, start, end in expert_rows(offsets):
+        out[start:end] = gemm_fn(a[start:end], a_s[start:end], b[e], b_s[e], out_dtype)
+    return out
+
+
+def grouped_gemm_wgrad_by_expert(gemm_fn, a_t, a_ts, b_t, b_ts, offsets, out_dtype):
+    """Per-expert out[e] = gemm_fn over expert e's token columns, each operand with its
+    grouped token-axis scale columns (1x128 x 1x128; see the module docstring)."""
+    out = torch.zeros(
+        (offsets.numel(), a_t.shape[0], b_t.shape[0]), dtype=out_dtype, device=a_t.device
+    )
+    for e, start, end in expert_rows(offsets):
+        cols = slice(e + start // TILE, e + start // TILE + _cdiv(end - start, TILE))
+        rows = slice(start, end)
+        out[e] = gemm_fn(a_t[:, rows], a_ts[:, cols], b_t[:, rows], b_ts[:, cols], out_dtype)
+    return out
+
+
 def grouped_gemm(
     a: torch.Tensor,
     a_s: torch.Tensor,
@@ -195,14 +226,7 @@ def grouped_gemm(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """Per-expert out[rows of e] = a[rows of e] @ b[e]^T; rows past offsets[-1] are zero."""
-    m = a.shape[0]
-    out = torch.zeros((m, b.shape[-2]), dtype=out_dtype, device=a.device)
-    start = 0
-    for e, end in enumerate(offsets.tolist()):
-        if end > start:
-            out[start:end] = gemm(a[start:end], a_s[start:end], b[e], b_s[e], out_dtype)
-        start = end
-    return out
+    return grouped_gemm_by_expert(gemm, a, a_s, b, b_s, offsets, out_dtype)
 
 
 def grouped_gemm_wgrad(
@@ -215,20 +239,10 @@ def grouped_gemm_wgrad(
 ) -> torch.Tensor:
     """Per-expert out[e] (N, K) = a_t[:, rows of e] @ b_t[:, rows of e]^T.
 
-    a_t (N, M) and b_t (K, M) fp8 with grouped token-axis scales (quantize_act_t_grouped).
+    a_t (N, M) and b_t (K, M) fp8 with grouped token-axis scales (quantize_act_t_grouped);
+    b_t's scales are 1x128 rows, so `gemm` dequantises both operands alike.
     """
-    num_experts = offsets.numel()
-    out = torch.zeros((num_experts, a_t.shape[0], b_t.shape[0]), dtype=out_dtype, device=a_t.device)
-    start = 0
-    for e, end in enumerate(offsets.tolist()):
-        if end > start:
-            base = e + start // TILE
-            cols = _cdiv(end - start, TILE)
-            a_f = dequantize_act(a_t[:, start:end], a_ts[:, base : base + cols])
-            b_f = dequantize_act(b_t[:, start:end], b_ts[:, base : base + cols])
-            out[e] = (a_f @ b_f.t()).to(out_dtype)
-        start = end
-    return out
+    return grouped_gemm_wgrad_by_expert(gemm, a_t, a_ts, b_t, b_ts, offsets, out_dtype)
 
 
 def swiglu_quant(

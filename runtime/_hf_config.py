@@ -56,13 +56,16 @@ def _yarn_mscale(factor: float, mscale: float) -> float:
 
 
 def effective_rope_of_plan(plan: Plan) -> dict:
-    """The rotary embedding the runtime computes for this plan."""
+    """The rotary embedding the runtime computes for this plan (runtime/layers.py): with YaRN,
+    softmax scale x m(mscale_all_dim)^2 and cos/sin x m(mscale) / m(mscale_all_dim)."""
     m, r = plan.model, plan.model.rope
     if r.kind == "yarn" and m.max_seq_len > r.original_max_seq:
+        m_all = _yarn_mscale(r.factor, r.effective_mscale_all_dim)
         return {
             "kind": "yarn", "theta": float(r.theta), "factor": float(r.factor),
             "original_max_seq": int(r.original_max_seq), "beta_fast": float(r.beta_fast),
-            "beta_slow": float(r.beta_slow), "softmax_mscale": float(r.mscale), "cos_sin_scale": 1.0,
+            "beta_slow": float(r.beta_slow), "softmax_mscale": m_all,
+            "cos_sin_scale": _yarn_mscale(r.factor, r.mscale) / m_all,
         }  # fmt: skip
     return {"kind": "plain", "theta": float(r.theta)}
 
@@ -89,10 +92,12 @@ def effective_rope_of_config(cfg: dict) -> dict:
             attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
         else:
             attention_factor = _yarn_mscale(factor, 1.0)
+    # transformers' yarn_apply_mscale: softmax scale x m(mscale_all_dim)^2 when it is nonzero
+    softmax = _yarn_mscale(factor, mscale_all) if mscale_all else 1.0
     out = {
         "kind": "yarn", "theta": theta, "factor": float(factor), "original_max_seq": int(orig),
         "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
-        "softmax_mscale": float(mscale_all or 0.0), "cos_sin_scale": float(attention_factor),
+        "softmax_mscale": float(softmax), "cos_sin_scale": float(attention_factor),
     }  # fmt: skip
     if not params.get("truncate", True):
         out["truncate"] = (
@@ -103,15 +108,21 @@ def effective_rope_of_config(cfg: dict) -> dict:
 
 def _hf_rope(plan: Plan) -> tuple[dict, dict | None]:
     """(rope_parameters, legacy rope_scaling) that make transformers compute the plan's RoPE."""
-    eff = effective_rope_of_plan(plan)
+    eff, r = effective_rope_of_plan(plan), plan.model.rope
     if eff["kind"] == "plain":
         return {"rope_type": "default", "rope_theta": eff["theta"]}, None
+    mscale, mscale_all = float(r.mscale), float(r.effective_mscale_all_dim)
     scaling = {
         "type": "yarn", "factor": eff["factor"], "original_max_position_embeddings": eff["original_max_seq"],
         "beta_fast": eff["beta_fast"], "beta_slow": eff["beta_slow"],
-        # equal mscale and mscale_all_dim: softmax scale x mscale^2, cos/sin unscaled (DeepSeek-V3)
-        "mscale": eff["softmax_mscale"], "mscale_all_dim": eff["softmax_mscale"],
+        # both written: DeepSeek's readers (vLLM, SGLang) and transformers take the softmax
+        # correction from mscale_all_dim and cos/sin x m(mscale) / m(mscale_all_dim)
+        "mscale": mscale, "mscale_all_dim": mscale_all,
     }  # fmt: skip
+    if not (mscale and mscale_all):
+        # transformers infers cos/sin x m(mscale)/m(mscale_all_dim) only when both are nonzero
+        # (else m(factor) with mscale 1): state the runtime's factor instead
+        scaling["attention_factor"] = eff["cos_sin_scale"]
     params = {k: v for k, v in scaling.items() if k != "type"}
     params.update(rope_type="yarn", rope_theta=eff["theta"])
     return params, scaling
@@ -201,7 +212,7 @@ def hf_config_from_plan(plan: Plan, torch_dtype: str = "bfloat16") -> dict:
         "routed_scaling_factor": moe.route_scale if moe else 1.0,
         "first_k_dense_replace": first_k,
         "moe_layer_freq": 1,
-        "norm_topk_prob": True,
+        "norm_topk_prob": moe.effective_renormalize if moe else True,
         "scoring_func": "sigmoid",
         "topk_method": "noaux_tc",
         "aux_loss_alpha": moe.seq_aux_loss if moe else 0.0,

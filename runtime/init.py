@@ -30,7 +30,7 @@ def _normal(shape, std: float, seed: int, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def init_parameters(module: nn.Module, seed: int, std: float) -> None:
-    """Norm weights 1; every other weight N(0, std) from its name's generator."""
+    """Norm weights 1; biases 0; every other weight N(0, std) from its name's generator."""
     for mod_name, mod in module.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         if isinstance(mod, RMSNorm):
@@ -44,4 +44,7 @@ def init_parameters(module: nn.Module, seed: int, std: float) -> None:
                     p[j].copy_(_normal(p.shape[1:], std, seed, name))
         else:
             for pname, p in mod.named_parameters(recurse=False):
+                if pname == "bias" and p.dim() == 1:
+                    p.zero_()  # as Qwen2 / transformers' _init_weights: no random offsets
+                    continue
                 p.copy_(_normal(p.shape, std, seed, prefix + pname).to(p.device))

@@ -77,7 +77,7 @@ QWEN2_7B = {
 
 
 def imported(cfg: dict, name: str = "m"):
-    text, notes = import_config(json.dumps(cfg, indent=2), "config.json", name)
+    text, _ = import_config(json.dumps(cfg, indent=2), "config.json", name)
     assert format_source(text) == text  # already canonical
     return dsl.loads(text, filename="imported.dsv").model, text
 
@@ -96,6 +96,34 @@ def test_deepseek_v3_matches_the_example():
     assert got.rope.factor == 40 and got.rope.mscale_all_dim == 1.0
     assert got.max_seq == 163840 and not got.tie_embeddings
     assert "0..2 = block(mla, dense)" in text and "3..60 = block(mla, moe)" in text
+
+
+def test_deepseek_v3_import_compiles_to_a_plan_the_released_config_matches():
+    """max_seq from max_position_embeddings (163840 > 4096: YaRN applies, as in the released
+    model) and both mscales: the runtime's config check accepts the released config.json."""
+    from compiler.plan import _model
+    from runtime.hf import check_hf_config
+    from runtime.plan import parse_plan
+    from runtime.tiny import tiny_plan
+
+    text, _ = import_config(json.dumps(DEEPSEEK_V3), "config.json", "v3")
+    raw = tiny_plan(pp=1, dp=1, ep=1, num_layers=61)
+    raw["model"] = _model(dsl.loads(text, filename="v3.dsv"))
+    raw["experts"]["moe"] = {"per_rank": [list(range(256))],
+                             "group_of_expert": [e // 32 for e in range(256)]}
+    plan = parse_plan(raw)
+    assert plan.model.max_seq_len == 163840 and plan.model.rope.mscale_all_dim == 1.0
+    assert check_hf_config(plan, DEEPSEEK_V3) == []
+
+
+def test_yarn_without_mscale_all_dim_is_imported_with_a_note():
+    scaling = {k: v for k, v in DEEPSEEK_V3["rope_scaling"].items() if k != "mscale_all_dim"}
+    text, notes = import_config(json.dumps(dict(DEEPSEEK_V3, rope_scaling=scaling)),
+                                "config.json", "m")
+    assert dsl.loads(text).model.rope.mscale_all_dim == 0  # "same as mscale"
+    assert any("no mscale_all_dim" in n and "transformers" in n for n in notes)
+    _, notes = import_config(json.dumps(DEEPSEEK_V3), "config.json", "m")
+    assert not any("mscale_all_dim" in n for n in notes)
 
 
 def test_deepseek_v2_lite_matches_the_example():
