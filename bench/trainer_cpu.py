@@ -286,7 +286,8 @@ def main() -> int:
             times["eager"].append(t2 - t1)
     rt, eg = statistics.median(times["runtime"]), statistics.median(times["eager"])
     params = sum(p.numel() for p in eager.parameters())
-    print(f"model: {args.layers} layers, {params / 1e6:.2f}M parameters, {args.batch} x {plan.train.seq_len} tokens/step, "
+    print(f"model: {args.layers} layers, {params / 1e6:.2f}M parameters, "
+          f"{args.batch} x {plan.train.seq_len} tokens/step, "
           f"{args.threads} thread(s)")  # fmt: skip
     print(f"step-0 loss: runtime {first[0]:.6f}  eager {first[1]:.6f}")
     print(f"last loss:   runtime {loss_rt:.6f}  eager {loss_eager:.6f}")

@@ -4,7 +4,7 @@
 |------------------|--------|--------|
 | `DSVC_DEBUG`     | 0-2    | 1: full Python tracebacks for internal errors; 2: also print the IR after each pass |
 | `DSVC_NO_COLOR`  | 0/1    | never colour diagnostics (colour is only used on a TTY anyway) |
-| `DSVC_FP8_AUTOTUNE` | 0/1 | generated FP8 kernels: 0 launches the compiler's chosen config instead of autotuning on a GPU |
+| `DSVC_FP8_AUTOTUNE` | 0/1 | generated FP8 kernels: 0 launches the compiler's chosen config instead of autotuning |
 | `DSVC_FP8_TMA`   | 0/1    | generated FP8 kernels: 0 uses pointer loads instead of TMA tensor descriptors |
 | `TRITON_INTERPRET` | 0/1  | Triton's own: run kernels in the interpreter (set by the tests when there is no GPU) |
 """

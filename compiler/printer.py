@@ -259,7 +259,7 @@ def format_dot(graph: Graph, keep: set[str] | None = None) -> str:
             lines.append(f"{indent}{_q(op.name)} [label={_q(label, raw=True)}{_style(op)}];")
         if stage is not None:
             lines.append("  }")
-    for src, dst, sp, dp in graph.edges():
+    for src, dst, sp, _dp in graph.edges():
         if src in names and dst in names:
             t = graph.op(src).outputs[sp]
             lines.append(f"  {_q(src)} -> {_q(dst)} [label={_q(fmt_shape(t.shape))}];")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 from compiler.costs.fmt import format_delta, format_value
@@ -85,8 +86,9 @@ def expert_load_imbalance(path: str, routed: int, ep: int) -> float:
     The file is JSON: a list of per-expert loads (one histogram for every
     layer), a list of such lists (one per MoE layer), or an object whose values
     are such lists (`{"layers.3": [...], ...}`, as the trainer logs them), or
-    `{"loads": ...}` holding any of these. Experts sit on EP ranks in
-    contiguous blocks of routed / EP.
+    `{"loads": ...}` holding any of these, or the canonical histogram of
+    docs/ir.md (`{"format": "dsvc-expert-load", ...}`: its listed layers, and its
+    `default` once). Experts sit on EP ranks in contiguous blocks of routed / EP.
     """
     try:
         with open(path, encoding="utf-8") as fh:
@@ -95,12 +97,18 @@ def expert_load_imbalance(path: str, routed: int, ep: int) -> float:
         raise ExpertLoadError(f"cannot read expert load file '{path}': {err.strerror}") from None
     except json.JSONDecodeError as err:
         raise ExpertLoadError(f"expert load file '{path}' is not JSON: {err}") from None
-    if isinstance(data, dict):
+    if isinstance(data, dict) and data.get("format") == "dsvc-expert-load":  # docs/ir.md
+        layers = data.get("layers", {})
+        # the listed layers, and the default (standing for the layers not listed) once
+        data = (list(layers.values()) if isinstance(layers, dict) else [layers]) + (
+            [data["default"]] if "default" in data else [])
+    elif isinstance(data, dict):
         data = data["loads"] if "loads" in data else [data[k] for k in sorted(data)]
     if isinstance(data, list) and data and all(isinstance(x, (int, float)) for x in data):
         data = [data]
     ok = isinstance(data, list) and data and all(
-        isinstance(h, list) and all(isinstance(x, (int, float)) and x >= 0 for x in h)
+        isinstance(h, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                    and 0 <= x < math.inf for x in h)
         for h in data)
     if not ok:
         raise ExpertLoadError(f"expert load file '{path}' must hold lists of non-negative numbers")
@@ -110,7 +118,8 @@ def expert_load_imbalance(path: str, routed: int, ep: int) -> float:
         if len(h) != routed:
             raise ExpertLoadError(f"expert load file '{path}' has a histogram of {len(h)} experts; "
                                   f"the model has {routed} routed experts")
-        ranks = [sum(h[r * per:(r + 1) * per]) for r in range(ep)]
+        top = max(h, default=0) or 1  # scaled to the hottest expert: huge counts cannot overflow
+        ranks = [sum(x / top for x in h[r * per:(r + 1) * per]) for r in range(ep)]
         mean = sum(ranks) / ep
         ratios.append(max(ranks) / mean if mean > 0 else 1.0)
     return sum(ratios) / len(ratios)

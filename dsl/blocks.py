@@ -315,8 +315,8 @@ def _read_ffn(sub, sink, ev, spans):
 # ----------------------------------------------------------------------------- other blocks:
 # precision, cluster, parallel, train, decode live in dsl/blocks_run.py to keep files short.
 
-from dsl.blocks_layers import read_layers
-from dsl.blocks_run import (
+from dsl.blocks_layers import read_layers  # noqa: E402 - they import this module
+from dsl.blocks_run import (  # noqa: E402
     read_cluster,
     read_decode,
     read_parallel,

@@ -29,16 +29,16 @@ class Span(Frozen):
         """`file:line`, as the graph and plan cite sources."""
         return f"{self.file}:{self.line}"
 
-    def __lt__(self, other: "Span") -> bool:
+    def __lt__(self, other: Span) -> bool:
         return self._key() < other._key()
 
-    def __le__(self, other: "Span") -> bool:
+    def __le__(self, other: Span) -> bool:
         return self._key() <= other._key()
 
-    def __gt__(self, other: "Span") -> bool:
+    def __gt__(self, other: Span) -> bool:
         return self._key() > other._key()
 
-    def __ge__(self, other: "Span") -> bool:
+    def __ge__(self, other: Span) -> bool:
         return self._key() >= other._key()
 
 

@@ -13,7 +13,7 @@ import os
 import pathlib
 
 from dsl import ast, parser
-from dsl.diagnostics import Diagnostic, DiagnosticSink, Span, SpecError, did_you_mean, ERROR
+from dsl.diagnostics import ERROR, Diagnostic, DiagnosticSink, Span, SpecError, did_you_mean
 from dsl.values import Evaluator
 
 TOP_BLOCKS = ("model", "precision", "cluster", "parallel", "train", "decode")

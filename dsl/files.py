@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from dsl.diagnostics import Diagnostic, Span, SpecError, ERROR
+from dsl.diagnostics import ERROR, Diagnostic, Span, SpecError
 from dsl.lexer import decode_source
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 
 from dsl import ast, parser
-from dsl.diagnostics import Diagnostic, Span, SpecError, ERROR
+from dsl.diagnostics import ERROR, Diagnostic, Span, SpecError
 from dsl.lexer import unit_at
 
 WIDTH = 100

@@ -17,9 +17,18 @@ can recurse over the tree safely.
 from __future__ import annotations
 
 from dsl import ast
-from dsl.diagnostics import Diagnostic, Span, SpecError, ERROR
+from dsl.diagnostics import ERROR, Diagnostic, Span, SpecError
 from dsl.lexer import (  # noqa: F401 - decode_source and MAX_BYTES are part of this API
-    DIGIT_WORD, EOF, KEYWORDS, MAX_BYTES, NAME, NUMBER, STRING, Token, decode_source, tokens,
+    DIGIT_WORD,
+    EOF,
+    KEYWORDS,
+    MAX_BYTES,
+    NAME,
+    NUMBER,
+    STRING,
+    Token,
+    decode_source,
+    tokens,
     unit_at,
 )
 

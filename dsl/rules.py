@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dsl.diagnostics import DiagnosticSink
-from dsl.spec import MLA, GQA, MoE, Spec
+from dsl.spec import GQA, MLA, MoE, Spec
 
 Rule = Callable[[Spec, DiagnosticSink], None]
 RULES: list[tuple[str, Rule]] = []
@@ -152,7 +152,7 @@ def _gemm_ks(spec: Spec) -> list[tuple[str, int, str]]:
     """(what, K, span path) of every GEMM the linear policy quantises."""
     m, out = spec.model, []
     seen = set()
-    for i, layer in enumerate(m.layers):
+    for layer in m.layers:
         a, f = m.attentions[layer.attention], m.ffns[layer.ffn]
         ks = []
         if isinstance(a, MLA):

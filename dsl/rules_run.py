@@ -10,7 +10,6 @@ import math
 
 from dsl.rules import _divisors_near, _moes, rule
 
-
 # ----------------------------------------------------------------------------- cluster
 
 
@@ -105,6 +104,9 @@ def _stages(spec, sink):
                        "every layer on exactly one stage")
 
 
+MAX_MICRO_BATCHES = 10_000  # DeepSeek-V3 runs 120; simulating 10k takes seconds
+
+
 @rule("micro-batches")
 def _micro(spec, sink):
     p, t = spec.parallel, spec.train
@@ -118,6 +120,11 @@ def _micro(spec, sink):
         return
     m = t.global_batch // denom
     span = spec.span("train.global_batch")
+    if m > MAX_MICRO_BATCHES:  # the report simulates every micro-batch of the step
+        sink.error(f"{m} micro-batches per step is implausibly many (at most "
+                   f"{MAX_MICRO_BATCHES:,})", span,
+                   "raise micro_batch or data parallelism, or lower global_batch")
+        return
     # DualPipe: PP ranks (the README's PP), micro-batches even and at least 2 x PP, half fed
     # from each end. DualPipeV: 2 stages per rank, at least 2 x ranks micro-batches.
     need = 2 * p.pipeline

@@ -13,9 +13,9 @@ import dsl as _dsl
 from dsl.diagnostics import Span
 
 if _dsl._LIGHT_SPEC:  # `dsvc check` only: the same classes on a pydantic-free base (dsl/records.py)
-    from dsl.records import BaseModel, ConfigDict, Field, Literal, Optional, Union
+    from dsl.records import BaseModel, ConfigDict, Field, Literal, Union
 else:
-    from typing import Literal, Optional, Union
+    from typing import Literal, Union
 
     from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,7 +69,7 @@ class GQA(_Frozen):
     qkv_bias: bool = False
 
 
-Attention = Union[MLA, GQA]
+Attention = Union[MLA, GQA]  # noqa: UP007 - dsl.records may stand in for typing.Union
 
 
 class DenseFFN(_Frozen):
@@ -98,7 +98,7 @@ class MoE(_Frozen):
     act: Literal["swiglu"] = "swiglu"
 
 
-FFN = Union[DenseFFN, MoE]
+FFN = Union[DenseFFN, MoE]  # noqa: UP007 - as Attention
 
 
 class LayerSpec(_Frozen):
@@ -214,7 +214,7 @@ class Network(_Frozen):
     effective: float  # bytes/s per GPU, achieved
     latency: float = 2.8e-6  # same leaf
     latency_cross: float = 3.7e-6  # across leaves
-    topology: Optional[FatTree] = None
+    topology: FatTree | None = None
 
 
 class Cluster(_Frozen):
@@ -223,7 +223,7 @@ class Cluster(_Frozen):
     gpus_per_node: int
     gpu: GPU
     nvlink: NVLink
-    network: Optional[Network] = None
+    network: Network | None = None
 
     @property
     def world_size(self) -> int:
@@ -237,7 +237,7 @@ class Decode(_Frozen):
     tokens_per_device: int = 32
     experts_per_device: int = 1
     link: Literal["nic", "effective", "nvlink"] = "nic"
-    hidden: Optional[int] = None  # override the model's hidden size (the paper rounds to 7000)
+    hidden: int | None = None  # override the model's hidden size (the paper rounds to 7000)
     dispatch_bytes: float = 1.0  # per element
     combine_bytes: float = 2.0
 
@@ -254,8 +254,8 @@ class Parallel(_Frozen):
     zero: int = 1  # ZeRO stage of the data-parallel optimizer
     schedule: ScheduleKind = "1f1b"
     overlap: Literal["none", "dual_microbatch"] = "none"
-    layers_per_stage: Optional[tuple[int, ...]] = None  # explicit layout (overrides the balancer)
-    expert_load: Optional[str] = None  # path of a load histogram (EPLB-style placement)
+    layers_per_stage: tuple[int, ...] | None = None  # explicit layout (overrides the balancer)
+    expert_load: str | None = None  # path of a load histogram (EPLB-style placement)
     redundant_experts: int = 0
     two_hop: bool = True  # node-limited two-hop all-to-all (IB then NVLink)
 
@@ -289,12 +289,12 @@ class LRSchedule(_Frozen):
     kind: Literal["constant", "warmup_cosine"] = "constant"
     warmup_steps: int = 0
     final_lr: float = 0.0
-    total_steps: Optional[int] = None
+    total_steps: int | None = None
 
 
 class Data(_Frozen):
     kind: Literal["synthetic", "tokens"] = "synthetic"
-    path: Optional[str] = None
+    path: str | None = None
     dtype: Literal["uint16", "uint32"] = "uint32"
 
 
@@ -324,10 +324,10 @@ class Spec(_Frozen):
     file: str
     model: Model
     precision: Precision = Precision()
-    cluster: Optional[Cluster] = None
-    parallel: Optional[Parallel] = None
-    train: Optional[Train] = None
-    decode: Optional[Decode] = None
+    cluster: Cluster | None = None
+    parallel: Parallel | None = None
+    train: Train | None = None
+    decode: Decode | None = None
     spans: dict[str, Span] = Field(default_factory=dict, repr=False, exclude=True)
     files: tuple[str, ...] = ()  # the file and every include, in load order
     content_hash: str = ""  # sha256 of the sources, for build caching and provenance

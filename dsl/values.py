@@ -117,7 +117,7 @@ class Evaluator:
         left, right = self._eval(e.left), self._eval(e.right)
         if left is None or right is None:
             return None
-        for side, v in (("left", left), ("right", right)):
+        for v in (left, right):
             if not _isnum(v):
                 shown = v.id if isinstance(v, Ident) else repr(v)
                 hint = None

@@ -45,7 +45,8 @@ class SyntheticData:
         h = (idx + mix) * np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(31)
         first = (h % np.uint64(self.vocab)).astype(np.int64)
-        stride = np.array(self.STRIDES, dtype=np.int64)[((h >> np.uint64(17)) % np.uint64(len(self.STRIDES))).astype(np.int64)]
+        pick = ((h >> np.uint64(17)) % np.uint64(len(self.STRIDES))).astype(np.int64)
+        stride = np.array(self.STRIDES, dtype=np.int64)[pick]
         pos = np.arange(self.seq_len + 1, dtype=np.int64)
         seq = (first[:, None] + stride[:, None] * pos[None, :]) % self.vocab
         return torch.from_numpy(seq)

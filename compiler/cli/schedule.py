@@ -15,6 +15,7 @@ from compiler.cli import UsageError
 
 FORMATS = ("text", "json", "png", "chrome")
 KIND_CHOICES = ("1f1b", "zb1p", "dualpipe", "dualpipev")  # = compiler.schedules.KINDS
+MAX_CHUNKS = 1_000_000  # stages x micro-batches: a minute or two of simulation at most
 
 
 def _time(text: str):
@@ -94,11 +95,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.w > args.b:
         raise UsageError(
-            f"--w {args.w} is larger than --b {args.b}\n  hint: W is the weight-gradient part of the full backward B, so W <= B"
+            f"--w {args.w} is larger than --b {args.b}\n"
+            "  hint: W is the weight-gradient part of the full backward B, so W <= B"
         )
     if args.format == "png" and not args.output:
         raise UsageError(
             "--format png writes an image and needs -o FILE\n  hint: add -o schedule.png"
+        )
+    if args.stages * args.micro_batches > MAX_CHUNKS:
+        raise UsageError(
+            f"--stages {args.stages} x --micro-batches {args.micro_batches} is more than "
+            f"{MAX_CHUNKS:,} chunks to simulate\n  hint: the bubble formulas scale; try smaller numbers"
         )
     try:
         schedule = build_schedule(args.kind, args.stages, args.micro_batches)
@@ -108,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
     result = simulate(schedule, costs)
 
     if args.format == "png":
-        draw_timeline(result, args.output)
+        try:
+            draw_timeline(result, args.output)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
         print(f"wrote {args.output}")
         return 0
     if args.format == "json":

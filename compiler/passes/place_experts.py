@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import heapq
 import json
+import math
 import os
 
 from compiler.ir import Graph, Placement
@@ -192,7 +193,7 @@ def _load_json(path: str, where: Span):
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
 
 
 def _checked(values, layer: int, routed: int, where: Span) -> tuple[float, ...]:

@@ -10,6 +10,9 @@ matplotlib is imported only here, only when drawing.
 
 from __future__ import annotations
 
+import errno
+import os
+
 from .actions import BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, FULL_BACKWARD, OVERLAP_F_B
 
 # (first copy / first leg, second copy / second leg) per kind
@@ -114,6 +117,8 @@ def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> 
             f"max bubble {_short(result.max_bubble)}"
         )
     ax.set_title(title, fontsize=10)
+    if os.path.isdir(path):  # matplotlib would quietly write PATH.png instead
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     fig.savefig(str(path), dpi=dpi)
 
 

@@ -7,7 +7,7 @@ of the published bubble formulas, i.e. pipeline stages per model copy:
 |-----------|---------|-----------------------------------------|---------------|
 | 1f1b      | PP      | 0..PP-1, stage s on device s            | any >= 1      |
 | zb1p      | PP      | same                                    | any >= 1      |
-| dualpipe  | PP      | copy A 0..PP-1 on devices 0..PP-1; copy B PP..2PP-1, stage PP+k on device PP-1-k | even, >= 2 PP |
+| dualpipe  | PP      | copy A 0..PP-1 on devices 0..PP-1; copy B PP..2PP-1, PP+k on device PP-1-k | even, >= 2 PP |
 | dualpipev | PP/2    | 0..PP-1 in a V: stage s on device min(s, PP-1-s) | >= PP       |
 
 So under DualPipe device i holds stages i and 2PP-1-i (the V placement) but

@@ -4,7 +4,6 @@ the bubble, MFU, and the expert-load histogram."""
 from __future__ import annotations
 
 import functools
-
 import json
 import math
 

@@ -4,7 +4,6 @@ model, DeepSeek-V3's devices, and property tests on random specs."""
 from __future__ import annotations
 
 import functools
-
 import math
 
 from hypothesis import given, settings

@@ -5,7 +5,6 @@ Llama-2-7B-shaped MHA model)."""
 from __future__ import annotations
 
 import functools
-
 import math
 
 import pytest

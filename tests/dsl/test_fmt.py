@@ -9,7 +9,8 @@ import pathlib
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dsl
 from compiler.cli import main

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dsl
 from dsl import parser

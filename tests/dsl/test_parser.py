@@ -7,7 +7,8 @@ import pathlib
 
 import lark
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dsl import ast, parser
 from dsl.diagnostics import SpecError

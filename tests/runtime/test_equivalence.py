@@ -1,9 +1,9 @@
 """The partitioned runtime computes the same training as one process.
 
 World size 4 on CPU with gloo: pipeline 2 x data 2, experts parallel over the 2
-data ranks (and one run of data 4 with EP 2, so expert-data-parallel 2). One spawned job runs every scenario (1F1B from the plan's action
-lists, DualPipeV through torch's own schedule class and from the schedule
-generator's action lists, ZB1P's split backward from the generator's lists,
+data ranks (and one run of data 4 with EP 2, so expert-data-parallel 2). One spawned job
+runs every scenario (1F1B from the plan's action lists, DualPipeV through torch's own
+schedule class and from the schedule generator's action lists, ZB1P's split backward from the generator's lists,
 FP8 emulation); each test compares one scenario with
 `Trainer.reference` (the unpartitioned model, whole global batch, same seed).
 """
