@@ -334,13 +334,7 @@ class _Parser:
             if self.peek().kind == ",":  # `(a,,)`: the grammar allows one trailing comma here
                 self.take()
             else:
-                while self.peek().kind != ")":
-                    e = self.expr()
-                    items.append(e.node)
-                    depth = max(depth, e.depth)
-                    if self.peek().kind != ",":
-                        break
-                    self.take()
+                depth = max(depth, self.items_until(")", items))
             close = self.expect(")", "',' or ')'")
             start, end = (open_.line, open_.col), (close.line, close.end_col)
             node = ast.Tuple(items, self.span(start, end))
@@ -352,6 +346,19 @@ class _Parser:
         self.check_depth(depth + 1, start)
         return _Expr(node, start, end, depth + 1)
 
+    def items_until(self, close: str, items: list) -> int:
+        """Comma-separated values up to `close` (a trailing comma allowed), appended to
+        `items`; returns their deepest nesting. Leaves `close` for the caller."""
+        depth = 0
+        while self.peek().kind != close:
+            e = self.expr()
+            items.append(e.node)
+            depth = max(depth, e.depth)
+            if self.peek().kind != ",":
+                break
+            self.take()
+        return depth
+
     def list_(self) -> _Expr:
         open_ = self.take()
         self.enter(open_)
@@ -359,13 +366,7 @@ class _Parser:
         if self.peek().kind == ",":  # `[,]`: the grammar allows it
             self.take()
         else:
-            while self.peek().kind != "]":
-                e = self.expr()
-                items.append(e.node)
-                depth = max(depth, e.depth)
-                if self.peek().kind != ",":
-                    break
-                self.take()
+            depth = self.items_until("]", items)
         close = self.expect("]", "',' or ']'")
         self.nesting -= 1
         start, end = (open_.line, open_.col), (close.line, close.end_col)

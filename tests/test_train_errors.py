@@ -23,6 +23,7 @@ from tests.test_train_support import (
     child_env,
     compile_spec,
     error_lines,
+    snapshot,
     train_here,
 )
 
@@ -40,18 +41,8 @@ def trained(w1, tmp_path_factory):
     return run
 
 
-def _snapshot(root) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            path = os.path.join(dirpath, n)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = f.read()
-    return out
-
-
 def _fails_cleanly(capsys, build, run, *args, expect: str) -> None:
-    before = _snapshot(run) if os.path.exists(run) else None
+    before = snapshot(run) if os.path.exists(run) else None
     capsys.readouterr()
     assert train_here(build, "--run-dir", str(run), *args) == 1
     err = capsys.readouterr().err
@@ -62,7 +53,7 @@ def _fails_cleanly(capsys, build, run, *args, expect: str) -> None:
     if before is None:
         assert not os.path.exists(run)
     else:
-        assert _snapshot(run) == before
+        assert snapshot(run) == before
 
 
 def test_missing_token_file(w1, trained, tmp_path, capsys):

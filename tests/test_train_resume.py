@@ -27,6 +27,7 @@ from tests.test_train_support import (
     compile_spec,
     error_lines,
     losses,
+    snapshot,
     torchrun,
     train_here,
 )
@@ -57,16 +58,6 @@ def _run_from_checkpoint(src_run, step: int, dest):
     return dest
 
 
-def _snapshot(root) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            path = os.path.join(dirpath, n)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = f.read()
-    return out
-
-
 def test_same_model_hash_across_layouts(builds):
     raws = {n: json.loads((b / "plan.json").read_text()) for n, b in builds.items()}
     hashes = {n: train_state.model_hash(r) for n, r in raws.items()}
@@ -92,12 +83,12 @@ def test_resume_with_another_data_parallel_degree(builds, w2_run, tmp_path, caps
 @pytest.mark.slow
 def test_another_pipeline_layout_is_refused(builds, w2_run, tmp_path, capsys):
     run = _run_from_checkpoint(w2_run, 2, tmp_path / "run")
-    before = _snapshot(run)
+    before = snapshot(run)
     assert train_here(builds["pp2"], "--run-dir", str(run), "--resume") == 1
     err = capsys.readouterr().err
     assert len(error_lines(err)) == 1 and "another pipeline layout" in err
     assert "can change its data-parallel degree" in err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_another_model_is_refused(builds, tmp_path, capsys):
@@ -112,12 +103,12 @@ def test_another_model_is_refused(builds, tmp_path, capsys):
     small = (SPECS / "small.dsv").read_text().replace("vocab = 256", "vocab = 384")
     (other_dir / "small.dsv").write_text(small)
     other = compile_spec(other_dir / "w1.dsv", tmp_path / "other")
-    before = _snapshot(run)
+    before = snapshot(run)
     capsys.readouterr()
     assert train_here(other, "--run-dir", str(run), "--resume") == 1
     err = capsys.readouterr().err
     assert len(error_lines(err)) == 1 and "checkpoint of a different model" in err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def _kill_during_a_save(build, run, resume: bool) -> bool:

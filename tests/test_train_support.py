@@ -85,3 +85,14 @@ def train_here(build_dir, *args: str) -> int:
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "error" in line]
+
+
+def snapshot(root) -> dict[str, bytes]:
+    """Every file under `root` with its bytes: to assert a failed run changed nothing."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out

@@ -165,3 +165,17 @@ def overlapped_pair(rank: int, raw: dict, f_layers: list[int], b_layers: list[in
         grads = {n: p.grad.clone() for n, p in b_mod.named_parameters() if p.grad is not None}
         out[mode] = {"y_f": y_f.detach(), "dx_b": xb.grad, "grads": grads, "log": session.log}
     return out
+
+
+def reference_steps(raw: dict, steps: int, num_microbatches: int = 1) -> list:
+    """(metrics, gradients by name) of each step of the unpartitioned model in this process."""
+    from runtime.plan import parse_plan
+    from runtime.trainer import Trainer
+
+    ref = Trainer.reference(parse_plan(raw), num_microbatches)
+    ref.keep_grads = True
+    records = []
+    for _ in range(steps):
+        metrics = ref.step()
+        records.append((metrics, {n: p.grad.detach().clone() for n, p in ref.named_parameters()}))
+    return records

@@ -19,8 +19,7 @@ from runtime.launch import spawn
 from runtime.overlap import forward_chunks_under_comm
 from runtime.plan import parse_plan
 from runtime.tiny import split_layers, tiny_plan
-from runtime.trainer import Trainer
-from tests.runtime._workers import train_scenarios
+from tests.runtime._workers import reference_steps, train_scenarios
 from tests.tolerances import tol
 
 schedules = pytest.importorskip("compiler.schedules")
@@ -71,13 +70,7 @@ def runs():
 
 
 def _reference(raw: dict):
-    ref = Trainer.reference(parse_plan(raw))
-    ref.keep_grads = True
-    out = []
-    for _ in range(STEPS):
-        metrics = ref.step()
-        out.append((metrics, {n: p.grad.detach().clone() for n, p in ref.named_parameters()}))
-    return out
+    return reference_steps(raw, STEPS)
 
 
 def _rank(pp_rank: int, dp_rank: int) -> int:

@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from runtime.launch import spawn
-from runtime.plan import parse_plan
 from runtime.tiny import tiny_plan
-from runtime.trainer import Trainer
-from tests.runtime._workers import train_scenarios
+from tests.runtime._workers import reference_steps, train_scenarios
 from tests.tolerances import tol
 
 STEPS = 3
@@ -55,13 +53,7 @@ def runs():
 
 
 def _reference(raw: dict, num_microbatches: int = 1):
-    ref = Trainer.reference(parse_plan(raw), num_microbatches)
-    ref.keep_grads = True
-    records = []
-    for _ in range(STEPS):
-        metrics = ref.step()
-        records.append((metrics, {n: p.grad.detach().clone() for n, p in ref.named_parameters()}))
-    return records
+    return reference_steps(raw, STEPS, num_microbatches)
 
 
 def _ref_slice(name: str, grad: torch.Tensor, expert_ids: dict) -> torch.Tensor:
