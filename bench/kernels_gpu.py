@@ -7,9 +7,13 @@ cuBLAS block-scaled against it too), then prints markdown tables of
     (torch._scaled_mm) and cuBLAS BF16, with ratios, and against DeepSeek's reference
     Triton fp8_gemm as measured in REFERENCE.md (target: >= 1.3x at M = 4096;
     stretch: >= 0.8x cuBLAS block-scaled, geometric mean);
-  * TB/s of the quantisers against a device-to-device copy (target: >= 80%);
+  * TB/s of the quantisers against a device-to-device copy (target: >= 80%), beside
+    the same kernels with the interpreter's integer rounding before the cast (the path
+    the first H200 run measured);
   * grouped GEMM over 8 and 32 experts with uneven token counts against a loop of
-    cuBLAS block-scaled GEMMs (target: >= 0.8x).
+    cuBLAS block-scaled GEMMs (target: >= 0.8x);
+  * the configs triton.autotune chose (persistent and 3-CTA-per-SM candidates included)
+    and, at M = 128, how many ways K was split.
 
 Usage: python bench/kernels_gpu.py [--no-autotune]
        python bench/kernels_gpu.py --cpu-smoke   (tiny shapes under TRITON_INTERPRET=1:
@@ -65,9 +69,15 @@ GPU = Sizes("cuda", V3_SHAPES, (4096, 128), (16384, 7168), (7168, 18432), 4096,
 SMOKE = Sizes("cpu", {(160, 256): (1, 1, 1)}, (64,), (64, 256), (160, 256), 256, ((128, 256),))
 
 
-def load_kernels(shapes):
-    """The kernel module rendered for `shapes` (the generic module if jinja2 is missing)."""
+def load_kernels(shapes, soft_round=False):
+    """The kernel module rendered for `shapes` (the generic module if jinja2 is missing).
+
+    soft_round: the twin module that rounds to e4m3 in integer arithmetic before the cast
+    (the interpreter's path), timed beside the cast path as the same-run reference.
+    """
     import importlib.util
+
+    os.environ["DSVC_FP8_SOFT_ROUND"] = "1" if soft_round else "0"
 
     try:
         from compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
@@ -79,7 +89,7 @@ def load_kernels(shapes):
         text = render_kernels(KernelConfig(gemms=gemms, title="DeepSeek-V3 bench shapes"))
         path = pathlib.Path(tempfile.mkdtemp(prefix="dsvc_bench_")) / "fp8_kernels.py"
         path.write_text(text, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("dsvc_bench_fp8_kernels", path)
+    spec = importlib.util.spec_from_file_location(f"dsvc_bench_fp8_kernels_{int(soft_round)}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -144,6 +154,7 @@ def check_correctness(kernels, ref, cublas, torch, sizes):
     w = torch.randn(n, k, device=dev)
     failures = []
     for name, got, want in (
+        ("quantize_act", kernels.quantize_act(x), ref.quantize_act(x)),
         ("quantize_act_both", kernels.quantize_act_both(x), ref.quantize_act_both(x)),
         ("quantize_weight", kernels.quantize_weight(w), ref.quantize_weight(w)),
     ):
@@ -182,9 +193,9 @@ def check_correctness(kernels, ref, cublas, torch, sizes):
 
 def gemm_rows(kernels, torch, sizes, have_cublas):
     print("\n## GEMMs (TFLOP/s)\n")
-    print("| M | N | K | generated | cuBLAS FP8 block | cuBLAS BF16 | gen/cuBLAS FP8 | gen/BF16 "
-          "| gen/DeepSeek ref (REFERENCE.md) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| M | N | K | split K | generated | cuBLAS FP8 block | cuBLAS BF16 | gen/cuBLAS FP8 "
+          "| gen/BF16 | gen/DeepSeek ref (REFERENCE.md) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     ratios = {m: ([], []) for m in sizes.tokens}
     for m in sizes.tokens:
         for (n, k), (_, _, deepseek) in sizes.shapes.items():
@@ -198,8 +209,9 @@ def gemm_rows(kernels, torch, sizes, have_cublas):
             bf16 = flops / bench_ms(functools.partial(torch.matmul, x, w.t())) / 1e9
             cub = flops / bench_ms(cublas_call(a, a_s, wq, ws)) / 1e9 if have_cublas else math.nan
             vs_ref = f"{gen / deepseek:.2f}x" if m == 4096 else "-"
-            print(f"| {m} | {n} | {k} | {gen:.0f} | {cub:.0f} | {bf16:.0f} | {gen / cub:.2f} "
-                  f"| {gen / bf16:.2f} | {vs_ref} |")  # fmt: skip
+            split = kernels._pick_split_k(m, n, k, x.device)
+            print(f"| {m} | {n} | {k} | {split} | {gen:.0f} | {cub:.0f} | {bf16:.0f} "
+                  f"| {gen / cub:.2f} | {gen / bf16:.2f} | {vs_ref} |")  # fmt: skip
             ratios[m][0].append(gen / cub)
             ratios[m][1].append(gen / deepseek)
     for m, (vs_cublas, vs_ref) in ratios.items():
@@ -209,7 +221,7 @@ def gemm_rows(kernels, torch, sizes, have_cublas):
         print(line)
 
 
-def quantiser_rows(kernels, torch, sizes):
+def quantiser_rows(kernels, soft, torch, sizes):
     print("\n## Quantisers (TB/s; activations bf16 in, e4m3 + fp32 scales out)\n")
     m, k = sizes.quant
     x = torch.randn(m, k, device=sizes.device).to(torch.bfloat16)
@@ -225,13 +237,17 @@ def quantiser_rows(kernels, torch, sizes):
         ("quantize_weight 128x128 (fp32 in)", 5 * w.numel(),
          functools.partial(kernels.quantize_weight, w)),
     )  # fmt: skip
-    print("| kernel | TB/s | of copy |")
-    print("|---|---|---|")
-    print(f"| device-to-device copy ({m}x{k} bf16) | {copy:.2f} | 100% |")
+    print("| kernel | TB/s | of copy | integer rounding first, compiler's config (TB/s) "
+          "| cast / integer |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    print(f"| device-to-device copy ({m}x{k} bf16) | {copy:.2f} | 100% | - | - |")
     for name, nbytes, run in rows:
         tbs = nbytes / bench_ms(run) / 1e9
-        print(f"| {name} | {tbs:.2f} | {tbs / copy:.0%} |")
-    print("target: quantisers >= 80% of copy")
+        twin = getattr(soft, run.func.__name__) if soft is not None else None
+        slow = nbytes / bench_ms(functools.partial(twin, *run.args)) / 1e9 if twin else math.nan
+        print(f"| {name} | {tbs:.2f} | {tbs / copy:.0%} | {slow:.2f} | {tbs / slow:.2f}x |")
+    print("target: quantisers >= 80% of copy (integer rounding: the interpreter's path, "
+          "DSVC_FP8_SOFT_ROUND=1)")  # fmt: skip
 
 
 def grouped_rows(kernels, torch, sizes, have_cublas):
@@ -266,6 +282,19 @@ def grouped_rows(kernels, torch, sizes, have_cublas):
     print("target: generated >= 0.8x the cuBLAS loop (token counts: Dirichlet(1), seed 0)")
 
 
+def tuned_configs(kernels):
+    """What triton.autotune chose, per kernel and key (for the next round of tuning)."""
+    tuned = getattr(kernels, "_TUNED", {})
+    if not tuned:
+        return
+    print("\n## Configs chosen by triton.autotune\n")
+    print("| kernel | key | config |")
+    print("|---|---|---|")
+    for (name, _fixed), tuner in sorted(tuned.items(), key=lambda item: str(item[0])):
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            print(f"| {name} | {key} | {cfg} |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-autotune", action="store_true", help="use the compiler's configs")
@@ -293,10 +322,15 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if sizes.device == "cuda" else "cpu (interpreter)"
     print(f"device: {name}; torch {torch.__version__}; triton {triton.__version__}")
     kernels = load_kernels(sizes.shapes)
+    soft = None
+    if sizes.device == "cuda":
+        soft = load_kernels(sizes.shapes, soft_round=True)
+        soft._autotuning = lambda t: False  # the compiler's configs: no extra compiles
     have_cublas = check_correctness(kernels, ref, cublas, torch, sizes)
     gemm_rows(kernels, torch, sizes, have_cublas)
-    quantiser_rows(kernels, torch, sizes)
+    quantiser_rows(kernels, soft, torch, sizes)
     grouped_rows(kernels, torch, sizes, have_cublas)
+    tuned_configs(kernels)
     return 0
 
 

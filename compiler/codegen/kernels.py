@@ -47,11 +47,13 @@ class TileConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    persistent: bool = False  # one program per SM walking the tiles (plain GEMMs only)
 
     def as_call(self) -> str:
         """The config as generated code: a call of the module's `_tile` helper."""
-        fields = dataclasses.astuple(self)
-        return "_tile(" + ", ".join(str(int(v)) for v in fields) + ")"
+        fields = dataclasses.astuple(self)[:-1]
+        text = ", ".join(str(int(v)) for v in fields)
+        return f"_tile({text}, persistent=True)" if self.persistent else f"_tile({text})"
 
     def as_dict(self) -> dict:
         return {
@@ -59,6 +61,7 @@ class TileConfig:
             "BLOCK_N": self.block_n,
             "BLOCK_K": self.block_k,
             "GROUP_M": self.group_m,
+            "PERSISTENT": self.persistent,
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
         }
@@ -146,7 +149,14 @@ def gpu_autotune_configs(config: KernelConfig = KernelConfig()) -> list[TileConf
     tile, wn = config.act_tile, config.weight_block[0]
     shapes = [(128, wn, 8, 3), (128, wn, 8, 4), (128, wn, 4, 4), (64, wn, 4, 4), (64, wn, 4, 5)]
     shapes.append((128, max(16, wn // 2), 4, 4))  # more CTAs when M is small
-    return [TileConfig(bm, bn, tile, 8, warps, stages) for bm, bn, warps, stages in shapes]
+    # 64 x wn, 3 stages: ~72 KB of shared memory and ~150 registers x 128 threads, so
+    # three CTAs share an SM and one's scale FMAs and epilogue overlap another's MMAs
+    shapes.append((64, wn, 4, 3))
+    configs = [TileConfig(bm, bn, tile, 8, warps, stages) for bm, bn, warps, stages in shapes]
+    # persistent: the next tile's operands are fetched during this tile's epilogue (few
+    # K-steps per tile, e.g. K = 512, make the epilogue a large share of each tile)
+    configs += [TileConfig(128, wn, tile, 8, 8, stages, True) for stages in (3, 4)]
+    return configs
 
 
 def _quant_config(block_m: int, num_warps: int) -> dict:
@@ -207,7 +217,7 @@ def render_kernels(config: KernelConfig = KernelConfig()) -> str:
             "gpu": pick_tile_config(None, "cuda", config).as_call(),
         },
         "gpu_gemm_configs": [c.as_call() for c in gpu_autotune_configs(config)],
-        "quant": {"cpu": pyrepr(_quant_config(32, 4)), "gpu": pyrepr(_quant_config(32, 4))},
+        "quant": {"cpu": pyrepr(_quant_config(32, 4)), "gpu": pyrepr(_quant_config(64, 4))},
         "gpu_quant_configs": [pyrepr(c) for c in quant_gpu],
     }
     tile_summary = {

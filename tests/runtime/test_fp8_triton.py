@@ -213,6 +213,68 @@ def test_tensor_descriptor_path(kernels):
     _close(got, want, "fp8_gemm_fp32_out")
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 40])
+def test_split_k_adds_up_shares_of_the_k_steps(kernels, split_k):
+    # 8 K-steps, ragged in M, N and K; 40 shares leave most programs with no K-step
+    a, a_s, b, b_s = _gemm_case(70, 200, 1000, seed=21)
+    want = ref.gemm(a, a_s, b, b_s, torch.float32)
+    for out_dtype, name in (
+        (torch.float32, "fp8_gemm_fp32_out"),
+        (torch.bfloat16, "fp8_gemm_bf16_out"),
+    ):
+        c = on_dev(torch.full((70, 200), float("nan"), dtype=out_dtype))
+        kernels.module._launch_gemm(*on_dev(a, a_s, b, b_s), c, False, split_k=split_k)
+        _close(c.float(), want, name)
+
+
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "descriptors"])
+def test_persistent_programs_walk_every_tile(kernels, monkeypatch, use_tma):
+    if use_tma and kernels.TensorDescriptor is None:
+        pytest.skip("this triton has no host tensor descriptors")
+    module = kernels.module
+    cfg = dict(module.DEFAULT_GEMM_CONFIG["cpu"], PERSISTENT=True)
+    monkeypatch.setitem(module.DEFAULT_GEMM_CONFIG, "cpu", cfg)
+    # on a CPU there is one "SM": a single program takes all 3 x 2 tiles in turn
+    a, a_s, b, b_s = _gemm_case(70, 200, 272, seed=22)
+    want = ref.gemm(a, a_s, b, b_s, torch.float32)
+    for split_k in (1, 2):
+        c = on_dev(torch.full((70, 200), float("nan")))
+        module._launch_gemm(*on_dev(a, a_s, b, b_s), c, False, use_tma=use_tma, split_k=split_k)
+        _close(c, want, "fp8_gemm_fp32_out")
+
+
+def test_split_k_is_chosen_only_when_tiles_leave_sms_idle(kernels, monkeypatch):
+    module = kernels.module
+    monkeypatch.setattr(module, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    # (M, N, K) -> shares: 17 tiles of 2112 x 7168 fill 7 x 17 = 119 SMs; 56 tiles get 2;
+    # enough tiles, or too few K-steps to share, keep one
+    cases = {(128, 2112, 7168): 7, (128, 7168, 2048): 2, (128, 4096, 7168): 4,
+             (4096, 2112, 7168): 1, (128, 24576, 1536): 1, (128, 2112, 512): 1}  # fmt: skip
+    for (m, n, k), shares in cases.items():
+        assert module._pick_split_k(m, n, k, cuda) == shares, (m, n, k)
+    assert module._pick_split_k(128, 2112, 7168, torch.device("cpu")) == 1
+    monkeypatch.setenv("DSVC_FP8_SPLIT_K", "0")
+    assert module._pick_split_k(128, 2112, 7168, cuda) == 1
+
+
+def test_autotuning_tries_persistent_programs_only_where_they_differ(kernels, monkeypatch):
+    import triton
+
+    module = kernels.module
+    monkeypatch.setattr(module, "_sm_count", lambda device: 132)
+    configs = [triton.Config(module._tile(128, 128, 128, 8, 8, 3, persistent=p)) for p in (0, 1)]
+
+    def kept(m, n, split_k):
+        chosen = module._prune_configs(configs, {"M": m, "N": n}, SPLIT_K=split_k)
+        return [bool(cfg.kwargs["PERSISTENT"]) for cfg in chosen]
+
+    assert kept(4096, 32768, 1) == [False, True]  # 8192 tiles on 132 SMs
+    assert kept(128, 2112, 1) == [False]  # 17 tiles: one program per tile either way
+    assert kept(4096, 32768, 2) == [False]  # split K: never persistent
+    assert module._tile(64, 128, 128, 8, 4, 3)["PERSISTENT"] is False  # the default
+
+
 def test_shape_specialised_kernel_for_spec_gemms(tiny_kernels):
     assert set(tiny_kernels.GEMM_TABLE) == {(96, 160), (160, 96)}
     a, a_s, b, b_s = _gemm_case(40, 96, 160, seed=10)

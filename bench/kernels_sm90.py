@@ -1,0 +1,365 @@
+"""What the generated FP8 kernels compile to on Hopper, read on a machine without a GPU.
+
+Compiles every kernel of runtime/_fp8_kernels_generic.py for sm_90 with triton's own
+NVIDIA backend (the ptxas, cuobjdump and nvdisasm that ship inside the triton wheel; no
+CUDA driver is needed) and prints what a GPU run does not show:
+  * registers per thread, bytes spilled to local memory and shared memory per program,
+    for every GEMM launch config triton.autotune may pick;
+  * whether the MMAs are Hopper wgmma, how many are in flight (`wgmma.wait_group N`),
+    and whether operands arrive by TMA;
+  * for the memory-bound kernels (quantisers, SwiGLU, dequantisers): SASS instructions a
+    thread issues per element, against a plain bf16 copy compiled the same way in the
+    same run, once with the fp32 -> e4m3 rounding done by the cast (what a GPU runs) and
+    once with the integer rounding the interpreter needs (DSVC_FP8_SOFT_ROUND=1).
+    The H200 runs in bench/RESULTS.md put the line between kernels that reach 80% of
+    copy bandwidth and those that do not at about 8 instructions per byte moved.
+
+Usage: python bench/kernels_sm90.py [--check] [--quick]
+  --check  exit 1 if a kernel fails to compile, a GEMM config spills, an MMA is not a
+           wgmma, or a quantiser's cast path does not save the integer rounding's work
+  --quick  one GEMM config instead of the whole autotuning space (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GENERIC = ROOT / "runtime" / "_fp8_kernels_generic.py"
+# per element, the integer rounding costs ~12 instructions (two quantisations: ~24); the
+# cast path of each quantiser must save at least this many
+MIN_CAST_SAVING = 8.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Ptr:
+    """A pointer argument: element type in triton's spelling, 16-byte aligned."""
+
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Desc:
+    """A host tensor descriptor argument (TMA) with its block shape."""
+
+    dtype: str
+    block: tuple
+
+
+@dataclasses.dataclass
+class Compiled:
+    name: str
+    regs: int
+    spill_bytes: int
+    shared: int
+    ops: collections.Counter
+    ptx: str
+
+    @property
+    def instructions(self) -> int:
+        return sum(self.ops.values())
+
+
+def _tools():
+    import triton
+
+    return pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def available() -> str | None:
+    """None when sm_90 compilation can run here, else why not."""
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as err:
+        return f"triton is not importable ({err})"
+    missing = [t for t in ("ptxas", "cuobjdump", "nvdisasm") if not (_tools() / t).is_file()]
+    return f"triton's NVIDIA tools are missing: {', '.join(missing)}" if missing else None
+
+
+def compile_sm90(fn, args: dict, num_warps: int, num_stages: int = 1) -> Compiled:
+    """Compile one kernel for sm_90 the way the JIT would specialise `args`.
+
+    Integer arguments equal to 1 become constants and multiples of 16 carry the
+    divisibility hint, as triton's launcher does for real tensors' strides.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature, constants, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = args[name]
+        if fn.params[i].is_constexpr:
+            signature[name], constants[name] = "constexpr", value
+        elif isinstance(value, Desc):
+            signature[name] = f"tensordesc<{value.dtype}[{', '.join(map(str, value.block))}]>"
+        elif isinstance(value, Ptr):
+            signature[name] = "*" + value.dtype
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value == 1:
+            signature[name], constants[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(
+        fn=fn, signature=signature, constexprs=constants, attrs=attrs
+    )
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = pathlib.Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = _run(_tools() / "cuobjdump", "-res-usage", cubin)
+        sass = _run(_tools() / "nvdisasm", "-c", cubin)
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        match = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if match:
+            ops[match.group(1)] += 1
+    found = dict(re.findall(r"\b(REG|LOCAL):(\d+)", usage))
+    return Compiled(
+        fn.__name__,
+        int(found.get("REG", 0)),
+        int(found.get("LOCAL", 0)),
+        int(kernel.metadata.shared),
+        ops,
+        kernel.asm["ptx"],
+    )
+
+
+def _run(*cmd) -> str:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=True).stdout
+
+
+def load_module(soft_round: bool):
+    """The generic kernel module as a GPU would load it (or with integer rounding)."""
+    os.environ["DSVC_FP8_SOFT_ROUND"] = "1" if soft_round else "0"
+    name = f"_dsvc_sm90_kernels_{int(soft_round)}"
+    spec = importlib.util.spec_from_file_location(name, GENERIC)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _copy_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy_kernel(x, y, stride, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs = rm[:, None] * stride + rk[None, :]
+        tl.store(y + offs, tl.load(x + offs))
+
+    return copy_kernel
+
+
+# ---- the memory-bound kernels --------------------------------------------------------
+
+M, K = 16384, 7168  # activations (tokens x hidden) of the GPU bench
+WN, WK = 7168, 18432  # a weight of the GPU bench
+
+
+def _act_args(block_m, rows, cols):
+    return dict(
+        x=Ptr("bf16"), q=Ptr("fp8e4nv"), s=Ptr("fp32"), qt=Ptr("fp8e4nv"), st=Ptr("fp32"),
+        M=M, K=K, stride_xm=K, stride_xk=1, stride_qm=K if rows else M, stride_sm=1,
+        stride_sk=M if rows else K, stride_qtk=M if cols else K, stride_stk=1, stride_stm=K,
+        BLOCK_M=block_m, TILE=128, UE8M0=False, ROWS=rows, COLS=cols,
+    )  # fmt: skip
+
+
+def memory_bound_rows(module):
+    """(label, kernel, args, warps, elements per program, bytes per element) per kernel."""
+    quant = module.QUANT_CONFIG["gpu"]
+    bm, warps = quant["BLOCK_M"], quant["num_warps"]
+    weight = dict(
+        w=Ptr("fp32"), q=Ptr("fp8e4nv"), s=Ptr("fp32"), N=WN, K=WK, stride_wb=WN * WK,
+        stride_wn=WK, stride_wk=1, stride_qb=WN * WK, stride_qn=WK, stride_sb=56 * 144,
+        stride_sn=144, WBLOCK_N=128, WBLOCK_K=128, UE8M0=False,
+    )  # fmt: skip
+    swiglu = dict(
+        g=Ptr("bf16"), u=Ptr("bf16"), q=Ptr("fp8e4nv"), s=Ptr("fp32"), M=M, N=K,
+        stride_gm=K, stride_gn=1, stride_um=K, stride_un=1, stride_qm=K, stride_sm=1,
+        stride_sn=M, BLOCK_M=bm, TILE=128, UE8M0=False,
+    )  # fmt: skip
+    dequant = dict(
+        q=Ptr("fp8e4nv"), s=Ptr("fp32"), out=Ptr("bf16"), M=M, K=K, stride_qm=K,
+        stride_qk=1, stride_sm=1, stride_sk=M, stride_om=K, BLOCK_M=bm, TILE=128,
+    )  # fmt: skip
+    scale = 4 / 128  # one fp32 scale per 128 elements
+    return [
+        (f"quantize_act 1x128 (BLOCK_M {bm})", module._quant_act_kernel,
+         _act_args(bm, True, False), warps, bm * 128, 3 + scale),
+        ("quantize_act_both 1x128 + 128x1", module._quant_act_kernel,
+         _act_args(128, True, True), warps, 128 * 128, 4 + 2 * scale),
+        ("quantize_weight 128x128 (fp32 in)", module._quant_weight_kernel, weight, warps,
+         128 * 128, 5 + 4 / 128**2),
+        (f"swiglu_quant (BLOCK_M {bm})", module._swiglu_quant_kernel, swiglu, warps,
+         bm * 128, 5 + scale),
+        (f"dequantize_act (BLOCK_M {bm})", module._dequant_act_kernel, dequant, warps,
+         bm * 128, 3 + scale),
+    ]  # fmt: skip
+
+
+def per_element(compiled: Compiled, warps: int, elements: int) -> float:
+    """SASS instructions one thread issues per element (these kernels have no loops)."""
+    return compiled.instructions * 32 * warps / elements
+
+
+# ---- the GEMMs -----------------------------------------------------------------------
+
+
+def _gemm_args(m, n, k, cfg, *, split_k=1, rowwise=False):
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    tma = split_k == 1
+    return dict(
+        a=Desc("fp8e4nv", (bm, bk)) if tma else Ptr("fp8e4nv"), a_s=Ptr("fp32"),
+        b=Desc("fp8e4nv", (bn, bk)) if tma else Ptr("fp8e4nv"), b_s=Ptr("fp32"),
+        c=Desc("bf16", (bm, bn)) if tma else Ptr("fp32"), M=m, N=n, K=k,
+        stride_am=k, stride_ak=1, stride_asm=1, stride_ask=m, stride_bn=k, stride_bk=1,
+        stride_bsn=-(-k // 128), stride_bsk=1, stride_cs=m * n if split_k > 1 else 0,
+        stride_cm=n, stride_cn=1, M_BUCKET=m, B_ROWWISE=rowwise, USE_TMA=tma, C_DESC=tma,
+        EVEN_K=k % 128 == 0, WBLOCK_N=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=cfg["GROUP_M"], SPLIT_K=split_k, PERSISTENT=cfg["PERSISTENT"],
+    )  # fmt: skip
+
+
+def _grouped_args(cfg, experts=32, m=4096, n=4096, k=7168):
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    return dict(
+        a=Desc("fp8e4nv", (bm, bk)), a_s=Ptr("fp32"), b=Desc("fp8e4nv", (bn, bk)),
+        b_s=Ptr("fp32"), c=Ptr("bf16"), offsets=Ptr("i32"), N=n, K=k, stride_am=k,
+        stride_ak=1, stride_asm=1, stride_ask=m, stride_be=n * k, stride_bn=k, stride_bk=1,
+        stride_bse=32 * 56, stride_bsn=56, stride_bsk=1, stride_cm=n, stride_cn=1,
+        M_BUCKET=m, NUM_EXPERTS=experts, STEPS=(experts - 1).bit_length(), USE_TMA=True,
+        EVEN_K=True, WBLOCK_N=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )  # fmt: skip
+
+
+def _wgrad_args(cfg, experts=32, m=4096, n=4096, k=7168):
+    cols = experts + m // 128
+    return dict(
+        a=Ptr("fp8e4nv"), a_s=Ptr("fp32"), b=Ptr("fp8e4nv"), b_s=Ptr("fp32"), c=Ptr("fp32"),
+        offsets=Ptr("i32"), N=n, K=k, stride_an=m, stride_at=1, stride_asn=cols,
+        stride_ast=1, stride_bk=m, stride_bt=1, stride_bsk=cols, stride_bst=1,
+        stride_ce=n * k, stride_cn=k, stride_ck=1, M_BUCKET=m,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], TILE=128,
+    )  # fmt: skip
+
+
+def _cfg_label(cfg) -> str:
+    label = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+    return label + (" persistent" if cfg["PERSISTENT"] else "")
+
+
+def gemm_rows(module, quick):
+    """(kernel label, config label, kernel, args, warps, stages) per GEMM compilation."""
+    configs = module.GPU_GEMM_CONFIGS[:1] if quick else module.GPU_GEMM_CONFIGS
+    rows = []
+    for cfg in configs:
+        warps, stages = cfg["num_warps"], cfg["num_stages"]
+        label = _cfg_label(cfg)
+        rows.append(("gemm 4096x32768x512, TMA", label, module._gemm_kernel,
+                     _gemm_args(4096, 32768, 512, cfg), warps, stages))  # fmt: skip
+        if cfg["PERSISTENT"]:
+            continue  # the grouped kernels have no persistent form; same compile otherwise
+        rows.append(("gemm wgrad 7168x2048, K = 4096 tokens, row scales", label,
+                     module._gemm_kernel, _gemm_args(7168, 2048, 4096, cfg, rowwise=True),
+                     warps, stages))  # fmt: skip
+        rows.append(("grouped 32 experts 4096x7168, TMA", label, module._grouped_gemm_kernel,
+                     _grouped_args(cfg), warps, stages))  # fmt: skip
+        rows.append(("grouped wgrad 32 experts", label, module._grouped_wgrad_kernel,
+                     _wgrad_args(cfg), warps, stages))  # fmt: skip
+    cfg = dict(module.DEFAULT_GEMM_CONFIG["gpu"])
+    rows.append(("gemm_static 128x2112x7168, split-K 7", _cfg_label(cfg),
+                 module._gemm_kernel_static, _gemm_args(128, 2112, 7168, cfg, split_k=7),
+                 cfg["num_warps"], cfg["num_stages"]))  # fmt: skip
+    return rows
+
+
+def _wgmma_summary(ptx: str) -> str:
+    waits = sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)))
+    tma = "TMA" if "cp.async.bulk.tensor" in ptx else "pointer loads"
+    count = ptx.count("wgmma.mma_async")
+    return f"{count} wgmma, waits for {'/'.join(waits) or '-'} in flight, {tma}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 on a failed check")
+    parser.add_argument("--quick", action="store_true", help="one GEMM config only")
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not interpret
+    sys.path.insert(0, str(ROOT))
+    why = available()
+    if why:
+        print(f"bench/kernels_sm90.py: {why}; nothing compiled.")
+        return 0
+    import triton
+
+    print(f"sm_90 compilation with triton {triton.__version__}; no GPU used\n")
+    failures = []
+    hard, soft = load_module(False), load_module(True)
+    copy = compile_sm90(_copy_kernel(), dict(x=Ptr("bf16"), y=Ptr("bf16"), stride=K,
+                        BLOCK_M=32, BLOCK_K=128), 4)  # fmt: skip
+    copy_per = per_element(copy, 4, 32 * 128)
+    print("## Memory-bound kernels (SASS instructions per element, per thread)\n")
+    print("| kernel | bytes/elem | cast rounding | integer rounding | cast / integer "
+          "| instr per byte | vs copy | regs |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| bf16 copy (reference) | 4.00 | {copy_per:.1f} | - | - | {copy_per / 4:.2f} "
+          f"| 1.00x | {copy.regs} |")  # fmt: skip
+    for (label, fn, kargs, warps, elems, nbytes), (_, soft_fn, *_rest) in zip(
+        memory_bound_rows(hard), memory_bound_rows(soft)
+    ):
+        try:
+            fast = compile_sm90(fn, kargs, warps)
+            slow = compile_sm90(soft_fn, kargs, warps)
+        except Exception as err:  # noqa: BLE001 - a compile failure is a finding to report
+            failures.append(f"{label}: does not compile for sm_90: {type(err).__name__}: {err}")
+            continue
+        f_per, s_per = per_element(fast, warps, elems), per_element(slow, warps, elems)
+        print(f"| {label} | {nbytes:.2f} | {f_per:.1f} | {s_per:.1f} | {f_per / s_per:.2f} "
+              f"| {f_per / nbytes:.2f} | {f_per / copy_per:.1f}x | {fast.regs} |")  # fmt: skip
+        quantiser = "dequant" not in label
+        if quantiser and "cvt.rn.satfinite.e4m3x2.f32" not in fast.ptx:
+            failures.append(f"{label}: the cast path does not use cvt.rn.satfinite")
+        if quantiser and s_per - f_per < MIN_CAST_SAVING:
+            failures.append(f"{label}: cast path {f_per:.1f} vs integer {s_per:.1f} per element")
+        if fast.spill_bytes:
+            failures.append(f"{label}: spills {fast.spill_bytes} bytes")
+    print("\n## GEMMs (each config of the autotuning space)\n")
+    print("| kernel | config | regs | spilled bytes | shared KB | MMAs |")
+    print("|---|---|---|---|---|---|")
+    for label, cfg_label, fn, kargs, warps, stages in gemm_rows(hard, args.quick):
+        try:
+            out = compile_sm90(fn, kargs, warps, stages)
+        except Exception as err:  # noqa: BLE001
+            failures.append(f"{label} {cfg_label}: does not compile: {type(err).__name__}: {err}")
+            continue
+        print(f"| {label} | {cfg_label} | {out.regs} | {out.spill_bytes} | "
+              f"{out.shared / 1024:.0f} | {_wgmma_summary(out.ptx)} |")  # fmt: skip
+        if out.spill_bytes:
+            failures.append(f"{label} {cfg_label}: spills {out.spill_bytes} bytes")
+        if "wgmma.mma_async" not in out.ptx:
+            failures.append(f"{label} {cfg_label}: no wgmma in the PTX")
+    if failures:
+        print("\nFAILED:\n  " + "\n  ".join(failures))
+    return 1 if failures and args.check else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
