@@ -223,15 +223,16 @@ def per_element(compiled: Compiled, warps: int, elements: int) -> float:
 
 
 def _gemm_args(m, n, k, cfg, *, split_k=1, rowwise=False):
+    # as _launch_gemm does it on Hopper: TMA loads; a TMA store unless K is split (then
+    # the output is the fp32 workspace of the shares, written through pointers)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    tma = split_k == 1
+    c_desc = split_k == 1
     return dict(
-        a=Desc("fp8e4nv", (bm, bk)) if tma else Ptr("fp8e4nv"), a_s=Ptr("fp32"),
-        b=Desc("fp8e4nv", (bn, bk)) if tma else Ptr("fp8e4nv"), b_s=Ptr("fp32"),
-        c=Desc("bf16", (bm, bn)) if tma else Ptr("fp32"), M=m, N=n, K=k,
+        a=Desc("fp8e4nv", (bm, bk)), a_s=Ptr("fp32"), b=Desc("fp8e4nv", (bn, bk)),
+        b_s=Ptr("fp32"), c=Desc("bf16", (bm, bn)) if c_desc else Ptr("fp32"), M=m, N=n, K=k,
         stride_am=k, stride_ak=1, stride_asm=1, stride_ask=m, stride_bn=k, stride_bk=1,
         stride_bsn=-(-k // 128), stride_bsk=1, stride_cs=m * n if split_k > 1 else 0,
-        stride_cm=n, stride_cn=1, M_BUCKET=m, B_ROWWISE=rowwise, USE_TMA=tma, C_DESC=tma,
+        stride_cm=n, stride_cn=1, M_BUCKET=m, B_ROWWISE=rowwise, USE_TMA=True, C_DESC=c_desc,
         EVEN_K=k % 128 == 0, WBLOCK_N=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         GROUP_M=cfg["GROUP_M"], SPLIT_K=split_k, PERSISTENT=cfg["PERSISTENT"],
     )  # fmt: skip
