@@ -173,11 +173,13 @@ WN, WK = 7168, 18432  # a weight of the GPU bench
 
 
 def _act_args(block_m, rows, cols):
+    # token tiles (cols) leave by TMA store, as on Hopper when M is a multiple of 16
+    qt = Desc("fp8e4nv", (128, 128)) if cols else Ptr("fp8e4nv")
     return dict(
-        x=Ptr("bf16"), q=Ptr("fp8e4nv"), s=Ptr("fp32"), qt=Ptr("fp8e4nv"), st=Ptr("fp32"),
+        x=Ptr("bf16"), q=Ptr("fp8e4nv"), s=Ptr("fp32"), qt=qt, st=Ptr("fp32"),
         M=M, K=K, stride_xm=K, stride_xk=1, stride_qm=K if rows else M, stride_sm=1,
         stride_sk=M if rows else K, stride_qtk=M if cols else K, stride_stk=1, stride_stm=K,
-        BLOCK_M=block_m, TILE=128, UE8M0=False, ROWS=rows, COLS=cols,
+        BLOCK_M=block_m, TILE=128, UE8M0=False, ROWS=rows, COLS=cols, QT_DESC=cols,
     )  # fmt: skip
 
 

@@ -125,6 +125,19 @@ def test_activation_quantisers_are_bitwise_the_reference(kernels, ue8m0, dtype):
         assert _bits_equal(got, want)
 
 
+def test_token_tiles_by_tma_store_are_bitwise_the_reference(kernels):
+    if kernels.TensorDescriptor is None:
+        pytest.skip("this triton has no host tensor descriptors")
+    # M = 272 rows (a multiple of 16: qt's rows are 16-byte aligned), ragged in both tiles
+    x = on_dev(_data(272, 200, seed=23, dtype=torch.bfloat16))
+    for rows in (True, False):
+        got = kernels.module._quant_act(x, False, rows, True, use_tma=True)
+        q_ref, s_ref, qt_ref, st_ref = ref.quantize_act_both(x.cpu())
+        assert _bits_equal(got[2], qt_ref) and _bits_equal(got[3], st_ref)
+        if rows:
+            assert _bits_equal(got[0], q_ref) and _bits_equal(got[1], s_ref)
+
+
 @pytest.mark.parametrize("ue8m0", [False, True])
 def test_weight_and_grouped_quantisers_are_bitwise_the_reference(kernels, ue8m0):
     w = _data(3, 200, 260, seed=2)
