@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -25,6 +26,10 @@ _QUIET_EXIT_DELAY_S = 2.0
 
 class LaunchError(Exception):
     """The job was launched in a way that cannot run this plan."""
+
+
+class DivergedError(Exception):
+    """The loss or the gradient norm stopped being finite; the run cannot go on from here."""
 
 
 def parse_args(argv):
@@ -92,7 +97,7 @@ def _main_checked(build_dir: str, args, distributed: bool) -> int:
 
     try:
         return _run(build_dir, args)
-    except (DataError, CheckpointError, PlanError, LaunchError) as err:
+    except (DataError, CheckpointError, PlanError, LaunchError, DivergedError) as err:
         text = " ".join(str(err).split("\n"))  # one line, whatever the message holds
         # before the process group exists every rank finds the same problem: rank 0 says it;
         # a data error met while training can be one rank's own (its slice of the file)
@@ -296,8 +301,22 @@ def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, e
             "lm_loss": metrics.get("lm_loss"), "mtp_loss": metrics.get("mtp_loss"),
             "aux_loss": metrics.get("aux_loss"), "step_time_s": dt,
         })  # fmt: skip
+        _check_finite(metrics, trainer.step_index, ckpt_root)
         if every and trainer.step_index % every == 0:
             save()
             saved = trainer.step_index
     if every and saved != trainer.step_index:
         save()  # the last step, so that a longer run can resume where this one stopped
+
+
+def _check_finite(metrics: dict, step: int, ckpt_root: str) -> None:
+    # The metrics are all-reduced, so every rank takes this branch at the same step; the
+    # step's line is already in metrics.jsonl, and no checkpoint of it is written.
+    loss, norm = metrics["loss"], metrics.get("grad_norm")
+    if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
+        return
+    raise DivergedError(
+        f"training diverged at step {step}: loss {loss}, gradient norm {norm}; stopped without "
+        f"saving this step (checkpoints already in {ckpt_root} are untouched); resume from the "
+        "last one with a lower learning rate or more warmup, or look for bad data in this step"
+    )

@@ -204,3 +204,37 @@ def test_usage_errors_exit_2(w1, tmp_path):
         )
         assert proc.returncode == 2, (args, proc.stderr)
         assert "error:" in proc.stderr.splitlines()[-1]
+
+
+def test_a_diverged_run_stops_without_saving_the_bad_step(
+    w1, trained, tmp_path, capsys, monkeypatch
+):
+    import json
+    import shutil
+
+    from runtime import trainer as trainer_module
+
+    real_step = trainer_module.Trainer.step
+
+    def step(self):
+        metrics = real_step(self)
+        if self.step_index == 4:  # the step that just ran, counted from 1
+            metrics["loss"] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    capsys.readouterr()
+    code = train_here(
+        w1, "--run-dir", str(run), "--resume", "--steps", "6", "--checkpoint-every", "1"
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("[dsvc] error: training diverged at step 4")
+    # step 3 was good and saved; step 4 is in the metrics but no checkpoint holds it
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000002", "step_00000003"]
+    with open(run / "metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [1, 2, 3, 4]
