@@ -143,12 +143,19 @@ def _run(*cmd) -> str:
 
 def load_module(soft_round: bool):
     """The generic kernel module as a GPU would load it (or with integer rounding)."""
-    os.environ["DSVC_FP8_SOFT_ROUND"] = "1" if soft_round else "0"
+    before = os.environ.get("DSVC_FP8_SOFT_ROUND")
+    os.environ["DSVC_FP8_SOFT_ROUND"] = "1" if soft_round else "0"  # read at import
     name = f"_dsvc_sm90_kernels_{int(soft_round)}"
     spec = importlib.util.spec_from_file_location(name, GENERIC)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if before is None:
+            os.environ.pop("DSVC_FP8_SOFT_ROUND", None)
+        else:
+            os.environ["DSVC_FP8_SOFT_ROUND"] = before
     return module
 
 
@@ -270,7 +277,9 @@ def _cfg_label(cfg) -> str:
 
 def gemm_rows(module, quick):
     """(kernel label, config label, kernel, args, warps, stages) per GEMM compilation."""
-    configs = module.GPU_GEMM_CONFIGS[:1] if quick else module.GPU_GEMM_CONFIGS
+    configs = module.GPU_GEMM_CONFIGS
+    if quick:  # the first config, and the first persistent one
+        configs = [configs[0], next(c for c in configs if c["PERSISTENT"])]
     rows = []
     for cfg in configs:
         warps, stages = cfg["num_warps"], cfg["num_stages"]

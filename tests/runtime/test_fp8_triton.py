@@ -245,12 +245,16 @@ def test_persistent_programs_walk_every_tile(kernels, monkeypatch, use_tma):
     if use_tma and kernels.TensorDescriptor is None:
         pytest.skip("this triton has no host tensor descriptors")
     module = kernels.module
-    cfg = dict(module.DEFAULT_GEMM_CONFIG["cpu"], PERSISTENT=True)
-    monkeypatch.setitem(module.DEFAULT_GEMM_CONFIG, "cpu", cfg)
-    # on a CPU there is one "SM": a single program takes all 3 x 2 tiles in turn
+    for device in ("cpu", "gpu"):  # the launch config on either, without autotuning
+        cfg = dict(module.DEFAULT_GEMM_CONFIG[device], PERSISTENT=True)
+        monkeypatch.setitem(module.DEFAULT_GEMM_CONFIG, device, cfg)
+    monkeypatch.setattr(module, "_autotuning", lambda t: False)
+    # two "SMs": two programs take the 3 x 2 tiles in turns (0, 2, 4 and 1, 3, 5)
+    monkeypatch.setattr(module, "_sm_count", lambda device: 2)
     a, a_s, b, b_s = _gemm_case(70, 200, 272, seed=22)
     want = ref.gemm(a, a_s, b, b_s, torch.float32)
-    for split_k in (1, 2):
+    # 3 K-steps: split 4 ways, the last share is empty inside the flattened loop
+    for split_k in (1, 2, 4):
         c = on_dev(torch.full((70, 200), float("nan")))
         module._launch_gemm(*on_dev(a, a_s, b, b_s), c, False, use_tma=use_tma, split_k=split_k)
         _close(c, want, "fp8_gemm_fp32_out")
