@@ -147,11 +147,13 @@ def pick_tile_config(
 def gpu_autotune_configs(config: KernelConfig = KernelConfig()) -> list[TileConfig]:
     """triton.autotune's search space on a GPU (kept small: each entry is a compile)."""
     tile, wn = config.act_tile, config.weight_block[0]
-    # (bench/kernels_sm90.py: 128 x wn with 4 warps needs 255 registers, and small M is
-    # served by split K rather than narrower tiles, so neither is in the space.)
-    # 64 x wn, 3 stages: ~72 KB of shared memory and ~150 registers x 128 threads, so
-    # three CTAs share an SM and one's scale FMAs and epilogue overlap another's MMAs.
-    shapes = [(128, wn, 8, 3), (128, wn, 8, 4), (64, wn, 4, 3), (64, wn, 4, 4), (64, wn, 4, 5)]
+    # Several CTAs per SM let one's scale FMAs and epilogue overlap another's MMAs
+    # (bench/kernels_sm90.py has the budgets): 64 x wn, 3 stages, ~72 KB of shared memory
+    # and ~150 registers x 128 threads: three per SM; 128 x wn with 4 warps and 3 stages,
+    # 96 KB and 255 registers x 128 threads: two. Small M is served by split K, not by
+    # narrower tiles.
+    shapes = [(128, wn, 8, 3), (128, wn, 8, 4), (128, wn, 4, 3)]
+    shapes += [(64, wn, 4, 3), (64, wn, 4, 4), (64, wn, 4, 5)]
     configs = [TileConfig(bm, bn, tile, 8, warps, stages) for bm, bn, warps, stages in shapes]
     # persistent: the next tile's operands are fetched during this tile's epilogue (few
     # K-steps per tile, e.g. K = 512, make the epilogue a large share of each tile)
