@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 
 from compiler.costs.fmt import format_delta, format_value
@@ -53,10 +52,6 @@ EVEN_SPLIT_NOTE = ("layout: layers split evenly over pipeline stages (embedding 
                    "MTP last); the graph's partition_stages will supply the balanced layout")
 
 
-class ExpertLoadError(ValueError):
-    """An expert-load histogram that cannot be read or does not match the model."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Report:
     """Figures of one spec, in the order the families recorded them."""
@@ -80,49 +75,43 @@ class Report:
         return next(f for f in self.figures if f.key == key)
 
 
-def expert_load_imbalance(path: str, routed: int, ep: int) -> float:
-    """Mean over MoE layers of (hottest EP rank's load / mean rank load).
+def moe_layer_indices(spec) -> list[int]:
+    """Layer indices of the MoE layers, MTP modules included (as `num_layers + k`)."""
+    m = spec.model
+    out = [i for i in range(m.num_layers) if m.ffn_of(i).kind == "moe"]
+    if m.layers and m.ffns[m.layers[-1].ffn].kind == "moe":  # MTP blocks use the last FFN
+        out += [m.num_layers + k for k in range(m.mtp.depth)]
+    return out
 
-    The file is JSON: a list of per-expert loads (one histogram for every
-    layer), a list of such lists (one per MoE layer), or an object whose values
-    are such lists (`{"layers.3": [...], ...}`, as the trainer logs them), or
-    `{"loads": ...}` holding any of these, or the canonical histogram of
-    docs/ir.md (`{"format": "dsvc-expert-load", ...}`: its listed layers, and its
-    `default` once). Experts sit on EP ranks in contiguous blocks of routed / EP.
+
+def expert_load_imbalance(spec, path: str, ep: int, span=None) -> float:
+    """Mean over the histogram's MoE layers of (hottest EP rank's load / mean rank load).
+
+    The file is read by the graph's own reader (`place_experts.read_expert_load`,
+    format in docs/ir.md), so the report, `inspect` and `compile` accept the same
+    files and reject bad ones with the same diagnostics (`SpecError`, file:line:col
+    for JSON errors). Experts sit on EP ranks in contiguous blocks of routed / EP,
+    as primary copies (the redundant replicas the graph adds are not counted here).
     """
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except OSError as err:
-        raise ExpertLoadError(f"cannot read expert load file '{path}': {err.strerror}") from None
-    except json.JSONDecodeError as err:
-        raise ExpertLoadError(f"expert load file '{path}' is not JSON: {err}") from None
-    if isinstance(data, dict) and data.get("format") == "dsvc-expert-load":  # docs/ir.md
-        layers = data.get("layers", {})
-        # the listed layers, and the default (standing for the layers not listed) once
-        data = (list(layers.values()) if isinstance(layers, dict) else [layers]) + (
-            [data["default"]] if "default" in data else [])
-    elif isinstance(data, dict):
-        data = data["loads"] if "loads" in data else [data[k] for k in sorted(data)]
-    if isinstance(data, list) and data and all(isinstance(x, (int, float)) for x in data):
-        data = [data]
-    ok = isinstance(data, list) and data and all(
-        isinstance(h, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                    and 0 <= x < math.inf for x in h)
-        for h in data)
-    if not ok:
-        raise ExpertLoadError(f"expert load file '{path}' must hold lists of non-negative numbers")
-    per = routed // ep
+    from compiler.passes.place_experts import _checked, read_expert_load
+    from dsl.diagnostics import Span
+
+    layers = moe_layer_indices(spec)
+    histogram = read_expert_load(path, layers, span)
+    where = span or Span(path, 0, 0)
     ratios = []
-    for h in data:
-        if len(h) != routed:
-            raise ExpertLoadError(f"expert load file '{path}' has a histogram of {len(h)} experts; "
-                                  f"the model has {routed} routed experts")
+    for layer in layers:
+        if layer not in histogram:
+            continue
+        routed = spec.model.ffn_of(layer).routed if layer < spec.model.num_layers else (
+            spec.model.ffns[spec.model.layers[-1].ffn].routed)
+        h = _checked(histogram[layer], layer, routed, where)
+        per = routed // ep
         top = max(h, default=0) or 1  # scaled to the hottest expert: huge counts cannot overflow
-        ranks = [sum(x / top for x in h[r * per:(r + 1) * per]) for r in range(ep)]
+        ranks = [sum(x / top for x in h[r * per : (r + 1) * per]) for r in range(ep)]
         mean = sum(ranks) / ep
         ratios.append(max(ranks) / mean if mean > 0 else 1.0)
-    return sum(ratios) / len(ratios)
+    return sum(ratios) / len(ratios) if ratios else 1.0
 
 
 def _simulated_graph(spec, expert_load):
@@ -173,10 +162,12 @@ def build_report(spec, symbolic: bool = False, expert_load: str | None = None,
     moes = [p.spec for p in costs.ffns.values() if p.kind == "moe"]
     imbalance = 1
     p = spec.parallel
+    load_span = None
     if expert_load is None and p is not None and p.expert_load is not None:
         expert_load = os.path.join(os.path.dirname(spec.file), p.expert_load)
+        load_span = spec.span("parallel.expert_load")
     if expert_load is not None and moes and p is not None:
-        value = expert_load_imbalance(expert_load, moes[0].routed, p.expert)
+        value = expert_load_imbalance(spec, expert_load, p.expert, load_span)
         imbalance = q.sym("f_load", value, "expert load histogram")
         notes.append(f"expert load: {os.path.basename(expert_load)}, hottest EP rank at "
                      f"{value:.2f}x the mean")
@@ -414,7 +405,6 @@ __all__ = [
     "REQUIRED",
     "SCHEMA",
     "SCHEMA_VERSION",
-    "ExpertLoadError",
     "Report",
     "build_report",
     "compare_json",

@@ -289,7 +289,12 @@ def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, e
         ckpt.save(ckpt_root, trainer.step_index, train_state.state_for_save(trainer), record)
 
     tokens_per_step = plan.train.global_batch * plan.train.seq_len
-    saved = trainer.step_index
+    saved = first = trainer.step_index
+    run_dir = os.path.dirname(ckpt_root)
+
+    def record_loads() -> None:  # every rank: the gather is a collective
+        _write_expert_load(trainer, plan, run_dir, first + 1, tokens_per_step)
+
     while trainer.step_index < steps:
         t0 = time.perf_counter()
         metrics = trainer.step()
@@ -304,9 +309,12 @@ def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, e
         _check_finite(metrics, trainer.step_index, ckpt_root)
         if every and trainer.step_index % every == 0:
             save()
+            record_loads()
             saved = trainer.step_index
     if every and saved != trainer.step_index:
         save()  # the last step, so that a longer run can resume where this one stopped
+    if saved != trainer.step_index or not every:
+        record_loads()
 
 
 def _check_finite(metrics: dict, step: int, ckpt_root: str) -> None:
@@ -320,3 +328,12 @@ def _check_finite(metrics: dict, step: int, ckpt_root: str) -> None:
         f"saving this step (checkpoints already in {ckpt_root} are untouched); resume from the "
         "last one with a lower learning rate or more warmup, or look for bad data in this step"
     )
+
+
+def _write_expert_load(trainer, plan, run_dir: str, first_step: int, tokens_per_step: int):
+    from . import expert_load
+
+    layers = expert_load.gather(trainer.load_totals, len(plan.model.layers))
+    if layers and _rank() == 0:
+        path = os.path.join(run_dir, "expert_load.json")
+        expert_load.write(path, layers, first_step, trainer.step_index, tokens_per_step)

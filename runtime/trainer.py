@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from . import expert_load
 from .data import Sharder, make_data
 from .ep import ExpertComm
 from .init import init_parameters
@@ -65,6 +66,7 @@ class Trainer:
             shared=shared, skip_norm=skip_norm,
         )  # fmt: skip
         self.num_microbatches = n_mb
+        self.load_totals: dict[str, torch.Tensor] = {}  # per-expert tokens since start/resume
         sch = plan.schedule
         paired = sch.kind == "dualpipev" and sch.overlap and sch.actions
         if _modules is None and (sch.kind == "dualpipe" or paired):
@@ -186,6 +188,7 @@ class Trainer:
         lr = lr_at(self.step_index, self.plan.train.optimizer.lr, self.plan.train.lr_schedule)
         grad_norm = self.optimizer.step(lr, keep_grads=self.keep_grads)
         loads = self._update_router_bias()
+        expert_load.accumulate(self.load_totals, loads)
         metrics = self._losses()
         ratios = [float(v.max()) / max(float(v.float().mean()), 1e-9) for v in loads.values()]
         ratio = torch.tensor(

@@ -98,11 +98,11 @@ CASES = [
     (["report", "vocab_huge.dsv"], 0), (["report", "micro_batches_huge.dsv"], 1),
     (["report", "tiny.dsv", "--expert-load", "nosuch.json"], 2),
     (["report", "tiny.dsv", "--expert-load", "adir"], 2),
-    (["report", "tiny.dsv", "--expert-load", "bad.json"], 2),
-    (["report", "tiny.dsv", "--expert-load", "short.json"], 2),
-    (["report", "tiny.dsv", "--expert-load", "negative.json"], 2),
-    (["report", "tiny.dsv", "--expert-load", "infinite.json"], 2),
-    (["report", "tiny.dsv", "--expert-load", "string.json"], 2),
+    (["report", "tiny.dsv", "--expert-load", "bad.json"], 1),
+    (["report", "tiny.dsv", "--expert-load", "short.json"], 1),
+    (["report", "tiny.dsv", "--expert-load", "negative.json"], 1),
+    (["report", "tiny.dsv", "--expert-load", "infinite.json"], 1),
+    (["report", "tiny.dsv", "--expert-load", "string.json"], 1),
     (["report", "tiny.dsv", "--expert-load", "huge.json"], 0),
     (["report", "tiny.dsv", "--expert-load", "canonical.json"], 0),
     # inspect
@@ -203,21 +203,30 @@ def test_wrong_input_gets_a_clear_answer(workdir, monkeypatch, argv, code):
 
 
 def test_report_reads_the_canonical_expert_load_format(tmp_path):
-    from compiler.report import expert_load_imbalance
+    import dsl
+    from compiler.report import expert_load_imbalance, moe_layer_indices
 
+    spec = dsl.load(ROOT / "examples" / "tiny.dsv")
     hot = [5, 1, 1, 1, 1, 1, 1, 1]
     canonical, lists = tmp_path / "canonical.json", tmp_path / "lists.json"
+    named = tmp_path / "named.json"
+    first, *rest = moe_layer_indices(spec)
     canonical.write_text(json.dumps({"format": "dsvc-expert-load", "version": 1,
-                                     "layers": {"1": hot}, "default": [1] * 8}))
-    lists.write_text(json.dumps([hot, [1] * 8]))
-    got = expert_load_imbalance(str(canonical), 8, 2)
-    assert got == expert_load_imbalance(str(lists), 8, 2)
+                                     "layers": {str(first): hot}, "default": [1] * 8}))
+    lists.write_text(json.dumps([hot] + [[1] * 8] * len(rest)))
+    # runtime parameter-name prefixes as keys
+    named.write_text(json.dumps({f"layers.{first}.mlp": hot}))
+    got = expert_load_imbalance(spec, str(canonical), 2)
+    assert got == expert_load_imbalance(spec, str(lists), 2)
     assert got > 1.0  # the hot expert's rank carries more than the mean
+    assert expert_load_imbalance(spec, str(named), 2) > got  # only the hot layer listed
 
 
 def test_huge_expert_loads_do_not_overflow(tmp_path):
+    import dsl
     from compiler.report import expert_load_imbalance
 
+    spec = dsl.load(ROOT / "examples" / "tiny.dsv")
     path = tmp_path / "huge.json"
-    path.write_text(json.dumps([[1e308] * 8]))
-    assert expert_load_imbalance(str(path), 8, 2) == 1.0  # uniform, however large
+    path.write_text(json.dumps([1e308] * 8))
+    assert expert_load_imbalance(spec, str(path), 2) == 1.0  # uniform, however large

@@ -61,6 +61,30 @@ def test_golden_loss_fp32(fp32_run):
     check_golden("loss/tiny_fp32.json", _golden_text("fp32", losses(fp32_run)))
 
 
+def test_expert_load_file_counts_every_routed_token(fp32_run):
+    """RUN_DIR/expert_load.json: gathered over pipeline ranks, summed over data ranks."""
+    import dsl
+    from compiler.passes.place_experts import read_expert_load
+    from compiler.report import build_report, moe_layer_indices
+
+    spec = dsl.load(TINY)
+    path = fp32_run / "expert_load.json"
+    record = json.loads(path.read_text())
+    assert record["format"] == "dsvc-expert-load" and record["steps"] == [1, 40]
+    layers = moe_layer_indices(spec)
+    assert layers == [1, 2, 3, 4]  # layers 1..3 on pipeline rank 0 and 1, MTP (4) on the last
+    histogram = read_expert_load(str(path), layers)
+    assert sorted(histogram) == layers
+    # every token of every step goes to top_k = 2 of the 8 experts of each MoE layer
+    tokens = 40 * record["tokens_per_step"]
+    assert record["tokens_per_step"] == 8 * 64
+    for layer, counts in histogram.items():
+        assert len(counts) == 8 and sum(counts) == 2 * tokens, layer
+    # and the compiler reads it back: the report's imbalance follows the measured routing
+    report = build_report(spec, expert_load=str(path))
+    assert report.value("comm.expert_load_imbalance") >= 1.0
+
+
 def test_stop_at_20_and_resume_to_40_is_bitwise(fp32_run, tiny_build, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

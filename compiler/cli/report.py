@@ -21,21 +21,19 @@ def add_arguments(p) -> None:
 
 
 def _build(path: str, args):
+    import os
+
     import dsl
     from compiler.cli import UsageError
-    from compiler.report import ExpertLoadError, build_report
-    from dsl.diagnostics import Diagnostic, SpecError
+    from compiler.report import build_report
 
     spec, warnings = dsl.load_with_warnings(path)
     for w in warnings:
         print(w.render(), file=sys.stderr)
-    try:
-        return build_report(spec, symbolic=args.symbolic, expert_load=args.expert_load)
-    except ExpertLoadError as err:
-        if args.expert_load is not None:
-            raise UsageError(str(err)) from None
-        span = spec.span("parallel.expert_load")
-        raise SpecError([Diagnostic("error", str(err), span)]) from None
+    if args.expert_load is not None and not os.path.isfile(args.expert_load):
+        raise UsageError(f"--expert-load {args.expert_load}: no such file")
+    # a malformed histogram is a diagnostic naming the file (exit 1), as in inspect/compile
+    return build_report(spec, symbolic=args.symbolic, expert_load=args.expert_load)
 
 
 def run(args) -> int:

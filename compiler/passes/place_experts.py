@@ -25,11 +25,14 @@ import heapq
 import json
 import math
 import os
+import re
 
 from compiler.ir import Graph, Placement
 from dsl.diagnostics import Diagnostic, Span, SpecError
 
 LOAD_FORMAT = "dsvc-expert-load"
+# "layers.3", or a parameter-name prefix such as "layers.3.mlp" (the runtime's MoE names)
+_LAYER_KEY = re.compile(r"layers\.(\d+)(?:\.[A-Za-z_][\w.]*)?\Z")
 
 
 def place_experts(graph: Graph, expert_load: str | None = None) -> Graph:
@@ -133,7 +136,8 @@ def read_expert_load(path: str, moe_layers: list[int], span: Span | None = None)
 
     The canonical form is `{"format": "dsvc-expert-load", "version": 1,
     "layers": {"3": [...], ...}, "default": [...]}`; shorthands: one list (every
-    layer), a list of lists (the MoE layers in order), or `{"layers.3": [...]}`.
+    layer), a list of lists (the MoE layers in order), or `{"layers.3": [...]}` (also
+    with a parameter-name suffix: `{"layers.3.mlp": [...]}`).
     Layers without an entry are absent from the result. Raises `SpecError`.
     """
     where = span or Span(path, 0, 0)
@@ -156,9 +160,8 @@ def read_expert_load(path: str, moe_layers: list[int], span: Span | None = None)
         if "default" in raw:
             out = {layer: out.get(layer, raw["default"]) for layer in moe_layers} | out
         return out
-    if isinstance(raw, dict) and raw and all(str(k).startswith("layers.") and str(k)[7:].isdigit()
-                                              for k in raw):
-        return {int(k[7:]): v for k, v in raw.items()}
+    if isinstance(raw, dict) and raw and all(_LAYER_KEY.match(str(k)) for k in raw):
+        return {int(_LAYER_KEY.match(str(k)).group(1)): v for k, v in raw.items()}
     raise _error(f"'{path}' is not an expert load histogram", where,
                  f'expected {{"format": "{LOAD_FORMAT}", "version": 1, "layers": {{"3": [...]}}}}')
 

@@ -11,7 +11,8 @@ import pytest
 
 import dsl
 from compiler.costs.comm import routing_copies
-from compiler.report import ExpertLoadError, build_report, expert_load_imbalance
+from compiler.report import build_report, expert_load_imbalance
+from dsl.diagnostics import SpecError
 
 # The cost formulas on the documented even split (no graph, no simulation).
 build_report = functools.partial(build_report, even_split=True)
@@ -108,20 +109,23 @@ def test_expert_load_imbalance(tmp_path, v3):
     path = tmp_path / "load.json"
     path.write_text(json.dumps({"layers.3.moe": loads, "layers.4.moe": [1.0] * 256}))
     f = (8 / (260 / 64) + 1.0) / 2  # mean over the two layers
-    assert close(expert_load_imbalance(str(path), 256, 64), f)
-    r = build_report(dsl.load(EXAMPLES / "deepseek_v3.dsv"), expert_load=str(path))
+    spec = dsl.load(EXAMPLES / "deepseek_v3.dsv")
+    assert close(expert_load_imbalance(spec, str(path), 64), f)
+    r = build_report(spec, expert_load=str(path))
     assert close(r.value("comm.expert_load_imbalance"), f)
     assert close(r.value("comm.ep_ib_bytes"), f * v3.value("comm.ep_ib_bytes"))
     assert r.value("memory.max_gpu_bytes") > v3.value("memory.max_gpu_bytes")
 
 
 @pytest.mark.parametrize("content, message", [
-    ("[1, 2, 3]", "3 experts"), ("{nope", "not JSON"), ('[["a"]]', "non-negative numbers"),
+    ("[1, 2, 3]", "3 entries"), ("{nope", "not valid JSON"), ('{"a": [1]}', "not an expert load"),
+    ("[[1], [2]]", "2 histograms"),
 ])
 def test_bad_expert_load_files(tmp_path, content, message):
+    spec = dsl.load(EXAMPLES / "deepseek_v3.dsv")
     path = tmp_path / "load.json"
     path.write_text(content)
-    with pytest.raises(ExpertLoadError, match=message):
-        expert_load_imbalance(str(path), 256, 64)
-    with pytest.raises(ExpertLoadError, match="cannot read"):
-        expert_load_imbalance(str(tmp_path / "missing.json"), 256, 64)
+    with pytest.raises(SpecError, match=message):
+        expert_load_imbalance(spec, str(path), 64)
+    with pytest.raises(SpecError, match="cannot read"):
+        expert_load_imbalance(spec, str(tmp_path / "missing.json"), 64)

@@ -111,7 +111,13 @@ def test_cli_errors(capsys, monkeypatch, tmp_path):
     assert code == 1 and "nope.dsv" in err
     code, _, err = run_cli(capsys, monkeypatch, "examples/deepseek_v3.dsv", "--expert-load",
                            str(tmp_path / "missing.json"))
-    assert code == 2 and "cannot read expert load file" in err
+    assert code == 2 and "no such file" in err
+    # a malformed histogram: a diagnostic naming the file and the JSON position, exit 1,
+    # the same as inspect and compile give
+    (tmp_path / "bad.json").write_text('{"layers.3": [1,\n  oops]}')
+    code, _, err = run_cli(capsys, monkeypatch, "examples/deepseek_v3.dsv", "--expert-load",
+                           str(tmp_path / "bad.json"))
+    assert code == 1 and f"{tmp_path / 'bad.json'}:2:3: error: expert load file is not valid JSON" in err
     code, _, _ = run_cli(capsys, monkeypatch)
     assert code == 2  # no SPEC
 
@@ -124,7 +130,7 @@ def test_bad_expert_load_named_in_the_spec_is_a_spec_error(capsys, monkeypatch, 
     (tmp_path / "v3.dsv").write_text(text)
     code, _, err = run_cli(capsys, monkeypatch, str(tmp_path / "v3.dsv"))
     assert code == 1
-    assert "v3.dsv:" in err and "2 experts" in err  # points at the spec line
+    assert "v3.dsv:" in err and "2 entries" in err  # points at the spec line
 
 
 def test_report_imports_neither_torch_nor_pydantic():

@@ -1,0 +1,77 @@
+"""RUN_DIR/expert_load.json: the tokens each routed expert received over a run.
+
+Written in the compiler's histogram format (docs/ir.md, `dsvc-expert-load` version 1),
+so a measured routing goes straight back into `dsvc report / inspect / compile
+--expert-load` (or `parallel { expert_load = ... }`): the report's load imbalance,
+the simulated all-to-all and the redundant-expert placement then follow what the
+router did rather than a uniform guess.
+
+Counts are token-expert assignments (each token counts once per expert it is routed
+to), summed over data-parallel ranks and DualPipe copies, over the steps this process
+ran (from its start or resume). Each pipeline rank holds only its own stages' layers,
+so every rank takes part in the gather; rank 0 writes the file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+FORMAT = "dsvc-expert-load"
+
+
+def layer_index(name: str, num_layers: int) -> int:
+    """The compiler's layer index of a MoE module: "layers.3.mlp" -> 3, "mtp.0..." -> L + 0."""
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return int(parts[1])
+    if parts[0] == "mtp":
+        return num_layers + int(parts[1])
+    raise ValueError(f"not a MoE layer name: {name!r}")
+
+
+def accumulate(totals: dict[str, torch.Tensor], loads: dict[str, torch.Tensor]) -> None:
+    """Add one step's per-expert loads (any device) into fp64 CPU totals."""
+    for name, load in loads.items():
+        step = load.detach().to("cpu", torch.float64)
+        total = totals.get(name)
+        totals[name] = step if total is None else total + step
+
+
+def gather(totals: dict[str, torch.Tensor], num_layers: int) -> dict[int, list[float]]:
+    """Every rank's layers, by layer index (a collective when a process group is up)."""
+    local = {layer_index(name, num_layers): t.tolist() for name, t in totals.items()}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    merged: dict[int, list[float]] = {}
+    for part in parts:  # DualPipe copies of a layer carry the same (summed) counts
+        merged.update(part)
+    return merged
+
+
+def write(
+    path: str, layers: dict[int, list[float]], first_step: int, last_step: int, tokens_per_step: int
+) -> None:
+    """The histogram file, replaced atomically (a reader never sees half of it)."""
+    record = {
+        "format": FORMAT,
+        "version": 1,
+        "steps": [first_step, last_step],
+        "tokens_per_step": tokens_per_step,
+        "layers": {str(k): [_count(v) for v in layers[k]] for k in sorted(layers)},
+    }
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _count(value: float):
+    # counts are whole numbers; keep them integers in the file
+    return int(value) if float(value).is_integer() else value
