@@ -53,10 +53,17 @@ class Rates:
         return self.bf16
 
 
-def op_times(op, tokens: int, rates: Rates, ep: int = 1) -> tuple[float, float, float]:
-    """(forward, input-gradient, weight-gradient) seconds of `op` for one micro-batch."""
-    io = sum(num(t.nbytes, tokens) for t in op.inputs + op.outputs)
+def op_times(op, tokens: int, rates: Rates, ep: int = 1,
+             load: float = 1.0) -> tuple[float, float, float]:
+    """(forward, input-gradient, weight-gradient) seconds of `op` for one micro-batch.
+
+    `load`: the busiest EP rank's share of routed tokens over the mean (an `experts`
+    op under a measured histogram): its FLOPs and activations scale with it, its
+    weights do not, and the all-to-all waits for that rank.
+    """
+    io = sum(num(t.nbytes, tokens) for t in op.inputs + op.outputs) * load
     flops = [num(op.flops_fwd, tokens), num(op.flops_dgrad, tokens), num(op.flops_wgrad, tokens)]
+    flops = [f * load for f in flops]
     if not any(flops):  # memory-bound: norms, quantisation, RoPE, adds, the loss, gathers
         return io / rates.hbm, BACKWARD_TRAFFIC * io / rates.hbm, 0.0
     params = 0 if op.kind == "embedding" else op.param_bytes
@@ -64,6 +71,27 @@ def op_times(op, tokens: int, rates: Rates, ep: int = 1) -> tuple[float, float, 
         params /= ep  # each EP rank reads only its own experts' weights
     rate, moved = rates.flops(op.dtype), (io + params) / rates.hbm
     return tuple(max(f / rate, moved) if f else 0.0 for f in flops)  # type: ignore[return-value]
+
+
+def expert_skew(graph) -> dict[str, float]:
+    """`experts` op name -> busiest EP rank's expected tokens over the mean rank's.
+
+    From the placement's load histogram over the primary copies (EP rank r serves
+    experts [r E/R, (r+1) E/R)): what the runtime executes, since plan v1 carries no
+    replicas (the redundant experts place_experts adds are shown by inspect, not run).
+    The report's `comm.expert_load_imbalance` is the mean of these over the layers.
+    Ops without a histogram are absent (uniform routing, 1.0).
+    """
+    out = {}
+    for op in graph.ops():
+        place = op.attr("placement") if op.kind == "experts" else None
+        if place is not None and place.load:
+            ep = len(place.per_rank)
+            per = place.routed // ep
+            loads = [sum(place.load[r * per : (r + 1) * per]) for r in range(ep)]
+            mean = sum(loads) / ep
+            out[op.name] = max(loads) / mean if mean > 0 else 1.0
+    return out
 
 
 # ----------------------------------------------------------------------------- topology
@@ -156,15 +184,16 @@ def stage_profiles(graph, topo: Topology, rates: Rates) -> dict[int, StageProfil
     ops = [op for op in graph.ops()
            if op.stage is not None and op.block != "step" and op.kind not in ("send", "recv")]
     pre_dispatch = _attention_side(graph, ops)
+    skew = expert_skew(graph)
     saved: dict[int, float] = defaultdict(float)
     for op in ops:
         unit = units[op.stage][unit_name(op)]
         saved[op.stage] += num(op.saved_bytes, tokens)
-        if op.kind in COMM_KINDS:
-            _add_comm(graph, unit, op, topo)
+        if op.kind in COMM_KINDS:  # "<experts op>.dispatch" / ".combine"
+            _add_comm(graph, unit, op, topo, skew.get(op.name.rsplit(".", 1)[0], 1.0))
             continue
         part = "attention" if unit.kind == "dense" or op.name in pre_dispatch else "mlp"
-        fwd, dgrad, wgrad = op_times(op, tokens, rates, topo.ep)
+        fwd, dgrad, wgrad = op_times(op, tokens, rates, topo.ep, skew.get(op.name, 1.0))
         unit.fwd[part] += fwd
         unit.bwd[(part, "input")] += dgrad
         unit.bwd[(part, "weight")] += wgrad
@@ -204,14 +233,15 @@ def _attention_side(graph, ops) -> set[str]:
     return out
 
 
-def _add_comm(graph, unit: Unit, op, topo: Topology) -> None:
+def _add_comm(graph, unit: Unit, op, topo: Topology, load: float = 1.0) -> None:
     """Forward bytes from the op; the backward of a dispatch carries gradients in the
     combine's format and the backward of a combine in the dispatch's (DeepSeek-V3:
     dispatch-direction traffic in FP8, combine-direction in BF16), so each backward
-    all-to-all is filled in from its mirror when both are known."""
+    all-to-all is filled in from its mirror when both are known. `load`: the busiest EP
+    rank's share over the mean (it receives, and later sends back, that many rows)."""
     tokens = graph.tokens
-    demand = {IB: float(num(op.attr("ib_bytes", 0), tokens)),
-              NVLINK: float(num(op.attr("nvlink_bytes", 0), tokens))}
+    demand = {IB: float(num(op.attr("ib_bytes", 0), tokens)) * load,
+              NVLINK: float(num(op.attr("nvlink_bytes", 0), tokens)) * load}
     members = topo.group("expert", 0, max(1, op.attr("ep", topo.ep)))
     lat = topo.latency(members) if demand[IB] else topo.nvlink_latency
     unit.comm[(op.kind, "F")] = (demand, lat)

@@ -73,6 +73,31 @@ def test_lower_gemm_efficiency_in_the_spec_slows_the_step():
     assert slow.step_time_s > base.step_time_s
 
 
+def test_a_measured_expert_load_shapes_the_simulated_step(tmp_path):
+    from compiler.passes.simulate_costs import expert_skew
+    from compiler.pipeline import run_until
+    from compiler.report import expert_load_imbalance
+
+    spec = dsl.load(EXAMPLES / "deepseek_v3.dsv")
+    uniform, skewed = tmp_path / "uniform.json", tmp_path / "skewed.json"
+    uniform.write_text(json.dumps([7] * 256))
+    hot = [1.0] * 256
+    hot[:4] = [40.0] * 4  # EP rank 0's four experts take 40x the others' tokens
+    skewed.write_text(json.dumps(hot))
+    base = _v3("dual_microbatch").step_time_s
+    # uniform routing measured is uniform routing assumed: the same step
+    assert simulate_step(spec, expert_load=str(uniform)).step_time_s == pytest.approx(base)
+    slow = simulate_step(spec, expert_load=str(skewed))
+    assert slow.step_time_s > 1.05 * base
+    assert slow.exposed_comm_max_s >= _v3("dual_microbatch").exposed_comm_max_s
+    # the busiest rank is rank 0: 4 x 40 against the mean (160 + 63 x 4) / 64, on every
+    # MoE layer (58 and the MTP module's), as the report's imbalance says
+    skew = expert_skew(run_until(spec, "insert_comm", expert_load=str(skewed)))
+    assert len(skew) == 59
+    assert all(v == pytest.approx(160 / (412 / 64)) for v in skew.values())
+    assert expert_load_imbalance(spec, str(skewed), 64) == pytest.approx(160 / (412 / 64))
+
+
 def test_simulating_deepseek_v3_is_fast():
     from compiler.passes.schedule import schedule
     from compiler.passes.simulate import simulate
