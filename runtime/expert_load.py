@@ -7,9 +7,11 @@ the simulated all-to-all and the redundant-expert placement then follow what the
 router did rather than a uniform guess.
 
 Counts are token-expert assignments (each token counts once per expert it is routed
-to), summed over data-parallel ranks and DualPipe copies, over the steps this process
-ran (from its start or resume). Each pipeline rank holds only its own stages' layers,
-so every rank takes part in the gather; rank 0 writes the file atomically.
+to), summed over data-parallel ranks and DualPipe copies, over the whole run: each
+checkpoint's record carries the counts so far, so a resumed run continues them (a
+checkpoint written before this existed restarts the count at the resume). Each
+pipeline rank holds only its own stages' layers, so every rank takes part in the
+gather; rank 0 writes the file atomically.
 """
 
 from __future__ import annotations
@@ -52,6 +54,30 @@ def gather(totals: dict[str, torch.Tensor], num_layers: int) -> dict[int, list[f
     for part in parts:  # DualPipe copies of a layer carry the same (summed) counts
         merged.update(part)
     return merged
+
+
+def add(base: dict[int, list[float]], more: dict[int, list[float]]) -> dict[int, list[float]]:
+    """Per-layer sums of two histograms (a resumed run's counts on top of the checkpoint's)."""
+    out = {k: list(v) for k, v in base.items()}
+    for k, v in more.items():
+        out[k] = [a + b for a, b in zip(out[k], v)] if k in out else list(v)
+    return out
+
+
+def to_record(layers: dict[int, list[float]], first_step: int) -> dict:
+    """What a checkpoint keeps of the counts so far (its dsvc.json `expert_load`)."""
+    return {"first_step": first_step, "layers": {str(k): layers[k] for k in sorted(layers)}}
+
+
+def from_record(record) -> tuple[dict[int, list[float]], int] | None:
+    """The counts a checkpoint carried, or None (older checkpoints have none)."""
+    if not isinstance(record, dict) or not isinstance(record.get("layers"), dict):
+        return None
+    try:
+        layers = {int(k): [float(x) for x in v] for k, v in record["layers"].items()}
+        return layers, int(record["first_step"])
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 def write(

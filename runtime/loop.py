@@ -231,7 +231,8 @@ def _run(build_dir: str, args) -> int:
     rank = _rank()
     console = Console(run_dir, steps, trainer.step_index, enabled=rank == 0)
     console.header(_describe(plan, raw, steps))
-    _train(trainer, plan, steps, console, ckpt_root, expected, args.checkpoint_every)
+    loads = meta.get("expert_load") if start_path is not None else None
+    _train(trainer, plan, steps, console, ckpt_root, expected, args.checkpoint_every, loads)
     console.summary()
     _shutdown()
     return 0
@@ -280,20 +281,32 @@ def _describe(plan, raw: dict, steps: int) -> str:
             f"x data {m.data}, experts over {m.expert}), linears {gemms}, until step {steps}")
 
 
-def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, every: int):
+def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, every: int,
+           resumed_loads=None):
     from . import checkpoint as ckpt
-    from . import train_state
-
-    def save() -> None:
-        record = dict(expected, data_samples=trainer.sharder.samples_before(trainer.step_index))
-        ckpt.save(ckpt_root, trainer.step_index, train_state.state_for_save(trainer), record)
+    from . import expert_load, train_state
 
     tokens_per_step = plan.train.global_batch * plan.train.seq_len
-    saved = first = trainer.step_index
+    saved = trainer.step_index
     run_dir = os.path.dirname(ckpt_root)
+    # expert-load counts of the steps before this process (from the checkpoint), if any
+    base, first = expert_load.from_record(resumed_loads) or ({}, trainer.step_index + 1)
 
-    def record_loads() -> None:  # every rank: the gather is a collective
-        _write_expert_load(trainer, plan, run_dir, first + 1, tokens_per_step)
+    def loads_so_far() -> dict:  # every rank: the gather is a collective
+        layers = expert_load.gather(trainer.load_totals, len(plan.model.layers))
+        return expert_load.add(base, layers)
+
+    def record_loads(layers: dict) -> None:
+        if layers and _rank() == 0:
+            path = os.path.join(run_dir, "expert_load.json")
+            expert_load.write(path, layers, first, trainer.step_index, tokens_per_step)
+
+    def save() -> None:
+        layers = loads_so_far()
+        record = dict(expected, data_samples=trainer.sharder.samples_before(trainer.step_index),
+                      expert_load=expert_load.to_record(layers, first))  # fmt: skip
+        ckpt.save(ckpt_root, trainer.step_index, train_state.state_for_save(trainer), record)
+        record_loads(layers)
 
     while trainer.step_index < steps:
         t0 = time.perf_counter()
@@ -309,12 +322,11 @@ def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, e
         _check_finite(metrics, trainer.step_index, ckpt_root)
         if every and trainer.step_index % every == 0:
             save()
-            record_loads()
             saved = trainer.step_index
     if every and saved != trainer.step_index:
         save()  # the last step, so that a longer run can resume where this one stopped
-    if saved != trainer.step_index or not every:
-        record_loads()
+    elif not every:
+        record_loads(loads_so_far())
 
 
 def _check_finite(metrics: dict, step: int, ckpt_root: str) -> None:
@@ -329,11 +341,3 @@ def _check_finite(metrics: dict, step: int, ckpt_root: str) -> None:
         "last one with a lower learning rate or more warmup, or look for bad data in this step"
     )
 
-
-def _write_expert_load(trainer, plan, run_dir: str, first_step: int, tokens_per_step: int):
-    from . import expert_load
-
-    layers = expert_load.gather(trainer.load_totals, len(plan.model.layers))
-    if layers and _rank() == 0:
-        path = os.path.join(run_dir, "expert_load.json")
-        expert_load.write(path, layers, first_step, trainer.step_index, tokens_per_step)

@@ -109,6 +109,8 @@ def test_stop_at_20_and_resume_to_40_is_bitwise(fp32_run, tiny_build, tmp_path):
     resumed, straight = losses(run), losses(fp32_run)
     assert sorted(resumed) == list(range(21, 41))
     assert [resumed[s] for s in range(21, 41)] == [straight[s] for s in range(21, 41)]
+    # the expert-load counts continue from the checkpoint's: the same file as one run's
+    assert (run / "expert_load.json").read_bytes() == (fp32_run / "expert_load.json").read_bytes()
 
 
 def test_dsvc_train_fp8_golden_metrics_and_plot(tmp_path):
