@@ -138,10 +138,31 @@ def read_expert_load(path: str, moe_layers: list[int], span: Span | None = None)
     "layers": {"3": [...], ...}, "default": [...]}`; shorthands: one list (every
     layer), a list of lists (the MoE layers in order), or `{"layers.3": [...]}` (also
     with a parameter-name suffix: `{"layers.3.mlp": [...]}`).
-    Layers without an entry are absent from the result. Raises `SpecError`.
+    Layers without an entry are absent from the result; a layer that is not one of
+    `moe_layers` (a file from another model) is an error. Raises `SpecError`.
     """
     where = span or Span(path, 0, 0)
-    raw = _load_json(path, where)
+    out = _parse_histogram(_load_json(path, where), path, moe_layers, where)
+    stray = sorted(set(out) - set(moe_layers))
+    if stray:
+        raise _error(f"expert load file gives layer {stray[0]}, which is not a MoE layer of this "
+                     f"model", where, f"its MoE layers (MTP modules last): {_ranges(moe_layers)}; "
+                     "is the file from another model?")
+    return out
+
+
+def _ranges(layers: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7"."""
+    parts, start = [], None
+    for i, v in enumerate(layers):
+        start = v if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != v + 1:
+            parts.append(str(v) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts) or "none"
+
+
+def _parse_histogram(raw, path: str, moe_layers: list[int], where: Span) -> dict[int, list]:
     if isinstance(raw, list) and raw and all(_is_num(v) for v in raw):
         return {layer: raw for layer in moe_layers}
     if isinstance(raw, list) and raw and all(isinstance(h, list) for h in raw):

@@ -184,12 +184,16 @@ def test_expert_load_file_end_to_end(tmp_path, tiny_spec):
     ('{"format": "dsvc-expert-load", "version": 1, "layers": {"1": [1, 2]}}', "must list 8"),
     ('[[1, 1, 1, 1, 1, 1, 1, 1]]', "lists 1 histograms; the model has 4 MoE layers"),
     ('{"hello": 1}', "is not an expert load histogram"),
+    # layer 0 is tiny's dense layer: a file from another model
+    ('{"layers.0.mlp": [1, 1, 1, 1, 1, 1, 1, 1]}', "layer 0, which is not a MoE layer"),
 ])
 def test_bad_expert_load_files_are_spec_errors(tmp_path, tiny_spec, content, message):
     path = tmp_path / "load.json"
     path.write_text(content)
-    with pytest.raises(dsl.SpecError, match=message):
+    with pytest.raises(dsl.SpecError, match=message) as info:
         run_until(tiny_spec, "place_experts", expert_load=str(path))
+    if "not a MoE layer" in message:
+        assert "its MoE layers (MTP modules last): 1-4" in info.value.diagnostics[0].hint
 
 
 # ----------------------------------------------------------------------------- purity
