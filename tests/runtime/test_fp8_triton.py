@@ -340,6 +340,29 @@ def test_gemm_and_quantiser_on_random_shapes(kernels, m, n, k, seed):
     _close(kernels.gemm(a, a_s, b, b_s, torch.float32), want, "fp8_gemm_fp32_out")
 
 
+@settings(max_examples=5, deadline=None)
+@given(
+    m=st.integers(1, 70),
+    n=st.integers(1, 160),
+    k=st.integers(1, 600),
+    split_k=st.integers(1, 6),
+    persistent=st.booleans(),
+    seed=st.integers(0, 99),
+)
+def test_split_and_persistent_gemms_on_random_shapes(kernels, m, n, k, split_k, persistent, seed):
+    # any share count (empty shares included) with any tile walk gives the same product
+    module = kernels.module
+    saved = module.DEFAULT_GEMM_CONFIG["cpu"]
+    module.DEFAULT_GEMM_CONFIG["cpu"] = dict(saved, PERSISTENT=persistent)
+    try:
+        a, a_s, b, b_s = _gemm_case(m, n, k, seed=seed)
+        c = on_dev(torch.full((m, n), float("nan")))
+        module._launch_gemm(*on_dev(a, a_s, b, b_s), c, False, split_k=split_k)
+    finally:
+        module.DEFAULT_GEMM_CONFIG["cpu"] = saved
+    _close(c, ref.gemm(a, a_s, b, b_s, torch.float32), "fp8_gemm_fp32_out")
+
+
 def test_fp8_linear_on_the_generated_kernels(kernels):
     torch.manual_seed(16)
     x = on_dev(torch.randn(60, 200)).requires_grad_()
