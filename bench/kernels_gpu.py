@@ -15,7 +15,7 @@ cuBLAS block-scaled against it too), then prints markdown tables of
   * the configs triton.autotune chose (persistent and 3-CTA-per-SM candidates included)
     and, at M = 128, how many ways K was split.
 
-Usage: python bench/kernels_gpu.py [--no-autotune]
+Usage: python bench/kernels_gpu.py [--no-autotune] [--backward]
        python bench/kernels_gpu.py --cpu-smoke   (tiny shapes under TRITON_INTERPRET=1:
                                                    checks this script, measures nothing real)
 Without CUDA (and without --cpu-smoke) it says so and exits 0.
@@ -171,11 +171,17 @@ def check_correctness(kernels, ref, cublas, torch, sizes):
         failures += [] if same else [name]
     a, a_s = ref.quantize_act(x)
     wq, ws = ref.quantize_weight(w)
-    dy, dy_s = ref.quantize_act(torch.randn(m, n, device=dev))
+    dy_full = torch.randn(m, n, device=dev)
+    dy, dy_s = ref.quantize_act(dy_full)
+    # wgrad: dY^T X over the tokens, 1x128 (token-axis) scales on both operands
+    dyt, dyt_s = ref.quantize_act_t(dy_full)
+    xt, xt_s = ref.quantize_act_t(x)
     checks = [
         ("generated gemm", kernels.gemm(a, a_s, wq, ws, torch.float32), (a, a_s, wq, ws), GPU_REL),
         ("generated dgrad", kernels.gemm(dy, dy_s, wq.t(), ws.t(), torch.float32),
          (dy, dy_s, wq.t(), ws.t()), GPU_REL),
+        ("generated wgrad", kernels.gemm(dyt, dyt_s, xt, xt_s, torch.float32),
+         (dyt, dyt_s, xt, xt_s), GPU_REL),
     ]  # fmt: skip
     have_cublas = True
     try:
@@ -286,6 +292,37 @@ def quantiser_rows(kernels, soft, torch, sizes):
           "DSVC_FP8_SOFT_ROUND=1)")  # fmt: skip
 
 
+def backward_rows(kernels, torch, sizes, have_cublas):
+    """dgrad (dY W, the weight read transposed: copied K-major on each call, as the FP8
+    linear's backward does) and wgrad (dY^T X over the tokens, 1x128 scales on both)."""
+    m = sizes.tokens[0]
+    print(f"\n## Backward GEMMs at M = {m} tokens (TFLOP/s)\n")
+    print("| N | K | dgrad generated | dgrad cuBLAS FP8 | dgrad BF16 | wgrad generated "
+          "| wgrad cuBLAS FP8 | wgrad BF16 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for n, k in sizes.shapes:
+        dy = torch.randn(m, n, device=sizes.device).to(torch.bfloat16)
+        x = torch.randn(m, k, device=sizes.device).to(torch.bfloat16)
+        w = torch.randn(n, k, device=sizes.device).to(torch.bfloat16)
+        flops = 2 * m * n * k
+        dyq, dys = kernels.quantize_act(dy)
+        wq, ws = kernels.quantize_weight(w)
+        dyt, dyts = kernels.quantize_act_t(dy)
+        xt, xts = kernels.quantize_act_t(x)
+        rate = {}
+        rate["dgrad gen"] = functools.partial(kernels.gemm, dyq, dys, wq.t(), ws.t(), torch.bfloat16)
+        rate["dgrad bf16"] = functools.partial(torch.matmul, dy, w)
+        rate["wgrad gen"] = functools.partial(kernels.gemm, dyt, dyts, xt, xts, torch.bfloat16)
+        rate["wgrad bf16"] = functools.partial(torch.matmul, dy.t(), x)
+        if have_cublas:
+            rate["dgrad cublas"] = cublas_call(dyq, dys, wq.t().contiguous(), ws.t().contiguous())
+            rate["wgrad cublas"] = cublas_call(dyt, dyts, xt, xts)
+        tf = {key: flops / bench_ms(fn) / 1e9 for key, fn in rate.items()}
+        cells = [tf.get(key, math.nan) for key in ("dgrad gen", "dgrad cublas", "dgrad bf16",
+                                                   "wgrad gen", "wgrad cublas", "wgrad bf16")]
+        print(f"| {n} | {k} | " + " | ".join(f"{v:.0f}" for v in cells) + " |")
+
+
 def grouped_rows(kernels, torch, sizes, have_cublas):
     print("\n## Grouped GEMM, uneven tokens per expert (TFLOP/s)\n")
     print("| experts | tokens | N | K | generated | loop of cuBLAS FP8 block | ratio |")
@@ -335,6 +372,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-autotune", action="store_true", help="use the compiler's configs")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny run in the interpreter")
+    parser.add_argument("--backward", action="store_true",
+                        help="also time dgrad and wgrad of each shape (more compiles: ~2 min)")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -366,6 +405,8 @@ def main(argv=None) -> int:
     gemm_rows(kernels, torch, sizes, have_cublas)
     quantiser_rows(kernels, soft, torch, sizes)
     grouped_rows(kernels, torch, sizes, have_cublas)
+    if args.backward:
+        backward_rows(kernels, torch, sizes, have_cublas)
     tuned_configs(kernels)
     return 0
 
