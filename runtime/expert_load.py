@@ -16,6 +16,7 @@ gather; rank 0 writes the file atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -43,15 +44,22 @@ def accumulate(totals: dict[str, torch.Tensor], loads: dict[str, torch.Tensor]) 
         totals[name] = step if total is None else total + step
 
 
-def gather(totals: dict[str, torch.Tensor], num_layers: int) -> dict[int, list[float]]:
-    """Every rank's layers, by layer index (a collective when a process group is up)."""
+def gather(totals: dict[str, torch.Tensor], num_layers: int, contribute: bool = True):
+    """Every pipeline rank's layers, by layer index, on global rank 0 (a collective when a
+    process group is up; other ranks get an empty dict).
+
+    Data-parallel peers hold the same (all-reduced) counts, so only `contribute` ranks
+    (data rank 0) send theirs: rank 0 receives one histogram per pipeline rank, not one
+    per process.
+    """
     local = {layer_index(name, num_layers): t.tolist() for name, t in totals.items()}
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
+    rank = dist.get_rank()
+    parts: list | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(local if contribute else {}, parts, dst=0)
     merged: dict[int, list[float]] = {}
-    for part in parts:  # DualPipe copies of a layer carry the same (summed) counts
+    for part in parts or ():  # DualPipe copies of a layer carry the same (summed) counts
         merged.update(part)
     return merged
 
@@ -66,7 +74,10 @@ def add(base: dict[int, list[float]], more: dict[int, list[float]]) -> dict[int,
 
 def to_record(layers: dict[int, list[float]], first_step: int) -> dict:
     """What a checkpoint keeps of the counts so far (its dsvc.json `expert_load`)."""
-    return {"first_step": first_step, "layers": {str(k): layers[k] for k in sorted(layers)}}
+    return {
+        "first_step": first_step,
+        "layers": {str(k): [_count(v) for v in layers[k]] for k in sorted(layers)},
+    }
 
 
 def from_record(record) -> tuple[dict[int, list[float]], int] | None:
@@ -82,8 +93,12 @@ def from_record(record) -> tuple[dict[int, list[float]], int] | None:
 
 def write(
     path: str, layers: dict[int, list[float]], first_step: int, last_step: int, tokens_per_step: int
-) -> None:
-    """The histogram file, replaced atomically (a reader never sees half of it)."""
+) -> str | None:
+    """The histogram file, replaced atomically (a reader never sees half of it).
+
+    Returns None, or why it could not be written (a full disk, a directory in the way):
+    the counts are in the checkpoints too, so the caller warns and training goes on.
+    """
     record = {
         "format": FORMAT,
         "version": 1,
@@ -92,10 +107,18 @@ def write(
         "layers": {str(k): [_count(v) for v in layers[k]] for k in sorted(layers)},
     }
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        return f"{type(err).__name__}: {err.strerror or err}"
+    return None
 
 
 def _count(value: float):

@@ -14,6 +14,7 @@ torchrun the process leaves at once so that torchrun stops its peers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -292,14 +293,23 @@ def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, e
     # expert-load counts of the steps before this process (from the checkpoint), if any
     base, first = expert_load.from_record(resumed_loads) or ({}, trainer.step_index + 1)
 
-    def loads_so_far() -> dict:  # every rank: the gather is a collective
-        layers = expert_load.gather(trainer.load_totals, len(plan.model.layers))
+    path = os.path.join(run_dir, "expert_load.json")
+    if trainer.step_index == 0 and _rank() == 0 and os.path.exists(path):
+        with contextlib.suppress(OSError):  # if it cannot move, the first write says so
+            os.replace(path, path + ".prev")  # a fresh run: keep the last one's, don't mix
+
+    def loads_so_far() -> dict:  # every rank: the gather is a collective (result on rank 0)
+        layers = expert_load.gather(
+            trainer.load_totals, len(plan.model.layers), contribute=trainer.mesh.dp_rank == 0
+        )
         return expert_load.add(base, layers)
 
     def record_loads(layers: dict) -> None:
         if layers and _rank() == 0:
-            path = os.path.join(run_dir, "expert_load.json")
-            expert_load.write(path, layers, first, trainer.step_index, tokens_per_step)
+            why = expert_load.write(path, layers, first, trainer.step_index, tokens_per_step)
+            if why is not None:
+                _say(f"[dsvc] warning: could not write {path} ({why}); the expert-load "
+                     "counts are kept in the checkpoints")  # fmt: skip
 
     def save() -> None:
         layers = loads_so_far()
@@ -319,7 +329,11 @@ def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, e
             "lm_loss": metrics.get("lm_loss"), "mtp_loss": metrics.get("mtp_loss"),
             "aux_loss": metrics.get("aux_loss"), "step_time_s": dt,
         })  # fmt: skip
-        _check_finite(metrics, trainer.step_index, ckpt_root)
+        try:
+            _check_finite(metrics, trainer.step_index, ckpt_root)
+        except DivergedError:  # every rank at the same step: the gather is safe
+            record_loads(loads_so_far())  # the routing up to the divergence, worth a look
+            raise
         if every and trainer.step_index % every == 0:
             save()
             saved = trainer.step_index

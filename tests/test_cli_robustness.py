@@ -157,7 +157,7 @@ CASES = [
     (["compile", "tiny.dsv", "-o", "clusters"], 2),
     (["compile", "model_only.dsv", "-o", "out"], 1), (["compile", "no_train.dsv", "-o", "out"], 1),
     (["compile", "tiny.dsv", "-o", "out", "--expert-load", "bad.json"], 1),
-    (["compile", "tiny.dsv", "-o", "out", "--expert-load", "nosuch.json"], 1),
+    (["compile", "tiny.dsv", "-o", "out", "--expert-load", "nosuch.json"], 2),
     (["compile", "micro_batches_huge.dsv", "-o", "out"], 1),
     # train: only what fails before a trainer starts
     (["train", "nosuch.dsv"], 1), (["train", "junk.dsv"], 1), (["train", "tiny.dsv", "--steps", "0"], 2),

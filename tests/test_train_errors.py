@@ -238,3 +238,18 @@ def test_a_diverged_run_stops_without_saving_the_bad_step(
     with open(run / "metrics.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [1, 2, 3, 4]
+    # the routing up to the divergence is kept, counted from the run's first step
+    assert json.loads((run / "expert_load.json").read_text())["steps"] == [1, 4]
+
+
+def test_an_unwritable_expert_load_file_warns_and_training_goes_on(w1, tmp_path, capsys):
+    run = tmp_path / "run"
+    # directories where the file goes and where an earlier run's would be moved aside
+    (run / "expert_load.json").mkdir(parents=True)
+    (run / "expert_load.json.prev" / "x").mkdir(parents=True)
+    capsys.readouterr()
+    assert train_here(w1, "--run-dir", str(run), "--steps", "1", "--checkpoint-every", "0") == 0
+    err = capsys.readouterr().err
+    assert "[dsvc] warning: could not write" in err and "Traceback" not in err
+    names = sorted(os.listdir(run))  # no temp file left behind
+    assert names == ["expert_load.json", "expert_load.json.prev", "metrics.jsonl"]

@@ -182,7 +182,13 @@ def _parse_histogram(raw, path: str, moe_layers: list[int], where: Span) -> dict
             out = {layer: out.get(layer, raw["default"]) for layer in moe_layers} | out
         return out
     if isinstance(raw, dict) and raw and all(_LAYER_KEY.match(str(k)) for k in raw):
-        return {int(_LAYER_KEY.match(str(k)).group(1)): v for k, v in raw.items()}
+        out = {}
+        for key, v in raw.items():
+            layer = int(_LAYER_KEY.match(str(key)).group(1))
+            if layer in out:
+                raise _error(f"expert load file gives layer {layer} twice ('{key}')", where)
+            out[layer] = v
+        return out
     raise _error(f"'{path}' is not an expert load histogram", where,
                  f'expected {{"format": "{LOAD_FORMAT}", "version": 1, "layers": {{"3": [...]}}}}')
 
