@@ -70,17 +70,35 @@ GPU = Sizes("cuda", V3_SHAPES, (4096, 128), (16384, 7168), (7168, 18432), 4096,
 SMOKE = Sizes("cpu", {(160, 256): (1, 1, 1)}, (64,), (64, 256), (160, 256), 256, ((128, 256),))
 
 
-def load_kernels(shapes, soft_round=False):
-    """The kernel module rendered for `shapes` (the generic module if jinja2 is missing).
+def import_kernel_module(path, name: str, soft_round: bool = False):
+    """Import a generated kernel module from `path` as `name`.
 
-    soft_round: the twin module that rounds to e4m3 in integer arithmetic before the cast
-    (the interpreter's path), timed beside the cast path as the same-run reference.
+    soft_round: the module rounds to e4m3 in integer arithmetic before the cast (the
+    interpreter's path; DSVC_FP8_SOFT_ROUND is read at import, set for it and restored).
     """
     import importlib.util
 
     before = os.environ.get("DSVC_FP8_SOFT_ROUND")
-    os.environ["DSVC_FP8_SOFT_ROUND"] = "1" if soft_round else "0"  # read at import
+    os.environ["DSVC_FP8_SOFT_ROUND"] = "1" if soft_round else "0"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if before is None:
+            os.environ.pop("DSVC_FP8_SOFT_ROUND", None)
+        else:
+            os.environ["DSVC_FP8_SOFT_ROUND"] = before
+    return module
 
+
+def load_kernels(shapes, soft_round=False):
+    """The kernel module rendered for `shapes` (the generic module if jinja2 is missing).
+
+    soft_round: the twin module with the integer rounding, timed beside the cast path as
+    the same-run reference.
+    """
     try:
         from compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
     except ImportError as err:  # the GPU image may lack the compiler's dependencies
@@ -91,17 +109,7 @@ def load_kernels(shapes, soft_round=False):
         text = render_kernels(KernelConfig(gemms=gemms, title="DeepSeek-V3 bench shapes"))
         path = pathlib.Path(tempfile.mkdtemp(prefix="dsvc_bench_")) / "fp8_kernels.py"
         path.write_text(text, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location(f"dsvc_bench_fp8_kernels_{int(soft_round)}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if before is None:
-            os.environ.pop("DSVC_FP8_SOFT_ROUND", None)
-        else:
-            os.environ["DSVC_FP8_SOFT_ROUND"] = before
-    return module
+    return import_kernel_module(path, f"dsvc_bench_fp8_kernels_{int(soft_round)}", soft_round)
 
 
 def bench_ms(fn):
@@ -310,7 +318,9 @@ def backward_rows(kernels, torch, sizes, have_cublas):
         dyt, dyts = kernels.quantize_act_t(dy)
         xt, xts = kernels.quantize_act_t(x)
         rate = {}
-        rate["dgrad gen"] = functools.partial(kernels.gemm, dyq, dys, wq.t(), ws.t(), torch.bfloat16)
+        rate["dgrad gen"] = functools.partial(
+            kernels.gemm, dyq, dys, wq.t(), ws.t(), torch.bfloat16
+        )
         rate["dgrad bf16"] = functools.partial(torch.matmul, dy, w)
         rate["wgrad gen"] = functools.partial(kernels.gemm, dyt, dyts, xt, xts, torch.bfloat16)
         rate["wgrad bf16"] = functools.partial(torch.matmul, dy.t(), x)
@@ -318,8 +328,17 @@ def backward_rows(kernels, torch, sizes, have_cublas):
             rate["dgrad cublas"] = cublas_call(dyq, dys, wq.t().contiguous(), ws.t().contiguous())
             rate["wgrad cublas"] = cublas_call(dyt, dyts, xt, xts)
         tf = {key: flops / bench_ms(fn) / 1e9 for key, fn in rate.items()}
-        cells = [tf.get(key, math.nan) for key in ("dgrad gen", "dgrad cublas", "dgrad bf16",
-                                                   "wgrad gen", "wgrad cublas", "wgrad bf16")]
+        cells = [
+            tf.get(key, math.nan)
+            for key in (
+                "dgrad gen",
+                "dgrad cublas",
+                "dgrad bf16",
+                "wgrad gen",
+                "wgrad cublas",
+                "wgrad bf16",
+            )
+        ]
         print(f"| {n} | {k} | " + " | ".join(f"{v:.0f}" for v in cells) + " |")
 
 
@@ -372,8 +391,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-autotune", action="store_true", help="use the compiler's configs")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny run in the interpreter")
-    parser.add_argument("--backward", action="store_true",
-                        help="also time dgrad and wgrad of each shape (more compiles: ~2 min)")
+    parser.add_argument(
+        "--backward",
+        action="store_true",
+        help="also time dgrad and wgrad of each shape (more compiles: ~2 min)",
+    )
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import importlib.util
 import os
 import pathlib
 import re
@@ -143,20 +142,9 @@ def _run(*cmd) -> str:
 
 def load_module(soft_round: bool):
     """The generic kernel module as a GPU would load it (or with integer rounding)."""
-    before = os.environ.get("DSVC_FP8_SOFT_ROUND")
-    os.environ["DSVC_FP8_SOFT_ROUND"] = "1" if soft_round else "0"  # read at import
-    name = f"_dsvc_sm90_kernels_{int(soft_round)}"
-    spec = importlib.util.spec_from_file_location(name, GENERIC)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if before is None:
-            os.environ.pop("DSVC_FP8_SOFT_ROUND", None)
-        else:
-            os.environ["DSVC_FP8_SOFT_ROUND"] = before
-    return module
+    from kernels_gpu import import_kernel_module  # this script's neighbour in bench/
+
+    return import_kernel_module(GENERIC, f"_dsvc_sm90_kernels_{int(soft_round)}", soft_round)
 
 
 def _copy_kernel():
