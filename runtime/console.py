@@ -64,8 +64,8 @@ class Console:
         if not self.enabled:
             return
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        with open(self.path, "a") as f:  # strict JSON: a diverged step's NaN loss is null
+            f.write(json.dumps(_strict(record), sort_keys=True, allow_nan=False) + "\n")
         text = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  gnorm {record['grad_norm']:.3f}"
                 f"  {record['tokens_per_s']:.0f} tok/s  load {record['max_expert_load_ratio']:.2f}")
         if self._bar is not None:
@@ -91,3 +91,14 @@ class Console:
                 f"{(sum(tps) / len(tps)) if tps else 0:.0f} tokens/s; metrics in {self.path}")
         print(text, file=self.stream, flush=True)
         return text
+
+
+def _strict(value):
+    """`value` with non-finite floats as None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value

@@ -235,9 +235,12 @@ def test_a_diverged_run_stops_without_saving_the_bad_step(
     assert len(lines) == 1 and lines[0].startswith("[dsvc] error: training diverged at step 4")
     # step 3 was good and saved; step 4 is in the metrics but no checkpoint holds it
     assert sorted(os.listdir(run / "checkpoints")) == ["step_00000002", "step_00000003"]
+    def strict(constant):  # the file is strict JSON: no NaN or Infinity literals
+        raise AssertionError(f"metrics.jsonl holds {constant}")
+
     with open(run / "metrics.jsonl") as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert steps == [1, 2, 3, 4]
+        rows = [json.loads(line, parse_constant=strict) for line in f]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] is None
     # the routing up to the divergence is kept, counted from the run's first step
     assert json.loads((run / "expert_load.json").read_text())["steps"] == [1, 4]
 
