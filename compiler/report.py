@@ -85,7 +85,8 @@ def moe_layer_indices(spec) -> list[int]:
 
 
 def expert_load_imbalance(spec, path: str, ep: int, span=None) -> float:
-    """Mean over the histogram's MoE layers of (hottest EP rank's load / mean rank load).
+    """Mean over the MoE layers of (hottest EP rank's load / mean rank load), a layer the
+    file does not give counting as balanced (1.0), as the simulator charges it.
 
     The file is read by the graph's own reader (`place_experts.read_expert_load`,
     format in docs/ir.md), so the report, `inspect` and `compile` accept the same
@@ -101,7 +102,8 @@ def expert_load_imbalance(spec, path: str, ep: int, span=None) -> float:
     where = span or Span(path, 0, 0)
     ratios = []
     for layer in layers:
-        if layer not in histogram:
+        if layer not in histogram:  # not measured: routed as assumed without a file
+            ratios.append(1.0)
             continue
         routed = spec.model.ffn_of(layer).routed if layer < spec.model.num_layers else (
             spec.model.ffns[spec.model.layers[-1].ffn].routed)

@@ -219,7 +219,8 @@ def test_report_reads_the_canonical_expert_load_format(tmp_path):
     got = expert_load_imbalance(spec, str(canonical), 2)
     assert got == expert_load_imbalance(spec, str(lists), 2)
     assert got > 1.0  # the hot expert's rank carries more than the mean
-    assert expert_load_imbalance(spec, str(named), 2) > got  # only the hot layer listed
+    # only the hot layer listed: the others count as balanced, as a uniform default does
+    assert expert_load_imbalance(spec, str(named), 2) == got
 
 
 def test_huge_expert_loads_do_not_overflow(tmp_path):
