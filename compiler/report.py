@@ -94,7 +94,7 @@ def expert_load_imbalance(spec, path: str, ep: int, span=None) -> float:
     for JSON errors). Experts sit on EP ranks in contiguous blocks of routed / EP,
     as primary copies (the redundant replicas the graph adds are not counted here).
     """
-    from compiler.passes.place_experts import _checked, read_expert_load
+    from compiler.passes.place_experts import _checked, primary_imbalance, read_expert_load
     from dsl.diagnostics import Span
 
     layers = moe_layer_indices(spec)
@@ -107,12 +107,7 @@ def expert_load_imbalance(spec, path: str, ep: int, span=None) -> float:
             continue
         routed = spec.model.ffn_of(layer).routed if layer < spec.model.num_layers else (
             spec.model.ffns[spec.model.layers[-1].ffn].routed)
-        h = _checked(histogram[layer], layer, routed, where)
-        per = routed // ep
-        top = max(h, default=0) or 1  # scaled to the hottest expert: huge counts cannot overflow
-        ranks = [sum(x / top for x in h[r * per : (r + 1) * per]) for r in range(ep)]
-        mean = sum(ranks) / ep
-        ratios.append(max(ranks) / mean if mean > 0 else 1.0)
+        ratios.append(primary_imbalance(_checked(histogram[layer], layer, routed, where), ep))
     return sum(ratios) / len(ratios) if ratios else 1.0
 
 

@@ -104,7 +104,7 @@ def write(
         "version": 1,
         "steps": [first_step, last_step],
         "tokens_per_step": tokens_per_step,
-        "layers": {str(k): [_count(v) for v in layers[k]] for k in sorted(layers)},
+        "layers": to_record(layers, first_step)["layers"],
     }
     tmp = f"{path}.tmp{os.getpid()}"
     try:

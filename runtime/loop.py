@@ -354,4 +354,3 @@ def _check_finite(metrics: dict, step: int, ckpt_root: str) -> None:
         f"saving this step (checkpoints already in {ckpt_root} are untouched); resume from the "
         "last one with a lower learning rate or more warmup, or look for bad data in this step"
     )
-

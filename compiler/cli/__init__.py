@@ -33,6 +33,15 @@ class UsageError(Exception):
     """A bad command line (missing file argument, conflicting flags): exit 2."""
 
 
+def check_expert_load_flag(path: str | None) -> None:
+    """`--expert-load F` names a file (missing: a usage error; its contents are checked by
+    the graph's reader, `place_experts.read_expert_load`, as spec diagnostics)."""
+    import os
+
+    if path is not None and not os.path.isfile(path):
+        raise UsageError(f"--expert-load {path}: no such file")
+
+
 def _load(name: str):
     module, _ = COMMANDS[name]
     return importlib.import_module(f"compiler.cli.{module}")

@@ -15,18 +15,16 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import os
     import sys
 
     import dsl
-    from compiler.cli import UsageError
+    from compiler.cli import check_expert_load_flag
     from compiler.codegen.build import build
 
     spec, warnings = dsl.load_with_warnings(args.spec)
     for w in warnings:
         print(w.render(), file=sys.stderr)
-    if args.expert_load is not None and not os.path.isfile(args.expert_load):
-        raise UsageError(f"--expert-load {args.expert_load}: no such file")
+    check_expert_load_flag(args.expert_load)
     result = build(spec, args.output, expert_load=args.expert_load)
     print(f"{args.output}: {result.summary}")
     return 0

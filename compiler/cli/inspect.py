@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     if args.schedule:
         return _run_schedule(args)
-    from compiler.cli import UsageError
+    from compiler.cli import UsageError, check_expert_load_flag
 
     if args.format == "chrome":
         raise UsageError("--format chrome is a schedule trace: use it with --schedule")
@@ -51,11 +51,7 @@ def run(args) -> int:
     spec, warnings = dsl.load_with_warnings(args.spec)
     for w in warnings:
         print(w.render(), file=sys.stderr)
-    if args.expert_load is not None:
-        import os
-
-        if not os.path.isfile(args.expert_load):
-            raise UsageError(f"--expert-load {args.expert_load}: no such file")
+    check_expert_load_flag(args.expert_load)
     graph = run_until(spec, after, expert_load=args.expert_load)
     keep = _filters(args, graph, spec)
     data = _render(args.format, graph, keep)

@@ -31,7 +31,7 @@ def run(args) -> int:
 
 def run_schedule_view(spec, args) -> int:
     """Simulate `spec` and write the view `args.format` asks for to `args.output` or stdout."""
-    from compiler.cli import UsageError
+    from compiler.cli import UsageError, check_expert_load_flag
 
     fmt = getattr(args, "format", "text") or "text"
     output = getattr(args, "output", None)
@@ -45,11 +45,7 @@ def run_schedule_view(spec, args) -> int:
     if fmt == "png" and not output:
         raise UsageError("--format png writes an image and needs -o FILE\n  hint: add -o step.png")
     expert_load = getattr(args, "expert_load", None)
-    if expert_load is not None:
-        import os
-
-        if not os.path.isfile(expert_load):
-            raise UsageError(f"--expert-load {expert_load}: no such file")
+    check_expert_load_flag(expert_load)
     from compiler.passes.simulate import simulate_step
 
     result = simulate_step(spec, expert_load=expert_load)

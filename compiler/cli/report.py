@@ -21,18 +21,14 @@ def add_arguments(p) -> None:
 
 
 def _build(path: str, args):
-    import os
-
     import dsl
-    from compiler.cli import UsageError
+    from compiler.cli import check_expert_load_flag
     from compiler.report import build_report
 
     spec, warnings = dsl.load_with_warnings(path)
     for w in warnings:
         print(w.render(), file=sys.stderr)
-    if args.expert_load is not None and not os.path.isfile(args.expert_load):
-        raise UsageError(f"--expert-load {args.expert_load}: no such file")
-    # a malformed histogram is a diagnostic naming the file (exit 1), as in inspect/compile
+    check_expert_load_flag(args.expert_load)
     return build_report(spec, symbolic=args.symbolic, expert_load=args.expert_load)
 
 

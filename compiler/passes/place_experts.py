@@ -117,6 +117,17 @@ def _add_replicas(ranks: list[list[int]], node_of_rank, load, redundant: int) ->
         heapq.heappush(heap, (-share, e))
 
 
+def primary_imbalance(load, ep: int) -> float:
+    """Busiest EP rank's tokens over the mean rank's, experts in contiguous blocks of
+    E / EP (primary copies; replicas not counted). Loads are scaled to the hottest
+    expert first, so huge counts cannot overflow; all-zero loads give 1.0."""
+    per = len(load) // ep
+    top = max(load, default=0) or 1
+    ranks = [sum(x / top for x in load[r * per : (r + 1) * per]) for r in range(ep)]
+    mean = sum(ranks) / ep
+    return max(ranks) / mean if mean > 0 else 1.0
+
+
 def rank_loads(place: Placement) -> list[float]:
     """Expected tokens per EP rank when each expert's load splits evenly over its copies."""
     if not place.load:

@@ -82,15 +82,13 @@ def expert_skew(graph) -> dict[str, float]:
     The report's `comm.expert_load_imbalance` is the mean of these over the layers.
     Ops without a histogram are absent (uniform routing, 1.0).
     """
+    from compiler.passes.place_experts import primary_imbalance
+
     out = {}
     for op in graph.ops():
         place = op.attr("placement") if op.kind == "experts" else None
         if place is not None and place.load:
-            ep = len(place.per_rank)
-            per = place.routed // ep
-            loads = [sum(place.load[r * per : (r + 1) * per]) for r in range(ep)]
-            mean = sum(loads) / ep
-            out[op.name] = max(loads) / mean if mean > 0 else 1.0
+            out[op.name] = primary_imbalance(place.load, len(place.per_rank))
     return out
 
 
