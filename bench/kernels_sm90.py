@@ -6,7 +6,9 @@ CUDA driver is needed) and prints what a GPU run does not show:
   * registers per thread, bytes spilled to local memory and shared memory per program,
     for every GEMM launch config triton.autotune may pick;
   * whether the MMAs are Hopper wgmma, how many are in flight (`wgmma.wait_group N`),
-    and whether operands arrive by TMA;
+    and whether operands arrive by TMA; in the SASS, how many MMAs share one wait and
+    whether ptxas serialised them (its C7514/C7515 notes: every wgmma waited on its
+    own, which the PTX does not show);
   * for the memory-bound kernels (quantisers, SwiGLU, dequantisers): SASS instructions a
     thread issues per element, against a plain bf16 copy compiled the same way in the
     same run, once with the fp32 -> e4m3 rounding done by the cast (what a GPU runs) and
@@ -14,10 +16,12 @@ CUDA driver is needed) and prints what a GPU run does not show:
     The H200 runs in bench/RESULTS.md put the line between kernels that reach 80% of
     copy bandwidth and those that do not at about 8 instructions per byte moved.
 
-Usage: python bench/kernels_sm90.py [--check] [--quick]
+Usage: python bench/kernels_sm90.py [--check] [--quick] [--self-test]
   --check  exit 1 if a kernel fails to compile, a GEMM config spills, an MMA is not a
-           wgmma, or a quantiser's cast path does not save the integer rounding's work
+           wgmma, ptxas serialises the wgmmas, or a quantiser's cast path does not save
+           the integer rounding's work
   --quick  one GEMM config instead of the whole autotuning space (used by the tests)
+  --self-test  also compile a GEMM that ptxas serialises and fail unless it is reported
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class Compiled:
     shared: int
     ops: collections.Counter
     ptx: str
+    sass: str = ""
+    ptxas_notes: tuple = ()  # ptxas's "Potential Performance Loss" notes (C75xx)
 
     @property
     def instructions(self) -> int:
@@ -120,6 +126,7 @@ def compile_sm90(fn, args: dict, num_warps: int, num_stages: int = 1) -> Compile
         cubin.write_bytes(kernel.asm["cubin"])
         usage = _run(_tools() / "cuobjdump", "-res-usage", cubin)
         sass = _run(_tools() / "nvdisasm", "-c", cubin)
+        notes = _ptxas_notes(kernel.asm["ptx"], pathlib.Path(tmp))
     ops = collections.Counter()
     for line in sass.splitlines():
         match = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
@@ -133,7 +140,46 @@ def compile_sm90(fn, args: dict, num_warps: int, num_stages: int = 1) -> Compile
         int(kernel.metadata.shared),
         ops,
         kernel.asm["ptx"],
+        sass,
+        notes,
     )
+
+
+def _ptxas_notes(ptx: str, tmp: pathlib.Path) -> tuple:
+    """What ptxas says about performance when it assembles `ptx` for sm_90a (verbose).
+
+    Runs the ptxas triton's own backend picks for sm_90 (the wheel ships two), so the
+    notes are those of the cubin compiled above.
+    """
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    src = tmp / "kernel.ptx"
+    src.write_text(ptx)
+    out = subprocess.run(
+        [get_ptxas(90).path, "-arch=sm_90a", "-v", str(src), "-o", str(tmp / "verbose.cubin")],
+        capture_output=True,
+        text=True,
+    )
+    return parse_ptxas_notes(out.stderr)
+
+
+def parse_ptxas_notes(log: str) -> tuple:
+    """(code, what) for each "Potential Performance Loss" note in a ptxas log."""
+    found = re.findall(
+        r"\((C7\d\d\d)\) Potential Performance Loss: (.*?)(?: in the function|$)", log, re.M
+    )
+    return tuple(found)
+
+
+def wgmma_groups(sass: str) -> tuple[int, int]:
+    """(MMA instructions, groups) in the SASS: a group ends at an MMA carrying `gsb0`.
+
+    Unserialised, a K-step's MMAs (4 x k32 for a 128-deep K-step per warpgroup) issue back
+    to back and one `WARPGROUP.DEPBAR` waits for the group; serialised by ptxas, every
+    MMA is its own group.
+    """
+    mmas = [line for line in sass.splitlines() if re.search(r"\b[HQI]GMMA\.", line)]
+    return len(mmas), sum("gsb0" in line for line in mmas)
 
 
 def _run(*cmd) -> str:
@@ -290,17 +336,63 @@ def gemm_rows(module, quick):
     return rows
 
 
-def _wgmma_summary(ptx: str) -> str:
-    waits = sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)))
-    tma = "TMA" if "cp.async.bulk.tensor" in ptx else "pointer loads"
-    count = ptx.count("wgmma.mma_async")
-    return f"{count} wgmma, waits for {'/'.join(waits) or '-'} in flight, {tma}"
+def _serialised_kernel():
+    """A GEMM ptxas is known to serialise: a fresh MMA's result is carried into the next
+    trip while the previous one's is still read (register copies touch in-flight MMA
+    accumulators, note C7514). --self-test checks the report says so."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def carried_partial(a, b, c, K, BLOCK: tl.constexpr):
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        prev = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK), 2):
+            even = tl.dot(a.load([0, kt * BLOCK]), tl.trans(b.load([0, kt * BLOCK])))
+            acc += prev * 0.5
+            prev = tl.dot(
+                a.load([0, kt * BLOCK + BLOCK]), tl.trans(b.load([0, kt * BLOCK + BLOCK]))
+            )
+            acc += even * 0.25
+        c.store([0, 0], (acc + prev).to(tl.bfloat16))
+
+    args = dict(a=Desc("fp8e4nv", (128, 128)), b=Desc("fp8e4nv", (128, 128)),
+                c=Desc("bf16", (128, 128)), K=16384, BLOCK=128)  # fmt: skip
+    return carried_partial, args
+
+
+def self_test() -> list[str]:
+    """Failures of the checks themselves: a serialised GEMM must be reported as one."""
+    fn, args = _serialised_kernel()
+    out = compile_sm90(fn, args, num_warps=8, num_stages=2)
+    mmas, groups = wgmma_groups(out.sass)
+    problems = []
+    if not out.ptxas_notes:
+        problems.append("self-test: ptxas's serialisation note was not captured")
+    if not mmas or groups != mmas:
+        problems.append(
+            f"self-test: SASS of a serialised GEMM read as {mmas} MMAs in {groups} groups"
+        )
+    return problems
+
+
+def _wgmma_summary(out: Compiled) -> str:
+    waits = sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", out.ptx)))
+    tma = "TMA" if "cp.async.bulk.tensor" in out.ptx else "pointer loads"
+    count = out.ptx.count("wgmma.mma_async")
+    mmas, groups = wgmma_groups(out.sass)
+    serial = " (serialised by ptxas)" if out.ptxas_notes else ""
+    return (f"{count} wgmma, waits for {'/'.join(waits) or '-'} in flight, {tma}; SASS: "
+            f"{mmas} MMAs in {groups} groups{serial}")  # fmt: skip
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 on a failed check")
     parser.add_argument("--quick", action="store_true", help="one GEMM config only")
+    parser.add_argument(
+        "--self-test", action="store_true", help="check that a serialised GEMM is reported"
+    )
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not interpret
     sys.path.insert(0, str(ROOT))
@@ -311,7 +403,7 @@ def main(argv=None) -> int:
     import triton
 
     print(f"sm_90 compilation with triton {triton.__version__}; no GPU used\n")
-    failures = []
+    failures = self_test() if args.self_test else []
     hard, soft = load_module(False), load_module(True)
     copy = compile_sm90(_copy_kernel(), dict(x=Ptr("bf16"), y=Ptr("bf16"), stride=K,
                         BLOCK_M=32, BLOCK_K=128), 4)  # fmt: skip
@@ -351,11 +443,13 @@ def main(argv=None) -> int:
             failures.append(f"{label} {cfg_label}: does not compile: {type(err).__name__}: {err}")
             continue
         print(f"| {label} | {cfg_label} | {out.regs} | {out.spill_bytes} | "
-              f"{out.shared / 1024:.0f} | {_wgmma_summary(out.ptx)} |")  # fmt: skip
+              f"{out.shared / 1024:.0f} | {_wgmma_summary(out)} |")  # fmt: skip
         if out.spill_bytes:
             failures.append(f"{label} {cfg_label}: spills {out.spill_bytes} bytes")
         if "wgmma.mma_async" not in out.ptx:
             failures.append(f"{label} {cfg_label}: no wgmma in the PTX")
+        for code, what in out.ptxas_notes:
+            failures.append(f"{label} {cfg_label}: ptxas {code}: {what}")
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures))
     return 1 if failures and args.check else 0

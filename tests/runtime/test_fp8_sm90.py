@@ -4,13 +4,15 @@ The interpreter runs the kernels' numerics (test_fp8_triton.py) but never the co
 GPU compiles: the fp32 -> e4m3 cast of the hardware path, TMA descriptors feeding
 wgmma, the persistent and split-K GEMMs, register and shared-memory budgets. Triton's
 NVIDIA backend compiles all of it without a driver, so bench/kernels_sm90.py --check is
-run here in a subprocess (a process where triton is imported without TRITON_INTERPRET).
+run here in a subprocess (a process where triton is imported without TRITON_INTERPRET),
+with --self-test: a GEMM ptxas serialises must be reported as serialised.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -43,7 +45,7 @@ def sm90():
     )  # fmt: skip
     if probe.returncode != 0 or probe.stdout.strip():
         pytest.skip(f"no sm_90 compilation here: {probe.stdout.strip() or probe.stderr[-300:]}")
-    proc = _run("--check", "--quick")
+    proc = _run("--check", "--quick", "--self-test")
     return proc
 
 
@@ -55,6 +57,16 @@ def test_every_kernel_compiles_for_hopper_without_spills(sm90):
     assert len(gemm_rows) >= 5, sm90.stdout
     assert all(row.split("|")[4].strip() == "0" for row in gemm_rows)  # spilled bytes
     assert any("TMA" in row and row.startswith("| gemm 4096") for row in gemm_rows)
+
+
+def test_mmas_of_a_k_step_share_one_wait(sm90):
+    # ptxas keeps each K-step's four k32 wgmmas in one group (one WARPGROUP.DEPBAR); had
+    # it serialised them (its note C7514/C7515), --check would fail, and --self-test
+    # proves that a kernel ptxas does serialise is reported as such
+    groups = re.findall(r"SASS: (\d+) MMAs in (\d+) groups", sm90.stdout)
+    assert len(groups) >= 5, sm90.stdout
+    assert all(int(groups_) < int(mmas) for mmas, groups_ in groups), groups
+    assert "serialised" not in sm90.stdout
 
 
 def test_the_cast_path_saves_the_integer_rounding(sm90):
