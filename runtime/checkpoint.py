@@ -129,8 +129,16 @@ def read_meta(path: str) -> dict:
     return meta
 
 
+KNOWN_FORMATS = (1, 2)  # train_state.FORMAT and the formats before it that still load
+
+
 def check_compatible(meta: dict, expected: dict, path: str) -> None:
     """Refuse a checkpoint of another model or another pipeline layout (DP may differ)."""
+    fmt = meta.get("checkpoint_format", 1)
+    if fmt not in KNOWN_FORMATS:
+        raise CheckpointError(f"{path} has checkpoint format {fmt!r}, which this dsvc does not "
+                              f"read (it reads {', '.join(map(str, KNOWN_FORMATS))}): resume it "
+                              "with the dsvc that wrote it")
     if meta.get("model_hash") != expected.get("model_hash"):
         raise CheckpointError(f"{path} is a checkpoint of a different model "
                               f"(model hash {str(meta.get('model_hash'))[:12]}, this plan "

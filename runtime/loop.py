@@ -216,9 +216,10 @@ def _run(build_dir: str, args) -> int:
     trainer = _build_trainer(plan, build_dir)
     if start_path is not None:
         same_world = meta.get("world_size") == world
-        state = train_state.template_for_load(trainer, with_rng=same_world)
+        fmt = meta.get("checkpoint_format", 1)
+        state = train_state.template_for_load(trainer, with_rng=same_world, fmt=fmt)
         ckpt.load(start_path, state, expected)
-        train_state.apply_loaded(trainer, state, with_rng=same_world)
+        train_state.apply_loaded(trainer, state, with_rng=same_world, fmt=fmt)
         samples = meta.get("data_samples", trainer.sharder.samples_before(trainer.step_index))
         trainer.sharder.resume_at(trainer.step_index, int(samples))
         change = "" if same_world else f" (written by {meta.get('world_size')} processes)"
@@ -314,7 +315,8 @@ def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, e
     def save() -> None:
         layers = loads_so_far()
         record = dict(expected, data_samples=trainer.sharder.samples_before(trainer.step_index),
-                      expert_load=expert_load.to_record(layers, first))  # fmt: skip
+                      expert_load=expert_load.to_record(layers, first),
+                      checkpoint_format=train_state.FORMAT)  # fmt: skip
         ckpt.save(ckpt_root, trainer.step_index, train_state.state_for_save(trainer), record)
         record_loads(layers)
 

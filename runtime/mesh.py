@@ -41,7 +41,8 @@ class ProcessMesh:
     intra_node_group: object = None  # the EP ranks of this node
     node_size: int = 0
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-    device_mesh: object = None
+    device_mesh: object = None  # ("pp", "dp")
+    expert_mesh: object = None  # ("pp", "edp", "ep")
 
     @property
     def edp(self) -> int:
@@ -110,7 +111,7 @@ def build_mesh(plan: Plan, device: torch.device | None = None) -> ProcessMesh:
         pp_rank=pp_rank, dp_rank=dp_rank, ep_rank=ep_rank, edp_rank=edp_rank,
         pp_group=main.get_group("pp"), dp_group=main.get_group("dp"),
         ep_group=experts.get_group("ep"), edp_group=experts.get_group("edp"),
-        device=device, device_mesh=main,
+        device=device, device_mesh=main, expert_mesh=experts,
     )  # fmt: skip
     if (
         any(p.two_hop for p in plan.experts.values())

@@ -4,12 +4,15 @@ Keys (global, the same whichever rank writes them):
 
 - `model.<name>`: parameters and buffers (router biases) by model name; replicated
   copies are written once. Routed experts, stacked per EP rank, get `.ep<k>`.
-- `optim.<part>.<name>` for part in master / exp_avg / exp_avg_sq: each parameter's
-  full optimizer state, all-gathered from the ZeRO-1 shards at save time and sliced
-  back into whatever shard a rank owns at load time, so a run can resume with another
-  data-parallel degree. (The all-gather holds one full copy of a stage's optimizer
-  state per rank for the moment of the save: fine at the sizes this runtime is tested
-  at; a production path would write the flat shards as DTensors.)
+- `optim.pp<p>.dense.<part>` and `optim.pp<p>.expert[.ep<k>].<part>` for part in
+  master / exp_avg / exp_avg_sq: the ZeRO-1 state of pipeline rank p's replicated
+  parameters and of its routed experts, each a flat vector (the group's parameters in
+  name order) written as a DTensor sharded over the data-parallel (expert-data-
+  parallel) ranks exactly as ZeRO-1 holds it. Every rank writes only its own shard,
+  in the state's own dtype (bf16 moments stay bf16); nothing is gathered. At load,
+  DCP reads each rank's slice of the vector for whatever data-parallel degree the
+  run now has. (Format 1 checkpoints, one full fp32 tensor per parameter gathered at
+  save time, `optim.<part>.<name>`, still load.)
 - `trainer.step`, `trainer.optimizer_steps`; `rng.rank<r>` (restored only when the
   world size is unchanged: another world has other ranks).
 
@@ -28,6 +31,9 @@ import json
 import torch
 import torch.distributed as dist
 
+FORMAT = 2  # dsvc.json `checkpoint_format`; 1 (absent): per-parameter optimizer state
+PARTS = ("master", "exp_avg", "exp_avg_sq")
+
 
 def _expert_names(trainer) -> set[str]:
     return {name for name, _ in trainer.optimizer.expert.named}
@@ -37,10 +43,6 @@ def _key(trainer, name: str) -> str:
     if name in _expert_names(trainer) and trainer.mesh.ep > 1:
         return f"{name}.ep{trainer.mesh.ep_rank}"
     return name
-
-
-def _full(shard, t: torch.Tensor) -> torch.Tensor:
-    return shard.gather(t.float()).float()
 
 
 def model_hash(plan_raw: dict) -> str:
@@ -64,7 +66,7 @@ def pipeline_layout(plan_raw: dict) -> dict:
 
 
 def state_for_save(trainer) -> dict:
-    """This rank's checkpoint entries (collective: all-gathers the optimizer shards)."""
+    """This rank's checkpoint entries: its parameters and its own optimizer shards."""
     out: dict = {}
     seen = set()
     for mod in trainer.modules:
@@ -73,14 +75,9 @@ def state_for_save(trainer) -> dict:
                 continue
             seen.add(name)
             out[f"model.{_key(trainer, name)}"] = t.detach().clone()
-    for shard in trainer.optimizer.shards:
-        parts = {"master": _full(shard, shard.master), "exp_avg": _full(shard, shard.exp_avg),
-                 "exp_avg_sq": _full(shard, shard.exp_avg_sq)}
-        off = 0
-        for name, p in shard.named:
-            for part, flat in parts.items():
-                out[f"optim.{part}.{_key(trainer, name)}"] = flat[off: off + p.numel()].view_as(p).clone()
-            off += p.numel()
+    for key, shard, mesh in _flat_groups(trainer):
+        for part in PARTS:
+            out[f"{key}.{part}"] = _flat(shard, getattr(shard, part)[: _owned(shard)], mesh)
     out["trainer.step"] = torch.tensor(trainer.step_index)
     out["trainer.optimizer_steps"] = torch.tensor(trainer.optimizer.steps)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -94,9 +91,51 @@ def _persistent(mod, name: str) -> bool:
     return leaf not in getattr(sub, "_non_persistent_buffers_set", set())
 
 
-def template_for_load(trainer, with_rng: bool) -> dict:
-    """Tensors of the right shapes for dcp.load to fill, for this rank's current layout."""
-    state = {k: torch.empty_like(v) for k, v in _shapes(trainer).items()}
+def _flat_groups(trainer):
+    """(key, ZeRO-1 shard, 1-D device mesh or None) per non-empty shard group of this rank.
+
+    The key names what the flat vector holds, the same for every data-parallel degree:
+    the pipeline rank's replicated parameters, or its routed experts of one EP rank."""
+    m, opt = trainer.mesh, trainer.optimizer
+    ep = f".ep{m.ep_rank}" if m.ep > 1 else ""
+    groups = (
+        (f"optim.pp{m.pp_rank}.dense", opt.dense, m.device_mesh, "dp"),
+        (f"optim.pp{m.pp_rank}.expert{ep}", opt.expert, m.expert_mesh, "edp"),
+    )
+    for key, shard, mesh, dim in groups:
+        if shard.numel:
+            yield key, shard, (mesh[dim] if shard.size > 1 and mesh is not None else None)
+
+
+def _owned(shard) -> int:
+    """Elements of the flat vector this rank's shard holds (the padding excluded)."""
+    return max(0, min(shard.hi, shard.numel) - shard.lo)
+
+
+def _flat(shard, local: torch.Tensor, mesh):
+    """The group's flat vector as DCP should see it: this rank's `local` piece of it."""
+    if mesh is None:  # one data-parallel rank: the shard is the whole vector
+        return local
+    from torch.distributed.tensor import DTensor, Shard
+
+    # ZeRO-1's shards are torch.chunk's pieces (ceil(numel / size) each, the last ones
+    # short or empty), which is how a DTensor sharded on dim 0 lays them out
+    return DTensor.from_local(
+        local, mesh, [Shard(0)], run_check=False, shape=torch.Size([shard.numel]), stride=(1,)
+    )
+
+
+def template_for_load(trainer, with_rng: bool, fmt: int = FORMAT) -> dict:
+    """Tensors of the right shapes for dcp.load to fill, for this rank's current layout
+    (`fmt`: the checkpoint's format, from its record)."""
+    if fmt == FORMAT:
+        state = {k: torch.empty_like(v) for k, v in _model_shapes(trainer).items()}
+        for key, shard, mesh in _flat_groups(trainer):
+            for part in PARTS:
+                local = torch.empty_like(getattr(shard, part)[: _owned(shard)])
+                state[f"{key}.{part}"] = _flat(shard, local, mesh)
+    else:
+        state = {k: torch.empty_like(v) for k, v in _shapes_v1(trainer).items()}
     state["trainer.step"] = torch.tensor(0)
     state["trainer.optimizer_steps"] = torch.tensor(0)
     if with_rng:
@@ -105,7 +144,7 @@ def template_for_load(trainer, with_rng: bool) -> dict:
     return state
 
 
-def _shapes(trainer) -> dict:
+def _model_shapes(trainer) -> dict:
     out, seen = {}, set()
     for mod in trainer.modules:
         for name, t in list(mod.named_parameters()) + list(mod.named_buffers()):
@@ -113,27 +152,41 @@ def _shapes(trainer) -> dict:
                 continue
             seen.add(name)
             out[f"model.{_key(trainer, name)}"] = t.detach()
+    return out
+
+
+def _shapes_v1(trainer) -> dict:
+    out = _model_shapes(trainer)
     for shard in trainer.optimizer.shards:
         for name, p in shard.named:
-            for part in ("master", "exp_avg", "exp_avg_sq"):
+            for part in PARTS:
                 out[f"optim.{part}.{_key(trainer, name)}"] = torch.empty(p.shape, dtype=torch.float32)
     return out
 
 
 @torch.no_grad()
-def apply_loaded(trainer, state: dict, with_rng: bool) -> None:
+def apply_loaded(trainer, state: dict, with_rng: bool, fmt: int = FORMAT) -> None:
     """Write a loaded state into the modules and this rank's optimizer shards."""
     for mod in trainer.modules:
         for name, t in list(mod.named_parameters()) + list(mod.named_buffers()):
             key = f"model.{_key(trainer, name)}"
             if key in state:
                 t.copy_(state[key].to(t.dtype))
-    for shard in trainer.optimizer.shards:
-        for part in ("master", "exp_avg", "exp_avg_sq"):
-            pieces = [state[f"optim.{part}.{_key(trainer, name)}"].reshape(-1).float()
-                      for name, _ in shard.named]
-            flat = shard._flatten(pieces, shard.padded).to(getattr(shard, part).device)
-            getattr(shard, part).copy_(flat[shard.lo: shard.hi].to(getattr(shard, part).dtype))
+    if fmt == FORMAT:
+        for key, shard, _ in _flat_groups(trainer):
+            for part in PARTS:
+                loaded = state[f"{key}.{part}"]
+                local = loaded.to_local() if hasattr(loaded, "to_local") else loaded
+                dst = getattr(shard, part)
+                dst.zero_()  # the padding past the last parameter stays zero
+                dst[: _owned(shard)].copy_(local)
+    else:  # format 1: full per-parameter tensors, sliced to this rank's shard
+        for shard in trainer.optimizer.shards:
+            for part in PARTS:
+                pieces = [state[f"optim.{part}.{_key(trainer, name)}"].reshape(-1).float()
+                          for name, _ in shard.named]  # fmt: skip
+                flat = shard._flatten(pieces, shard.padded).to(getattr(shard, part).device)
+                getattr(shard, part).copy_(flat[shard.lo : shard.hi].to(getattr(shard, part).dtype))
     trainer.step_index = int(state["trainer.step"])
     trainer.optimizer.steps = int(state["trainer.optimizer_steps"])
     if with_rng:

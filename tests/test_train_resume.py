@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -161,3 +162,83 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(builds, t
         train_here(builds["w1"], "--run-dir", str(run), "--resume", "--steps", str(last + 1)) == 0
     )
     assert max(losses(run)) == last + 1
+
+
+def test_optimizer_state_is_written_as_each_ranks_shard(w2_run):
+    # ZeRO-1 state leaves as the shards the ranks hold (no all-gather at save): every
+    # optimizer vector of the two-rank run is stored as two chunks, rank 0's first
+    import torch.distributed.checkpoint as dcp
+
+    path = ckpt.step_dir(str(w2_run / "checkpoints"), 2)
+    assert ckpt.read_meta(path)["checkpoint_format"] == train_state.FORMAT == 2
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    optim = {k: v for k, v in meta.items() if k.startswith("optim.")}
+    assert {k.rsplit(".", 1)[0] for k in optim} == {"optim.pp0.dense", "optim.pp0.expert"}
+    assert {k.rsplit(".", 1)[1] for k in optim} == set(train_state.PARTS)
+    for key, entry in optim.items():
+        (numel,) = entry.size
+        chunks = sorted((c.offsets[0], c.sizes[0]) for c in entry.chunks)
+        half = -(-numel // 2)
+        assert chunks == [(0, half), (half, numel - half)], (key, numel, chunks)
+
+
+@pytest.mark.slow
+def test_resume_on_more_data_parallel_ranks(builds, w2_run, tmp_path):
+    # the other way round: one rank's whole vectors are read as two ranks' shards
+    run = tmp_path / "run"
+    args = ("--run-dir", str(run), "--fp32", "--checkpoint-every", "2")
+    assert train_here(builds["w1"], *args, "--steps", "2") == 0
+    proc = torchrun(builds["w2"], 2, *args, "--steps", "4", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "at step 2 (written by 1 processes)" in proc.stderr
+    two, resumed = losses(w2_run), losses(run)
+    rtol, atol = tol("fp32_equivalence")
+    for step in (3, 4):
+        assert math.isclose(resumed[step], two[step], rel_tol=rtol, abs_tol=atol), (step, resumed)
+
+
+def test_format_1_checkpoints_still_resume(builds, tmp_path, monkeypatch):
+    # A checkpoint of the earlier format (each parameter's full optimizer state, no
+    # `checkpoint_format` in dsvc.json) resumes to the same losses as a run never stopped.
+    save_v2 = train_state.state_for_save
+
+    def save_v1(trainer):
+        out = {k: v for k, v in save_v2(trainer).items() if not k.startswith("optim.")}
+        for shard in trainer.optimizer.shards:
+            off = 0
+            for name, p in shard.named:
+                for part in train_state.PARTS:
+                    flat = getattr(shard, part).float()
+                    key = f"optim.{part}.{train_state._key(trainer, name)}"
+                    out[key] = flat[off : off + p.numel()].view_as(p).clone()
+                off += p.numel()
+        return out
+
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert train_here(builds["w1"], "--run-dir", str(whole), "--fp32", "--steps", "4") == 0
+    with monkeypatch.context() as m:
+        m.setattr(train_state, "state_for_save", save_v1)
+        args = ("--run-dir", str(stopped), "--fp32", "--steps", "2", "--checkpoint-every", "2")
+        assert train_here(builds["w1"], *args) == 0
+    record = pathlib.Path(ckpt.latest(str(stopped / "checkpoints"))) / ckpt.META
+    meta = json.loads(record.read_text())
+    del meta["checkpoint_format"]  # format 1 records did not name their format
+    record.write_text(json.dumps(meta))
+    assert train_here(builds["w1"], "--run-dir", str(stopped), "--fp32", "--steps", "4",
+                      "--resume") == 0  # fmt: skip
+    assert {s: losses(stopped)[s] for s in (3, 4)} == {s: losses(whole)[s] for s in (3, 4)}
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(builds, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ("--run-dir", str(run), "--steps", "1", "--checkpoint-every", "1")
+    assert train_here(builds["w1"], *args) == 0
+    path = pathlib.Path(ckpt.latest(str(run / "checkpoints")))
+    record = json.loads((path / ckpt.META).read_text())
+    (path / ckpt.META).write_text(json.dumps(dict(record, checkpoint_format=99)))
+    before = snapshot(run)
+    capsys.readouterr()
+    assert train_here(builds["w1"], "--run-dir", str(run), "--steps", "2", "--resume") == 1
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1 and "checkpoint format 99" in err, err
+    assert snapshot(run) == before
