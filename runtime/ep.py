@@ -37,6 +37,17 @@ from .plan import ExpertPlacement
 ExpertFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x sorted by expert, counts) -> y
 
 
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How many times each of 0..n-1 occurs in `ids` (int64, on ids' device).
+
+    torch.bincount would do, but on a GPU it reads the largest id back to the host
+    first; adding ones at the ids keeps the count on the device."""
+    flat = ids.reshape(-1)
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.long)
+    )
+
+
 class _AllToAll(torch.autograd.Function):
     """Rows split by `in_splits` to each peer; backward sends gradients the reverse way."""
 
@@ -98,9 +109,14 @@ class Route:
         pos_R = dest_R * num_buckets + bucket_R
         self.order = torch.argsort(pos_R, stable=True)
         self.inv_order = torch.argsort(self.order)
-        send_counts = torch.bincount(pos_R, minlength=num_dest * num_buckets).view(
-            num_dest, num_buckets
-        )
+        send_counts = count_ids(pos_R, num_dest * num_buckets).view(num_dest, num_buckets)
+        if not self.moves and num_dest == 1:
+            # everything stays here in bucket order: no splits, no reordering, and so no
+            # host synchronisation (a GPU keeps running ahead of the Python)
+            self.send_splits = self.recv_splits = None
+            self.counts = send_counts[0]
+            self.perm = self.inv_perm = None
+            return
         if self.moves:
             # counts first, so every peer can size its receive buffers exactly (a short,
             # synchronous exchange: the rows' exchange below is the one that overlaps)
@@ -118,7 +134,8 @@ class Route:
         )
         new_start = torch.cumsum(lengths, 0) - lengths
         shift = torch.repeat_interleave(src_start.t().reshape(-1) - new_start, lengths)
-        self.perm = torch.arange(int(lengths.sum()), dtype=torch.long, device=dest_R.device) + shift
+        rows = sum(self.recv_splits)
+        self.perm = torch.arange(rows, dtype=torch.long, device=dest_R.device) + shift
         self.inv_perm = torch.argsort(self.perm)
 
     def _exchange(self, x, out_splits, in_splits, wire: str, grad_dtype, label, ue8m0=False):
@@ -141,13 +158,14 @@ class Route:
         if wire == "bf16" and xs.is_floating_point():
             xs = xs.to(torch.bfloat16)
         xr = self._exchange(xs, self.recv_splits, self.send_splits, wire, grad_dtype, label, ue8m0)
-        return xr.to(x_R.dtype).index_select(0, self.perm)
+        xr = xr.to(x_R.dtype)
+        return xr if self.perm is None else xr.index_select(0, self.perm)
 
     def back(
         self, y: torch.Tensor, wire_dtype: torch.dtype, label: str = "combine"
     ) -> torch.Tensor:
         """Rows computed at the destination back to where they came from, in `wire_dtype`."""
-        yr = y.index_select(0, self.inv_perm).to(wire_dtype)
+        yr = (y if self.inv_perm is None else y.index_select(0, self.inv_perm)).to(wire_dtype)
         ys = self._exchange(yr, self.send_splits, self.recv_splits, "", wire_dtype, label)
         return ys.to(y.dtype).index_select(0, self.inv_order)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ep import ExpertComm
+from .ep import ExpertComm, count_ids
 from .layers import SwiGLU, dtype_of, pad_swiglu_k
 from .plan import Ffn, Model, Precision
 
@@ -93,14 +93,43 @@ class RoutedExperts(nn.Module):
             )
             return y.to(self.act_dtype)
         dt = dtype_of(self.fmt.format)
-        outs = []
-        for j, x_jD in enumerate(torch.split(x_MD.to(dt), counts_El.tolist())):
+        x_MD = x_MD.to(dt)
+        w1, w3, w2 = (w.to(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        if _grouped_mm_usable(x_MD, w1, w3, w2):
+            offs = torch.cumsum(counts_El, 0, dtype=torch.int32)
+            gate_MI = torch._grouped_mm(x_MD, w1.transpose(1, 2), offs=offs)
+            up_MI = torch._grouped_mm(x_MD, w3.transpose(1, 2), offs=offs)
+            y = torch._grouped_mm(F.silu(gate_MI) * up_MI, w2.transpose(1, 2), offs=offs)
+            return y.to(self.act_dtype)
+        outs = []  # one GEMM per expert (their row counts are read back to the host)
+        for j, x_jD in enumerate(torch.split(x_MD, counts_El.tolist())):
             if x_jD.shape[0] == 0:
                 outs.append(x_jD)
                 continue
-            h = F.silu(x_jD @ self.gate_proj[j].to(dt).t()) * (x_jD @ self.up_proj[j].to(dt).t())
-            outs.append(h @ self.down_proj[j].to(dt).t())
+            h = F.silu(x_jD @ w1[j].t()) * (x_jD @ w3[j].t())
+            outs.append(h @ w2[j].t())
         return torch.cat(outs).to(self.act_dtype) if outs else x_MD.to(self.act_dtype)
+
+
+_GROUPED_MM = hasattr(torch, "_grouped_mm") and tuple(
+    int(v) for v in torch.__version__.split("+")[0].split(".")[:2]
+) >= (2, 9)
+
+
+def _grouped_mm_usable(x_MD: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes these operands: torch 2.9 or newer (a CPU kernel;
+    on Hopper a bf16 CUTLASS kernel that reads the offsets on the device, with no host
+    synchronisation), rows and bases 16-byte aligned, at least one row."""
+    if not _GROUPED_MM or x_MD.shape[0] == 0 or x_MD.dtype not in _GROUPED_DTYPES:
+        return False
+    size = x_MD.element_size()
+    dims = (x_MD.shape[1], weights[0].shape[1])  # hidden and intermediate: row lengths
+    return all(d * size % 16 == 0 for d in dims) and all(
+        t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x_MD, *weights)
+    )
+
+
+_GROUPED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -160,7 +189,7 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(-1, d)
         w_TK, idx_TK, scores_TE = self.gate(x_TD)
         with torch.no_grad():
-            self.load_E += torch.bincount(idx_TK.reshape(-1), minlength=self.ffn.routed)
+            self.load_E += count_ids(idx_TK, self.ffn.routed)
         if self.ffn.shared:
             # the shared experts run beside the routed ones, inside the MLP chunk (overlap)
             y_TD, shared_TD = self.comm.run(
