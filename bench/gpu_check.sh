@@ -7,7 +7,7 @@
 #   dsvc compile tests/train_specs/bench_1b.dsv -o .gpu_build/bench_1b
 # then call the device tool with
 #   command: bash bench/gpu_check.sh    carry: [".gpu_build"]    timeout_s: 560
-# and paste the three tables into bench/RESULTS.md with the card and the date.
+# and paste the tables into bench/RESULTS.md with the card and the date.
 set -u
 OUT=${OUT:-/tmp/dsvc_gpu_check}
 mkdir -p "$OUT"
@@ -30,3 +30,5 @@ else
 fi
 # 3. dual micro-batch overlap in the GPU-bound setting the first run had no time for
 timeout 60 "$PY" bench/overlap_gpu.py --batch 4 --repeat 1,16 2>&1 | tee "$OUT/overlap_gpu.txt"
+# 4. bf16 routed experts: grouped GEMMs against the per-expert loop, and no host sync
+timeout 40 "$PY" bench/moe_gpu.py 2>&1 | tee "$OUT/moe_gpu.txt"

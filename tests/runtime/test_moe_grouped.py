@@ -95,3 +95,22 @@ def test_count_ids_is_bincount():
     ids = torch.tensor([[3, 1], [1, 1], [0, 3]])
     assert count_ids(ids, 6).tolist() == torch.bincount(ids.reshape(-1), minlength=6).tolist()
     assert count_ids(ids[:0], 4).tolist() == [0, 0, 0, 0]
+
+
+def test_the_gpu_benchmark_runs_its_checks_on_the_cpu(capsys):
+    # bench/moe_gpu.py --cpu-smoke: the same correctness checks and timing, tiny sizes
+    import importlib.util
+    import pathlib
+
+    before = moe._GROUPED_MM
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "moe_gpu.py"
+    spec = importlib.util.spec_from_file_location("_dsvc_bench_moe_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--cpu-smoke"]) == 0
+    out = capsys.readouterr().out
+    if moe._GROUPED_MM:
+        assert "grouped GEMM calls in one forward: 3" in out
+        assert out.count("relative error 0.0e+00") == 5  # the CPU kernel is the loop's bits
+        assert "grouped / loop" in out
+    assert moe._GROUPED_MM is before and torch._grouped_mm is not None  # both restored
