@@ -19,10 +19,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=c
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     2>&1 | tee -a "$OUT/gpu.txt"
 # 1. kernels (issue 6): correctness, then GEMMs, quantisers, grouped GEMMs; autotuned
-timeout 330 "$PY" bench/kernels_gpu.py 2>&1 | tee "$OUT/kernels_gpu.txt"
+timeout 310 "$PY" bench/kernels_gpu.py 2>&1 | tee "$OUT/kernels_gpu.txt"
 # 2. the compiled ~1.1B trainer, FP8 with the generated kernels against BF16 eager
 if [ -d .gpu_build/bench_1b ]; then
-    timeout 150 "$PY" bench/trainer_gpu.py --build .gpu_build/bench_1b \
+    timeout 140 "$PY" bench/trainer_gpu.py --build .gpu_build/bench_1b \
         --json "$OUT/trainer_gpu.json" 2>&1 | tee "$OUT/trainer_gpu.txt"
 else
     echo "no .gpu_build/bench_1b: trainer bench skipped (see the top of this script)" \
