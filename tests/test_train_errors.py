@@ -24,6 +24,7 @@ from tests.test_train_support import (
     compile_spec,
     error_lines,
     snapshot,
+    torchrun,
     train_here,
 )
 
@@ -256,3 +257,34 @@ def test_an_unwritable_expert_load_file_warns_and_training_goes_on(w1, tmp_path,
     assert "[dsvc] warning: could not write" in err and "Traceback" not in err
     names = sorted(os.listdir(run))  # no temp file left behind
     assert names == ["expert_load.json", "expert_load.json.prev", "metrics.jsonl"]
+
+
+def test_a_diverged_run_on_two_processes_stops_every_rank(tmp_path):
+    # a learning rate of 1e30 blows the weights up at the first update: the all-reduced
+    # gradient norm of step 2 is NaN on both ranks, which stop together (no hang, no
+    # traceback, one error line, from rank 0)
+    import json
+
+    spec_dir = tmp_path / "spec"
+    spec_dir.mkdir()
+    (spec_dir / "w2.dsv").write_text((SPECS / "w2.dsv").read_text())
+    small = (SPECS / "small.dsv").read_text()
+    assert "adamw(lr = 3e-3" in small
+    (spec_dir / "small.dsv").write_text(small.replace("adamw(lr = 3e-3", "adamw(lr = 1e30"))
+    build = compile_spec(spec_dir / "w2.dsv", tmp_path / "build")
+    run = tmp_path / "run"
+    proc = torchrun(build, 2, "--run-dir", str(run), "--steps", "6", "--checkpoint-every", "1",
+                    timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "training diverged at step 2" in lines[0], proc.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["grad_norm"] is None
+    assert ckpt_steps(run) == [1]  # step 1 saved, the diverged step not
+
+
+def ckpt_steps(run) -> list[int]:
+    from runtime import checkpoint as ckpt
+
+    return ckpt.complete_steps(str(run / "checkpoints"))
