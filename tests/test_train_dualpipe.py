@@ -1,0 +1,63 @@
+"""A compiled DualPipe trainer end to end: two model copies on two processes.
+
+`small` on pipeline 2 under `schedule = dualpipe`: each pipeline rank holds stage r of
+copy A and stage 1 - r of copy B, each copy running half the micro-batches. What the
+copies share must be counted once: the expert-load file's tokens, and a checkpoint's
+state (a run stopped and resumed gives the uninterrupted run's losses bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runtime import checkpoint as ckpt
+from tests.test_train_support import SPECS, compile_spec, losses, torchrun
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    spec_dir = tmp_path_factory.mktemp("spec")
+    (spec_dir / "small.dsv").write_text((SPECS / "small.dsv").read_text())
+    pp2 = (SPECS / "pp2.dsv").read_text()
+    assert "schedule = 1f1b" in pp2
+    (spec_dir / "dualpipe.dsv").write_text(pp2.replace("schedule = 1f1b", "schedule = dualpipe"))
+    return compile_spec(spec_dir / "dualpipe.dsv", tmp_path_factory.mktemp("build") / "dp")
+
+
+@pytest.fixture(scope="module")
+def straight(build, tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight") / "run"
+    proc = torchrun(build, 2, "--run-dir", str(run), "--fp32", "--steps", "4")
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+@pytest.mark.slow
+def test_expert_load_counts_each_token_once_across_the_copies(build, straight):
+    plan = json.loads((build / "plan.json").read_text())
+    top_k = plan["model"]["ffn"]["moe"]["top_k"]
+    experts = plan["model"]["ffn"]["moe"]["routed"]
+    record = json.loads((straight / "expert_load.json").read_text())
+    assert record["steps"] == [1, 4]
+    tokens = 4 * record["tokens_per_step"]
+    layers = record["layers"]
+    moe = [i for i, layer in enumerate(plan["model"]["layers"]) if layer["ffn"] == "moe"]
+    assert moe and all(str(i) in layers for i in moe), (moe, sorted(layers))
+    for key, counts in layers.items():
+        assert len(counts) == experts and sum(counts) == top_k * tokens, (key, sum(counts))
+
+
+@pytest.mark.slow
+def test_stop_and_resume_under_dualpipe_is_bitwise(build, straight, tmp_path):
+    run = tmp_path / "run"
+    args = ("--run-dir", str(run), "--fp32", "--checkpoint-every", "2")
+    first = torchrun(build, 2, *args, "--steps", "2")
+    assert first.returncode == 0, first.stderr
+    assert ckpt.complete_steps(str(run / "checkpoints")) == [2]
+    second = torchrun(build, 2, *args, "--steps", "4", "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "at step 2" in second.stderr
+    resumed, whole = losses(run), losses(straight)
+    assert [resumed[s] for s in (3, 4)] == [whole[s] for s in (3, 4)]
