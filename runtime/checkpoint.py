@@ -9,9 +9,10 @@ Every rank writes its shard of the state with `dcp.save` into the `.partial`
 directory; after a barrier rank 0 writes `dsvc.json` (step, hashes, layout)
 and renames the directory. A rename is atomic, so a checkpoint is visible
 only when complete, and a process killed mid-save leaves the previous one
-untouched. State keys are global names (parameters by their model name,
-optimizer state by parameter name), so a run can resume with another
-data-parallel degree: each rank loads the keys it now owns.
+untouched. State keys are global names (parameters by their model name, the
+ZeRO-1 optimizer state as flat vectors sharded over the data-parallel ranks:
+runtime/train_state.py), so a run can resume with another data-parallel degree:
+DCP reads each rank the pieces it now owns.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class RoutedExperts(nn.Module):
             gate_MI = torch._grouped_mm(x_MD, w1.transpose(1, 2), offs=offs)
             up_MI = torch._grouped_mm(x_MD, w3.transpose(1, 2), offs=offs)
             y = torch._grouped_mm(F.silu(gate_MI) * up_MI, w2.transpose(1, 2), offs=offs)
-            return y.to(self.act_dtype)
+            return _DenseGrad.apply(y).to(self.act_dtype)
         outs = []  # one GEMM per expert (their row counts are read back to the host)
         for j, x_jD in enumerate(torch.split(x_MD, counts_El.tolist())):
             if x_jD.shape[0] == 0:
@@ -130,6 +130,19 @@ def _grouped_mm_usable(x_MD: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 
 _GROUPED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward hands on a dense gradient: _grouped_mm's backward refuses
+    a broadcast one (`y.sum().backward()` gives strides (0, 0))."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
 
 
 class _AttachAuxLoss(torch.autograd.Function):

@@ -8,7 +8,8 @@ Keys (global, the same whichever rank writes them):
   master / exp_avg / exp_avg_sq: the ZeRO-1 state of pipeline rank p's replicated
   parameters and of its routed experts, each a flat vector (the group's parameters in
   name order) written as a DTensor sharded over the data-parallel (expert-data-
-  parallel) ranks exactly as ZeRO-1 holds it. Every rank writes only its own shard,
+  parallel) ranks exactly as ZeRO-1 holds it (under DualPipe, p is the lower rank of
+  the pair holding the same two stages). Every rank writes only its own shard,
   in the state's own dtype (bf16 moments stay bf16); nothing is gathered. At load,
   DCP reads each rank's slice of the vector for whatever data-parallel degree the
   run now has. (Format 1 checkpoints, one full fp32 tensor per parameter gathered at
@@ -98,9 +99,14 @@ def _flat_groups(trainer):
     the pipeline rank's replicated parameters, or its routed experts of one EP rank."""
     m, opt = trainer.mesh, trainer.optimizer
     ep = f".ep{m.ep_rank}" if m.ep > 1 else ""
+    pp = m.pp_rank
+    if trainer.plan.schedule.kind == "dualpipe":
+        # ranks i and PP-1-i hold the same two stages (the copies) and step them to the
+        # same bits: one key for the pair, which DCP then writes once
+        pp = min(pp, m.pp - 1 - pp)
     groups = (
-        (f"optim.pp{m.pp_rank}.dense", opt.dense, m.device_mesh, "dp"),
-        (f"optim.pp{m.pp_rank}.expert{ep}", opt.expert, m.expert_mesh, "edp"),
+        (f"optim.pp{pp}.dense", opt.dense, m.device_mesh, "dp"),
+        (f"optim.pp{pp}.expert{ep}", opt.expert, m.expert_mesh, "edp"),
     )
     for key, shard, mesh, dim in groups:
         if shard.numel:
@@ -115,6 +121,8 @@ def _owned(shard) -> int:
 def _flat(shard, local: torch.Tensor, mesh):
     """The group's flat vector as DCP should see it: this rank's `local` piece of it."""
     if mesh is None:  # one data-parallel rank: the shard is the whole vector
+        if shard.size > 1:  # each rank's piece under one key: DCP would keep only one
+            raise RuntimeError("ZeRO-1 shards over several ranks need their device mesh")
         return local
     from torch.distributed.tensor import DTensor, Shard
 
@@ -134,8 +142,10 @@ def template_for_load(trainer, with_rng: bool, fmt: int = FORMAT) -> dict:
             for part in PARTS:
                 local = torch.empty_like(getattr(shard, part)[: _owned(shard)])
                 state[f"{key}.{part}"] = _flat(shard, local, mesh)
-    else:
+    elif fmt == 1:
         state = {k: torch.empty_like(v) for k, v in _shapes_v1(trainer).items()}
+    else:
+        raise ValueError(f"checkpoint format {fmt!r} is not one this runtime reads")
     state["trainer.step"] = torch.tensor(0)
     state["trainer.optimizer_steps"] = torch.tensor(0)
     if with_rng:
@@ -180,13 +190,15 @@ def apply_loaded(trainer, state: dict, with_rng: bool, fmt: int = FORMAT) -> Non
                 dst = getattr(shard, part)
                 dst.zero_()  # the padding past the last parameter stays zero
                 dst[: _owned(shard)].copy_(local)
-    else:  # format 1: full per-parameter tensors, sliced to this rank's shard
+    elif fmt == 1:  # full per-parameter tensors, sliced to this rank's shard
         for shard in trainer.optimizer.shards:
             for part in PARTS:
                 pieces = [state[f"optim.{part}.{_key(trainer, name)}"].reshape(-1).float()
                           for name, _ in shard.named]  # fmt: skip
                 flat = shard._flatten(pieces, shard.padded).to(getattr(shard, part).device)
                 getattr(shard, part).copy_(flat[shard.lo : shard.hi].to(getattr(shard, part).dtype))
+    else:
+        raise ValueError(f"checkpoint format {fmt!r} is not one this runtime reads")
     trainer.step_index = int(state["trainer.step"])
     trainer.optimizer.steps = int(state["trainer.optimizer_steps"])
     if with_rng:

@@ -61,3 +61,13 @@ def test_stop_and_resume_under_dualpipe_is_bitwise(build, straight, tmp_path):
     assert "at step 2" in second.stderr
     resumed, whole = losses(run), losses(straight)
     assert [resumed[s] for s in (3, 4)] == [whole[s] for s in (3, 4)]
+
+
+def test_the_pair_holding_the_same_stages_writes_its_state_once(build, straight):
+    # pipeline ranks 0 and 1 hold stages {0, 1} both: one set of optimizer keys
+    import torch.distributed.checkpoint as dcp
+
+    path = ckpt.step_dir(str(straight / "checkpoints"), 4)
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    groups = {k.rsplit(".", 1)[0] for k in keys if k.startswith("optim.")}
+    assert groups == {"optim.pp0.dense", "optim.pp0.expert"}, groups

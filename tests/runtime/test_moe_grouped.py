@@ -114,3 +114,18 @@ def test_the_gpu_benchmark_runs_its_checks_on_the_cpu(capsys):
         assert out.count("relative error 0.0e+00") == 5  # the CPU kernel is the loop's bits
         assert "grouped / loop" in out
     assert moe._GROUPED_MM is before and torch._grouped_mm is not None  # both restored
+
+
+@pytest.mark.skipif(not moe._GROUPED_MM, reason="torch._grouped_mm needs torch >= 2.9")
+def test_grouped_experts_take_a_broadcast_gradient():
+    # y.sum().backward() hands the last op a (0, 0)-strided gradient, which
+    # _grouped_mm's own backward refuses; the experts pass on a dense one
+    experts = _experts("fp32")
+    x = torch.randn(24, 64, requires_grad=True)
+    counts = torch.tensor([7, 0, 12, 5])
+    experts(x, counts).sum().backward()
+    grads = [p.grad.clone() for p in experts.parameters()]
+    experts.zero_grad()
+    y = experts(x.detach(), counts)
+    y.backward(torch.ones_like(y))
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, experts.parameters()))
