@@ -114,6 +114,7 @@ class RoutedExperts(nn.Module):
 _GROUPED_MM = hasattr(torch, "_grouped_mm") and tuple(
     int(v) for v in torch.__version__.split("+")[0].split(".")[:2]
 ) >= (2, 9)
+_GROUPED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _grouped_mm_usable(x_MD: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -127,9 +128,6 @@ def _grouped_mm_usable(x_MD: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(d * size % 16 == 0 for d in dims) and all(
         t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x_MD, *weights)
     )
-
-
-_GROUPED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class _DenseGrad(torch.autograd.Function):
