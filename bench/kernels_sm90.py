@@ -17,7 +17,7 @@ CUDA driver is needed) and prints what a GPU run does not show:
     copy bandwidth and those that do not at about 8 instructions per byte moved.
 
 Usage: python bench/kernels_sm90.py [--check] [--quick] [--self-test]
-  --check  exit 1 if a kernel fails to compile, a GEMM config spills, an MMA is not a
+  --check  exit 1 if a kernel fails to compile, a GEMM config spills (bar KNOWN_SPILLS), an MMA is not a
            wgmma, ptxas serialises the wgmmas, or a quantiser's cast path does not save
            the integer rounding's work
   --quick  one GEMM config instead of the whole autotuning space (used by the tests)
@@ -47,6 +47,12 @@ GENERIC = ROOT / "runtime" / "_fp8_kernels_generic.py"
 # per element, the integer rounding costs ~12 instructions (two quantisations: ~24); the
 # cast path of each quantiser must save at least this many
 MIN_CAST_SAVING = 8.0
+# Spills found and understood, reported but not failed by --check (bench/RESULTS.md):
+KNOWN_SPILLS = {
+    "grouped wgrad": "its token tiles start at each expert's first token, an offset with no "
+    "alignment, so the loads are bytewise through per-element addresses; the fix is "
+    "16-token-aligned expert segments in the transposed layout, then TMA",
+}
 
 
 def load_module(soft_round: bool):
@@ -227,6 +233,7 @@ def main(argv=None) -> int:
 
     print(f"sm_90 compilation with triton {triton.__version__}; no GPU used\n")
     failures = self_test() if args.self_test else []
+    notes = []
     hard, soft = load_module(False), load_module(True)
     copy = compile_sm90(_copy_kernel(), dict(x=Ptr("bf16"), y=Ptr("bf16"), stride=K,
                         BLOCK_M=32, BLOCK_K=128), 4)  # fmt: skip
@@ -267,12 +274,17 @@ def main(argv=None) -> int:
             continue
         print(f"| {label} | {cfg_label} | {out.regs} | {out.spill_bytes} | "
               f"{out.shared / 1024:.0f} | {_wgmma_summary(out)} |")  # fmt: skip
-        if out.spill_bytes:
+        known = next((why for name, why in KNOWN_SPILLS.items() if label.startswith(name)), None)
+        if out.spill_bytes and known:
+            notes.append(f"{label} {cfg_label}: spills {out.spill_bytes} bytes (known: {known})")
+        elif out.spill_bytes:
             failures.append(f"{label} {cfg_label}: spills {out.spill_bytes} bytes")
         if "wgmma.mma_async" not in out.ptx:
             failures.append(f"{label} {cfg_label}: no wgmma in the PTX")
         for code, what in out.ptxas_notes:
             failures.append(f"{label} {cfg_label}: ptxas {code}: {what}")
+    if notes:
+        print("\nKnown, not failures:\n  " + "\n  ".join(sorted(set(notes))))
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures))
     return 1 if failures and args.check else 0

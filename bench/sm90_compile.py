@@ -107,11 +107,13 @@ def compile_sm90(fn, args: dict, num_warps: int, num_stages: int = 1) -> Compile
         match = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
         if match:
             ops[match.group(1)] += 1
-    found = dict(re.findall(r"\b(REG|LOCAL):(\d+)", usage))
+    # spills go to the per-thread stack (STACK); LOCAL counts local arrays; either is
+    # local memory (STL/LDL in the SASS)
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
     return Compiled(
         fn.__name__,
         int(found.get("REG", 0)),
-        int(found.get("LOCAL", 0)),
+        int(found.get("STACK", 0)) + int(found.get("LOCAL", 0)),
         int(kernel.metadata.shared),
         ops,
         kernel.asm["ptx"],

@@ -149,10 +149,10 @@ def gpu_autotune_configs(config: KernelConfig = KernelConfig()) -> list[TileConf
     tile, wn = config.act_tile, config.weight_block[0]
     # Several CTAs per SM let one's scale FMAs and epilogue overlap another's MMAs
     # (bench/kernels_sm90.py has the budgets): 64 x wn, 3 stages, ~72 KB of shared memory
-    # and ~150 registers x 128 threads: three per SM; 128 x wn with 4 warps and 3 stages,
-    # 96 KB and 255 registers x 128 threads: two. Small M is served by split K, not by
-    # narrower tiles.
-    shapes = [(128, wn, 8, 3), (128, wn, 8, 4), (128, wn, 4, 3)]
+    # and ~150 registers x 128 threads: three per SM. (128 x wn with 4 warps, two per SM,
+    # spills 80-128 bytes of its accumulator per thread: not in the space.) Small M is
+    # served by split K, not by narrower tiles.
+    shapes = [(128, wn, 8, 3), (128, wn, 8, 4)]
     shapes += [(64, wn, 4, 3), (64, wn, 4, 4), (64, wn, 4, 5)]
     configs = [TileConfig(bm, bn, tile, 8, warps, stages) for bm, bn, warps, stages in shapes]
     # persistent: the next tile's operands are fetched during this tile's epilogue (few
@@ -203,10 +203,10 @@ def render_kernels(config: KernelConfig = KernelConfig()) -> str:
     check_kernel_config(config)
     wn, wk = config.weight_block
     quant_gpu = [_quant_config(bm, w) for bm in (16, 32, 64, 128) for w in (4, 8)]
-    # 2 warps: each thread holds more of a row (or, for the token tiles, of a column), so
-    # fewer threads repeat that row's scale divisions (sm_90 SASS: quantize_act_both 19.1
-    # -> 16.7 instructions per element, quantize_act at BLOCK_M 64 10.1 -> 8.8)
-    quant_gpu += [_quant_config(bm, 2) for bm in (64, 128)]
+    # 2 warps: each thread holds more of a row, so fewer threads repeat that row's scale
+    # divisions (sm_90 SASS, quantize_act at BLOCK_M 64: 10.1 -> 8.8 instructions per
+    # element); at BLOCK_M 128 two warps spill, and the token tiles (BLOCK_M 128) keep 4+
+    quant_gpu += [_quant_config(64, 2)]
     context = {
         "title": config.title,
         "act_tile": config.act_tile,
