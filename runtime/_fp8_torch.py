@@ -9,8 +9,11 @@ the forward GEMM), E experts; Mt/Nt/Kt = number of 128-wide tiles along that dim
 Scale layouts (fp32 unless noted):
   activation 1x128 tiles along the last dim: x (..., K) -> s (..., Kt)
   token-axis tiles (wgrad): x (M, K) -> xt (K, M) fp8 with s (K, Mt)
-  grouped token-axis tiles: expert e's j-th tile of tokens sits at column
-      e + start_e // 128 + j of s (K, E + Mt); unused columns are 1.0
+  grouped token-axis tiles: expert e's tiles start at its first token rounded down to
+      a multiple of 16 (`tile_origin`), so a tile's first column is 16-byte aligned for
+      TMA; a tile holds only e's own tokens (the few before start_e belong to the
+      previous expert and count for nothing here). Expert e's j-th tile sits at column
+      e + tile_origin(start_e) // 128 + j of s (K, E + Mt); unused columns are 1.0
   weight 128x128 blocks: w (N, K) -> s (Nt, Kt)
 """
 
@@ -94,26 +97,34 @@ def grouped_tile_columns(offsets: torch.Tensor, num_tokens: int, tile: int = TIL
     return offsets.numel() + _cdiv(num_tokens, tile)
 
 
+ALIGN = 16  # grouped token tiles start at a multiple of this many tokens (16 fp8 bytes)
+
+
+def tile_origin(start: int) -> int:
+    """Where an expert's first token tile starts: its first token rounded down to ALIGN."""
+    return start - start % ALIGN
+
+
 def quantize_act_t_grouped(
     x: torch.Tensor, offsets: torch.Tensor, tile: int = TILE, ue8m0: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-axis tiling per expert segment: x (M, K) sorted by expert, offsets (E,) cumulative ends.
 
-    Tiles restart at each expert's first token (no expert is padded); see the module
-    docstring for where each tile's scale column is.
+    Tiles restart near each expert's first token (at `tile_origin`: no expert is padded)
+    and hold only its tokens; see the module docstring for each tile's scale column.
     """
     m, k = x.shape
     num_cols = grouped_tile_columns(offsets, m, tile)
     xt = torch.zeros((k, m), dtype=FP8_DTYPE, device=x.device)
     st = torch.ones((k, num_cols), dtype=torch.float32, device=x.device)
-    start = 0
-    for e, end in enumerate(offsets.tolist()):
-        if end > start:
-            q, s = quantize_act(x[start:end].t(), tile, ue8m0)
-            xt[:, start:end] = q
-            base = e + start // tile
-            st[:, base : base + s.shape[1]] = s
-        start = end
+    for e, start, end in expert_rows(offsets):
+        origin = tile_origin(start)
+        seg = torch.zeros((end - origin, k), dtype=x.dtype, device=x.device)
+        seg[start - origin :] = x[start:end]  # the tokens before start count for nothing
+        q, s = quantize_act(seg.t(), tile, ue8m0)
+        xt[:, start:end] = q[:, start - origin :]
+        base = e + origin // tile
+        st[:, base : base + s.shape[1]] = s
     return xt, st
 
 
@@ -211,9 +222,18 @@ def grouped_gemm_wgrad_by_expert(gemm_fn, a_t, a_ts, b_t, b_ts, offsets, out_dty
         (offsets.numel(), a_t.shape[0], b_t.shape[0]), dtype=out_dtype, device=a_t.device
     )
     for e, start, end in expert_rows(offsets):
-        cols = slice(e + start // TILE, e + start // TILE + _cdiv(end - start, TILE))
-        rows = slice(start, end)
-        out[e] = gemm_fn(a_t[:, rows], a_ts[:, cols], b_t[:, rows], b_ts[:, cols], out_dtype)
+        origin = tile_origin(start)
+        cols = slice(e + origin // TILE, e + origin // TILE + _cdiv(end - origin, TILE))
+        # the expert's tiles from their origin, the tokens before its start zeroed
+        a_e, b_e = (_from_origin(t, origin, start, end) for t in (a_t, b_t))
+        out[e] = gemm_fn(a_e, a_ts[:, cols], b_e, b_ts[:, cols], out_dtype)
+    return out
+
+
+def _from_origin(t: torch.Tensor, origin: int, start: int, end: int) -> torch.Tensor:
+    """Columns origin..end of t (·, M) with those before start zeroed (fp8 copy)."""
+    out = torch.zeros((t.shape[0], end - origin), dtype=t.dtype, device=t.device)
+    out[:, start - origin :] = t[:, start:end]
     return out
 
 

@@ -18,7 +18,8 @@ Public API (stable; shapes: M tokens, K in, N out, E experts, Xt = ceil(X/128)):
   quantize_act_t(x (M, K), ...) -> (xt_fp8 (K, M), s (K, Mt))       token-axis tiles, wgrad
   quantize_act_both(x (M, K), ...) -> (x_fp8, s, xt_fp8, st)         both tilings, one read
   quantize_act_t_grouped(x (M, K), offsets (E,), ...) -> (xt_fp8 (K, M), s (K, E + Mt))
-      token tiles restart at each expert; expert e's tile j is column e + start_e//128 + j
+      token tiles restart at each expert's origin (start_e rounded down to 16, for
+      16-byte aligned TMA loads); expert e's tile j is column e + origin_e//128 + j
   quantize_weight(w (..., N, K), block=128, ue8m0=False) -> (w_fp8, s (..., Nt, Kt))
   dequantize_act(q, s, tile=128, out_dtype=fp32), dequantize_weight(q, s, block=128, ...)
   fp8_gemm(a (M, K), a_s (M, Kt), b (N, K), b_s, out_dtype=bf16) -> a @ b^T (M, N)
@@ -130,7 +131,7 @@ def quantize_act_both(x, tile=TILE, ue8m0=False, *, backend="torch"):
 
 
 def quantize_act_t_grouped(x, offsets, tile=TILE, ue8m0=False, *, backend="torch"):
-    """Token-axis tiles restarting at each expert's first token (see module docstring)."""
+    """Token-axis tiles restarting at each expert's origin (see module docstring)."""
     _check_offsets(offsets)
     return resolve_backend(backend).quantize_act_t_grouped(x, offsets, tile, ue8m0)
 

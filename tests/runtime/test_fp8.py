@@ -101,18 +101,25 @@ def test_token_axis_tiling_is_the_transposed_tiling():
     assert torch.equal(qt3.view(torch.uint8), qt.view(torch.uint8)) and torch.equal(st3, st)
 
 
-def test_grouped_token_tiles_restart_at_each_expert():
+def test_grouped_token_tiles_restart_at_each_experts_origin():
     torch.manual_seed(4)
     x = torch.randn(300, 64)
     offsets = torch.tensor([130, 130, 300], dtype=torch.int32)  # expert 1 is empty
-    _, st = fp8.quantize_act_t_grouped(x, offsets)
+    xt, st = fp8.quantize_act_t_grouped(x, offsets)
     assert st.shape == (64, 3 + 3)
-    # expert 0: tokens 0..129 -> columns 0, 1; expert 2: tokens 130..299 -> 2 + 130//128 = 3, 4
+    # expert 0: tokens 0..129 -> columns 0, 1. Expert 2: tokens 130..299, tiles from its
+    # origin 128 (130 rounded down to 16): 130..255 and 256..299 -> 2 + 128 // 128 = 3, 4;
+    # tokens 128 and 129 are expert 0's and count for nothing in expert 2's first tile
     assert torch.equal(st[:, 0], x[:128].abs().amax(0) / 448.0)
     assert torch.equal(st[:, 1], x[128:130].abs().amax(0) / 448.0)
-    assert torch.equal(st[:, 3], x[130:258].abs().amax(0) / 448.0)
-    assert torch.equal(st[:, 4], x[258:300].abs().amax(0) / 448.0)
+    assert torch.equal(st[:, 3], x[130:256].abs().amax(0) / 448.0)
+    assert torch.equal(st[:, 4], x[256:300].abs().amax(0) / 448.0)
     assert torch.equal(st[:, 2], torch.ones(64)) and torch.equal(st[:, 5], torch.ones(64))
+    # each token keeps its own expert's scale: token 129 with column 1, token 130 with 3
+    tail0, _ = fp8.quantize_act(x[128:130].t().contiguous())
+    head2, _ = fp8.quantize_act(x[130:256].t().contiguous())
+    assert torch.equal(xt[:, 129].view(torch.uint8), tail0[:, 1].view(torch.uint8))
+    assert torch.equal(xt[:, 130].view(torch.uint8), head2[:, 0].view(torch.uint8))
 
 
 def test_gemm_is_the_dequantised_fp32_product_for_block_and_row_scales():
@@ -201,10 +208,13 @@ def test_grouped_linear_matches_per_expert_linears():
     limit = tol("fp8_e4m3_vs_fp32_rel")[0]
     assert _rel_err(y[:200], y2) < limit
     assert _rel_err(x.grad[:200], x2.grad[:200]) < limit and _rel_err(w.grad, w2.grad) < limit
-    # each expert's wgrad is exactly the dense fp8 wgrad over its own token range
-    e2 = slice(40, 170)
-    dyt = fp8.dequantize_act(*fp8.quantize_act_t(dy[e2]))
-    xt = fp8.dequantize_act(*fp8.quantize_act_t(x.detach()[e2]))
+    # each expert's wgrad is exactly the dense fp8 wgrad over its own token range, tiled
+    # from its origin: tokens 40..169 in tiles from token 32 (40 rounded down to 16)
+    def from_origin(t):
+        return torch.cat([torch.zeros(8, t.shape[1]), t[40:170]])
+
+    dyt = fp8.dequantize_act(*fp8.quantize_act_t(from_origin(dy)))
+    xt = fp8.dequantize_act(*fp8.quantize_act_t(from_origin(x.detach())))
     _close(w.grad[2], dyt @ xt.t(), "fp8_linear_vs_dequant_ref")
 
 

@@ -224,6 +224,22 @@ def test_tensor_descriptor_path(kernels):
     got = kernels.module.grouped_gemm(a, a_s, w, w_s, offsets, torch.float32, use_tma=True)
     want = ref.grouped_gemm(a.cpu(), a_s.cpu(), w.cpu(), w_s.cpu(), offsets.cpu(), torch.float32)
     _close(got, want, "fp8_gemm_fp32_out")
+    # grouped wgrad: token tiles by TMA from each expert's origin (its first token rounded
+    # down to 16), the neighbours' tokens zeroed in the edge tiles only. Expert 0: one
+    # tile, its end inside it; 1: empty; 2 (37..230): both edges in two tiles; 3
+    # (230..480): a masked first tile, then an untouched one ending on the tile edge;
+    # 4 (480..528): aligned start, ragged end; the last 16 of 544 tokens unrouted;
+    # N = 130 ragged (rows past it zero-filled)
+    offsets = on_dev(torch.tensor([37, 37, 230, 480, 528], dtype=torch.int32))
+    dyt, dyt_s = ref.quantize_act_t_grouped(_normal(544, 130, seed=23), offsets.cpu())
+    xt, xt_s = ref.quantize_act_t_grouped(_normal(544, 96, seed=24), offsets.cpu())
+    want = ref.grouped_gemm_wgrad(dyt, dyt_s, xt, xt_s, offsets.cpu())
+    for use_tma in (True, False):
+        got = kernels.module.grouped_gemm_wgrad(
+            *on_dev(dyt, dyt_s, xt, xt_s), offsets, torch.float32, use_tma=use_tma
+        )
+        _close(got, want, "fp8_gemm_fp32_out")
+        assert not got[1].any()
 
 
 @pytest.mark.parametrize("split_k", [2, 3, 40])
