@@ -163,6 +163,13 @@ def _ep(spec, sink):
         if p.redundant_experts % p.expert:
             sink.error(f"{p.redundant_experts} redundant experts do not spread evenly over "
                        f"{p.expert} EP ranks", spec.span("parallel.redundant_experts"))
+    if moes and p.redundant_experts and p.redundant_experts % p.expert == 0:
+        # the trainer's plan (v1) has no replicated experts: say so before anyone trains
+        sink.warning(f"{p.redundant_experts} redundant experts appear in `dsvc inspect`'s "
+                     "placement, but the trainer `dsvc compile` generates runs each expert's "
+                     "primary copy only", spec.span("parallel.redundant_experts"),
+                     "plan v1 has no replicas yet (docs/ir.md): the report and the simulated "
+                     "step charge the primary placement, as the trainer runs it")
 
 
 @rule("node-limited-routing")
