@@ -75,7 +75,7 @@ def state_for_save(trainer) -> dict:
             if name in seen or not _persistent(mod, name):
                 continue
             seen.add(name)
-            out[f"model.{_key(trainer, name)}"] = t.detach().clone()
+            out[f"model.{_key(trainer, name)}"] = t.detach()  # saved synchronously: no copy
     for key, shard, mesh in _flat_groups(trainer):
         for part in PARTS:
             out[f"{key}.{part}"] = _flat(shard, getattr(shard, part)[: _owned(shard)], mesh)
