@@ -2,7 +2,9 @@
 
 - golden loss curves: the first 20 losses with the spec's seed, in FP32
   (`--fp32`) and FP8-emulation modes, checked in under tests/golden/loss/ and
-  reproduced exactly (bit for bit: the processes run one thread each);
+  reproduced within the cross-environment tolerances of tests/tolerances.py (the
+  first step tightly), and the curve must fall; bit for bit only between two runs
+  here (the processes run one thread each: resume vs uninterrupted below);
 - a run stopped at step 20 and resumed to 40 gives exactly the losses of an
   uninterrupted 40-step run (FP32 mode);
 - `dsvc train` itself: compiles into a build directory, launches, writes
@@ -20,8 +22,9 @@ import sys
 
 import pytest
 
-from tests.golden import check_golden
+from tests import golden
 from tests.test_train_support import EXAMPLES, ROOT, child_env, compile_spec, losses, torchrun
+from tests.tolerances import tol
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +33,37 @@ GOLDEN_STEPS = 20
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "max_expert_load_ratio"}
 
 
-def _golden_text(mode: str, run_losses: dict[int, float]) -> str:
-    steps = range(1, GOLDEN_STEPS + 1)
+def check_loss_golden(mode: str, run_losses: dict[int, float]) -> None:
+    """The run's first 20 losses against golden/loss/tiny_{mode}.json, within the tolerances
+    kept in tests/tolerances.py; `--update-golden` rewrites the file instead."""
+    name = "fp8_emulation" if mode == "fp8" else mode
     record = {
         "spec": "examples/tiny.dsv",
-        "mode": mode,
+        "mode": name,
         "world_size": 4,
-        "losses": [run_losses[s] for s in steps],
+        "losses": [run_losses[s] for s in range(1, GOLDEN_STEPS + 1)],
     }
-    return json.dumps(record, indent=1) + "\n"
+    path = golden.GOLDEN_DIR / "loss" / f"tiny_{mode}.json"
+    if golden.UPDATE:
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        return
+    expected = json.loads(path.read_text())
+    assert {k: v for k, v in expected.items() if k != "losses"} == {
+        k: v for k, v in record.items() if k != "losses"
+    }
+    want, got = expected["losses"], record["losses"]
+    first_rtol = tol("loss_golden_first_step")[0]
+    assert got[0] == pytest.approx(want[0], rel=first_rtol), (got[0], want[0])
+    rtol = tol(f"loss_golden_{mode}")[0]
+    off = [
+        (step, g, w) for step, (g, w) in enumerate(zip(got, want), 1) if abs(g - w) > rtol * abs(w)
+    ]
+    assert not off, (
+        f"steps off golden/loss/tiny_{mode}.json by more than {rtol:g} (step, got, want): {off}"
+    )
+    # the curve falls (a frozen or diverging model fails this whatever the goldens say)
+    first, last = sum(got[:5]) / 5, sum(got[-5:]) / 5
+    assert last < first * (1 - tol("loss_golden_min_drop")[0]), (first, last)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +83,7 @@ def fp32_run(tiny_build, tmp_path_factory):
 
 
 def test_golden_loss_fp32(fp32_run):
-    check_golden("loss/tiny_fp32.json", _golden_text("fp32", losses(fp32_run)))
+    check_loss_golden("fp32", losses(fp32_run))
 
 
 def test_expert_load_file_counts_every_routed_token(fp32_run):
@@ -80,9 +105,15 @@ def test_expert_load_file_counts_every_routed_token(fp32_run):
     assert record["tokens_per_step"] == 8 * 64
     for layer, counts in histogram.items():
         assert len(counts) == 8 and sum(counts) == 2 * tokens, layer
-    # and the compiler reads it back: the report's imbalance follows the measured routing
+    # and the compiler reads it back: the report's imbalance is the measured one, worked out
+    # here by hand (EP 2: experts 0-3 on rank 0, 4-7 on rank 1; busiest rank over the mean,
+    # averaged over the MoE layers); measured routing is never exactly balanced
+    expected = sum(max(sum(c[:4]), sum(c[4:])) / (sum(c) / 2) for c in histogram.values()) / len(
+        histogram
+    )
     report = build_report(spec, expert_load=str(path))
-    assert report.value("comm.expert_load_imbalance") >= 1.0
+    assert report.value("comm.expert_load_imbalance") == pytest.approx(expected, rel=1e-12)
+    assert expected > 1.0
 
 
 def test_stop_at_20_and_resume_to_40_is_bitwise(fp32_run, tiny_build, tmp_path):
@@ -133,11 +164,14 @@ def test_dsvc_train_fp8_golden_metrics_and_plot(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "linears FP8 (torch emulation)" in proc.stderr
-    check_golden("loss/tiny_fp8.json", _golden_text("fp8_emulation", losses(run)))
+    check_loss_golden("fp8", losses(run))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, GOLDEN_STEPS + 1))
     assert all(METRIC_KEYS <= set(r) for r in rows)
-    assert any(r["max_expert_load_ratio"] > 1.0 for r in rows)  # a real measurement
+    # a real measurement: each step's busiest expert over the mean, from the routing itself,
+    # so it varies from step to step and (top-2 of 8 on random weights) is never balanced
+    ratios = [r["max_expert_load_ratio"] for r in rows]
+    assert all(1.0 < x <= 4.0 for x in ratios) and len(set(ratios)) > 1, ratios
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     # the spec checkpoints every 25 steps; the run's last step is saved all the same
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000020"]

@@ -26,11 +26,15 @@ _CASES: dict[str, HFCase] = {}
 
 def plan_dict(rope: str = "yarn", **mesh) -> dict:
     """The tiny runtime plan (dict form); `yarn`: YaRN active (max_seq_len 64 > original 16),
-    `plain`: the tiny default, where YaRN is inactive (64 <= 4096) and plain RoPE is computed."""
+    `yarn_v2`: the same with DeepSeek-V2's mscale = mscale_all_dim = 0.707 (the softmax scale
+    grows by m(0.707)^2, cos/sin stay plain), `plain`: the tiny default, where YaRN is
+    inactive (64 <= 4096) and plain RoPE is computed."""
     mesh = {"pp": 1, "dp": 1, "ep": 1, **mesh}
     raw = tiny_plan(**mesh, precision="fp32", num_layers=NUM_LAYERS, mtp_depth=1)
-    if rope == "yarn":
+    if rope in ("yarn", "yarn_v2"):
         raw["model"]["rope"].update(original_max_seq=16, factor=4.0)
+    if rope == "yarn_v2":
+        raw["model"]["rope"].update(mscale=0.707, mscale_all_dim=0.707)
     raw["model"]["init_std"] = 0.1  # larger weights than 0.02: logits and routing far from trivial
     return raw
 

@@ -30,7 +30,7 @@ from tests.tolerances import tol
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
-    return {rope: get_case(tmp_path_factory, rope) for rope in ("yarn", "plain")}
+    return {rope: get_case(tmp_path_factory, rope) for rope in ("yarn", "yarn_v2", "plain")}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _close(actual, expected, key):
 # -- transformers -> runtime -> transformers ------------------------------------------------
 
 
-@pytest.mark.parametrize("rope", ["yarn", "plain"])
+@pytest.mark.parametrize("rope", ["yarn", "yarn_v2", "plain"])
 def test_load_gives_transformers_logits(cases, rope):
     c = cases[rope]
     rt, report = c.load()

@@ -219,14 +219,14 @@ def test_softmax_scale_uses_mscale_all_dim_when_yarn_applies():
     torch.testing.assert_close(mla.rotary.sin_SR2, angles.sin() * ratio)
 
 
-def test_softmax_scale_matches_transformers_deepseek_v2():
-    mod = pytest.importorskip("transformers.models.deepseek_v2.modeling_deepseek_v2")
-    rope = {"rope_type": "yarn", "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 0.707}
-    plan = parse_plan(_yarn_plan(8192, mscale=0.707, mscale_all_dim=0.707))  # V2-Lite's
+def test_equal_mscales_scale_softmax_only():
+    """DeepSeek-V2-Lite's mscale = mscale_all_dim = 0.707: the softmax scale carries
+    m(0.707)^2 and cos/sin are the plain YaRN tables, bit for bit. (Held against
+    transformers' own model outputs in test_hf.py, case `yarn_v2`.)"""
+    plan = parse_plan(_yarn_plan(8192, mscale=0.707, mscale_all_dim=0.707))
     mla = MLA(plan.model, plan.model.attention["mla"], plan.precision)
-    assert mla.softmax_scale == pytest.approx(mod.yarn_apply_mscale(rope, 24**-0.5))
-    assert yarn_mscale(40.0, 0.707) == pytest.approx(mod.yarn_get_mscale(40.0, 0.707))
-    # equal factors: cos/sin are the plain YaRN tables, bit for bit
+    assert mla.softmax_scale == pytest.approx(24**-0.5 * _m(40.0, 0.707) ** 2)
+    assert yarn_mscale(40.0, 0.707) == pytest.approx(_m(40.0, 0.707))
     angles = rope_frequencies(plan.model.rope, 8, 8192)
     assert torch.equal(mla.rotary.cos_SR2, angles.cos())
 
