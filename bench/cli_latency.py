@@ -29,7 +29,7 @@ TARGET = 3.0
 
 def dsvc_command() -> list[str]:
     script = pathlib.Path(sys.executable).parent / "dsvc"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "compiler.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dsvc.compiler.cli"]
 
 
 def wall(cmd: list[str], env: dict[str, str]) -> float:

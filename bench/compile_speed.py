@@ -36,7 +36,7 @@ _CHILD = ("import resource, subprocess, sys, time\n"
 
 def run_cli(*argv: str) -> tuple[float, int, float]:
     """(wall seconds, peak resident bytes, CPU seconds) of `dsvc ARGV` in a fresh process."""
-    cmd = [sys.executable, "-c", _CHILD, sys.executable, "-m", "compiler.cli", *argv]
+    cmd = [sys.executable, "-c", _CHILD, sys.executable, "-m", "dsvc.compiler.cli", *argv]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
     if out[2] != "0":
         raise SystemExit(f"dsvc {' '.join(argv)} failed with exit code {out[2]}")
@@ -58,8 +58,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
-    import dsl
-    from compiler.pipeline import GRAPH_PASSES, PASSES
+    from dsvc import dsl
+    from dsvc.compiler.pipeline import GRAPH_PASSES, PASSES
 
     spec = dsl.load(os.path.join(ROOT, args.spec))
     rows = []

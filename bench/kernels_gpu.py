@@ -40,7 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # promotion, so on a GPU the kernels agree with an FP32 reference to ~2^-13, not 1e-5.
 GPU_REL = 1e-3
 GPU_BF16_REL = 1e-2  # the same with the output rounded to bf16 (8 bits)
-sys.path.insert(0, str(ROOT))
+import source_tree  # noqa: E402,F401  (dsvc from this tree, installed or not)
 
 # DeepSeek-V3 GEMMs (N, K) -> REFERENCE.md's H200 TFLOP/s at M = 4096:
 # (bf16 cuBLAS, FP8 cuBLAS block-scaled, DeepSeek reference Triton fp8_gemm)
@@ -100,7 +100,7 @@ def load_kernels(shapes, soft_round=False):
     the same-run reference.
     """
     try:
-        from compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
+        from dsvc.compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
     except ImportError as err:  # the GPU image may lack the compiler's dependencies
         print(f"note: cannot render ({err}); using runtime/_fp8_kernels_generic.py")
         path = ROOT / "runtime" / "_fp8_kernels_generic.py"
@@ -136,7 +136,7 @@ def cublas_call(a, a_s, w, w_s):
     runtime's own layout, not one of its own."""
     import torch
 
-    from runtime._fp8_cublas import scaled_mm_operands
+    from dsvc.runtime._fp8_cublas import scaled_mm_operands
 
     mat1, mat2, scale_a, scale_b = scaled_mm_operands(a, a_s, w, w_s)
     return functools.partial(
@@ -431,8 +431,8 @@ def main(argv=None) -> int:
         return 0
     import triton
 
-    from runtime import _fp8_cublas as cublas
-    from runtime import _fp8_torch as ref
+    from dsvc.runtime import _fp8_cublas as cublas
+    from dsvc.runtime import _fp8_torch as ref
 
     sizes = SMOKE if args.cpu_smoke else GPU
     name = torch.cuda.get_device_name() if sizes.device == "cuda" else "cpu (interpreter)"

@@ -20,22 +20,20 @@ in this process (checks the script, times nothing meaningful).
 from __future__ import annotations
 
 import argparse
-import pathlib
 import statistics
 import sys
 import time
 
+import source_tree  # noqa: E402,F401  (dsvc from this tree, installed or not)
 import torch
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 
 def build(args, device):
-    from runtime import moe
-    from runtime.ep import ExpertComm
-    from runtime.init import init_parameters
-    from runtime.plan import parse_plan
-    from runtime.tiny import tiny_plan
+    from dsvc.runtime import moe
+    from dsvc.runtime.ep import ExpertComm
+    from dsvc.runtime.init import init_parameters
+    from dsvc.runtime.plan import parse_plan
+    from dsvc.runtime.tiny import tiny_plan
 
     raw = tiny_plan(pp=1, dp=1, ep=1, num_layers=2, precision="bf16")
     raw["model"]["hidden"] = args.hidden
@@ -84,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU")
     args = p.parse_args(argv)
-    from runtime import moe
+    from dsvc.runtime import moe
 
     if args.cpu_smoke:
         args.hidden, args.tokens, args.experts, args.top_k, args.intermediate = 64, 96, 8, 2, 32

@@ -24,16 +24,14 @@ device copy). Without CUDA it says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import statistics
 import sys
 import time
 
+import source_tree  # noqa: E402,F401  (dsvc from this tree, installed or not)
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from runtime.overlap import CopyTransport, InFlight, OverlapSession
+from dsvc.runtime.overlap import CopyTransport, InFlight, OverlapSession
 
 
 class NullTransport:
@@ -61,7 +59,7 @@ class RepeatedCopy(CopyTransport):
 
 
 def layer_plan(args) -> dict:
-    from runtime.tiny import tiny_plan
+    from dsvc.runtime.tiny import tiny_plan
 
     raw = tiny_plan(pp=1, dp=1, ep=1, num_layers=2, seq_len=args.tokens, precision="bf16")
     m = raw["model"]
@@ -82,10 +80,10 @@ def layer_plan(args) -> dict:
 
 
 def build(args, device):
-    from runtime.ep import ExpertComm
-    from runtime.init import init_parameters
-    from runtime.model import StageModule
-    from runtime.plan import Stage, parse_plan
+    from dsvc.runtime.ep import ExpertComm
+    from dsvc.runtime.init import init_parameters
+    from dsvc.runtime.model import StageModule
+    from dsvc.runtime.plan import Stage, parse_plan
 
     plan = parse_plan(layer_plan(args))
     comm = ExpertComm(plan.experts["moe"], 0, None, "bf16", "bf16")

@@ -2,7 +2,7 @@
 
     python bench/report_speed.py [--spec examples/deepseek_v3.dsv] [--runs 7]
 
-Each command runs as a fresh process (`python -m compiler.cli ...`, Python
+Each command runs as a fresh process (`python -m dsvc.compiler.cli ...`, Python
 start-up and imports included), the two alternating so that machine noise hits
 both alike; it prints the median of each, their ratio, `--symbolic` for
 reference, and the target (report under 2 s). It also checks that the report
@@ -24,7 +24,7 @@ TARGET_S = 2.0
 
 def wall(argv: list[str]) -> float:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "compiler.cli", *argv], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "dsvc.compiler.cli", *argv], cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           check=False)
     took = time.perf_counter() - start
@@ -34,7 +34,7 @@ def wall(argv: list[str]) -> float:
 
 
 def heavy_imports(spec: str) -> list[str]:
-    code = (f"import sys; from compiler.cli import main; main(['report', {spec!r}]); "
+    code = (f"import sys; from dsvc.compiler.cli import main; main(['report', {spec!r}]); "
             "print('loaded:', *(m for m in ('torch', 'sympy', 'pydantic') if m in sys.modules), "
             "file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,

@@ -21,7 +21,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import source_tree  # noqa: E402,F401  (dsvc from this tree, installed or not)
 
 TARGET_S = 5.0
 PAPER = {"step_time_s": 19.926, "mfu": 0.3894, "tokens_per_day": 272.8e9}
@@ -33,10 +33,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
-    import dsl
-    from compiler.passes.schedule import schedule
-    from compiler.passes.simulate import simulate
-    from compiler.pipeline import run_until
+    from dsvc import dsl
+    from dsvc.compiler.passes.schedule import schedule
+    from dsvc.compiler.passes.simulate import simulate
+    from dsvc.compiler.pipeline import run_until
 
     spec = dsl.load(args.spec)
     graph_s, sim_s, result = [], [], None
@@ -63,7 +63,7 @@ def main() -> int:
           f"{verdict}")
     print()
 
-    from compiler.passes.simulate import simulate_step
+    from dsvc.compiler.passes.simulate import simulate_step
 
     off = simulate_step(spec, overlap="none" if result.overlap != "none" else "dual_microbatch")
     on, off = (result, off) if result.overlap != "none" else (off, result)

@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import pathlib
 import statistics
-import sys
 import time
 
+import source_tree  # noqa: E402,F401  (dsvc from this tree, installed or not)
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from runtime.plan import parse_plan
-from runtime.tiny import tiny_plan
-from runtime.trainer import Trainer
+from dsvc.runtime.plan import parse_plan
+from dsvc.runtime.tiny import tiny_plan
+from dsvc.runtime.trainer import Trainer
 
 
 class RMSNorm(nn.Module):

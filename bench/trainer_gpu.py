@@ -63,8 +63,8 @@ def parse_args(argv=None):
 
 def compile_build(spec: str, out: str) -> str:
     try:
-        import dsl
-        from compiler.codegen.build import build_cached
+        from dsvc import dsl
+        from dsvc.compiler.codegen.build import build_cached
     except ImportError as err:
         sys.exit(
             f"trainer_gpu: cannot compile {spec} here ({err}); compile it where dsvc is "
@@ -127,10 +127,10 @@ def bf16_precision(raw: dict) -> dict:
 def run_mode(build: str, raw: dict, mode: str, device, args) -> dict:
     import torch
 
-    from runtime import fp8
-    from runtime.mesh import build_mesh
-    from runtime.plan import parse_plan
-    from runtime.trainer import Trainer
+    from dsvc_runtime import fp8
+    from dsvc_runtime.mesh import build_mesh
+    from dsvc_runtime.plan import parse_plan
+    from dsvc_runtime.trainer import Trainer
 
     r = copy.deepcopy(raw)
     if mode == "bf16":

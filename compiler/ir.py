@@ -30,7 +30,7 @@ from typing import Any
 import networkx as nx
 import sympy
 
-from dsl.diagnostics import Span
+from dsvc.dsl.diagnostics import Span
 
 T = sympy.Symbol("T", positive=True, integer=True)  # tokens in one micro-batch
 

@@ -14,43 +14,43 @@ from collections.abc import Callable
 
 
 def _lower(spec, graph, opts):  # the first pass takes the spec, not a graph
-    from compiler.passes.lower import lower
+    from dsvc.compiler.passes.lower import lower
 
     return lower(spec)
 
 
 def _assign_precision(spec, graph, opts):
-    from compiler.passes.assign_precision import assign_precision
+    from dsvc.compiler.passes.assign_precision import assign_precision
 
     return assign_precision(graph)
 
 
 def _partition_stages(spec, graph, opts):
-    from compiler.passes.partition_stages import partition_stages
+    from dsvc.compiler.passes.partition_stages import partition_stages
 
     return partition_stages(graph)
 
 
 def _place_experts(spec, graph, opts):
-    from compiler.passes.place_experts import place_experts
+    from dsvc.compiler.passes.place_experts import place_experts
 
     return place_experts(graph, expert_load=opts.get("expert_load"))
 
 
 def _insert_comm(spec, graph, opts):
-    from compiler.passes.insert_comm import insert_comm
+    from dsvc.compiler.passes.insert_comm import insert_comm
 
     return insert_comm(graph)
 
 
 def _schedule(spec, graph, opts):
-    from compiler.passes.schedule import schedule
+    from dsvc.compiler.passes.schedule import schedule
 
     return schedule(graph)
 
 
 def _simulate(spec, graph, opts):
-    from compiler.passes.simulate import simulate
+    from dsvc.compiler.passes.simulate import simulate
 
     return simulate(graph)
 
@@ -83,8 +83,8 @@ def run_until(spec, until: str = "insert_comm", *, expert_load: str | None = Non
     names = pass_names()
     if until not in names:
         raise ValueError(f"unknown pass {until!r}; passes in order: {', '.join(names)}")
-    from compiler.debug import debug_level
-    from compiler.verify import verify as check
+    from dsvc.compiler.debug import debug_level
+    from dsvc.compiler.verify import verify as check
 
     opts = {"expert_load": expert_load}
     graph = None
@@ -93,7 +93,7 @@ def run_until(spec, until: str = "insert_comm", *, expert_load: str | None = Non
         if verify:
             check(graph)
         if debug_level() >= 2:
-            from compiler.printer import format_text
+            from dsvc.compiler.printer import format_text
 
             print(f"# ---- IR after {name}\n{format_text(graph)}", file=sys.stderr)
         if name == until:

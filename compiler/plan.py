@@ -8,28 +8,28 @@ than the policy's linear default gets a `linear_overrides` entry). The
 schedule's action lists are left empty for the schedule pass to fill.
 Things the plan format cannot say yet are listed in `plan["comment"]`.
 
-    from compiler.plan import build_plan
+    from dsvc.compiler.plan import build_plan
     plan = build_plan(dsl.load("examples/tiny.dsv"))     # a dict; json.dump it
 """
 
 from __future__ import annotations
 
-from dsl.diagnostics import Diagnostic, SpecError
+from dsvc.dsl.diagnostics import Diagnostic, SpecError
 
 _PLAN_DTYPES = ("fp32", "bf16")
 
 
 def build_plan(spec, expert_load: str | None = None, fp8_backend: str = "torch") -> dict:
     """Run the graph passes and emit the plan dict (validated by runtime.plan in tests)."""
-    from compiler.pipeline import run_until
+    from dsvc.compiler.pipeline import run_until
 
     return emit_plan(run_until(spec, "insert_comm", expert_load=expert_load), fp8_backend)
 
 
 def emit_plan(graph, fp8_backend: str = "torch") -> dict:
     """The plan dict of a graph that went through partition_stages and place_experts."""
-    from compiler import __version__
-    from runtime.plan import PLAN_VERSION
+    from dsvc import __version__
+    from dsvc.runtime.plan import PLAN_VERSION
 
     assert graph.pipeline is not None and "place_experts" in graph.passes
     spec, notes = graph.spec, []

@@ -14,7 +14,7 @@ import json
 
 import sympy
 
-from compiler.ir import Graph, Op, Placement, StageInfo
+from dsvc.compiler.ir import Graph, Op, Placement, StageInfo
 
 JSON_FORMAT, JSON_VERSION = "dsvc-graph", 1
 
@@ -225,7 +225,7 @@ def imbalance(graph: Graph) -> dict:
 
 def to_json_dict(graph: Graph, keep: set[str] | None = None) -> dict:
     """The documented JSON form (docs/ir.md); `keep` filters nodes and edges."""
-    from compiler.printer_json import graph_json
+    from dsvc.compiler.printer_json import graph_json
 
     return graph_json(graph, keep)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sympy
 
-from compiler.ir import Graph, Op, Placement
-from compiler.printer import JSON_FORMAT, JSON_VERSION, fmt_expr, imbalance, stage_rows
+from dsvc.compiler.ir import Graph, Op, Placement
+from dsvc.compiler.printer import JSON_FORMAT, JSON_VERSION, fmt_expr, imbalance, stage_rows
 
 
 def graph_json(graph: Graph, keep: set[str] | None = None) -> dict:
@@ -155,6 +155,6 @@ def _placement(place: Placement, with_replicas: bool) -> dict:
 
 
 def _rank_load(place: Placement) -> list[float]:
-    from compiler.passes.place_experts import rank_loads
+    from dsvc.compiler.passes.place_experts import rank_loads
 
     return rank_loads(place)

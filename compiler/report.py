@@ -2,7 +2,7 @@
 
 Python API:
 
-    from compiler.report import build_report, render_text, report_json
+    from dsvc.compiler.report import build_report, render_text, report_json
     r = build_report(dsl.load("examples/deepseek_v3.dsv"))
     r.value("model.kv_cache_bytes_per_token")        # 70272
     print(render_text(r))
@@ -20,8 +20,8 @@ import dataclasses
 import json
 import os
 
-from compiler.costs.fmt import format_delta, format_value
-from compiler.costs.symbols import BaseSymbol, Derived, Figure, Quantities, formula_text
+from dsvc.compiler.costs.fmt import format_delta, format_value
+from dsvc.compiler.costs.symbols import BaseSymbol, Derived, Figure, Quantities, formula_text
 
 SCHEMA = "dsvc.report"
 SCHEMA_VERSION = 1
@@ -94,8 +94,8 @@ def expert_load_imbalance(spec, path: str, ep: int, span=None) -> float:
     for JSON errors). Experts sit on EP ranks in contiguous blocks of routed / EP,
     as primary copies (the redundant replicas the graph adds are not counted here).
     """
-    from compiler.passes.place_experts import _checked, primary_imbalance, read_expert_load
-    from dsl.diagnostics import Span
+    from dsvc.compiler.passes.place_experts import _checked, primary_imbalance, read_expert_load
+    from dsvc.dsl.diagnostics import Span
 
     layers = moe_layer_indices(spec)
     histogram = read_expert_load(path, layers, span)
@@ -113,7 +113,7 @@ def expert_load_imbalance(spec, path: str, ep: int, span=None) -> float:
 
 def _simulated_graph(spec, expert_load):
     """The graph after every pass: its partition is the layout, its simulation the step."""
-    from compiler.pipeline import run_until
+    from dsvc.compiler.pipeline import run_until
 
     return run_until(spec, "simulate", expert_load=expert_load)
 
@@ -145,13 +145,13 @@ def build_report(spec, symbolic: bool = False, expert_load: str | None = None,
     as `step.roofline_*`); `even_split=True` skips the graph (an even split of the
     layers, no simulation: fast, and what `--symbolic` shows as formulas).
     """
-    from compiler.costs.comm import comm_figures
-    from compiler.costs.decode import decode_figures
-    from compiler.costs.layout import even_layout, parallel_dims
-    from compiler.costs.memory import memory_figures
-    from compiler.costs.model import build_model
-    from compiler.costs.network import network_figures
-    from compiler.costs.step import StepModel
+    from dsvc.compiler.costs.comm import comm_figures
+    from dsvc.compiler.costs.decode import decode_figures
+    from dsvc.compiler.costs.layout import even_layout, parallel_dims
+    from dsvc.compiler.costs.memory import memory_figures
+    from dsvc.compiler.costs.model import build_model
+    from dsvc.compiler.costs.network import network_figures
+    from dsvc.compiler.costs.step import StepModel
 
     q = Quantities(symbolic)
     notes = []
@@ -175,7 +175,7 @@ def build_report(spec, symbolic: bool = False, expert_load: str | None = None,
         graph = None
         if layout is None and not even_split:
             graph = _simulated_graph(spec, expert_load)
-            from compiler.passes.partition_stages import stage_contents
+            from dsvc.compiler.passes.partition_stages import stage_contents
 
             layout = lambda spec_, m: stage_contents(graph, m)  # noqa: E731
         elif layout is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from compiler.ir import DTYPE_BYTES, Graph
+from dsvc.compiler.ir import DTYPE_BYTES, Graph
 
 
 class IRVerifyError(AssertionError):

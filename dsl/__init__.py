@@ -2,7 +2,7 @@
 
 Python API:
 
-    import dsl
+    from dsvc import dsl
     spec = dsl.load("examples/deepseek_v3.dsv")       # -> dsl.spec.Spec
     spec = dsl.loads(text, filename="inline.dsv")
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from dsl.diagnostics import Diagnostic, Span, SpecError
+from dsvc.dsl.diagnostics import Diagnostic, Span, SpecError
 
 __all__ = ["load", "loads", "load_with_warnings", "loads_with_warnings", "SpecError",
            "Diagnostic", "Span"]
@@ -40,13 +40,13 @@ def use_light_spec() -> bool:
     global _LIGHT_SPEC
     import sys
 
-    if "dsl.spec" not in sys.modules:
+    if "dsvc.dsl.spec" not in sys.modules:
         _LIGHT_SPEC = True
     return _LIGHT_SPEC
 
 
 def _guard(file: str, fn, *args):
-    from dsl.elaborate import internal_error
+    from dsvc.dsl.elaborate import internal_error
 
     try:
         return fn(*args)
@@ -62,14 +62,14 @@ def _guard(file: str, fn, *args):
 
 def load_with_warnings(path: str | os.PathLike):
     """(Spec, warnings) of a .dsv file and its includes."""
-    from dsl.elaborate import load_with_warnings as impl
+    from dsvc.dsl.elaborate import load_with_warnings as impl
 
     return _guard(str(path), impl, path)
 
 
 def loads_with_warnings(text: str, filename: str = "<string>"):
     """(Spec, warnings) of .dsv text; includes resolve relative to `filename`."""
-    from dsl.elaborate import loads_with_warnings as impl
+    from dsvc.dsl.elaborate import loads_with_warnings as impl
 
     return _guard(filename, impl, text, filename)
 

@@ -8,8 +8,8 @@ class lists its fields in `_fields`, in constructor order (see dsl/struct.py).
 
 from __future__ import annotations
 
-from dsl.diagnostics import Span
-from dsl.struct import Struct
+from dsvc.dsl.diagnostics import Span
+from dsvc.dsl.struct import Struct
 
 
 def _node(name: str, fields: str, doc: str):

@@ -7,11 +7,11 @@ Each reader checks its block's entries against a field table (see
 
 from __future__ import annotations
 
-from dsl import ast
-from dsl import fields as F
-from dsl.diagnostics import DiagnosticSink, did_you_mean
-from dsl.fields import Field
-from dsl.values import Evaluator
+from dsvc.dsl import ast
+from dsvc.dsl import fields as F
+from dsvc.dsl.diagnostics import DiagnosticSink, did_you_mean
+from dsvc.dsl.fields import Field
+from dsvc.dsl.values import Evaluator
 
 DTYPES = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
 ATTENTION_KINDS = ("mla", "gqa", "mha", "mqa")
@@ -113,7 +113,7 @@ MTP_KEYS = {
 
 
 def read_model(block: ast.Block, sink, ev: Evaluator, spans):
-    from dsl import spec as S
+    from dsvc.dsl import spec as S
 
     name = _label(block, sink, True, "model")
     spans["model"] = block.kind_span
@@ -244,7 +244,7 @@ def _open_kind_block(sub: ast.Block, what: str, kinds, sink, spans):
 
 
 def _read_attention(sub, sink, ev, spans, hidden):
-    from dsl import spec as S
+    from dsvc.dsl import spec as S
 
     opened = _open_kind_block(sub, "attention", ATTENTION_KINDS, sink, spans)
     if opened is None:
@@ -278,7 +278,7 @@ def _read_attention(sub, sink, ev, spans, hidden):
 
 
 def _read_ffn(sub, sink, ev, spans):
-    from dsl import spec as S
+    from dsvc.dsl import spec as S
 
     opened = _open_kind_block(sub, "ffn", FFN_KINDS, sink, spans)
     if opened is None:
@@ -315,8 +315,8 @@ def _read_ffn(sub, sink, ev, spans):
 # ----------------------------------------------------------------------------- other blocks:
 # precision, cluster, parallel, train, decode live in dsl/blocks_run.py to keep files short.
 
-from dsl.blocks_layers import read_layers  # noqa: E402 - they import this module
-from dsl.blocks_run import (  # noqa: E402
+from dsvc.dsl.blocks_layers import read_layers  # noqa: E402 - they import this module
+from dsvc.dsl.blocks_run import (  # noqa: E402
     read_cluster,
     read_decode,
     read_parallel,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dsl import ast
-from dsl import fields as F
-from dsl.diagnostics import did_you_mean
-from dsl.fields import Field
-from dsl.units import BANDWIDTH, BYTES, MONEY, RATE, TIME
+from dsvc.dsl import ast
+from dsvc.dsl import fields as F
+from dsvc.dsl.diagnostics import did_you_mean
+from dsvc.dsl.fields import Field
+from dsvc.dsl.units import BANDWIDTH, BYTES, MONEY, RATE, TIME
 
 DTYPES = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
 DTYPE = F.choice(*DTYPES, aliases={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
@@ -67,7 +67,7 @@ PRECISION_KEYS = {
 
 
 def read_precision(block, sink, ev, spans):
-    from dsl import spec as S
+    from dsvc.dsl import spec as S
 
     spans["precision"] = block.kind_span
     plain, subs = _sub_blocks(block, ("keep",), sink, "`precision`")
@@ -113,7 +113,7 @@ def read_precision(block, sink, ev, spans):
 
 
 def _ident(tb):
-    from dsl.values import Ident
+    from dsvc.dsl.values import Ident
 
     return Ident(tb.kind, tb.kind_span)
 
@@ -157,7 +157,7 @@ CLUSTER_KEYS = {
 
 
 def read_cluster(block, sink, ev, spans):
-    from dsl import spec as S
+    from dsvc.dsl import spec as S
 
     name = block.label or "cluster"
     spans["cluster"] = block.kind_span
@@ -239,7 +239,7 @@ PARALLEL_KEYS = {
 
 
 def read_parallel(block, sink, ev, spans, parts):
-    from dsl import spec as S
+    from dsvc.dsl import spec as S
 
     spans["parallel"] = block.kind_span
     plain, _ = _sub_blocks(block, (), sink, "`parallel`")
@@ -312,7 +312,7 @@ TRAIN_KEYS = {
 
 
 def read_train(block, sink, ev, spans):
-    from dsl import spec as S
+    from dsvc.dsl import spec as S
 
     spans["train"] = block.kind_span
     plain, _ = _sub_blocks(block, (), sink, "`train`")
@@ -385,7 +385,7 @@ DECODE_KEYS = {
 
 
 def read_decode(block, sink, ev, spans):
-    from dsl import spec as S
+    from dsvc.dsl import spec as S
 
     spans["decode"] = block.kind_span
     plain, _ = _sub_blocks(block, (), sink, "`decode`")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator
 
-from dsl.struct import Frozen
+from dsvc.dsl.struct import Frozen
 
 
 class Span(Frozen):

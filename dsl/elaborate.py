@@ -12,9 +12,9 @@ import keyword
 import os
 import pathlib
 
-from dsl import ast, parser
-from dsl.diagnostics import ERROR, Diagnostic, DiagnosticSink, Span, SpecError, did_you_mean
-from dsl.values import Evaluator
+from dsvc.dsl import ast, parser
+from dsvc.dsl.diagnostics import ERROR, Diagnostic, DiagnosticSink, Span, SpecError, did_you_mean
+from dsvc.dsl.values import Evaluator
 
 TOP_BLOCKS = ("model", "precision", "cluster", "parallel", "train", "decode")
 MAX_INCLUDE_DEPTH = 16
@@ -103,7 +103,7 @@ def _collect(
 
 
 def elaborate_text(text: str, file: str, sources: _Sources | None = None):
-    from dsl import blocks, rules
+    from dsvc.dsl import blocks, rules
 
     sink = DiagnosticSink(text, {file: text})
     if sources is None:
@@ -153,7 +153,7 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None):
         sink.error("no `model` block", Span(file, 1, 1),
                    "a spec describes a model: `model NAME { vocab = ..., hidden = ... }`")
     elif spec_parts is not None and not sink.has_errors:
-        from dsl.spec import Spec
+        from dsvc.dsl.spec import Spec
 
         digest = _sha256()
         for f in sources.order:

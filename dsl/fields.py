@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dsl import ast
-from dsl.diagnostics import DiagnosticSink, Span, did_you_mean
-from dsl.struct import Frozen, Struct
-from dsl.units import EXAMPLE, NUMBER, units_of
-from dsl.values import CallValue, Evaluator, Ident, Qty
+from dsvc.dsl import ast
+from dsvc.dsl.diagnostics import DiagnosticSink, Span, did_you_mean
+from dsvc.dsl.struct import Frozen, Struct
+from dsvc.dsl.units import EXAMPLE, NUMBER, units_of
+from dsvc.dsl.values import CallValue, Evaluator, Ident, Qty
 
 Convert = Callable[[object, Span, DiagnosticSink, str], object]
 MISSING = object()

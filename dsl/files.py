@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from dsl.diagnostics import ERROR, Diagnostic, Span, SpecError
-from dsl.lexer import decode_source
+from dsvc.dsl.diagnostics import ERROR, Diagnostic, Span, SpecError
+from dsvc.dsl.lexer import decode_source
 
 
 def read_text(path: str) -> str:

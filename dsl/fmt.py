@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import bisect
 
-from dsl import ast, parser
-from dsl.diagnostics import ERROR, Diagnostic, Span, SpecError
-from dsl.lexer import unit_at
+from dsvc.dsl import ast, parser
+from dsvc.dsl.diagnostics import ERROR, Diagnostic, Span, SpecError
+from dsvc.dsl.lexer import unit_at
 
 WIDTH = 100
 INDENT = "  "

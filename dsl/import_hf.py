@@ -17,7 +17,7 @@ import math
 import os
 import re
 
-from dsl.diagnostics import DiagnosticSink, Span
+from dsvc.dsl.diagnostics import DiagnosticSink, Span
 
 SUPPORTED = ("deepseek_v2", "deepseek_v3", "llama", "qwen2")
 RESERVED = {"include", "const", "true", "false"}
@@ -58,8 +58,8 @@ def import_config(text: str, file: str = "config.json", name: str | None = None)
             "# (examples/deepseek_v3.dsv has all of them)."]
     head += [f"# note: {n}" for n in notes]
     body = "\n".join(head) + f"\n\nmodel {label} {{\n" + "\n".join(lines) + "\n}\n"
-    from dsl import loads
-    from dsl.fmt import format_source
+    from dsvc.dsl import loads
+    from dsvc.dsl.fmt import format_source
 
     out = format_source(body, file)
     loads(out, filename=os.path.join(os.path.dirname(file), f"{label}.dsv"))  # must check clean

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 
-from dsl.ast import Comment
-from dsl.diagnostics import ERROR, Diagnostic, Span, SpecError
+from dsvc.dsl.ast import Comment
+from dsvc.dsl.diagnostics import ERROR, Diagnostic, Span, SpecError
 
 MAX_BYTES = 2_000_000  # specs are small; a bigger file is almost surely not a spec
 

@@ -16,9 +16,9 @@ can recurse over the tree safely.
 
 from __future__ import annotations
 
-from dsl import ast
-from dsl.diagnostics import ERROR, Diagnostic, Span, SpecError
-from dsl.lexer import (  # noqa: F401 - decode_source and MAX_BYTES are part of this API
+from dsvc.dsl import ast
+from dsvc.dsl.diagnostics import ERROR, Diagnostic, Span, SpecError
+from dsvc.dsl.lexer import (  # noqa: F401 - decode_source and MAX_BYTES are part of this API
     DIGIT_WORD,
     EOF,
     KEYWORDS,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dsl.diagnostics import DiagnosticSink
-from dsl.spec import GQA, MLA, MoE, Spec
+from dsvc.dsl.diagnostics import DiagnosticSink
+from dsvc.dsl.spec import GQA, MLA, MoE, Spec
 
 Rule = Callable[[Spec, DiagnosticSink], None]
 RULES: list[tuple[str, Rule]] = []
@@ -232,4 +232,4 @@ def _master(spec, sink):
 # ----------------------------------------------------------------------------- cluster, parallel,
 # train and decode rules live in dsl/rules_run.py to keep files short.
 
-from dsl import rules_run  # noqa: E402,F401  (registers them)
+from dsvc.dsl import rules_run  # noqa: E402,F401  (registers them)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from dsl.rules import _divisors_near, _moes, rule
+from dsvc.dsl.rules import _divisors_near, _moes, rule
 
 # ----------------------------------------------------------------------------- cluster
 

@@ -9,11 +9,11 @@ the source.
 
 from __future__ import annotations
 
-import dsl as _dsl
-from dsl.diagnostics import Span
+from dsvc import dsl as _dsl
+from dsvc.dsl.diagnostics import Span
 
 if _dsl._LIGHT_SPEC:  # `dsvc check` only: the same classes on a pydantic-free base (dsl/records.py)
-    from dsl.records import BaseModel, ConfigDict, Field, Literal, Union
+    from dsvc.dsl.records import BaseModel, ConfigDict, Field, Literal, Union
 else:
     from typing import Literal, Union
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
-from dsl import ast
-from dsl.diagnostics import DiagnosticSink, did_you_mean
-from dsl.struct import Frozen
-from dsl.units import NUMBER, UNITS
+from dsvc.dsl import ast
+from dsvc.dsl.diagnostics import DiagnosticSink, did_you_mean
+from dsvc.dsl.struct import Frozen
+from dsvc.dsl.units import NUMBER, UNITS
 
 
 class Qty(Frozen):

@@ -4,7 +4,7 @@ Runs on every rank under torchrun (or alone for a world-size-1 plan). Before it
 starts a process group or writes a file it checks everything a user can get
 wrong: the data file (exists, its dtype plausible), the checkpoint to resume
 (complete, readable, of this model and pipeline layout), the world size. Then
-it builds the `Trainer` with this build's generated stage modules (model.py),
+it builds the `Trainer` (the runtime's stage modules, as plan.json lays them out),
 resumes, runs the steps with the console on rank 0, saves checkpoints
 atomically and prints a summary. A user error ends the job with a one-line
 `[dsvc] error: ...` and exit code 1, and nothing is overwritten; under
@@ -165,22 +165,6 @@ def _default_backend(raw: dict) -> str:
     return "triton" if torch.cuda.is_available() else raw["precision"].get("fp8_backend", "torch")
 
 
-def _stage_factory(build_dir: str):
-    """`build_stage` of this build's generated model.py, if the Trainer accepts a factory."""
-    import importlib.util
-    import inspect
-
-    from .trainer import Trainer
-
-    path = os.path.join(build_dir, "model.py")
-    if "stage_factory" not in inspect.signature(Trainer).parameters or not os.path.isfile(path):
-        return None  # a runtime without the hook builds runtime.model.StageModule itself
-    spec = importlib.util.spec_from_file_location("dsvc_build_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_stage
-
-
 def _run(build_dir: str, args) -> int:
     from . import checkpoint as ckpt
     from . import train_state
@@ -213,7 +197,7 @@ def _run(build_dir: str, args) -> int:
         from . import fp8
 
         fp8.use_kernels(os.path.join(build_dir, "kernels", "fp8_kernels.py"))
-    trainer = _build_trainer(plan, build_dir)
+    trainer = _build_trainer(plan)
     if start_path is not None:
         same_world = meta.get("world_size") == world
         fmt = meta.get("checkpoint_format", 1)
@@ -260,16 +244,13 @@ def _checkpoint_to_resume(ckpt_root: str, resume: bool, expected: dict):
     return path, meta
 
 
-def _build_trainer(plan, build_dir: str):
+def _build_trainer(plan):
     from .launch import init_distributed
     from .mesh import build_mesh
     from .trainer import Trainer
 
     mesh = build_mesh(plan, init_distributed())  # this rank's GPU under CUDA, else the CPU
-    factory = _stage_factory(build_dir)
-    if factory is None:
-        return Trainer(plan, mesh)
-    return Trainer(plan, mesh, stage_factory=factory)
+    return Trainer(plan, mesh)
 
 
 def _describe(plan, raw: dict, steps: int) -> str:

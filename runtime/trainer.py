@@ -39,7 +39,7 @@ _SHARED = "embed_tokens.weight"  # held by the embedding stage, the MTP stage an
 class Trainer:
     def __init__(
         self, plan: Plan, mesh: ProcessMesh | None = None, *, _modules=None, _ref_microbatches: int = 1,
-        data_base_dir: str | None = None, stage_factory=None,
+        data_base_dir: str | None = None,
     ):  # fmt: skip
         self.plan = plan
         self.mesh = mesh if mesh is not None else build_mesh(plan)
@@ -47,8 +47,7 @@ class Trainer:
         if _modules is None:
             stages = plan.stages_of_rank(mesh.pp_rank)
             comms = self._comms()
-            factory = stage_factory or StageModule  # build_stage of a build's model.py
-            self.modules = [factory(plan, s, comms) for s in stages]
+            self.modules = [StageModule(plan, s, comms) for s in stages]
             for mod in self.modules:
                 init_parameters(mod, plan.train.seed, plan.model.init_std)
             self._tie_local()

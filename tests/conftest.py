@@ -9,7 +9,7 @@ import pytest
 
 # The real (pydantic) Spec for the whole session: an in-process `dsvc check` or
 # `dsvc report` that happened to import dsl.spec first would pick the light base.
-import dsl.spec  # noqa: E402,F401
+import dsvc.dsl.spec  # noqa: E402,F401
 
 # The Triton interpreter only works if this is set before triton is first imported;
 # without CUDA every Triton kernel in the tests runs under it.

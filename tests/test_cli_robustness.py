@@ -18,7 +18,7 @@ import shutil
 
 import pytest
 
-from compiler.cli import main
+from dsvc.compiler.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = (ROOT / "examples" / "tiny.dsv").read_text()
@@ -203,8 +203,8 @@ def test_wrong_input_gets_a_clear_answer(workdir, monkeypatch, argv, code):
 
 
 def test_report_reads_the_canonical_expert_load_format(tmp_path):
-    import dsl
-    from compiler.report import expert_load_imbalance, moe_layer_indices
+    from dsvc import dsl
+    from dsvc.compiler.report import expert_load_imbalance, moe_layer_indices
 
     spec = dsl.load(ROOT / "examples" / "tiny.dsv")
     hot = [5, 1, 1, 1, 1, 1, 1, 1]
@@ -224,8 +224,8 @@ def test_report_reads_the_canonical_expert_load_format(tmp_path):
 
 
 def test_huge_expert_loads_do_not_overflow(tmp_path):
-    import dsl
-    from compiler.report import expert_load_imbalance
+    from dsvc import dsl
+    from dsvc.compiler.report import expert_load_imbalance
 
     spec = dsl.load(ROOT / "examples" / "tiny.dsv")
     path = tmp_path / "huge.json"

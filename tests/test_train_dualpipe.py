@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from runtime import checkpoint as ckpt
+from dsvc.runtime import checkpoint as ckpt
 from tests.test_train_support import SPECS, compile_spec, losses, torchrun
 
 

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from compiler.cli import main as dsvc
+from dsvc.compiler.cli import main as dsvc
 from tests.test_train_support import (
     ROOT,
     SPECS,
@@ -213,7 +213,7 @@ def test_a_diverged_run_stops_without_saving_the_bad_step(
     import json
     import shutil
 
-    from runtime import trainer as trainer_module
+    from dsvc.runtime import trainer as trainer_module
 
     real_step = trainer_module.Trainer.step
 
@@ -285,6 +285,6 @@ def test_a_diverged_run_on_two_processes_stops_every_rank(tmp_path):
 
 
 def ckpt_steps(run) -> list[int]:
-    from runtime import checkpoint as ckpt
+    from dsvc.runtime import checkpoint as ckpt
 
     return ckpt.complete_steps(str(run / "checkpoints"))

@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from runtime import checkpoint as ckpt
-from runtime import train_state
+from dsvc.runtime import checkpoint as ckpt
+from dsvc.runtime import train_state
 from tests.test_train_support import (
     SPECS,
     child_env,

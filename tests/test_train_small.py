@@ -4,7 +4,6 @@
   under TRITON_INTERPRET=1 call the build's own kernel module (registered with
   `runtime.fp8.use_kernels`) and give the torch emulation's losses within the
   FP8 tolerance;
-- the generated model.py is what the trainer builds its stages from;
 - a build directory is self-contained: copied elsewhere, it trains with dsvc,
   lark, pydantic, jinja2, networkx, sympy and matplotlib made unimportable.
 """
@@ -19,8 +18,7 @@ import sys
 
 import pytest
 
-import runtime.trainer as trainer_mod
-from runtime import _fp8_triton, fp8, loop
+from dsvc.runtime import _fp8_triton, fp8
 from tests.test_train_support import SPECS, child_env, compile_spec, losses, train_here
 from tests.tolerances import tol
 
@@ -105,48 +103,10 @@ def test_generated_triton_kernels_match_torch_emulation(kernels1_build, tmp_path
         )
 
 
-class _HookedTrainer(trainer_mod.Trainer):
-    """The proposed `stage_factory` hook, for a runtime that lacks it: builds the stages
-    through the factory by standing it in for StageModule during construction."""
-
-    def __init__(self, plan, mesh=None, *, stage_factory=None, **kwargs):
-        real = trainer_mod.StageModule
-        trainer_mod.StageModule = stage_factory or real
-        try:
-            super().__init__(plan, mesh, **kwargs)
-        finally:
-            trainer_mod.StageModule = real
-
-
-def test_trainer_builds_stages_from_generated_model_py(w1_build, tmp_path, monkeypatch):
-    import inspect
-
-    if "stage_factory" not in inspect.signature(trainer_mod.Trainer).parameters:
-        monkeypatch.setattr(trainer_mod, "Trainer", _HookedTrainer)
-    built = []
-    real_init = trainer_mod.Trainer.__init__
-
-    @functools.wraps(real_init)
-    def spy(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        built.append([type(m) for m in self.modules])
-
-    monkeypatch.setattr(trainer_mod.Trainer, "__init__", spy)
-    assert train_here(w1_build, "--run-dir", str(tmp_path / "gen"), "--steps", "2") == 0
-    assert [[(t.__module__, t.__name__) for t in mods] for mods in built] == [
-        [("dsvc_build_model", "Stage0")]
-    ]
-    # the generated forward is the runtime's, written out: the same losses to the bit
-    monkeypatch.setattr(loop, "_stage_factory", lambda build_dir: None)
-    assert train_here(w1_build, "--run-dir", str(tmp_path / "plain"), "--steps", "2") == 0
-    assert built[-1] == [trainer_mod.StageModule]
-    assert losses(tmp_path / "gen") == losses(tmp_path / "plain")
-
-
 # Never needed by a build. torch itself imports sympy, networkx and jinja2 (they are its own
 # dependencies, present wherever torch is), so those three are refused only to code outside
-# torch and triton: the build's train.py, model.py, kernels and runtime copy.
-BLOCKED = ("dsl", "compiler", "lark", "pydantic", "matplotlib")
+# torch and triton: the build's train.py, kernels and runtime copy.
+BLOCKED = ("dsvc", "dsl", "compiler", "runtime", "lark", "pydantic", "matplotlib")
 BLOCKED_OUTSIDE_TORCH = ("jinja2", "networkx", "sympy")
 
 WRAPPER = """
@@ -182,8 +142,8 @@ sys.argv = [os.path.join(build, "train.py")] + sys.argv[2:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
-    import runtime
-    assert os.path.dirname(runtime.__file__) == os.path.join(build, "runtime"), runtime.__file__
+    import dsvc_runtime
+    assert os.path.dirname(dsvc_runtime.__file__) == os.path.join(build, "dsvc_runtime")
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     assert not leaked, leaked
 """
@@ -205,21 +165,16 @@ def test_build_directory_runs_without_dsvc_and_compile_time_packages(w1_build, t
 
 
 def _bench_module():
-    import importlib.util
+    from tests.bench_scripts import load_bench
 
-    from tests.test_train_support import ROOT
-
-    spec = importlib.util.spec_from_file_location("trainer_gpu", ROOT / "bench" / "trainer_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("trainer_gpu")
 
 
 def test_gpu_bench_flops_agree_with_the_report(tmp_path):
     import json
 
-    import dsl
-    from compiler.report import build_report
+    from dsvc import dsl
+    from dsvc.compiler.report import build_report
 
     bench = _bench_module()
     spec = dsl.load(str(bench.SPEC))

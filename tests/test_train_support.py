@@ -22,8 +22,8 @@ EXAMPLES = ROOT / "examples"
 
 def compile_spec(spec_path, out_dir) -> pathlib.Path:
     """`dsvc compile spec_path -o out_dir`, in this process."""
-    import dsl
-    from compiler.codegen.build import build
+    from dsvc import dsl
+    from dsvc.compiler.codegen.build import build
 
     build(dsl.load(str(spec_path)), str(out_dir))
     return pathlib.Path(out_dir)
@@ -52,7 +52,7 @@ def torchrun(build_dir, nproc: int, *args: str, timeout: float = 240.0, cwd=None
     cmd = [
         sys.executable,
         "-m",
-        "compiler.cli.train",
+        "dsvc.compiler.cli.train",
         "--standalone",
         f"--nproc-per-node={nproc}",
         str(pathlib.Path(build_dir) / "train.py"),
@@ -73,7 +73,7 @@ def train_here(build_dir, *args: str) -> int:
     """`python build_dir/train.py args` of a world-size-1 build, in this process: its exit code."""
     import torch
 
-    from runtime.loop import main
+    from dsvc.runtime.loop import main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

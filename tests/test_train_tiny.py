@@ -88,9 +88,9 @@ def test_golden_loss_fp32(fp32_run):
 
 def test_expert_load_file_counts_every_routed_token(fp32_run):
     """RUN_DIR/expert_load.json: gathered over pipeline ranks, summed over data ranks."""
-    import dsl
-    from compiler.passes.place_experts import read_expert_load
-    from compiler.report import build_report, moe_layer_indices
+    from dsvc import dsl
+    from dsvc.compiler.passes.place_experts import read_expert_load
+    from dsvc.compiler.report import build_report, moe_layer_indices
 
     spec = dsl.load(TINY)
     path = fp32_run / "expert_load.json"
@@ -149,7 +149,7 @@ def test_dsvc_train_fp8_golden_metrics_and_plot(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "compiler.cli",
+        "dsvc.compiler.cli",
         "train",
         str(TINY),
         "--steps",

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from compiler import __version__
+from dsvc import __version__
 
 # name -> (module under compiler.cli, one-line help). Order is the help order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,7 +44,7 @@ def check_expert_load_flag(path: str | None) -> None:
 
 def _load(name: str):
     module, _ = COMMANDS[name]
-    return importlib.import_module(f"compiler.cli.{module}")
+    return importlib.import_module(f"dsvc.compiler.cli.{module}")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from dsl.diagnostics import SpecError
+    from dsvc.dsl.diagnostics import SpecError
 
     try:
         return int(_load(args.command).run(args) or 0)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no raw traceback
-        from compiler.debug import debug_level
+        from dsvc.compiler.debug import debug_level
 
         if debug_level() >= 1:
             raise

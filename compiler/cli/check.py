@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import dsl
+    from dsvc import dsl
 
     dsl.use_light_spec()  # this process only checks: skip importing pydantic
 

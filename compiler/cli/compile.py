@@ -1,7 +1,7 @@
 """`dsvc compile SPEC -o DIR`: a self-contained, runnable build directory.
 
 The directory holds plan.json, report.md, schedule.png, kernels/, a copy of
-runtime/, model.py, train.py and a README saying how to launch it. Nothing is
+the runtime as dsvc_runtime/, train.py and a README saying how to launch it. Nothing is
 written when the spec has errors; the directory is replaced atomically.
 """
 
@@ -17,9 +17,9 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import sys
 
-    import dsl
-    from compiler.cli import check_expert_load_flag
-    from compiler.codegen.build import build
+    from dsvc import dsl
+    from dsvc.compiler.cli import check_expert_load_flag
+    from dsvc.compiler.codegen.build import build
 
     spec, warnings = dsl.load_with_warnings(args.spec)
     for w in warnings:

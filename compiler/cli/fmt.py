@@ -17,9 +17,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from dsl.diagnostics import SpecError
-    from dsl.files import read_text, write_atomic
-    from dsl.fmt import format_source
+    from dsvc.dsl.diagnostics import SpecError
+    from dsvc.dsl.files import read_text, write_atomic
+    from dsvc.dsl.fmt import format_source
 
     failed = would_change = 0
     for path in args.files:

@@ -18,9 +18,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from compiler.cli import UsageError
-    from dsl.files import read_text, write_atomic
-    from dsl.import_hf import import_config
+    from dsvc.compiler.cli import UsageError
+    from dsvc.dsl.files import read_text, write_atomic
+    from dsvc.dsl.import_hf import import_config
 
     out_path = args.output
     if out_path is not None:

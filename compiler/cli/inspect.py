@@ -38,12 +38,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     if args.schedule:
         return _run_schedule(args)
-    from compiler.cli import UsageError, check_expert_load_flag
+    from dsvc.compiler.cli import UsageError, check_expert_load_flag
 
     if args.format == "chrome":
         raise UsageError("--format chrome is a schedule trace: use it with --schedule")
-    import dsl
-    from compiler.pipeline import GRAPH_PASSES, run_until
+    from dsvc import dsl
+    from dsvc.compiler.pipeline import GRAPH_PASSES, run_until
 
     after = args.after or GRAPH_PASSES[-1]
     if after not in GRAPH_PASSES:
@@ -60,8 +60,8 @@ def run(args) -> int:
 
 
 def _filters(args, graph, spec):
-    from compiler.cli import UsageError
-    from compiler.printer import select
+    from dsvc.compiler.cli import UsageError
+    from dsvc.compiler.printer import select
 
     if args.stage is None and args.rank is None and args.layer is None:
         return None
@@ -81,7 +81,7 @@ def _filters(args, graph, spec):
 
 
 def _render(fmt: str, graph, keep) -> str | bytes:
-    from compiler import printer
+    from dsvc.compiler import printer
 
     if fmt == "text":
         return printer.format_text(graph, keep)
@@ -98,7 +98,7 @@ def render_dot(dot: str, fmt: str) -> str | bytes:
     import shutil
     import subprocess
 
-    from compiler.cli import UsageError
+    from dsvc.compiler.cli import UsageError
 
     exe = shutil.which("dot")
     if exe is None:
@@ -112,7 +112,7 @@ def render_dot(dot: str, fmt: str) -> str | bytes:
 
 
 def _write(args, data: str | bytes) -> None:
-    from compiler.cli import UsageError
+    from dsvc.compiler.cli import UsageError
 
     if args.output:
         mode = "wb" if isinstance(data, bytes) else "w"
@@ -140,12 +140,12 @@ def _write(args, data: str | bytes) -> None:
 def _run_schedule(args) -> int:
     import importlib
 
-    from compiler.cli import UsageError
+    from dsvc.compiler.cli import UsageError
 
     try:
-        module = importlib.import_module("compiler.cli.inspect_schedule")
+        module = importlib.import_module("dsvc.compiler.cli.inspect_schedule")
     except ModuleNotFoundError as exc:
-        if exc.name != "compiler.cli.inspect_schedule":
+        if exc.name != "dsvc.compiler.cli.inspect_schedule":
             raise
         raise UsageError("--schedule is not available in this build yet (the schedule pass "
                          "provides compiler/cli/inspect_schedule.py)") from None

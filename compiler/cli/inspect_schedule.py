@@ -21,7 +21,7 @@ FORMATS = ("text", "json", "png", "chrome")
 
 def run(args) -> int:
     """Load `args.spec` (warnings to stderr) and show its simulated step."""
-    import dsl
+    from dsvc import dsl
 
     spec, warnings = dsl.load_with_warnings(args.spec)
     for w in warnings:
@@ -31,7 +31,7 @@ def run(args) -> int:
 
 def run_schedule_view(spec, args) -> int:
     """Simulate `spec` and write the view `args.format` asks for to `args.output` or stdout."""
-    from compiler.cli import UsageError, check_expert_load_flag
+    from dsvc.compiler.cli import UsageError, check_expert_load_flag
 
     fmt = getattr(args, "format", "text") or "text"
     output = getattr(args, "output", None)
@@ -46,11 +46,11 @@ def run_schedule_view(spec, args) -> int:
         raise UsageError("--format png writes an image and needs -o FILE\n  hint: add -o step.png")
     expert_load = getattr(args, "expert_load", None)
     check_expert_load_flag(expert_load)
-    from compiler.passes.simulate import simulate_step
+    from dsvc.compiler.passes.simulate import simulate_step
 
     result = simulate_step(spec, expert_load=expert_load)
     if fmt == "png":
-        from compiler.schedules import draw_timeline
+        from dsvc.compiler.schedules import draw_timeline
 
         try:
             draw_timeline(result.sim, output, title=_title(spec, result))
@@ -65,7 +65,7 @@ def run_schedule_view(spec, args) -> int:
     elif fmt == "chrome":
         import json
 
-        from compiler.schedules import chrome_trace
+        from dsvc.compiler.schedules import chrome_trace
 
         text = json.dumps(chrome_trace(result.sim)) + "\n"
     else:

@@ -21,9 +21,9 @@ def add_arguments(p) -> None:
 
 
 def _build(path: str, args):
-    import dsl
-    from compiler.cli import check_expert_load_flag
-    from compiler.report import build_report
+    from dsvc import dsl
+    from dsvc.compiler.cli import check_expert_load_flag
+    from dsvc.compiler.report import build_report
 
     spec, warnings = dsl.load_with_warnings(path)
     for w in warnings:
@@ -33,10 +33,10 @@ def _build(path: str, args):
 
 
 def run(args) -> int:
-    import dsl
+    from dsvc import dsl
 
     dsl.use_light_spec()  # the report only reads the Spec: skip importing pydantic (2x faster)
-    from compiler.report import compare_json, dumps, render_compare, render_text, report_json
+    from dsvc.compiler.report import compare_json, dumps, render_compare, render_text, report_json
 
     a = _build(args.spec, args)
     if args.spec2 is None:

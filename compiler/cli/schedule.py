@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from compiler.cli import UsageError
+from dsvc.compiler.cli import UsageError
 
 FORMATS = ("text", "json", "png", "chrome")
 KIND_CHOICES = ("1f1b", "zb1p", "dualpipe", "dualpipev")  # = compiler.schedules.KINDS
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import pathlib
 
-    from compiler.schedules import (
+    from dsvc.compiler.schedules import (
         ScheduleConfigError,
         UniformCosts,
         build_schedule,

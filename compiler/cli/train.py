@@ -43,7 +43,7 @@ def _token_file(spec) -> str | None:
     if not os.path.isabs(path):
         path = os.path.join(os.path.dirname(os.path.abspath(spec.file)), path)
     if not os.path.isfile(path):
-        from dsl.diagnostics import Diagnostic, SpecError
+        from dsvc.dsl.diagnostics import Diagnostic, SpecError
 
         span = spec.span("train.data")
         try:  # the line itself, for the caret
@@ -60,9 +60,9 @@ def run(args) -> int:
     import subprocess
     import sys
 
-    import dsl
-    from compiler.cli import UsageError
-    from compiler.codegen.build import build_cached
+    from dsvc import dsl
+    from dsvc.compiler.cli import UsageError
+    from dsvc.compiler.codegen.build import build_cached
 
     if args.steps is not None and args.steps < 1:
         raise UsageError("--steps must be at least 1")
@@ -78,7 +78,7 @@ def run(args) -> int:
     compiled = build_cached(spec, build_dir)
     run_dir = os.path.abspath(args.run_dir or os.path.join("runs", spec.model.name))
     world = spec.cluster.world_size
-    cmd = [sys.executable, "-m", "compiler.cli.train", "--standalone",
+    cmd = [sys.executable, "-m", "dsvc.compiler.cli.train", "--standalone",
            f"--nproc-per-node={world}", os.path.join(build_dir, "train.py"),
            "--run-dir", run_dir]
     if args.steps is not None:
@@ -97,7 +97,7 @@ def run(args) -> int:
     proc = subprocess.run(cmd, check=False, env=env)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if proc.returncode == 0 and os.path.exists(metrics):
-        from compiler.plots import draw_loss
+        from dsvc.compiler.plots import draw_loss
 
         try:
             out = draw_loss(metrics, os.path.join(run_dir, "loss.png"), title=spec.model.name)

@@ -1,9 +1,10 @@
 """`dsvc compile`: the whole pass pipeline, then every file of a build directory.
 
 A build directory is self-contained: plan.json (the runtime's only input
-besides weights), model.py and train.py (generated from templates), the
-generated FP8 kernel module, a copy of runtime/, report.md, schedule.png and
-a README. All files are rendered in memory first and written into a sibling
+besides weights), train.py (generated from a template), the generated FP8
+kernel module, a copy of dsvc's runtime as `dsvc_runtime/` (a
+name that collides with no other package), report.md, schedule.png and a
+README. All files are rendered in memory first and written into a sibling
 temporary directory that replaces the target in one rename, so a failed
 compile changes nothing on disk. Same spec, same bytes: everything is sorted
 and no clock or absolute path reaches a file.
@@ -20,9 +21,10 @@ import pathlib
 import shutil
 import tempfile
 
-import runtime as _runtime_pkg
+from dsvc import runtime as _runtime_pkg
 
 BUILD_MARKER = ".dsvc-build"
+BUILD_RUNTIME = "dsvc_runtime"  # the runtime's package name inside a build directory
 RUNTIME_DIR = pathlib.Path(_runtime_pkg.__file__).resolve().parent
 
 
@@ -39,7 +41,7 @@ def _spec_file(spec) -> str:
 
 
 def _gemm_shapes(graph):
-    from compiler.codegen.kernels import GemmShape
+    from dsvc.compiler.codegen.kernels import GemmShape
 
     seen = {}
     for op in graph.ops():
@@ -52,7 +54,7 @@ def _gemm_shapes(graph):
 
 
 def _kernel_config(spec, graph):
-    from compiler.codegen.kernels import KernelConfig
+    from dsvc.compiler.codegen.kernels import KernelConfig
 
     lin = spec.precision.linear
     return KernelConfig(
@@ -84,7 +86,7 @@ def _check_names(spec) -> None:
     The parser already rejects such names; this is the compiler's own guard, because
     names are the only user text that reaches generated code outside a string literal
     or an escaped comment."""
-    from dsl.diagnostics import Diagnostic, SpecError
+    from dsvc.dsl.diagnostics import Diagnostic, SpecError
 
     m = spec.model
     names = [("model", m.name)]
@@ -103,7 +105,7 @@ def _check_python(files: dict[str, bytes]) -> None:
     import ast
 
     for rel, data in files.items():
-        if rel.endswith(".py") and not rel.startswith("runtime/"):
+        if rel.endswith(".py") and not rel.startswith(f"{BUILD_RUNTIME}/"):
             try:
                 ast.parse(data.decode("utf-8"), filename=rel)
             except SyntaxError as err:
@@ -112,7 +114,7 @@ def _check_python(files: dict[str, bytes]) -> None:
 
 def _schedule_section(spec, plan: dict) -> tuple[dict, object]:
     """The plan's schedule section with the generated action lists, and the Schedule."""
-    from compiler.schedules import SCHEDULE_FORMAT_VERSION, build_schedule
+    from dsvc.compiler.schedules import SCHEDULE_FORMAT_VERSION, build_schedule
 
     p = spec.parallel
     # build_schedule takes PP as the published formulas do: stages of one model copy
@@ -123,43 +125,15 @@ def _schedule_section(spec, plan: dict) -> tuple[dict, object]:
     return section, sched
 
 
-def _stage_summary(spec, stage: dict) -> dict:
-    from compiler.codegen.render import comment_safe
-
-    m = spec.model
-    parts = []
-    if stage["embedding"]:
-        parts.append("embedding")
-    layers = stage["layers"]
-    if layers:
-        parts.append(f"layers {layers[0]}..{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}")
-    if stage["head"]:
-        parts.append("final norm, head")
-    if stage["mtp"] and m.mtp.depth:
-        parts.append(f"{m.mtp.depth} MTP module{'s' if m.mtp.depth > 1 else ''}")
-    rows = []
-    for i in layers:
-        ls = m.layers[i]
-        span = spec.span(f"model.layers.{i}")
-        where = f"{_spec_file(spec)}:{span.line}" if span else _spec_file(spec)
-        # the file name is user text: it reaches the comment escaped, on one line
-        rows.append({"index": i, "what": f"{ls.attention} + {ls.ffn}",
-                     "source": comment_safe(where)})
-    return {"index": stage["index"], "rank": stage["rank"], "copy_name": stage["copy"],
-            "summary": ", ".join(parts) or "nothing", "embedding": stage["embedding"],
-            "head": stage["head"], "mtp": stage["mtp"] and m.mtp.depth > 0,
-            "prev": stage["index"] - 1, "layers": rows}
-
-
 def render_files(spec, expert_load: str | None = None) -> dict[str, bytes]:
     """Every file of the build directory, in memory: relative path -> bytes."""
-    from compiler.codegen.kernels import render_kernels
-    from compiler.codegen.render import render_generated
-    from compiler.pipeline import run_until
-    from compiler.plan import emit_plan
+    from dsvc.compiler.codegen.kernels import render_kernels
+    from dsvc.compiler.codegen.render import render_generated
+    from dsvc.compiler.pipeline import run_until
+    from dsvc.compiler.plan import emit_plan
 
     if spec.train is None or spec.parallel is None or spec.cluster is None:
-        from dsl.diagnostics import Diagnostic, SpecError
+        from dsvc.dsl.diagnostics import Diagnostic, SpecError
 
         missing = [b for b in ("cluster", "parallel", "train") if getattr(spec, b) is None]
         raise SpecError([Diagnostic("error", f"cannot compile a trainer: no {', '.join(missing)} "
@@ -177,17 +151,13 @@ def render_files(spec, expert_load: str | None = None) -> dict[str, bytes]:
     files["kernels/fp8_kernels.py"] = render_kernels(_kernel_config(spec, graph)).encode()
     files["kernels/__init__.py"] = b""
     common = {"spec_file": _spec_file(spec), "passes": passes, "tile_config": None}
-    stages = [_stage_summary(spec, s) for s in plan["stages"]]
-    files["model.py"] = render_generated(
-        "model.py.jinja", span=_line_span(spec, "model"), model_name=spec.model.name,
-        hidden=spec.model.hidden, stages=stages, **common).encode()
     p, t = spec.parallel, spec.train
     files["train.py"] = render_generated(
         "train.py.jinja", span=_line_span(spec, "train"), model_name=spec.model.name,
         world=spec.cluster.world_size, pipeline=p.pipeline, data=p.data,
         checkpoint_every=t.checkpoint.every, **common).encode()
-    from compiler import __version__
-    from compiler.codegen.render import comment_safe
+    from dsvc import __version__
+    from dsvc.compiler.codegen.render import comment_safe
 
     files["README.md"] = _render_plain("build_readme.md.jinja", model_name=spec.model.name,
                                        version=__version__,
@@ -201,8 +171,8 @@ def render_files(spec, expert_load: str | None = None) -> dict[str, bytes]:
     for path in sorted(RUNTIME_DIR.rglob("*.py")):
         if "__pycache__" in path.parts:
             continue
-        rel = path.relative_to(RUNTIME_DIR.parent).as_posix()
-        files[rel] = path.read_bytes()
+        rel = path.relative_to(RUNTIME_DIR).as_posix()
+        files[f"{BUILD_RUNTIME}/{rel}"] = path.read_bytes()
     _check_python(files)
     manifest = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
     marker = {"spec_hash": spec.content_hash, "toolchain": toolchain_hash(), "files": manifest}
@@ -214,7 +184,7 @@ def toolchain_hash() -> str:
     """What else a build depends on: dsvc's version, its compiler, templates and runtime.
 
     A cached build of an unchanged spec is stale once any of them changes."""
-    from compiler import __version__
+    from dsvc import __version__
 
     compiler_dir = pathlib.Path(__file__).resolve().parent.parent
     digest = hashlib.sha256(__version__.encode() + b"\0")
@@ -227,20 +197,20 @@ def toolchain_hash() -> str:
 
 
 def _render_plain(name: str, **context) -> str:
-    from compiler.codegen.render import render_template
+    from dsvc.compiler.codegen.render import render_template
 
     return render_template(name, **context)
 
 
 def _report(spec) -> str:
-    from compiler.report import build_report, render_text
+    from dsvc.compiler.report import build_report, render_text
 
     text = render_text(build_report(spec))
     return f"# Report: {spec.model.name}\n\n```\n{text.rstrip()}\n```\n"
 
 
 def _schedule_png(sched) -> bytes:
-    from compiler.schedules import draw_timeline, simulate_uniform
+    from dsvc.compiler.schedules import draw_timeline, simulate_uniform
 
     result = simulate_uniform(sched, 1.0, 2.0, 1.0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,11 +223,11 @@ def write_tree(files: dict[str, bytes], out_dir: str) -> None:
     """Write `files` as `out_dir`, replacing it in one rename; nothing changes on failure."""
     out = pathlib.Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
-        from compiler.cli import UsageError
+        from dsvc.compiler.cli import UsageError
 
         raise UsageError(f"{out_dir} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not (out / BUILD_MARKER).exists():
-        from compiler.cli import UsageError
+        from dsvc.compiler.cli import UsageError
 
         raise UsageError(f"{out_dir} is a non-empty directory that is not a dsvc build; "
                          "refusing to replace it (choose another -o or remove it)")

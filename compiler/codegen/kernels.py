@@ -7,7 +7,7 @@ config of each GEMM is chosen here (`pick_tile_config`): on a CPU (interpreter) 
 kernels are launched with it, on a GPU it is the fallback and triton.autotune
 searches `gpu_autotune_configs()`.
 
-`python -m compiler.codegen.kernels PATH` writes the generic module (no GEMM table),
+`python -m dsvc.compiler.codegen.kernels PATH` writes the generic module (no GEMM table),
 which the runtime ships as runtime/_fp8_kernels_generic.py.
 """
 
@@ -251,7 +251,7 @@ def generic_config() -> KernelConfig:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m compiler.codegen.kernels OUTPUT.py", file=sys.stderr)
+        print("usage: python -m dsvc.compiler.codegen.kernels OUTPUT.py", file=sys.stderr)
         return 2
     with open(argv[0], "w", encoding="utf-8") as f:
         f.write(render_kernels(generic_config()))

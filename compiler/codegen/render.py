@@ -23,7 +23,7 @@ GENERATED_MARKER = "generated: do not edit"
 def environment() -> jinja2.Environment:
     """The shared environment: package loader, StrictUndefined, trailing newline kept."""
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("compiler.codegen", "templates"),
+        loader=jinja2.PackageLoader("dsvc.compiler.codegen", "templates"),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
@@ -97,7 +97,7 @@ def provenance_header(
     compiler passes that ran; tile_config is a mapping or a string; content_hash is
     `content_hash(body)`. Ends with a newline.
     """
-    from compiler import __version__
+    from dsvc import __version__
 
     source = comment_safe(spec_file) if spec_file else "none"
     if span is not None:

@@ -32,7 +32,7 @@ ROUTER_BYTES = 4  # router scores and gate weights kept in fp32 for the backward
 
 
 def _bytes(dtype: str) -> int:
-    from dsl.spec import DTYPE_BYTES
+    from dsvc.dsl.spec import DTYPE_BYTES
 
     return DTYPE_BYTES[dtype]
 

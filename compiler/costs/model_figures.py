@@ -14,7 +14,7 @@ from .symbols import Quantities, ssum
 
 def model_figures(spec, q: Quantities, c: ModelCosts) -> None:
     """Record `model.*` in `q`; fills `c.params_of` with the per-piece parameter symbols."""
-    from dsl.spec import DTYPE_BYTES
+    from dsvc.dsl.spec import DTYPE_BYTES
 
     P, Pa, F = {}, {}, {}
     for group, pieces in (("attention", c.attentions), ("ffn", c.ffns)):

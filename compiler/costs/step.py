@@ -75,7 +75,7 @@ class StepModel:
         return {"compute": compute, "ep": ep, "exposed": exposed, "time": compute + exposed}
 
     def figures(self, layout) -> None:
-        from compiler.schedules.formulas import published_bubble
+        from dsvc.compiler.schedules.formulas import published_bubble
 
         q, pd, p = self.q, self.pd, self.spec.parallel
         chunks = [[self.chunk(st) for st in stages] for stages in layout]

@@ -30,7 +30,7 @@ import math
 
 import sympy
 
-from compiler.ir import DTYPE_BYTES, Graph, Op, Tensor, tensor
+from dsvc.compiler.ir import DTYPE_BYTES, Graph, Op, Tensor, tensor
 
 GEMM_KINDS = ("linear", "router", "experts", "swiglu_ffn", "attention_core")
 
@@ -68,8 +68,8 @@ def _format(op: Op, pol) -> tuple[str, bool]:
 
 def param_bytes(op: Op, pol) -> int:
     """Bytes of the op's own parameters in their storage format (0 for tied weights)."""
-    from compiler.costs.memory import linear_weight_bytes, storage_dtype
-    from compiler.costs.model import Linear
+    from dsvc.compiler.costs.memory import linear_weight_bytes, storage_dtype
+    from dsvc.compiler.costs.model import Linear
 
     if not op.param_count:
         return 0

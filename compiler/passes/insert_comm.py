@@ -27,7 +27,7 @@ import math
 
 import sympy
 
-from compiler.ir import DTYPE_BYTES, Graph, Op, T, Tensor, tensor
+from dsvc.compiler.ir import DTYPE_BYTES, Graph, Op, T, Tensor, tensor
 
 
 def insert_comm(graph: Graph) -> Graph:
@@ -67,7 +67,7 @@ def _traffic(topo: _Topology, ffn, row_bytes) -> dict:
 
     Copies per token come from the report's `routing_copies` (one formula for both).
     """
-    from compiler.costs.comm import routing_copies
+    from dsvc.compiler.costs.comm import routing_copies
 
     reached, ib, nvl, _ = routing_copies(ffn.top_k, ffn.groups, ffn.top_groups, topo.ep,
                                          topo.domain, topo.two_hop)

@@ -23,8 +23,8 @@ import functools
 
 import sympy
 
-from compiler.costs import model as formulas
-from compiler.ir import DTYPE_BYTES, Graph, Op, T, tensor
+from dsvc.compiler.costs import model as formulas
+from dsvc.compiler.ir import DTYPE_BYTES, Graph, Op, T, tensor
 
 
 def tokens_per_microbatch(spec) -> tuple[int, int]:
@@ -305,7 +305,7 @@ def saved_bytes(op: Op, pol) -> sympy.Expr:
     SwiGLU keeps its two inputs; the router its scores and gates; the loss
     the logits. A layer's ops sum to the report's per-token bytes x T.
     """
-    from compiler.costs.memory import LSE_BYTES, ROUTER_BYTES, cached_input_bytes
+    from dsvc.compiler.costs.memory import LSE_BYTES, ROUTER_BYTES, cached_input_bytes
 
     a = DTYPE_BYTES[pol.default]
     kind, role = op.kind, op.attr("role")

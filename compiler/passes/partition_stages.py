@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import bisect
 
-from compiler.ir import Graph, Op, Pipeline, StageInfo, num
-from dsl.diagnostics import Diagnostic, SpecError
+from dsvc.compiler.ir import Graph, Op, Pipeline, StageInfo, num
+from dsvc.dsl.diagnostics import Diagnostic, SpecError
 
 # Nominal GPU when the spec has no cluster: an H800 at the default efficiency factors.
 _NOMINAL = {"bf16": 989e12 * 0.67, "fp8": 1979e12 * 0.51, "hbm": 3.35e12 * 0.89}
@@ -258,7 +258,7 @@ def stage_contents(graph: Graph, micro_batches) -> list[tuple]:
     graph exists: a stage at position p of n holds n - p micro-batches at peak;
     under DualPipe each direction carries half of `micro_batches`.
     """
-    from compiler.costs.layout import StageContents
+    from dsvc.compiler.costs.layout import StageContents
 
     pipe = graph.pipeline
     per_stage = micro_batches / 2 if pipe.schedule == "dualpipe" else micro_batches

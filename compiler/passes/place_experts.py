@@ -27,8 +27,8 @@ import math
 import os
 import re
 
-from compiler.ir import Graph, Placement
-from dsl.diagnostics import Diagnostic, Span, SpecError
+from dsvc.compiler.ir import Graph, Placement
+from dsvc.dsl.diagnostics import Diagnostic, Span, SpecError
 
 LOAD_FORMAT = "dsvc-expert-load"
 # "layers.3", or a parameter-name prefix such as "layers.3.mlp" (the runtime's MoE names)

@@ -18,12 +18,12 @@ overlap there leaves a note on the graph (the all-to-all stays exposed).
 
 from __future__ import annotations
 
-from dsl.diagnostics import Diagnostic, SpecError
+from dsvc.dsl.diagnostics import Diagnostic, SpecError
 
 
 def schedule(graph):
     """A copy of `graph` with `schedule` set to the checked per-rank action lists."""
-    from compiler.schedules import ScheduleCheckError, check_schedule
+    from dsvc.compiler.schedules import ScheduleCheckError, check_schedule
 
     pipe = graph.pipeline
     assert pipe is not None, "the schedule pass runs after partition_stages"
@@ -57,7 +57,7 @@ def num_microbatches(spec) -> int:
 def build_pipeline_schedule(spec, pipe, *, overlap: str = "dual_microbatch"):
     """The `Schedule` for partition `pipe` (a `compiler.ir.Pipeline`), with sends and
     receives; `overlap = "none"` splits every F&B pair into F then B."""
-    from compiler.schedules import ScheduleConfigError, build_schedule, insert_send_recv
+    from dsvc.compiler.schedules import ScheduleConfigError, build_schedule, insert_send_recv
 
     n = num_microbatches(spec)
     try:
@@ -110,7 +110,7 @@ def unit_name(op) -> str:
 def pair_chunk_order(graph, pair):
     """The chunk order (`overlap_order`) a runtime follows for an `OVERLAP_F_B` pair of
     `graph.schedule`: per-layer attention / dispatch / MLP / combine interleaved."""
-    from compiler.schedules import overlap_order
+    from dsvc.compiler.schedules import overlap_order
 
     f, b = pair.sub_actions
     parts, units = _stage_parts(graph), stage_units(graph)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dsl.diagnostics import Diagnostic, SpecError
+from dsvc.dsl.diagnostics import Diagnostic, SpecError
 
 from .simulate_costs import IB, Rates, Topology, stage_profiles
 from .simulate_play import ActionCosts, TopologyCosts
@@ -134,7 +134,7 @@ def _missing_blocks(spec) -> list[str]:
 
 
 def _run_passes(spec, expert_load):
-    from compiler.pipeline import pass_names, run_until
+    from dsvc.compiler.pipeline import pass_names, run_until
 
     if "simulate" in pass_names():
         return run_until(spec, "simulate", expert_load=expert_load)
@@ -145,7 +145,7 @@ def _run_passes(spec, expert_load):
 
 def simulate_graph(graph, sched) -> StepResult:
     """Simulate `sched` on `graph` (after insert_comm) and the spec's cluster."""
-    from compiler.schedules import simulate as run_schedule
+    from dsvc.compiler.schedules import simulate as run_schedule
 
     spec, pipe = graph.spec, graph.pipeline
     topo, rates = Topology(spec), Rates.of(spec.cluster.gpu)
@@ -245,7 +245,7 @@ def _ring_time(kind: str, nbytes: float, members: list[int], topo: Topology) -> 
 def _optimizer_time(spec, params: list[float], rates: Rates) -> float:
     """AdamW on this rank's ZeRO-1 shard: memory-bound (read master, grad, two moments;
     write master, moments and the compute-format weight)."""
-    from dsl.spec import DTYPE_BYTES
+    from dsvc.dsl.spec import DTYPE_BYTES
 
     p, pol = spec.parallel, spec.precision
     dense, expert = params

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
-from compiler.ir import num
+from dsvc.compiler.ir import num
 
 IB, NVLINK = "ib", "nvlink"
 BACKWARD_TRAFFIC = 2  # a memory-bound op's backward moves about twice its forward bytes
@@ -82,7 +82,7 @@ def expert_skew(graph) -> dict[str, float]:
     The report's `comm.expert_load_imbalance` is the mean of these over the layers.
     Ops without a histogram are absent (uniform routing, 1.0).
     """
-    from compiler.passes.place_experts import primary_imbalance
+    from dsvc.compiler.passes.place_experts import primary_imbalance
 
     out = {}
     for op in graph.ops():
@@ -175,7 +175,7 @@ class StageProfile:
 
 def stage_profiles(graph, topo: Topology, rates: Rates) -> dict[int, StageProfile]:
     """Per-copy stage -> its profile, from the graph after insert_comm."""
-    from compiler.passes.schedule import stage_units, unit_name
+    from dsvc.compiler.passes.schedule import stage_units, unit_name
 
     tokens = graph.tokens
     units = {p: {n: Unit(n, k) for n, k in us} for p, us in stage_units(graph).items()}
@@ -215,7 +215,7 @@ def stage_profiles(graph, topo: Topology, rates: Rates) -> dict[int, StageProfil
 def _attention_side(graph, ops) -> set[str]:
     """Names of ops that feed their unit's dispatch (attention, router): the rest of a
     MoE unit (experts, shared expert, the residual add) is its MLP chunk."""
-    from compiler.passes.schedule import unit_name
+    from dsvc.compiler.passes.schedule import unit_name
 
     unit_of = {op.name: (op.stage, unit_name(op)) for op in ops}
     out: set[str] = set()

@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
-from compiler.schedules import CostModel
-from compiler.schedules.actions import BACKWARD_WEIGHT, FORWARD, OVERLAP_F_B, SEND_F
-from compiler.schedules.overlap import backward_chunks, forward_chunks, overlap_order
+from dsvc.compiler.schedules import CostModel
+from dsvc.compiler.schedules.actions import BACKWARD_WEIGHT, FORWARD, OVERLAP_F_B, SEND_F
+from dsvc.compiler.schedules.overlap import backward_chunks, forward_chunks, overlap_order
 
 from .simulate_costs import IB, NVLINK
 
@@ -160,7 +160,7 @@ class ActionCosts:
         return play(steps, self.bandwidth)
 
     def _play_pair(self, forward, backward) -> Played:
-        from compiler.schedules.actions import overlap
+        from dsvc.compiler.schedules.actions import overlap
 
         pair = overlap(forward, backward)
         order = overlap_order(pair, self._kinds(forward.stage), self._kinds(backward.stage))

@@ -1,6 +1,6 @@
 """Pipeline schedules: generate, check, simulate and draw 1F1B, ZB1P, DualPipe, DualPipeV.
 
-    from compiler.schedules import build_schedule, check_schedule, simulate_uniform
+    from dsvc.compiler.schedules import build_schedule, check_schedule, simulate_uniform
     schedule = build_schedule("dualpipe", 8, 20)      # PP = 8 stages per copy, 20 micro-batches
     check_schedule(schedule)                           # raises ScheduleCheckError with every problem
     result = simulate_uniform(schedule, f=1, b=2, w=1) # makespan, bubble, activations per device

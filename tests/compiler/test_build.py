@@ -1,4 +1,4 @@
-"""`dsvc compile`: the build directory, golden model.py/train.py, determinism, refusals.
+"""`dsvc compile`: the build directory, golden train.py, determinism, refusals.
 
 What must hold (issue 9): every file of a build is rendered before any is
 written; compiling twice gives the same bytes; the generated Python parses and
@@ -20,16 +20,16 @@ import sys
 
 import pytest
 
-import dsl
-from compiler.cli import main as dsvc
-from compiler.codegen import build as build_mod
-from dsl.diagnostics import SpecError
+from dsvc import dsl
+from dsvc.compiler.cli import main as dsvc
+from dsvc.compiler.codegen import build as build_mod
+from dsvc.dsl.diagnostics import SpecError
 from tests.golden import check_golden
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "tiny.dsv"
 W1 = ROOT / "tests" / "train_specs" / "w1.dsv"
-GENERATED = ("model.py", "train.py", "kernels/fp8_kernels.py")
+GENERATED = ("train.py", "kernels/fp8_kernels.py")
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def tiny_files():
     return build_mod.render_files(dsl.load(str(TINY)))
 
 
-def test_golden_model_and_train(tiny_files):
-    check_golden("build/tiny_model.py.txt", tiny_files["model.py"].decode())
+def test_golden_train(tiny_files):
+    assert "model.py" not in tiny_files  # the runtime's modules run; nothing repeats them
     check_golden("build/tiny_train.py.txt", tiny_files["train.py"].decode())
 
 
@@ -66,11 +66,9 @@ def test_generated_python_parses_and_is_formatted(tiny_files, name, tmp_path):
 
 
 def test_provenance_headers(tiny_files):
-    model = tiny_files["model.py"].decode().splitlines()
     train = tiny_files["train.py"].decode().splitlines()
-    assert model[0] == train[0] == "# generated: do not edit"
+    assert train[0] == "# generated: do not edit"
     # the block the file came from (header to last field), not only its first line
-    assert model[1] == "# source: tiny.dsv lines 7-43"
     assert train[1] == "# source: tiny.dsv lines 69-78"
     for name in GENERATED:
         head = tiny_files[name].decode().splitlines()[:6]
@@ -89,27 +87,24 @@ def test_build_directory_contents(tmp_path):
     assert dsvc(["compile", str(W1), "-o", str(out)]) == 0
     for name in (
         "plan.json",
-        "model.py",
         "train.py",
         "README.md",
         "report.md",
         "schedule.png",
         "kernels/fp8_kernels.py",
-        "runtime/loop.py",
+        "dsvc_runtime/loop.py",
         build_mod.BUILD_MARKER,
     ):
         assert (out / name).is_file(), name
     runtime_src = ROOT / "runtime"
     for path in runtime_src.glob("*.py"):
-        assert (out / "runtime" / path.name).read_bytes() == path.read_bytes(), path.name
+        assert (out / "dsvc_runtime" / path.name).read_bytes() == path.read_bytes(), path.name
     marker = json.loads((out / build_mod.BUILD_MARKER).read_text())
     for rel, digest in marker["files"].items():
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest, rel
     readme = (out / "README.md").read_text()
     assert "torchrun --nproc-per-node 1 train.py" in readme
     assert (out / "schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # generated model.py builds the stage the trainer asks for, by the plan's Stage
-    assert "def build_stage(plan, stage, comms=None):" in (out / "model.py").read_text()
 
 
 def test_compile_refuses_a_directory_that_is_not_a_build(tmp_path, capsys):
@@ -199,9 +194,9 @@ def test_build_cache_notices_changes(tmp_path, monkeypatch):
     out = tmp_path / "b"
     assert build_mod.build_cached(spec, str(out)) is not None  # compiled
     assert build_mod.build_cached(spec, str(out)) is None  # cached
-    (out / "model.py").write_text("edited\n")
+    (out / "train.py").write_text("edited\n")
     assert build_mod.build_cached(spec, str(out)) is not None  # an edited file: rebuilt
-    assert (out / "model.py").read_text() != "edited\n"
+    assert (out / "train.py").read_text() != "edited\n"
     monkeypatch.setattr(build_mod, "toolchain_hash", lambda: "another dsvc")
     assert build_mod.build_cached(spec, str(out)) is not None  # another toolchain: rebuilt
     other = spec.model_copy(update={"content_hash": "0" * 64})

@@ -9,10 +9,10 @@ import math
 
 import pytest
 
-import dsl
-from compiler.costs.comm import routing_copies
-from compiler.report import build_report, expert_load_imbalance
-from dsl.diagnostics import SpecError
+from dsvc import dsl
+from dsvc.compiler.costs.comm import routing_copies
+from dsvc.compiler.report import build_report, expert_load_imbalance
+from dsvc.dsl.diagnostics import SpecError
 
 # The cost formulas on the documented even split (no graph, no simulation).
 build_report = functools.partial(build_report, even_split=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 import math
 
-import dsl
-from compiler.costs.decode import decode_stage_time
-from compiler.report import build_report
+from dsvc import dsl
+from dsvc.compiler.costs.decode import decode_stage_time
+from dsvc.compiler.report import build_report
 
 # The cost formulas on the documented even split (no graph, no simulation).
 build_report = functools.partial(build_report, even_split=True)

@@ -9,17 +9,17 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import dsl
-from compiler.costs.layout import StageContents, even_layout, split_layers
-from compiler.costs.memory import (
+from dsvc import dsl
+from dsvc.compiler.costs.layout import StageContents, even_layout, split_layers
+from dsvc.compiler.costs.memory import (
     RESERVE_FRACTION,
     activation_bytes,
     cached_input_bytes,
     linear_weight_bytes,
 )
-from compiler.costs.model import Linear, build_model
-from compiler.costs.symbols import Quantities
-from compiler.report import build_report
+from dsvc.compiler.costs.model import Linear, build_model
+from dsvc.compiler.costs.symbols import Quantities
+from dsvc.compiler.report import build_report
 
 # The cost formulas on the documented even split (no graph, no simulation).
 build_report = functools.partial(build_report, even_split=True)

@@ -7,14 +7,14 @@ import functools
 
 import pytest
 
-import dsl
-from compiler.costs.network import (
+from dsvc import dsl
+from dsvc.compiler.costs.network import (
     fat_tree_endpoints,
     fat_tree_links,
     fat_tree_needed,
     fat_tree_switches,
 )
-from compiler.report import build_report
+from dsvc.compiler.report import build_report
 
 # The cost formulas on the documented even split (no graph, no simulation).
 build_report = functools.partial(build_report, even_split=True)

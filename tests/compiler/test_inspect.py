@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from compiler.cli import main
+from dsvc.compiler.cli import main
 from tests.conftest import EXAMPLES
 
 V3 = str(EXAMPLES / "deepseek_v3.dsv")
@@ -117,10 +117,10 @@ def test_schedule_hook_hands_over_to_the_schedule_view(capsys, monkeypatch):
     import sys
     import types
 
-    fake = types.ModuleType("compiler.cli.inspect_schedule")
+    fake = types.ModuleType("dsvc.compiler.cli.inspect_schedule")
     fake.run = lambda args: 7 if args.schedule and args.format == "chrome" else 8
-    monkeypatch.setitem(sys.modules, "compiler.cli.inspect_schedule", fake)
+    monkeypatch.setitem(sys.modules, "dsvc.compiler.cli.inspect_schedule", fake)
     assert main(["inspect", TINY, "--schedule", "--format", "chrome"]) == 7
-    monkeypatch.setitem(sys.modules, "compiler.cli.inspect_schedule", None)  # not built
+    monkeypatch.setitem(sys.modules, "dsvc.compiler.cli.inspect_schedule", None)  # not built
     code, _, err = _run(capsys, TINY, "--schedule")
     assert code == 2 and "not available" in err

@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 
-import dsl
-from compiler.ir import Graph, Op, T, num, tensor
-from compiler.passes.lower import lower
-from compiler.pipeline import GRAPH_PASSES, run_until
-from compiler.printer import format_dot, format_text
-from compiler.verify import IRVerifyError, check, verify
+from dsvc import dsl
+from dsvc.compiler.ir import Graph, Op, T, num, tensor
+from dsvc.compiler.passes.lower import lower
+from dsvc.compiler.pipeline import GRAPH_PASSES, run_until
+from dsvc.compiler.printer import format_dot, format_text
+from dsvc.compiler.verify import IRVerifyError, check, verify
 from tests.conftest import EXAMPLES, ROOT
 from tests.golden import check_golden
 
@@ -83,7 +83,7 @@ def test_attention_params_per_layer_match_reference(v3):
 
 
 def test_lowering_matches_report_params_and_flops():
-    from compiler.report import build_report
+    from dsvc.compiler.report import build_report
 
     for name in ("tiny", "deepseek_v3", "deepseek_v2_lite"):
         spec = dsl.load(EXAMPLES / f"{name}.dsv")
@@ -189,9 +189,9 @@ model g {{
 
 
 def test_saved_activations_match_the_report_per_layer():
-    from compiler.costs.memory import activation_bytes
-    from compiler.costs.model import build_model
-    from compiler.costs.symbols import Quantities
+    from dsvc.compiler.costs.memory import activation_bytes
+    from dsvc.compiler.costs.model import build_model
+    from dsvc.compiler.costs.symbols import Quantities
 
     for name in ("deepseek_v3", "deepseek_v2_lite"):
         spec = dsl.load(EXAMPLES / f"{name}.dsv")

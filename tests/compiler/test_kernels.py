@@ -13,8 +13,8 @@ import sys
 import jinja2
 import pytest
 
-from compiler.codegen import render
-from compiler.codegen.kernels import (
+from dsvc.compiler.codegen import render
+from dsvc.compiler.codegen.kernels import (
     GemmShape,
     KernelConfig,
     check_kernel_config,
@@ -90,7 +90,7 @@ def test_provenance_header_is_on_top_and_hashes_the_body():
         "# source: examples/tiny.dsv lines 1-40",
         "# passes: parse, elaborate, lower, assign_precision",
         "# tile config: act=1x128, weight=128x128, promote_every=128, scales=fp32, gemms=5",
-        f"# dsvc version: {__import__('compiler').__version__}",
+        f"# dsvc version: {__import__('dsvc').__version__}",
         f"# content hash: sha256:{render.content_hash(body)}",
     ]
     assert body.startswith('"""FP8 kernels for tiny')
@@ -151,19 +151,19 @@ def test_generic_runtime_module_is_the_current_rendering():
     shipped = (ROOT / "runtime" / "_fp8_kernels_generic.py").read_text(encoding="utf-8")
     assert shipped == render_kernels(generic_config()), (
         "runtime/_fp8_kernels_generic.py is stale: run "
-        "`python -m compiler.codegen.kernels runtime/_fp8_kernels_generic.py`"
+        "`python -m dsvc.compiler.codegen.kernels runtime/_fp8_kernels_generic.py`"
     )
 
 
 def test_numeric_constants_agree_with_the_runtime_reference():
-    from compiler.codegen import kernels
-    from runtime import _fp8_torch
+    from dsvc.compiler.codegen import kernels
+    from dsvc.runtime import _fp8_torch
 
     assert kernels.AMAX_FLOOR == _fp8_torch.AMAX_FLOOR and kernels.FP8_MAX == _fp8_torch.FP8_MAX
 
 
 def test_codegen_modules_do_not_import_torch():
-    code = "import sys, compiler.codegen.kernels; print('torch' in sys.modules)"
+    code = "import sys, dsvc.compiler.codegen.kernels; print('torch' in sys.modules)"
     done = subprocess.run(
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT
     )

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-import dsl
-from compiler.pipeline import run_until
-from compiler.plan import build_plan, emit_plan
-from runtime.plan import parse_plan
+from dsvc import dsl
+from dsvc.compiler.pipeline import run_until
+from dsvc.compiler.plan import build_plan, emit_plan
+from dsvc.runtime.plan import parse_plan
 from tests.compiler.test_passes_props import load, spec_text
 from tests.conftest import EXAMPLES
 

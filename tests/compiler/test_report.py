@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-import dsl
-import dsl.spec  # pydantic Specs for this session (the CLI alone would choose light ones)
-from compiler.cli import main
-from compiler.report import (
+import dsvc.dsl.spec  # noqa: F401  (pydantic Specs for this session; the CLI alone would choose light ones)
+from dsvc import dsl
+from dsvc.compiler.cli import main
+from dsvc.compiler.report import (
     REQUIRED,
     SCHEMA,
     SCHEMA_VERSION,
@@ -139,7 +139,7 @@ def test_bad_expert_load_named_in_the_spec_is_a_spec_error(capsys, monkeypatch, 
 
 def test_report_imports_neither_torch_nor_pydantic():
     # sympy and networkx come in with the graph (the partition and the simulated step)
-    code = ("import sys; from compiler.cli import main; "
+    code = ("import sys; from dsvc.compiler.cli import main; "
             "rc = main(['report', 'examples/deepseek_v3.dsv']); "
             "bad = [m for m in ('torch', 'pydantic', 'matplotlib') if m in sys.modules]; "
             "sys.exit(rc or (3 if bad else 0))")

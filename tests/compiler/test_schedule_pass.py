@@ -9,12 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dsl
-from compiler.passes.schedule import pair_chunk_order, schedule, split_overlaps, stage_units
-from compiler.pipeline import run_until
-from compiler.schedules import Schedule, check_schedule, schedule_problems
-from compiler.schedules.actions import OVERLAP_F_B
-from compiler.schedules.overlap import hidden_comm_chunks
+from dsvc import dsl
+from dsvc.compiler.passes.schedule import pair_chunk_order, schedule, split_overlaps, stage_units
+from dsvc.compiler.pipeline import run_until
+from dsvc.compiler.schedules import Schedule, check_schedule, schedule_problems
+from dsvc.compiler.schedules.actions import OVERLAP_F_B
+from dsvc.compiler.schedules.overlap import hidden_comm_chunks
 from tests.compiler.test_simulate_specs import make_spec, min_microbatches
 from tests.conftest import EXAMPLES
 
@@ -134,8 +134,8 @@ def test_schedules_from_real_specs_pass_the_check(kind, pp, extra, overlap, mtp)
 
 
 def test_an_impossible_request_is_a_spec_error_not_a_crash():
-    from compiler.passes.schedule import build_pipeline_schedule
-    from dsl.diagnostics import SpecError
+    from dsvc.compiler.passes.schedule import build_pipeline_schedule
+    from dsvc.dsl.diagnostics import SpecError
 
     g = _graph("deepseek_v3.dsv")
     spec = g.spec

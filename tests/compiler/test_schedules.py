@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from compiler.schedules import (
+from dsvc.compiler.schedules import (
     Action,
     Schedule,
     ScheduleConfigError,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiler.schedules import (
+from dsvc.compiler.schedules import (
     Action,
     ScheduleCheckError,
     build_schedule,
@@ -19,7 +19,7 @@ from compiler.schedules import (
     schedule_problems,
     simulate_uniform,
 )
-from compiler.schedules.comms import message_for, recv_source
+from dsvc.compiler.schedules.comms import message_for, recv_source
 
 
 @st.composite
@@ -198,7 +198,7 @@ def test_dualpipev_equals_torch_schedule_dualpipev():
         _validate_schedule,
     )
 
-    from compiler.schedules import from_torch, to_torch
+    from dsvc.compiler.schedules import from_torch, to_torch
 
     for devices, n in ((1, 2), (2, 5), (4, 8), (4, 13), (8, 16)):
         ours = build_schedule("dualpipev", 2 * devices, n, with_comms=False)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from compiler.cli import main
-from compiler.schedules import build_schedule, published_bubble
+from dsvc.compiler.cli import main
+from dsvc.compiler.schedules import build_schedule, published_bubble
 from tests.golden import check_golden
 
 KINDS = ("1f1b", "zb1p", "dualpipe", "dualpipev")
@@ -85,7 +85,7 @@ def test_usage_errors_exit_2_with_a_clear_message(args, words, capsys):
 
 
 def test_cli_kinds_are_the_generator_kinds():
-    from compiler.cli.schedule import KIND_CHOICES
-    from compiler.schedules import KINDS as GENERATED
+    from dsvc.compiler.cli.schedule import KIND_CHOICES
+    from dsvc.compiler.schedules import KINDS as GENERATED
 
     assert KIND_CHOICES == GENERATED

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from compiler.schedules import (
+from dsvc.compiler.schedules import (
     Action,
     ScheduleDeadlock,
     TableCosts,
@@ -20,7 +20,7 @@ from compiler.schedules import (
     simulate,
     simulate_uniform,
 )
-from compiler.schedules.overlap import backward_chunks, forward_chunks, hidden_comm_chunks
+from dsvc.compiler.schedules.overlap import backward_chunks, forward_chunks, hidden_comm_chunks
 
 
 def _table(pp: int, f, b, w=0):

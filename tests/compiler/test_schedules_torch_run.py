@@ -42,7 +42,7 @@ def _worker(rank: int, init_file: str, queue) -> None:
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import _Action, _PipelineScheduleRuntime
 
-    from compiler.schedules import build_schedule
+    from dsvc.compiler.schedules import build_schedule
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:

@@ -7,13 +7,20 @@ import math
 
 import pytest
 
-from compiler.ir import Op, tensor
-from compiler.passes.schedule import schedule
-from compiler.passes.simulate import _ring_time
-from compiler.passes.simulate_costs import IB, NVLINK, Rates, Topology, op_times, stage_profiles
-from compiler.passes.simulate_play import ActionCosts, Played, TopologyCosts, play
-from compiler.pipeline import run_until
-from compiler.schedules import parse_action
+from dsvc.compiler.ir import Op, tensor
+from dsvc.compiler.passes.schedule import schedule
+from dsvc.compiler.passes.simulate import _ring_time
+from dsvc.compiler.passes.simulate_costs import (
+    IB,
+    NVLINK,
+    Rates,
+    Topology,
+    op_times,
+    stage_profiles,
+)
+from dsvc.compiler.passes.simulate_play import ActionCosts, Played, TopologyCosts, play
+from dsvc.compiler.pipeline import run_until
+from dsvc.compiler.schedules import parse_action
 from tests.compiler.test_simulate_specs import make_spec
 from tests.tolerances import tol
 

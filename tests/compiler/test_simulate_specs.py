@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-import dsl
+from dsvc import dsl
 
 TEMPLATE = """
 cluster toy {{

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from dsl.diagnostics import SpecError
+from dsvc.dsl.diagnostics import SpecError
 
 
 def assert_valid_diagnostics(err: SpecError, texts: dict[str, str]) -> None:

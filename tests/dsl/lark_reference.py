@@ -12,8 +12,8 @@ import importlib.resources
 
 import lark
 
-from dsl import ast
-from dsl.diagnostics import Span
+from dsvc.dsl import ast
+from dsvc.dsl.diagnostics import Span
 
 
 @functools.lru_cache(maxsize=1)

@@ -13,8 +13,8 @@ import pathlib
 
 import pytest
 
-from compiler.cli import main
-from dsl.rules import RULES
+from dsvc.compiler.cli import main
+from dsvc.dsl.rules import RULES
 from tests.golden import check_golden
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -6,9 +6,9 @@ import pathlib
 
 import pytest
 
-from dsl import blocks, blocks_run
-from dsl.rules import RULES
-from dsl.units import UNITS
+from dsvc.dsl import blocks, blocks_run
+from dsvc.dsl.rules import RULES
+from dsvc.dsl.units import UNITS
 
 DOC = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "language.md").read_text()
 TABLES = {f"{m.__name__}.{n}": getattr(m, n) for m in (blocks, blocks_run) for n in dir(m)

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dsl
-from compiler.cli import main
-from dsl import ast, parser
-from dsl.diagnostics import SpecError
-from dsl.fmt import format_source
+from dsvc import dsl
+from dsvc.compiler.cli import main
+from dsvc.dsl import ast, parser
+from dsvc.dsl.diagnostics import SpecError
+from dsvc.dsl.fmt import format_source
 from tests.dsl import spec_gen
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -7,9 +7,9 @@ import pathlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dsl
-from dsl import parser
-from dsl.lexer import tokenize
+from dsvc import dsl
+from dsvc.dsl import parser
+from dsvc.dsl.lexer import tokenize
 from tests.dsl.helpers import assert_valid_diagnostics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -9,11 +9,11 @@ import pathlib
 
 import pytest
 
-import dsl
-from compiler.cli import main
-from dsl.diagnostics import SpecError
-from dsl.fmt import format_source
-from dsl.import_hf import import_config, sanitize_name
+from dsvc import dsl
+from dsvc.compiler.cli import main
+from dsvc.dsl.diagnostics import SpecError
+from dsvc.dsl.fmt import format_source
+from dsvc.dsl.import_hf import import_config, sanitize_name
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -101,10 +101,10 @@ def test_deepseek_v3_matches_the_example():
 def test_deepseek_v3_import_compiles_to_a_plan_the_released_config_matches():
     """max_seq from max_position_embeddings (163840 > 4096: YaRN applies, as in the released
     model) and both mscales: the runtime's config check accepts the released config.json."""
-    from compiler.plan import _model
-    from runtime.hf import check_hf_config
-    from runtime.plan import parse_plan
-    from runtime.tiny import tiny_plan
+    from dsvc.compiler.plan import _model
+    from dsvc.runtime.hf import check_hf_config
+    from dsvc.runtime.plan import parse_plan
+    from dsvc.runtime.tiny import tiny_plan
 
     text, _ = import_config(json.dumps(DEEPSEEK_V3), "config.json", "v3")
     raw = tiny_plan(pp=1, dp=1, ep=1, num_layers=61)

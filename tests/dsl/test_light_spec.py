@@ -12,7 +12,7 @@ import pathlib
 import subprocess
 import sys
 
-import dsl
+from dsvc import dsl
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*.dsv")) + sorted(
@@ -20,7 +20,7 @@ FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*.dsv
 
 _SCRIPT = """
 import json, sys
-import dsl
+from dsvc import dsl
 assert dsl.use_light_spec()
 from tests.dsl.test_light_spec import outcome
 print(json.dumps([outcome(f) for f in sys.argv[1:]]))
@@ -55,7 +55,7 @@ def test_light_base_agrees_with_pydantic(monkeypatch):
 
 
 def test_light_records_are_frozen_and_coerce():
-    from dsl import records
+    from dsvc.dsl import records
 
     class Rec(records.BaseModel):
         x: float
@@ -80,7 +80,7 @@ def test_light_records_are_frozen_and_coerce():
 
 
 def test_light_records_copy_and_fields():
-    from dsl import records
+    from dsvc.dsl import records
 
     class Rec(records.BaseModel):
         a: int

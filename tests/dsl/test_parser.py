@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsl import ast, parser
-from dsl.diagnostics import SpecError
+from dsvc.dsl import ast, parser
+from dsvc.dsl.diagnostics import SpecError
 from tests.dsl import lark_reference, spec_gen
 from tests.golden import check_golden
 

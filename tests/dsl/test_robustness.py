@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-import dsl
-from compiler.cli import main
+from dsvc import dsl
+from dsvc.compiler.cli import main
 from tests.dsl.helpers import assert_valid_diagnostics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def test_crlf_and_tabs_are_fine(tmp_path):
 
 def dsvc() -> list[str]:
     script = pathlib.Path(sys.executable).parent / "dsvc"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "compiler.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dsvc.compiler.cli"]
 
 
 def test_real_subprocess(inputs):
@@ -128,7 +128,7 @@ def test_exit_codes(argv, code, monkeypatch):
 
 
 def test_check_imports_nothing_heavy():
-    code = ("import sys\nfrom compiler.cli import main\n"
+    code = ("import sys\nfrom dsvc.compiler.cli import main\n"
             "rc = main(['check', '-q', 'examples/deepseek_v3.dsv'])\n"
             "heavy = {'torch', 'sympy', 'pydantic', 'lark', 'numpy', 'networkx', 'jinja2'}\n"
             "print(rc, sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n")

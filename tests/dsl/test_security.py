@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import dsl
+from dsvc import dsl
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # one spec loads (the dsl modules are imported first, by loading another spec).
 _AUDIT = """
 import json, sys
-import dsl
+from dsvc import dsl
 dsl.load("examples/tiny.dsv")
 events = []
 watching = False

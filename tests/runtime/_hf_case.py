@@ -15,10 +15,10 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime.hf import hf_config_from_plan, load_hf_checkpoint
-from runtime.model import build_full_model
-from runtime.plan import parse_plan
-from runtime.tiny import tiny_plan
+from dsvc.runtime.hf import hf_config_from_plan, load_hf_checkpoint
+from dsvc.runtime.model import build_full_model
+from dsvc.runtime.plan import parse_plan
+from dsvc.runtime.tiny import tiny_plan
 
 NUM_LAYERS, SEQ = 3, 40
 _CASES: dict[str, HFCase] = {}
@@ -131,8 +131,8 @@ def load_and_export(rank: int, scenarios: list[tuple[dict, str]], checkpoint: st
     """On every rank of a spawned job, for each (plan dict, out_dir): build this rank's stages
     as the trainer does, load the checkpoint into them, export them (collectively) to
     out_dir, and report what this rank read."""
-    from runtime.hf import export_hf_checkpoint
-    from runtime.trainer import Trainer
+    from dsvc.runtime.hf import export_hf_checkpoint
+    from dsvc.runtime.trainer import Trainer
 
     results = []
     for raw, out_dir in scenarios:

@@ -3,7 +3,7 @@
 import torch
 import torch.distributed as dist
 
-from runtime.launch import init_distributed, run_guarded
+from dsvc.runtime.launch import init_distributed, run_guarded
 
 
 def main() -> None:

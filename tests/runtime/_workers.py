@@ -17,8 +17,8 @@ def train_scenarios(
 
     `extras` also records per step the weights and router biases after the update and
     the overlap event logs of the step (pipeline executors that keep them)."""
-    from runtime.plan import parse_plan
-    from runtime.trainer import Trainer
+    from dsvc.runtime.plan import parse_plan
+    from dsvc.runtime.trainer import Trainer
 
     out = {}
     for name, raw, steps in scenarios:
@@ -54,8 +54,8 @@ def train_scenarios(
 
 def fail_at_step(rank: int, raw: dict, bad_rank: int) -> None:
     """Train; rank `bad_rank` raises in the middle of step 1 while its peers wait on it."""
-    from runtime.plan import parse_plan
-    from runtime.trainer import Trainer
+    from dsvc.runtime.plan import parse_plan
+    from dsvc.runtime.trainer import Trainer
 
     trainer = Trainer(parse_plan(raw))
     trainer.step()
@@ -69,9 +69,9 @@ def dispatch_combine(rank: int, raw: dict, num_tokens: int, seed: int) -> dict:
 
     Every rank builds the same global token set and routing, handles its own
     slice, and returns what it computed so the test can rebuild the global picture."""
-    from runtime.ep import ExpertComm
-    from runtime.mesh import build_mesh
-    from runtime.plan import parse_plan
+    from dsvc.runtime.ep import ExpertComm
+    from dsvc.runtime.mesh import build_mesh
+    from dsvc.runtime.plan import parse_plan
 
     plan = parse_plan(raw)
     mesh = build_mesh(plan)
@@ -126,12 +126,12 @@ def overlapped_pair(rank: int, raw: dict, f_layers: list[int], b_layers: list[in
     micro-batch X through a stage of `f_layers` and the backward of micro-batch Y through
     a stage of `b_layers`, run plain (F then B) and overlapped. Returns per mode the F
     output, the input and parameter gradients, and the event log."""
-    from runtime.ep import ExpertComm
-    from runtime.init import init_parameters
-    from runtime.mesh import build_mesh
-    from runtime.model import StageModule
-    from runtime.overlap import OverlapSession
-    from runtime.plan import Stage, parse_plan
+    from dsvc.runtime.ep import ExpertComm
+    from dsvc.runtime.init import init_parameters
+    from dsvc.runtime.mesh import build_mesh
+    from dsvc.runtime.model import StageModule
+    from dsvc.runtime.overlap import OverlapSession
+    from dsvc.runtime.plan import Stage, parse_plan
 
     plan = parse_plan(raw)
     mesh = build_mesh(plan)
@@ -169,8 +169,8 @@ def overlapped_pair(rank: int, raw: dict, f_layers: list[int], b_layers: list[in
 
 def reference_steps(raw: dict, steps: int, num_microbatches: int = 1) -> list:
     """(metrics, gradients by name) of each step of the unpartitioned model in this process."""
-    from runtime.plan import parse_plan
-    from runtime.trainer import Trainer
+    from dsvc.runtime.plan import parse_plan
+    from dsvc.runtime.trainer import Trainer
 
     ref = Trainer.reference(parse_plan(raw), num_microbatches)
     ref.keep_grads = True

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from runtime import checkpoint as ckpt
+from dsvc.runtime import checkpoint as ckpt
 
 META = {"model_hash": "m1", "pipeline_layout": [[0, 1], [2, 3]]}
 
@@ -60,7 +60,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
-        from runtime import checkpoint as ckpt
+        from dsvc.runtime import checkpoint as ckpt
         meta = {META!r}
         ckpt.save({str(tmp_path)!r}, 1, {{"w": torch.ones(4)}}, meta)
         print("saved", flush=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.data import DataError, Sharder, SyntheticData, TokenFileData, make_data
+from dsvc.runtime.data import DataError, Sharder, SyntheticData, TokenFileData, make_data
 
 
 def test_synthetic_is_deterministic_and_order_free():

@@ -15,14 +15,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.launch import spawn
-from runtime.overlap import forward_chunks_under_comm
-from runtime.plan import parse_plan
-from runtime.tiny import split_layers, tiny_plan
+from dsvc.runtime.launch import spawn
+from dsvc.runtime.overlap import forward_chunks_under_comm
+from dsvc.runtime.plan import parse_plan
+from dsvc.runtime.tiny import split_layers, tiny_plan
 from tests.runtime._workers import reference_steps, train_scenarios
 from tests.tolerances import tol
 
-schedules = pytest.importorskip("compiler.schedules")
+schedules = pytest.importorskip("dsvc.compiler.schedules")
 
 STEPS = 3
 PP, DP, N = 2, 2, 4
@@ -162,7 +162,7 @@ def test_expert_loads_count_both_copies(runs):
 
 
 def test_a_dualpipe_plan_the_executor_cannot_keep_equal_is_refused():
-    from runtime.dualpipe import check_dualpipe_layout
+    from dsvc.runtime.dualpipe import check_dualpipe_layout
 
     raw = dualpipe_plan(chunks=[[0, 1], [2, 3]])
     raw["stages"][2]["layers"], raw["stages"][3]["layers"] = [0, 1, 2], [3]

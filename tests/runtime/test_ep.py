@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.launch import spawn
-from runtime.tiny import tiny_plan
+from dsvc.runtime.launch import spawn
+from dsvc.runtime.tiny import tiny_plan
 from tests.runtime._workers import dispatch_combine
 from tests.tolerances import tol
 
@@ -63,7 +63,7 @@ def test_outputs_and_gradients_match_one_process(ep_results, path):
 
 @pytest.mark.slow
 def test_fp8_dispatch_is_the_quantised_input(ep_results):
-    from runtime.fp8 import dequantize_act, quantize_act
+    from dsvc.runtime.fp8 import dequantize_act, quantize_act
 
     for res in ep_results:
         q, s = quantize_act(res["x"], 128)

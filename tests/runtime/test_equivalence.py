@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.launch import spawn
-from runtime.tiny import tiny_plan
+from dsvc.runtime.launch import spawn
+from dsvc.runtime.tiny import tiny_plan
 from tests.runtime._workers import reference_steps, train_scenarios
 from tests.tolerances import tol
 
@@ -22,7 +22,7 @@ STEPS = 3
 
 
 def _compiler_actions(kind: str, num_stages: int, num_microbatches: int):
-    schedules = pytest.importorskip("compiler.schedules")
+    schedules = pytest.importorskip("dsvc.compiler.schedules")
     sch = schedules.build_schedule(kind, num_stages, num_microbatches)
     return {str(d): [str(a) for a in acts] for d, acts in enumerate(sch.actions)}
 

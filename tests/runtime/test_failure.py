@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from runtime.launch import WorkerFailure, spawn
-from runtime.tiny import tiny_plan
+from dsvc.runtime.launch import WorkerFailure, spawn
+from dsvc.runtime.tiny import tiny_plan
 from tests.runtime._workers import fail_at_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from runtime import _fp8_cublas as cublas
-from runtime import _fp8_torch as ref
+from dsvc.runtime import _fp8_cublas as cublas
+from dsvc.runtime import _fp8_torch as ref
 from tests.tolerances import tol
 
 FP8 = torch.float8_e4m3fn

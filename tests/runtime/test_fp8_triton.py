@@ -26,8 +26,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime import _fp8_torch as ref
-from runtime import fp8
+from dsvc.runtime import _fp8_torch as ref
+from dsvc.runtime import fp8
 from tests.tolerances import tol
 
 triton = pytest.importorskip("triton")
@@ -76,7 +76,7 @@ def kernels():
 @pytest.fixture(scope="module")
 def tiny_kernels(tmp_path_factory):
     """A module rendered for two spec GEMMs, so their shape-specialised kernel runs."""
-    from compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
+    from dsvc.compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
 
     config = KernelConfig(gemms=(GemmShape("wq", 96, 160), GemmShape("wo", 160, 96)), title="t")
     path = tmp_path_factory.mktemp("kernels") / "fp8_kernels.py"
@@ -433,7 +433,7 @@ def test_wrappers_reject_bad_inputs_with_clear_errors(kernels):
 
 
 def test_generic_module_is_what_fp8_backend_triton_uses(kernels):
-    from runtime import _fp8_triton
+    from dsvc.runtime import _fp8_triton
 
     assert _fp8_triton.PROTOCOL == tuple(
         name for name in _fp8_triton.PROTOCOL if callable(getattr(kernels, name))

@@ -20,10 +20,10 @@ pytest.importorskip("transformers")
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from runtime._hf_names import schema
-from runtime.hf import export_hf_checkpoint, load_hf_checkpoint, model_logits
-from runtime.init import init_parameters
-from runtime.model import build_full_model
+from dsvc.runtime._hf_names import schema
+from dsvc.runtime.hf import export_hf_checkpoint, load_hf_checkpoint, model_logits
+from dsvc.runtime.init import init_parameters
+from dsvc.runtime.model import build_full_model
 from tests.runtime._hf_case import NUM_LAYERS, SEQ, get_case, make_plan
 from tests.tolerances import tol
 
@@ -108,7 +108,7 @@ def test_tied_embeddings_round_trip(tmp_path):
     """A plan whose head is the embedding: no lm_head tensor, transformers ties it back."""
     from transformers import DeepseekV3ForCausalLM
 
-    from runtime.plan import parse_plan
+    from dsvc.runtime.plan import parse_plan
     from tests.runtime._hf_case import plan_dict
 
     raw = plan_dict("yarn")
@@ -141,8 +141,8 @@ def test_sharded_export_and_a_rank_reads_only_its_part(case, tmp_path):
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 4 and "model.layers.3.embed_tokens.weight" in index["weight_map"]
     # pipeline rank 1 of PP 2 x DP 2 (EP 2) at EP rank 1: layer 2, the head, MTP; experts 4..7
-    from runtime.ep import ExpertComm
-    from runtime.model import StageModule
+    from dsvc.runtime.ep import ExpertComm
+    from dsvc.runtime.model import StageModule
 
     plan = make_plan(pp=2, dp=2, ep=2)
     stage = plan.stages[1]
@@ -174,7 +174,7 @@ def _is_fp8_linear(name: str) -> bool:
 
 
 def test_fp8_checkpoint_is_dequantized_on_load(case, tmp_path):
-    from runtime.fp8 import dequantize_weight, quantize_weight
+    from dsvc.runtime.fp8 import dequantize_weight, quantize_weight
 
     path = case.copy(tmp_path / "fp8")
     weights, quantized = load_file(path / "model.safetensors"), {}
@@ -210,7 +210,7 @@ def test_fp8_checkpoint_is_dequantized_on_load(case, tmp_path):
 
 
 def test_fp8_export_roundtrip(case, tmp_path):
-    from runtime.fp8 import dequantize_weight, quantize_weight
+    from dsvc.runtime.fp8 import dequantize_weight, quantize_weight
 
     rt, _ = case.load()
     out = export_hf_checkpoint(rt, case.plan, tmp_path / "fp8", dtype="fp8")
@@ -233,8 +233,8 @@ def test_fp8_export_roundtrip(case, tmp_path):
 
 
 def test_dequantize_blocks_matches_the_fp8_reference():
-    from runtime._hf_names import dequantize_blocks
-    from runtime.fp8 import dequantize_weight, quantize_weight
+    from dsvc.runtime._hf_names import dequantize_blocks
+    from dsvc.runtime.fp8 import dequantize_weight, quantize_weight
 
     w = torch.randn(300, 260, generator=torch.Generator().manual_seed(0))
     q, s = quantize_weight(w, 128)
@@ -256,7 +256,7 @@ SCHEDULES = ("1f1b", "dualpipev")
 def distributed(case, tmp_path_factory):
     """One spawned job, world 4 = PP 2 x DP 2 (EP 2) under gloo, per schedule: every rank
     loads its part of the checkpoint and the collective export writes it back."""
-    from runtime.launch import spawn
+    from dsvc.runtime.launch import spawn
     from tests.runtime._hf_case import load_and_export, plan_dict
 
     root = tmp_path_factory.mktemp("dist")

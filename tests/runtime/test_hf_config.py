@@ -17,10 +17,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from runtime.hf import check_hf_config, export_hf_checkpoint, hf_config_from_plan, model_logits
-from runtime.init import init_parameters
-from runtime.model import build_full_model
-from runtime.plan import parse_plan
+from dsvc.runtime.hf import check_hf_config, export_hf_checkpoint, hf_config_from_plan, model_logits
+from dsvc.runtime.init import init_parameters
+from dsvc.runtime.model import build_full_model
+from dsvc.runtime.plan import parse_plan
 from tests.runtime._hf_case import SEQ, plan_dict
 from tests.tolerances import tol
 

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file
 
-from runtime.hf import (
+from dsvc.runtime.hf import (
     HFCheckpointError,
     HFFormatError,
     check_hf_config,
@@ -24,10 +24,10 @@ from runtime.hf import (
     hf_config_from_plan,
     load_hf_checkpoint,
 )
-from runtime.init import init_parameters
-from runtime.model import build_full_model
-from runtime.plan import parse_plan
-from runtime.tiny import tiny_plan
+from dsvc.runtime.init import init_parameters
+from dsvc.runtime.model import build_full_model
+from dsvc.runtime.plan import parse_plan
+from dsvc.runtime.tiny import tiny_plan
 from tests.runtime._hf_case import get_case
 
 # deepseek-ai/DeepSeek-V3 config.json (the released model), the keys that describe the network

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from runtime.init import _normal, init_parameters
-from runtime.model import build_full_model
-from runtime.plan import parse_plan
-from runtime.tiny import tiny_plan
+from dsvc.runtime.init import _normal, init_parameters
+from dsvc.runtime.model import build_full_model
+from dsvc.runtime.plan import parse_plan
+from dsvc.runtime.tiny import tiny_plan
 
 
 def _qwen2_like_model():

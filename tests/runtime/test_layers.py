@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from runtime.attention import GQA, MLA
-from runtime.layers import RMSNorm, RotaryEmbedding, rope_frequencies, yarn_softmax_mscale
-from runtime.plan import Attention, parse_plan
-from runtime.tiny import tiny_plan
+from dsvc.runtime.attention import GQA, MLA
+from dsvc.runtime.layers import RMSNorm, RotaryEmbedding, rope_frequencies, yarn_softmax_mscale
+from dsvc.runtime.plan import Attention, parse_plan
+from dsvc.runtime.tiny import tiny_plan
 from tests.tolerances import tol
 
 V3_ROPE = {
@@ -36,7 +36,7 @@ def test_rmsnorm_formula():
 
 
 def test_yarn_matches_deepseek_v3_figures():
-    from runtime.plan import Rope
+    from dsvc.runtime.plan import Rope
 
     rope = Rope(**V3_ROPE)
     base = rope_frequencies(Rope(kind="plain", theta=10000.0), 64, 8)[
@@ -58,7 +58,7 @@ def test_yarn_matches_deepseek_v3_figures():
 
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_rope_depends_on_relative_position_only(interleaved):
-    from runtime.plan import Rope
+    from dsvc.runtime.plan import Rope
 
     rot = RotaryEmbedding(Rope(**V3_ROPE), 8, 64, interleaved)
     torch.manual_seed(0)

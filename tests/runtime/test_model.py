@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.ep import ExpertComm
-from runtime.init import init_parameters
-from runtime.model import StageModule, build_full_model
-from runtime.plan import parse_plan
-from runtime.tiny import tiny_plan
-from runtime.trainer import Trainer
+from dsvc.runtime.ep import ExpertComm
+from dsvc.runtime.init import init_parameters
+from dsvc.runtime.model import StageModule, build_full_model
+from dsvc.runtime.plan import parse_plan
+from dsvc.runtime.tiny import tiny_plan
+from dsvc.runtime.trainer import Trainer
 from tests.tolerances import tol
 
 

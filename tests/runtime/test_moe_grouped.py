@@ -13,11 +13,11 @@ import dataclasses
 import pytest
 import torch
 
-from runtime import moe
-from runtime.ep import Route, count_ids
-from runtime.overlap import CollectiveTransport
-from runtime.plan import parse_plan
-from runtime.tiny import tiny_plan
+from dsvc.runtime import moe
+from dsvc.runtime.ep import Route, count_ids
+from dsvc.runtime.overlap import CollectiveTransport
+from dsvc.runtime.plan import parse_plan
+from dsvc.runtime.tiny import tiny_plan
 
 
 def _experts(dtype: str, hidden: int = 64, intermediate: int = 32, n: int = 4):
@@ -99,14 +99,10 @@ def test_count_ids_is_bincount():
 
 def test_the_gpu_benchmark_runs_its_checks_on_the_cpu(capsys):
     # bench/moe_gpu.py --cpu-smoke: the same correctness checks and timing, tiny sizes
-    import importlib.util
-    import pathlib
+    from tests.bench_scripts import load_bench
 
     before = moe._GROUPED_MM
-    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "moe_gpu.py"
-    spec = importlib.util.spec_from_file_location("_dsvc_bench_moe_gpu", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("moe_gpu")
     assert bench.main(["--cpu-smoke"]) == 0
     out = capsys.readouterr().out
     if moe._GROUPED_MM:

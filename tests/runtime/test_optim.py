@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from runtime.mesh import ProcessMesh
-from runtime.optim import ZeroAdamW, lr_at
-from runtime.plan import LrSchedule, Optimizer
+from dsvc.runtime.mesh import ProcessMesh
+from dsvc.runtime.optim import ZeroAdamW, lr_at
+from dsvc.runtime.plan import LrSchedule, Optimizer
 from tests.tolerances import tol
 
 CFG = Optimizer(kind="adamw", lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=0.0)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.launch import spawn
-from runtime.overlap import forward_chunks_under_comm
-from runtime.tiny import tiny_plan
+from dsvc.runtime.launch import spawn
+from dsvc.runtime.overlap import forward_chunks_under_comm
+from dsvc.runtime.tiny import tiny_plan
 from tests.runtime._workers import overlapped_pair
 
 F_LAYERS, B_LAYERS = [1, 2], [3, 4, 5]  # layer 0 of the tiny model is the dense one
@@ -79,7 +79,7 @@ def test_plain_order_does_not_interleave(pair):
 
 @pytest.mark.slow
 def test_order_is_the_compilers_overlap_order(pair):
-    schedules = pytest.importorskip("compiler.schedules")
+    schedules = pytest.importorskip("dsvc.compiler.schedules")
     pair_action = schedules.parse_action("(1F1;2B0)OVERLAP_F_B")
     expected = []
     for op, chunk in schedules.overlap_order(pair_action, len(F_LAYERS), len(B_LAYERS)):

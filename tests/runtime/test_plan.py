@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from runtime.plan import PLAN_VERSION, PlanError, load_plan, parse_plan
-from runtime.tiny import one_f_one_b_actions, tiny_plan
+from dsvc.runtime.plan import PLAN_VERSION, PlanError, load_plan, parse_plan
+from dsvc.runtime.tiny import one_f_one_b_actions, tiny_plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

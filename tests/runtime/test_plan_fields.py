@@ -18,17 +18,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dsl
-from compiler.plan import build_plan
-from runtime import _fp8_torch
-from runtime._fp8_triton import PROTOCOL
-from runtime.attention import GQA, MLA
-from runtime.fp8 import fp8_grouped_swiglu_ffn, fp8_linear
-from runtime.layers import Linear, RotaryEmbedding, rope_frequencies, yarn_mscale
-from runtime.model import build_full_model
-from runtime.moe import RoutedExperts, Router
-from runtime.plan import Ffn, LinearFormat, PlanError, parse_plan
-from runtime.tiny import tiny_plan
+from dsvc import dsl
+from dsvc.compiler.plan import build_plan
+from dsvc.runtime import _fp8_torch
+from dsvc.runtime._fp8_triton import PROTOCOL
+from dsvc.runtime.attention import GQA, MLA
+from dsvc.runtime.fp8 import fp8_grouped_swiglu_ffn, fp8_linear
+from dsvc.runtime.layers import Linear, RotaryEmbedding, rope_frequencies, yarn_mscale
+from dsvc.runtime.model import build_full_model
+from dsvc.runtime.moe import RoutedExperts, Router
+from dsvc.runtime.plan import Ffn, LinearFormat, PlanError, parse_plan
+from dsvc.runtime.tiny import tiny_plan
 from tests.conftest import EXAMPLES, ROOT
 from tests.tolerances import tol
 

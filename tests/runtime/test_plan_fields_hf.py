@@ -15,9 +15,9 @@ import copy
 import pytest
 import torch
 
-from runtime.model import build_full_model
-from runtime.plan import parse_plan
-from runtime.tiny import tiny_plan
+from dsvc.runtime.model import build_full_model
+from dsvc.runtime.plan import parse_plan
+from dsvc.runtime.tiny import tiny_plan
 from tests.runtime._hf_case import _randomize_
 from tests.tolerances import tol
 

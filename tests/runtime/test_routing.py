@@ -6,10 +6,10 @@ import dataclasses
 
 import torch
 
-from runtime.ep import ExpertComm
-from runtime.moe import MoE, Router, sequence_aux_loss
-from runtime.plan import ExpertPlacement, Ffn, parse_plan
-from runtime.tiny import tiny_plan
+from dsvc.runtime.ep import ExpertComm
+from dsvc.runtime.moe import MoE, Router, sequence_aux_loss
+from dsvc.runtime.plan import ExpertPlacement, Ffn, parse_plan
+from dsvc.runtime.tiny import tiny_plan
 from tests.tolerances import tol
 
 MOE = Ffn(kind="moe", intermediate=16, routed=16, shared=1, top_k=4, shared_intermediate=16,
