@@ -59,7 +59,7 @@ def main() -> int:
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     from dsvc import dsl
-    from dsvc.compiler.pipeline import GRAPH_PASSES, PASSES
+    from dsvc.compiler.driver import GRAPH_PASSES, PASSES
 
     spec = dsl.load(os.path.join(ROOT, args.spec))
     rows = []

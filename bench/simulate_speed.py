@@ -34,9 +34,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from dsvc import dsl
+    from dsvc.compiler.driver import run_until
     from dsvc.compiler.passes.schedule import schedule
     from dsvc.compiler.passes.simulate import simulate
-    from dsvc.compiler.pipeline import run_until
 
     spec = dsl.load(args.spec)
     graph_s, sim_s, result = [], [], None
@@ -63,7 +63,7 @@ def main() -> int:
           f"{verdict}")
     print()
 
-    from dsvc.compiler.passes.simulate import simulate_step
+    from dsvc.compiler.driver import simulate_step
 
     off = simulate_step(spec, overlap="none" if result.overlap != "none" else "dual_microbatch")
     on, off = (result, off) if result.overlap != "none" else (off, result)

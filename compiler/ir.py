@@ -196,7 +196,14 @@ class Pipeline:
 
 
 class Graph:
-    """The IR: op graph plus what the passes decided (pipeline, expert placement)."""
+    """The IR: op graph plus what the passes decided.
+
+    Set by the passes, in order (None before): `pipeline` (partition_stages), `schedule`
+    (schedule: a `compiler.schedules.Schedule`), `simulation` (simulate: a
+    `passes.simulate.StepResult`, None without cluster, parallel and train blocks),
+    `plan` (emit_plan: a `dsvc.runtime.plan.Plan`), `files` (emit_build: a build
+    directory's files, relative path -> bytes). Expert placement rides on the ops.
+    """
 
     def __init__(self, spec, tokens: int, nxg: nx.DiGraph | None = None, passes: tuple = (),
                  pipeline: Pipeline | None = None, notes: tuple[str, ...] = ()):
@@ -205,6 +212,10 @@ class Graph:
         self.g = nxg if nxg is not None else nx.DiGraph()
         self.passes = passes
         self.pipeline = pipeline
+        self.schedule: Any = None
+        self.simulation: Any = None
+        self.plan: Any = None
+        self.files: dict[str, bytes] | None = None
         self.notes = notes  # remarks a pass wants users to see (e.g. a defaulted setting)
         self._order: list[str] | None = None  # cached topological order of op names
 

@@ -1,8 +1,9 @@
 """`dsvc report`: assemble the cost figures of a spec and render them (text, JSON, A vs B).
 
-Python API:
+Python API (`driver.build_report` runs the passes, then `report_of` here):
 
-    from dsvc.compiler.report import build_report, render_text, report_json
+    from dsvc.compiler.driver import build_report
+    from dsvc.compiler.report import render_text, report_json
     r = build_report(dsl.load("examples/deepseek_v3.dsv"))
     r.value("model.kv_cache_bytes_per_token")        # 70272
     print(render_text(r))
@@ -111,13 +112,6 @@ def expert_load_imbalance(spec, path: str, ep: int, span=None) -> float:
     return sum(ratios) / len(ratios) if ratios else 1.0
 
 
-def _simulated_graph(spec, expert_load):
-    """The graph after every pass: its partition is the layout, its simulation the step."""
-    from dsvc.compiler.pipeline import run_until
-
-    return run_until(spec, "simulate", expert_load=expert_load)
-
-
 def _simulated_figures(q, r) -> None:
     """The step as the `simulate` pass played it on the topology (numbers, not formulas)."""
     q.figure("step.time_s", "step time (simulated)", "s", r.step_time_s)
@@ -132,18 +126,16 @@ def _simulated_figures(q, r) -> None:
              "count", r.world * r.step_time_s / r.tokens_per_step * 1e12 / 3600)
 
 
-def build_report(spec, symbolic: bool = False, expert_load: str | None = None,
-                 layout=None, even_split: bool = False) -> Report:
+def report_of(spec, graph=None, symbolic: bool = False, expert_load: str | None = None,
+              layout=None) -> Report:
     """Every figure of `spec`. `expert_load` (a path) overrides `parallel.expert_load`.
 
-    `layout(spec, M)` returns, per device, the `StageContents` it holds (M is the
-    micro-batches per step, a number or a symbol); the default is
-    `compiler.costs.layout.even_layout`. The graph's partition will pass its own.
-
-    By default the layout is the graph's `partition_stages` result and the step
-    figures come from the `simulate` pass (the roofline ones are kept beside them,
-    as `step.roofline_*`); `even_split=True` skips the graph (an even split of the
-    layers, no simulation: fast, and what `--symbolic` shows as formulas).
+    With `graph` (run through the `simulate` pass) the layout is its partition and
+    the step figures are the simulated ones (the roofline ones are kept beside them,
+    as `step.roofline_*`). Without, `layout(spec, M)` gives, per device, the
+    `StageContents` it holds (M is the micro-batches per step, a number or a symbol),
+    by default an even split of the layers (`costs.layout.even_layout`).
+    `driver.build_report` runs the passes first.
     """
     from dsvc.compiler.costs.comm import comm_figures
     from dsvc.compiler.costs.decode import decode_figures
@@ -172,9 +164,7 @@ def build_report(spec, symbolic: bool = False, expert_load: str | None = None,
         notes.append("expert load: ignored (no MoE layers or no parallel block)")
     if spec.cluster is not None and p is not None and spec.train is not None:
         pd = parallel_dims(spec, q, costs.S)
-        graph = None
-        if layout is None and not even_split:
-            graph = _simulated_graph(spec, expert_load)
+        if graph is not None:
             from dsvc.compiler.passes.partition_stages import stage_contents
 
             layout = lambda spec_, m: stage_contents(graph, m)  # noqa: E731
@@ -185,7 +175,7 @@ def build_report(spec, symbolic: bool = False, expert_load: str | None = None,
         memory_figures(spec, q, costs, pd, layout, imbalance)
         comm = comm_figures(spec, q, costs, pd, layout, imbalance)
         StepModel(spec, q, costs, pd, comm, imbalance).figures(layout)
-        if graph is not None:
+        if graph is not None and graph.simulation is not None:
             _simulated_figures(q, graph.simulation)
     else:
         notes.append("memory, comm, step: need cluster, parallel and train blocks")
@@ -403,7 +393,7 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "Report",
-    "build_report",
+    "report_of",
     "compare_json",
     "dumps",
     "expert_load_imbalance",

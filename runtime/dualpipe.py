@@ -36,19 +36,24 @@ in `PipelineExecutor`: the summed gradients are those of the mean loss.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import torch
 import torch.distributed as dist
 
+from .actions import (
+    COMM_KINDS,
+    FORWARD,
+    INPUT_GRAD_KINDS,
+    OVERLAP_F_B,
+    ActionSyntaxError,
+    parse_action,
+)
 from .layers import dtype_of
 from .model import StageModule
 from .overlap import OverlapSession
 from .plan import Plan, Stage
 
-_ACTION = re.compile(r"^(\d+)(F|B|I|W|SEND_F|RECV_F|SEND_B|RECV_B)(\d+)$")
-_PAIR = re.compile(r"^\((\d+F\d+);(\d+[BI]\d+)\)OVERLAP_F_B$")
-_COMMS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
+_COMMS = tuple(sorted(COMM_KINDS))
 
 
 @dataclasses.dataclass
@@ -113,13 +118,17 @@ def check_dualpipe_layout(plan: Plan) -> None:
 
 
 def _parse(text: str):
-    m = _PAIR.match(text)
-    if m:
-        return ("PAIR", _parse(m.group(1)), _parse(m.group(2)), text)
-    m = _ACTION.match(text)
-    if not m:
-        raise ValueError(f"action {text!r} is not one this executor runs")
-    return (m.group(2), int(m.group(1)), int(m.group(3)), text)
+    """(kind, stage, micro-batch, text), or ("PAIR", forward, backward, text) of an overlap."""
+    try:
+        action = parse_action(text)
+    except ActionSyntaxError as err:
+        raise ValueError(f"action {text!r} is not one this executor runs: {err}") from None
+    if action.kind == OVERLAP_F_B:
+        fwd, bwd = action.sub_actions
+        if fwd.kind != FORWARD or bwd.kind not in INPUT_GRAD_KINDS:
+            raise ValueError(f"action {text!r}: an overlap pairs a forward with a backward")
+        return ("PAIR", _parse(str(fwd)), _parse(str(bwd)), text)
+    return (action.kind, action.stage, action.microbatch, text)
 
 
 class ActionExecutor:
@@ -147,7 +156,7 @@ class ActionExecutor:
                         chain[pos - 1] if pos else None,
                         chain[pos + 1] if pos + 1 < len(chain) else None,
                     )  # fmt: skip
-        self.actions = [_parse(a) for a in sch.actions.get(mesh.pp_rank, ())]
+        self.actions = [_parse(a) for a in sch.actions[mesh.pp_rank]]
         self.has_comms = any(
             a[0] in _COMMS
             for act in self.actions

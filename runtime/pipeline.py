@@ -108,7 +108,7 @@ class PipelineExecutor:
                 self.stages, n, loss_fn=self._loss_fn, scale_grads=False
             )
             actions = {
-                rank: [S._Action.from_str(a) for a in acts] for rank, acts in sch.actions.items()
+                rank: [S._Action.from_str(a) for a in acts] for rank, acts in enumerate(sch.actions)
             }
             fmt = "compute_comms" if _has_comms(actions) else "compute_only"
             runtime._prepare_schedule_with_comms(actions, format=fmt)

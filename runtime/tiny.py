@@ -85,9 +85,9 @@ def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
     return out
 
 
-def one_f_one_b_actions(pp: int, num_microbatches: int) -> dict[str, list[str]]:
+def one_f_one_b_actions(pp: int, num_microbatches: int) -> list[list[str]]:
     """Per-rank 1F1B compute actions in torch's `_Action` string form."""
-    actions = {}
+    actions = []
     for rank in range(pp):
         warmup = min(pp - 1 - rank, num_microbatches)
         order = [f"{rank}F{m}" for m in range(warmup)]
@@ -97,7 +97,7 @@ def one_f_one_b_actions(pp: int, num_microbatches: int) -> dict[str, list[str]]:
                 order.append(f"{rank}F{f}")
                 f += 1
             order.append(f"{rank}B{b}")
-        actions[str(rank)] = order
+        actions.append(order)
     return actions
 
 
@@ -117,11 +117,11 @@ def tiny_plan(
     two_hop: bool = False,
     gpus_per_node: int = 0,
     lr: float = 1e-3,
-    actions: dict[str, list[str]] | None = None,
+    actions: list[list[str]] | None = None,
 ) -> dict:
     """The dict form of plan.json for the tiny model (see the module docstring).
 
-    `actions` replaces the schedule's action lists (e.g. from compiler.schedules)."""
+    `actions` replaces the schedule's action lists (one list per pipeline rank, e.g. from dsvc.compiler.schedules)."""
     model = tiny_model(num_layers, mtp_depth)
     if schedule == "dualpipev":
         chunks = split_layers(num_layers, 2 * pp)
@@ -150,7 +150,7 @@ def tiny_plan(
     }
     if actions is None:
         actions = (
-            one_f_one_b_actions(pp, num_microbatches) if with_actions and schedule == "1f1b" else {}
+            one_f_one_b_actions(pp, num_microbatches) if with_actions and schedule == "1f1b" else []
         )
     mesh = {"pipeline": pp, "data": dp, "expert": ep, "world_size": pp * dp}
     if gpus_per_node:

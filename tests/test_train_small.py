@@ -174,7 +174,7 @@ def test_gpu_bench_flops_agree_with_the_report(tmp_path):
     import json
 
     from dsvc import dsl
-    from dsvc.compiler.report import build_report
+    from dsvc.compiler.driver import build_report
 
     bench = _bench_module()
     spec = dsl.load(str(bench.SPEC))

@@ -89,8 +89,9 @@ def test_golden_loss_fp32(fp32_run):
 def test_expert_load_file_counts_every_routed_token(fp32_run):
     """RUN_DIR/expert_load.json: gathered over pipeline ranks, summed over data ranks."""
     from dsvc import dsl
+    from dsvc.compiler.driver import build_report
     from dsvc.compiler.passes.place_experts import read_expert_load
-    from dsvc.compiler.report import build_report, moe_layer_indices
+    from dsvc.compiler.report import moe_layer_indices
 
     spec = dsl.load(TINY)
     path = fp32_run / "expert_load.json"

@@ -43,7 +43,7 @@ def run(args) -> int:
     if args.format == "chrome":
         raise UsageError("--format chrome is a schedule trace: use it with --schedule")
     from dsvc import dsl
-    from dsvc.compiler.pipeline import GRAPH_PASSES, run_until
+    from dsvc.compiler.driver import GRAPH_PASSES, run_until
 
     after = args.after or GRAPH_PASSES[-1]
     if after not in GRAPH_PASSES:

@@ -46,7 +46,7 @@ def run_schedule_view(spec, args) -> int:
         raise UsageError("--format png writes an image and needs -o FILE\n  hint: add -o step.png")
     expert_load = getattr(args, "expert_load", None)
     check_expert_load_flag(expert_load)
-    from dsvc.compiler.passes.simulate import simulate_step
+    from dsvc.compiler.driver import simulate_step
 
     result = simulate_step(spec, expert_load=expert_load)
     if fmt == "png":

@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
 def _build(path: str, args):
     from dsvc import dsl
     from dsvc.compiler.cli import check_expert_load_flag
-    from dsvc.compiler.report import build_report
+    from dsvc.compiler.driver import build_report
 
     spec, warnings = dsl.load_with_warnings(path)
     for w in warnings:

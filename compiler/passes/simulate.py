@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from dsvc.dsl.diagnostics import Diagnostic, SpecError
-
 from .simulate_costs import IB, Rates, Topology, stage_profiles
 from .simulate_play import ActionCosts, TopologyCosts
 
@@ -99,48 +97,21 @@ class StepResult:
 def simulate(graph):
     """A copy of `graph` with `simulation` set to the `StepResult` (None, with a note,
     when the spec lacks a cluster, parallel or train block to simulate with)."""
-    sched = getattr(graph, "schedule", None)
+    sched = graph.schedule
     assert sched is not None, "the simulate pass runs after the schedule pass"
-    missing = _missing_blocks(graph.spec)
+    missing = missing_blocks(graph.spec)
     if missing:
         note = f"step not simulated: no {' / '.join(missing)} block"
         out, result = graph.derive("simulate", notes=graph.notes + (note,)), None
     else:
         out, result = graph.derive("simulate"), simulate_graph(graph, sched)
-    out.schedule, out.simulation = sched, result
+    out.simulation = result
     return out
 
 
-def simulate_step(spec, *, overlap: str | None = None, expert_load: str | None = None) -> StepResult:
-    """Lower, partition, schedule and simulate `spec`; `overlap` ("none" or
-    "dual_microbatch") overrides `parallel.overlap`. Raises `SpecError` when the spec
-    lacks what a step needs (cluster, parallel and train blocks)."""
-    missing = _missing_blocks(spec)
-    if missing:
-        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1
-                             else missing)
-        raise SpecError([Diagnostic(
-            "error", f"simulating a training step needs the {names} "
-            f"block{'s' if len(missing) > 1 else ''}", spec.span("model"),
-            "add them, or include a cluster file (e.g. include \"clusters/h800_2048.dsv\")")])
-    if overlap is not None and overlap != spec.parallel.overlap:
-        spec = spec.model_copy(update={"parallel": spec.parallel.model_copy(
-            update={"overlap": overlap})})
-    return _run_passes(spec, expert_load).simulation
-
-
-def _missing_blocks(spec) -> list[str]:
+def missing_blocks(spec) -> list[str]:
+    """The blocks a training step needs that `spec` lacks."""
     return [b for b in ("cluster", "parallel", "train") if getattr(spec, b) is None]
-
-
-def _run_passes(spec, expert_load):
-    from dsvc.compiler.pipeline import pass_names, run_until
-
-    if "simulate" in pass_names():
-        return run_until(spec, "simulate", expert_load=expert_load)
-    from .schedule import schedule  # until the pipeline lists these two passes
-
-    return simulate(schedule(run_until(spec, "insert_comm", expert_load=expert_load)))
 
 
 def simulate_graph(graph, sched) -> StepResult:

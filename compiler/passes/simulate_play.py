@@ -22,8 +22,8 @@ import dataclasses
 from collections import defaultdict
 
 from dsvc.compiler.schedules import CostModel
-from dsvc.compiler.schedules.actions import BACKWARD_WEIGHT, FORWARD, OVERLAP_F_B, SEND_F
 from dsvc.compiler.schedules.overlap import backward_chunks, forward_chunks, overlap_order
+from dsvc.runtime.actions import BACKWARD_WEIGHT, FORWARD, OVERLAP_F_B, SEND_F
 
 from .simulate_costs import IB, NVLINK
 
@@ -160,7 +160,7 @@ class ActionCosts:
         return play(steps, self.bandwidth)
 
     def _play_pair(self, forward, backward) -> Played:
-        from dsvc.compiler.schedules.actions import overlap
+        from dsvc.runtime.actions import overlap
 
         pair = overlap(forward, backward)
         order = overlap_order(pair, self._kinds(forward.stage), self._kinds(backward.stage))

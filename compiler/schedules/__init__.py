@@ -14,7 +14,8 @@ insertion), `check`, `simulate` (event simulator and cost models),
 Pure Python: nothing here imports torch, and matplotlib only inside `draw_timeline`.
 """
 
-from .actions import Action, ActionSyntaxError, from_torch, parse_action, to_torch
+from dsvc.runtime.actions import Action, ActionSyntaxError, from_torch, parse_action, to_torch
+
 from .check import ScheduleCheckError, check_schedule, schedule_problems
 from .comms import insert_send_recv
 from .draw import draw_timeline

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from .actions import (
+from dsvc.runtime.actions import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
     FORWARD,
@@ -27,6 +27,7 @@ from .actions import (
     SEND_F,
     Action,
 )
+
 from .comms import consumer_key, message_for, recv_source
 from .schedule import Schedule
 from .simulate import ScheduleDeadlock, UniformCosts, simulate

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .actions import (
+from dsvc.runtime.actions import (
     FORWARD,
     INPUT_GRAD_KINDS,
     RECV_B,
@@ -27,6 +27,7 @@ from .actions import (
     SEND_F,
     Action,
 )
+
 from .schedule import Schedule
 
 

@@ -13,7 +13,13 @@ from __future__ import annotations
 import errno
 import os
 
-from .actions import BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, FULL_BACKWARD, OVERLAP_F_B
+from dsvc.runtime.actions import (
+    BACKWARD_INPUT,
+    BACKWARD_WEIGHT,
+    FORWARD,
+    FULL_BACKWARD,
+    OVERLAP_F_B,
+)
 
 # (first copy / first leg, second copy / second leg) per kind
 _COLOURS = {

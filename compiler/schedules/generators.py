@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .actions import (
+from dsvc.runtime.actions import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
     FORWARD,
@@ -26,6 +26,7 @@ from .actions import (
     Action,
     overlap,
 )
+
 from .comms import insert_send_recv
 from .schedule import Chain, Schedule
 

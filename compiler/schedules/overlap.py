@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from .actions import BACKWARD_INPUT, OVERLAP_F_B, Action
+from dsvc.runtime.actions import BACKWARD_INPUT, OVERLAP_F_B, Action
 
 MOE, DENSE = "moe", "dense"
 COMM_PARTS = ("dispatch", "combine")

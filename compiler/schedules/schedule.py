@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from .actions import Action, parse_action
+from dsvc.runtime.actions import Action, parse_action
 
 SCHEDULE_FORMAT = "dsvc-schedule"
 SCHEDULE_FORMAT_VERSION = 1

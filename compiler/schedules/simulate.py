@@ -27,7 +27,7 @@ import dataclasses
 from collections import defaultdict, deque
 from collections.abc import Mapping
 
-from .actions import (
+from dsvc.runtime.actions import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
     FORWARD,
@@ -39,6 +39,7 @@ from .actions import (
     SEND_F,
     Action,
 )
+
 from .schedule import Schedule
 
 

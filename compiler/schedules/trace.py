@@ -5,7 +5,7 @@ event per action, with exposed communication inside a chunk as a nested event.
 
 from __future__ import annotations
 
-from .actions import OVERLAP_F_B, Action
+from dsvc.runtime.actions import OVERLAP_F_B, Action
 
 # Trace timestamps are microseconds; simulated times are in `result.time_unit`.
 _US_PER = {"s": 1e6, "ms": 1e3, "us": 1.0, "unit": 1.0}

@@ -11,7 +11,8 @@ import pytest
 
 from dsvc import dsl
 from dsvc.compiler.costs.comm import routing_copies
-from dsvc.compiler.report import build_report, expert_load_imbalance
+from dsvc.compiler.driver import build_report
+from dsvc.compiler.report import expert_load_imbalance
 from dsvc.dsl.diagnostics import SpecError
 
 # The cost formulas on the documented even split (no graph, no simulation).

@@ -7,7 +7,7 @@ import math
 
 from dsvc import dsl
 from dsvc.compiler.costs.decode import decode_stage_time
-from dsvc.compiler.report import build_report
+from dsvc.compiler.driver import build_report
 
 # The cost formulas on the documented even split (no graph, no simulation).
 build_report = functools.partial(build_report, even_split=True)

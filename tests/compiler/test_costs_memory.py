@@ -19,7 +19,7 @@ from dsvc.compiler.costs.memory import (
 )
 from dsvc.compiler.costs.model import Linear, build_model
 from dsvc.compiler.costs.symbols import Quantities
-from dsvc.compiler.report import build_report
+from dsvc.compiler.driver import build_report
 
 # The cost formulas on the documented even split (no graph, no simulation).
 build_report = functools.partial(build_report, even_split=True)

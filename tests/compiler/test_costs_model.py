@@ -12,7 +12,7 @@ import pytest
 from dsvc import dsl
 from dsvc.compiler.costs import model as M
 from dsvc.compiler.costs.symbols import Quantities
-from dsvc.compiler.report import build_report
+from dsvc.compiler.driver import build_report
 
 # The cost formulas on the documented even split (no graph, no simulation).
 build_report = functools.partial(build_report, even_split=True)

@@ -14,7 +14,7 @@ from dsvc.compiler.costs.network import (
     fat_tree_needed,
     fat_tree_switches,
 )
-from dsvc.compiler.report import build_report
+from dsvc.compiler.driver import build_report
 
 # The cost formulas on the documented even split (no graph, no simulation).
 build_report = functools.partial(build_report, even_split=True)

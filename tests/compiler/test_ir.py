@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 
 from dsvc import dsl
+from dsvc.compiler.driver import GRAPH_PASSES, run_until
 from dsvc.compiler.ir import Graph, Op, T, num, tensor
 from dsvc.compiler.passes.lower import lower
-from dsvc.compiler.pipeline import GRAPH_PASSES, run_until
 from dsvc.compiler.printer import format_dot, format_text
 from dsvc.compiler.verify import IRVerifyError, check, verify
 from tests.conftest import EXAMPLES, ROOT
@@ -83,7 +83,7 @@ def test_attention_params_per_layer_match_reference(v3):
 
 
 def test_lowering_matches_report_params_and_flops():
-    from dsvc.compiler.report import build_report
+    from dsvc.compiler.driver import build_report
 
     for name in ("tiny", "deepseek_v3", "deepseek_v2_lite"):
         spec = dsl.load(EXAMPLES / f"{name}.dsv")
@@ -143,7 +143,7 @@ def _tiny_graph(spec) -> Graph:
 def test_verifier_accepts_sound_graphs(tiny):
     assert check(_tiny_graph(tiny)) == []
     for name in GRAPH_PASSES:
-        verify(run_until(tiny, name, verify=False))
+        verify(run_until(tiny, name, verify_ir=False))
 
 
 def test_verifier_catches_shape_dtype_and_feed_errors(tiny):

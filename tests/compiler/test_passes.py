@@ -7,10 +7,10 @@ import json
 import pytest
 
 from dsvc import dsl
+from dsvc.compiler.driver import GRAPH_PASSES, PASSES, run_until
 from dsvc.compiler.ir import T
 from dsvc.compiler.passes.partition_stages import balance
 from dsvc.compiler.passes.place_experts import place_layer, rank_loads
-from dsvc.compiler.pipeline import GRAPH_PASSES, PASSES, run_until
 from dsvc.compiler.printer import format_text, imbalance
 from tests.compiler.test_passes_props import load, spec_text
 from tests.conftest import EXAMPLES

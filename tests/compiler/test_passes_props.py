@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsvc import dsl
-from dsvc.compiler.pipeline import run_until
+from dsvc.compiler.driver import run_until
 from dsvc.compiler.printer import stage_rows
 
 _SETTINGS = settings(max_examples=30, deadline=None,
@@ -136,7 +136,7 @@ def test_partition_and_placement_properties(text):
 @_SETTINGS
 @given(small_specs())
 def test_lowering_preserves_report_params_and_flops(text):
-    from dsvc.compiler.report import build_report
+    from dsvc.compiler.driver import build_report
 
     spec = load(text)
     g = run_until(spec, "lower")

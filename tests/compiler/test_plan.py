@@ -7,9 +7,8 @@ import json
 import pytest
 
 from dsvc import dsl
-from dsvc.compiler.pipeline import run_until
-from dsvc.compiler.plan import build_plan, emit_plan
-from dsvc.runtime.plan import parse_plan
+from dsvc.compiler.driver import build_plan, run_until
+from dsvc.runtime.plan import dump_plan, parse_plan
 from tests.compiler.test_passes_props import load, spec_text
 from tests.conftest import EXAMPLES
 
@@ -21,8 +20,9 @@ def _roundtrip(plan: dict):
 @pytest.mark.parametrize("name", ["tiny", "deepseek_v3", "deepseek_v2_lite"])
 def test_examples_emit_loadable_plans(name):
     spec = dsl.load(EXAMPLES / f"{name}.dsv")
-    graph = run_until(spec)
-    plan = _roundtrip(emit_plan(graph))
+    graph = run_until(spec, "emit_plan")
+    plan = _roundtrip(dump_plan(graph.plan))
+    assert plan == graph.plan  # what the compiler built is what the runtime reads
     assert [(s.index, s.rank, s.copy, s.layers) for s in plan.stages] == [
         (s.index, s.device, s.copy, s.layers) for s in sorted(graph.pipeline.stages, key=lambda s: s.index)]
     assert plan.schedule.num_microbatches == spec.micro_batches

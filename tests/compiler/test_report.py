@@ -12,11 +12,11 @@ import pytest
 import dsvc.dsl.spec  # noqa: F401  (pydantic Specs for this session; the CLI alone would choose light ones)
 from dsvc import dsl
 from dsvc.compiler.cli import main
+from dsvc.compiler.driver import build_report
 from dsvc.compiler.report import (
     REQUIRED,
     SCHEMA,
     SCHEMA_VERSION,
-    build_report,
     compare_json,
     render_text,
     report_json,

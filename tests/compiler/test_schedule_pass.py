@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsvc import dsl
+from dsvc.compiler.driver import run_until
 from dsvc.compiler.passes.schedule import pair_chunk_order, schedule, split_overlaps, stage_units
-from dsvc.compiler.pipeline import run_until
 from dsvc.compiler.schedules import Schedule, check_schedule, schedule_problems
-from dsvc.compiler.schedules.actions import OVERLAP_F_B
 from dsvc.compiler.schedules.overlap import hidden_comm_chunks
+from dsvc.runtime.actions import OVERLAP_F_B
 from tests.compiler.test_simulate_specs import make_spec, min_microbatches
 from tests.conftest import EXAMPLES
 

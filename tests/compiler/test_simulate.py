@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from dsvc.compiler.driver import run_until
 from dsvc.compiler.ir import Op, tensor
 from dsvc.compiler.passes.schedule import schedule
 from dsvc.compiler.passes.simulate import _ring_time
@@ -19,7 +20,6 @@ from dsvc.compiler.passes.simulate_costs import (
     stage_profiles,
 )
 from dsvc.compiler.passes.simulate_play import ActionCosts, Played, TopologyCosts, play
-from dsvc.compiler.pipeline import run_until
 from dsvc.compiler.schedules import parse_action
 from tests.compiler.test_simulate_specs import make_spec
 from tests.tolerances import tol

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from dsvc import dsl
 from dsvc.compiler.cli import main
 from dsvc.compiler.cli.inspect_schedule import step_text
-from dsvc.compiler.passes.simulate import simulate_step
+from dsvc.compiler.driver import simulate_step
 from dsvc.dsl.diagnostics import SpecError
 from tests.compiler.test_simulate_specs import make_spec, min_microbatches
 from tests.conftest import EXAMPLES
@@ -74,8 +74,8 @@ def test_lower_gemm_efficiency_in_the_spec_slows_the_step():
 
 
 def test_a_measured_expert_load_shapes_the_simulated_step(tmp_path):
+    from dsvc.compiler.driver import run_until
     from dsvc.compiler.passes.simulate_costs import expert_skew
-    from dsvc.compiler.pipeline import run_until
     from dsvc.compiler.report import expert_load_imbalance
 
     spec = dsl.load(EXAMPLES / "deepseek_v3.dsv")
@@ -99,9 +99,9 @@ def test_a_measured_expert_load_shapes_the_simulated_step(tmp_path):
 
 
 def test_simulating_deepseek_v3_is_fast():
+    from dsvc.compiler.driver import run_until
     from dsvc.compiler.passes.schedule import schedule
     from dsvc.compiler.passes.simulate import simulate
-    from dsvc.compiler.pipeline import run_until
 
     graph = run_until(dsl.load(EXAMPLES / "deepseek_v3.dsv"), "insert_comm")
     start = time.perf_counter()

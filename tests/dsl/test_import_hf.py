@@ -101,14 +101,15 @@ def test_deepseek_v3_matches_the_example():
 def test_deepseek_v3_import_compiles_to_a_plan_the_released_config_matches():
     """max_seq from max_position_embeddings (163840 > 4096: YaRN applies, as in the released
     model) and both mscales: the runtime's config check accepts the released config.json."""
-    from dsvc.compiler.plan import _model
+    from dsvc.compiler.codegen.emit_plan import model_record
     from dsvc.runtime.hf import check_hf_config
     from dsvc.runtime.plan import parse_plan
+    from dsvc.runtime.schema import to_json as dump_plan_part
     from dsvc.runtime.tiny import tiny_plan
 
     text, _ = import_config(json.dumps(DEEPSEEK_V3), "config.json", "v3")
     raw = tiny_plan(pp=1, dp=1, ep=1, num_layers=61)
-    raw["model"] = _model(dsl.loads(text, filename="v3.dsv"))
+    raw["model"] = dump_plan_part(model_record(dsl.loads(text, filename="v3.dsv").model))
     raw["experts"]["moe"] = {"per_rank": [list(range(256))],
                              "group_of_expert": [e // 32 for e in range(256)]}
     plan = parse_plan(raw)

@@ -29,9 +29,9 @@ PP, DP, N = 2, 2, 4
 DUALPIPE = ("dualpipe", "dualpipe_plain", "dualpipe_head_only")
 
 
-def _actions(kind: str, pp: int, n: int) -> dict[str, list[str]]:
+def _actions(kind: str, pp: int, n: int) -> list[list[str]]:
     sch = schedules.build_schedule(kind, pp, n)
-    return {str(d): [str(a) for a in acts] for d, acts in enumerate(sch.actions)}
+    return [[str(a) for a in acts] for acts in sch.actions]
 
 
 def dualpipe_plan(overlap: bool = True, chunks: list[list[int]] | None = None) -> dict:

@@ -24,7 +24,7 @@ STEPS = 3
 def _compiler_actions(kind: str, num_stages: int, num_microbatches: int):
     schedules = pytest.importorskip("dsvc.compiler.schedules")
     sch = schedules.build_schedule(kind, num_stages, num_microbatches)
-    return {str(d): [str(a) for a in acts] for d, acts in enumerate(sch.actions)}
+    return [[str(a) for a in acts] for acts in sch.actions]
 
 
 def _scenarios() -> dict[str, dict]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dsvc import dsl
-from dsvc.compiler.plan import build_plan
+from dsvc.compiler.driver import build_plan
 from dsvc.runtime import _fp8_torch
 from dsvc.runtime._fp8_triton import PROTOCOL
 from dsvc.runtime.attention import GQA, MLA

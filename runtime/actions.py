@@ -11,7 +11,8 @@ format, so the list drawn is the list the runtime executes:
     "3SEND_F5"            stage 3 sends micro-batch 5's activations onward
     "(3F5;12B1)OVERLAP_F_B"  stage 3's forward of 5 overlapped with stage 12's backward of 1
 
-Pure Python: `to_torch` / `from_torch` import torch only when called.
+Standard library only (the runtime's plan check and executors and the compiler's schedule
+generators share it): `to_torch` / `from_torch` import torch only when called.
 """
 
 from __future__ import annotations
