@@ -94,21 +94,17 @@ def import_kernel_module(path, name: str, soft_round: bool = False):
 
 
 def load_kernels(shapes, soft_round=False):
-    """The kernel module rendered for `shapes` (the generic module if jinja2 is missing).
+    """The kernel module rendered for `shapes` (jinja2 alone renders it: the GPU image has it).
 
     soft_round: the twin module with the integer rounding, timed beside the cast path as
     the same-run reference.
     """
-    try:
-        from dsvc.compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
-    except ImportError as err:  # the GPU image may lack the compiler's dependencies
-        print(f"note: cannot render ({err}); using runtime/_fp8_kernels_generic.py")
-        path = ROOT / "runtime" / "_fp8_kernels_generic.py"
-    else:
-        gemms = tuple(GemmShape(f"g{n}x{k}", n, k) for n, k in shapes)
-        text = render_kernels(KernelConfig(gemms=gemms, title="DeepSeek-V3 bench shapes"))
-        path = pathlib.Path(tempfile.mkdtemp(prefix="dsvc_bench_")) / "fp8_kernels.py"
-        path.write_text(text, encoding="utf-8")
+    from dsvc.compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
+
+    gemms = tuple(GemmShape(f"g{n}x{k}", n, k) for n, k in shapes)
+    text = render_kernels(KernelConfig(gemms=gemms, title="DeepSeek-V3 bench shapes"))
+    path = pathlib.Path(tempfile.mkdtemp(prefix="dsvc_bench_")) / "fp8_kernels.py"
+    path.write_text(text, encoding="utf-8")
     return import_kernel_module(path, f"dsvc_bench_fp8_kernels_{int(soft_round)}", soft_round)
 
 
@@ -131,12 +127,12 @@ def geomean(values):
 
 
 def cublas_call(a, a_s, w, w_s):
-    """torch._scaled_mm on the operands `runtime._fp8_cublas.gemm` uses (padded, scales laid
+    """torch._scaled_mm on the operands `runtime.fp8_cublas.gemm` uses (padded, scales laid
     out as cuBLAS needs them), built once, outside the timed region: the bench times the
     runtime's own layout, not one of its own."""
     import torch
 
-    from dsvc.runtime._fp8_cublas import scaled_mm_operands
+    from dsvc.runtime.fp8_cublas import scaled_mm_operands
 
     mat1, mat2, scale_a, scale_b = scaled_mm_operands(a, a_s, w, w_s)
     return functools.partial(
@@ -431,8 +427,8 @@ def main(argv=None) -> int:
         return 0
     import triton
 
-    from dsvc.runtime import _fp8_cublas as cublas
-    from dsvc.runtime import _fp8_torch as ref
+    from dsvc.runtime import fp8_cublas as cublas
+    from dsvc.runtime import fp8_torch as ref
 
     sizes = SMOKE if args.cpu_smoke else GPU
     name = torch.cuda.get_device_name() if sizes.device == "cuda" else "cpu (interpreter)"

@@ -1,6 +1,6 @@
 """What the generated FP8 kernels compile to on Hopper, read on a machine without a GPU.
 
-Compiles every kernel of runtime/_fp8_kernels_generic.py for sm_90 with triton's own
+Compiles every kernel of the FP8 kernel module (rendered for no particular spec) for sm_90 with triton's own
 NVIDIA backend (the ptxas, cuobjdump and nvdisasm that ship inside the triton wheel; no
 CUDA driver is needed) and prints what a GPU run does not show:
   * registers per thread, bytes spilled to local memory and shared memory per program,
@@ -43,17 +43,23 @@ from sm90_compile import (  # this script's neighbour in bench/
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GENERIC = ROOT / "runtime" / "_fp8_kernels_generic.py"
 # per element, the integer rounding costs ~12 instructions (two quantisations: ~24); the
 # cast path of each quantiser must save at least this many
 MIN_CAST_SAVING = 8.0
 
 
 def load_module(soft_round: bool):
-    """The generic kernel module as a GPU would load it (or with integer rounding)."""
+    """The kernel module for no particular spec as a GPU would load it (or with integer
+    rounding), rendered afresh."""
+    import tempfile
+
     from kernels_gpu import import_kernel_module  # this script's neighbour in bench/
 
-    return import_kernel_module(GENERIC, f"_dsvc_sm90_kernels_{int(soft_round)}", soft_round)
+    from dsvc.compiler.codegen.kernels import generic_config, render_kernels
+
+    path = pathlib.Path(tempfile.mkdtemp(prefix="dsvc_sm90_")) / "fp8_kernels.py"
+    path.write_text(render_kernels(generic_config()), encoding="utf-8")
+    return import_kernel_module(path, f"_dsvc_sm90_kernels_{int(soft_round)}", soft_round)
 
 
 def _copy_kernel():

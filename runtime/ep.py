@@ -67,28 +67,28 @@ class _AllToAll(torch.autograd.Function):
 
 
 class _FP8AllToAll(torch.autograd.Function):
-    """Forward payload quantised to e4m3 in 1x128 tiles (scales sent beside it); the
+    """Forward payload quantised to e4m3 in 1 x tile tiles (scales sent beside it); the
     gradient returns in `grad_dtype` as if the quantisation were the identity (the
     expert GEMMs quantise their inputs again; this only changes the wire format)."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, grad_dtype, ue8m0, comm, label):
+    def forward(ctx, x, out_splits, in_splits, group, grad_dtype, tile, ue8m0, comm, label):
         from .fp8 import dequantize_act, quantize_act
 
         ctx.splits, ctx.group, ctx.grad_dtype = (out_splits, in_splits), group, grad_dtype
         ctx.comm, ctx.label = comm, label
-        q_RD, s_RDt = quantize_act(x.contiguous(), 128, ue8m0)
+        q_RD, s_RDt = quantize_act(x.contiguous(), tile, ue8m0)
         q_recv, s_recv = comm.exchange(
             [q_RD.view(torch.uint8), s_RDt], out_splits, in_splits, group, FORWARD, label
         )
-        return dequantize_act(q_recv.view(q_RD.dtype), s_recv, 128, out_dtype=x.dtype)
+        return dequantize_act(q_recv.view(q_RD.dtype), s_recv, tile, out_dtype=x.dtype)
 
     @staticmethod
     def backward(ctx, g):
         out_splits, in_splits = ctx.splits
         gt = g.to(ctx.grad_dtype)
         (back,) = ctx.comm.exchange([gt], in_splits, out_splits, ctx.group, BACKWARD, ctx.label)
-        return back.to(g.dtype), None, None, None, None, None, None, None
+        return back.to(g.dtype), None, None, None, None, None, None, None, None
 
 
 class Route:
@@ -143,7 +143,8 @@ class Route:
             return x
         if wire == "fp8_e4m3" and x.is_floating_point():
             return _FP8AllToAll.apply(
-                x, out_splits, in_splits, self.group, grad_dtype, ue8m0, self.comm, label
+                x, out_splits, in_splits, self.group, grad_dtype, self.comm.dispatch_tile, ue8m0,
+                self.comm, label,
             )
         if not x.is_floating_point():  # routing metadata (two-hop expert ids): no autograd
             return self.comm.exchange([x], out_splits, in_splits, self.group, FORWARD, label)[0]
@@ -185,6 +186,7 @@ class ExpertComm:
         inter_group=None,
         intra_group=None,
         transport=None,
+        dispatch_tile: int = 128,
     ):
         self.placement, self.group = placement, group
         # how bytes move (CollectiveTransport; overlap.CopyTransport on one GPU), and the
@@ -203,7 +205,7 @@ class ExpertComm:
         self.owner, self.local_index = owner, local
         self.dispatch_wire = dispatch
         self.combine_dtype = torch.bfloat16 if combine == "bf16" else torch.float32
-        self.ue8m0 = ue8m0
+        self.ue8m0, self.dispatch_tile = ue8m0, dispatch_tile  # an FP8 dispatch's tiles
         self.two_hop = placement.two_hop and group is not None and node_size > 0
         self.node_size, self.inter_group, self.intra_group = node_size, inter_group, intra_group
 

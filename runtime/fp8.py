@@ -8,8 +8,8 @@ accumulation promoted every 128 elements of K.
 Backends (`backend=` on every function):
   "torch"   emulation on any device: cast to float8_e4m3fn, dequantise, fp32 matmul.
             It is the reference: the other backends' scales equal its bits.
-  "triton"  the generated kernel module registered with `use_kernels(path_or_module)`,
-            else the generic rendering shipped as runtime/_fp8_kernels_generic.py.
+  "triton"  the generated kernel module registered with `use_kernels(path_or_module)` (a
+            build's kernels/fp8_kernels.py, specialised to its spec's tiles and shapes).
   "cublas"  torch._scaled_mm with block scales (GPU); quantisers from "torch".
   a module  a generated kernel module object, used directly.
 
@@ -48,10 +48,10 @@ import types
 
 import torch
 
-from . import _fp8_torch
-from ._fp8_autograd import FP8GroupedLinear, FP8GroupedSwiGLUDown, FP8Linear
-from ._fp8_torch import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, TILE
-from ._fp8_triton import PROTOCOL, load_kernel_module, use_kernels
+from . import fp8_torch
+from .fp8_autograd import FP8GroupedLinear, FP8GroupedSwiGLUDown, FP8Linear
+from .fp8_torch import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, TILE
+from .fp8_triton import PROTOCOL, load_kernel_module, use_kernels
 
 __all__ = [
     "AMAX_FLOOR",
@@ -82,11 +82,11 @@ BACKENDS = ("torch", "triton", "cublas")
 
 
 def _cublas_ops() -> types.SimpleNamespace:
-    from . import _fp8_cublas
+    from . import fp8_cublas
 
-    ops = {name: getattr(_fp8_torch, name) for name in PROTOCOL}
+    ops = {name: getattr(fp8_torch, name) for name in PROTOCOL}
     for name in ("gemm", "grouped_gemm", "grouped_gemm_wgrad"):
-        ops[name] = getattr(_fp8_cublas, name)
+        ops[name] = getattr(fp8_cublas, name)
     return types.SimpleNamespace(**ops)
 
 
@@ -95,9 +95,9 @@ def resolve_backend(backend: str | types.ModuleType = "torch"):
     if isinstance(backend, types.ModuleType):
         return backend
     if backend == "torch":
-        return _fp8_torch
+        return fp8_torch
     if backend == "triton":
-        from ._fp8_triton import kernel_module
+        from .fp8_triton import kernel_module
 
         return kernel_module()
     if backend == "cublas":
@@ -151,21 +151,24 @@ def dequantize_weight(q, s, block=TILE, out_dtype=torch.float32, *, backend="tor
     return resolve_backend(backend).dequantize_weight(q, s, block, out_dtype)
 
 
-def fp8_gemm(a, a_s, b, b_s, out_dtype=torch.bfloat16, backend="torch"):
+def fp8_gemm(a, a_s, b, b_s, out_dtype=torch.bfloat16, backend="torch", *, tile=TILE):
     """Block-scaled a @ b^T with fp32 accumulation -> (M, N) in out_dtype."""
-    return resolve_backend(backend).gemm(a, a_s, b, b_s, out_dtype)
+    return resolve_backend(backend).gemm(a, a_s, b, b_s, out_dtype, tile=tile)
 
 
-def fp8_grouped_gemm(a, a_s, b, b_s, offsets, out_dtype=torch.bfloat16, backend="torch"):
+def fp8_grouped_gemm(a, a_s, b, b_s, offsets, out_dtype=torch.bfloat16, backend="torch", *,
+                     tile=TILE):
     """Per-expert block-scaled GEMM over a contiguous token layout -> (M, N)."""
     _check_offsets(offsets, b.shape[0])
-    return resolve_backend(backend).grouped_gemm(a, a_s, b, b_s, offsets, out_dtype)
+    return resolve_backend(backend).grouped_gemm(a, a_s, b, b_s, offsets, out_dtype, tile=tile)
 
 
-def fp8_grouped_gemm_wgrad(a_t, a_ts, b_t, b_ts, offsets, out_dtype=torch.float32, backend="torch"):
+def fp8_grouped_gemm_wgrad(a_t, a_ts, b_t, b_ts, offsets, out_dtype=torch.float32, backend="torch",
+                           *, tile=TILE):
     """Per-expert a_t[:, rows] @ b_t[:, rows]^T over token ranges -> (E, N, K)."""
     _check_offsets(offsets)
-    return resolve_backend(backend).grouped_gemm_wgrad(a_t, a_ts, b_t, b_ts, offsets, out_dtype)
+    return resolve_backend(backend).grouped_gemm_wgrad(a_t, a_ts, b_t, b_ts, offsets, out_dtype,
+                                                       tile=tile)
 
 
 def swiglu_quant(gate, up, tile=TILE, ue8m0=False, *, backend="torch"):
@@ -173,21 +176,22 @@ def swiglu_quant(gate, up, tile=TILE, ue8m0=False, *, backend="torch"):
     return resolve_backend(backend).swiglu_quant(gate, up, tile, ue8m0)
 
 
-def fp8_linear(x, weight, bias=None, *, ue8m0=False, backend="torch"):
+def fp8_linear(x, weight, bias=None, *, tile=TILE, ue8m0=False, backend="torch"):
     """FP8 nn.Linear: y = x W^T + b; forward, dgrad and wgrad as block-scaled FP8 GEMMs.
 
     x (..., K) in any float dtype (y and dx come back in it); weight (N, K) (dW in its
-    dtype, computed in fp32); bias (N,) optional.
+    dtype, computed in fp32); bias (N,) optional; 1 x tile activation tiles, tile x tile
+    weight blocks (the plan's `act_tile`).
     """
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(
             f"fp8_linear: x has {x.shape[-1]} input features, weight {tuple(weight.shape)} expects "
             f"{weight.shape[-1]}"
         )
-    return FP8Linear.apply(x, weight, bias, ue8m0, resolve_backend(backend))
+    return FP8Linear.apply(x, weight, bias, tile, ue8m0, resolve_backend(backend))
 
 
-def fp8_grouped_linear(x_sorted, weight, offsets, *, ue8m0=False, backend="torch"):
+def fp8_grouped_linear(x_sorted, weight, offsets, *, tile=TILE, ue8m0=False, backend="torch"):
     """Routed-expert linear: rows of expert e (by `offsets`) times weight[e]^T, with autograd.
 
     x_sorted (M, K) tokens sorted by expert; weight (E, N, K); offsets (E,) cumulative ends.
@@ -198,16 +202,17 @@ def fp8_grouped_linear(x_sorted, weight, offsets, *, ue8m0=False, backend="torch
             f"fp8_grouped_linear: x_sorted {tuple(x_sorted.shape)} does not match weight "
             f"{tuple(weight.shape)} (expected (M, {weight.shape[2]}))"
         )
-    return FP8GroupedLinear.apply(x_sorted, weight, offsets, ue8m0, resolve_backend(backend))
+    return FP8GroupedLinear.apply(x_sorted, weight, offsets, tile, ue8m0, resolve_backend(backend))
 
 
-def fp8_grouped_swiglu_ffn(x_sorted, w1, w3, w2, offsets, *, ue8m0=False, backend="torch"):
+def fp8_grouped_swiglu_ffn(x_sorted, w1, w3, w2, offsets, *, tile=TILE, ue8m0=False,
+                           backend="torch"):
     """Routed SwiGLU experts: (silu(x W1_e^T) * (x W3_e^T)) W2_e^T, every GEMM in FP8.
 
     w1, w3 (E, I, K) gate and up; w2 (E, K, I) down. SwiGLU is fused with the
     quantisation of its output on the way into the down projection.
     """
     ops = resolve_backend(backend)
-    gate = fp8_grouped_linear(x_sorted, w1, offsets, ue8m0=ue8m0, backend=ops)
-    up = fp8_grouped_linear(x_sorted, w3, offsets, ue8m0=ue8m0, backend=ops)
-    return FP8GroupedSwiGLUDown.apply(gate, up, w2, offsets, ue8m0, ops)
+    gate = fp8_grouped_linear(x_sorted, w1, offsets, tile=tile, ue8m0=ue8m0, backend=ops)
+    up = fp8_grouped_linear(x_sorted, w3, offsets, tile=tile, ue8m0=ue8m0, backend=ops)
+    return FP8GroupedSwiGLUDown.apply(gate, up, w2, offsets, tile, ue8m0, ops)

@@ -51,7 +51,8 @@ class Linear(nn.Module):
             x, w = x_MK, self.weight
             if self.fmt.pad:
                 x, w = pad_to_tile(x, -1, self.fmt.act_tile), pad_to_tile(w, -1, self.fmt.act_tile)
-            y = fp8_linear(x, w, self.bias, ue8m0=self.fmt.ue8m0, backend=self.backend)
+            y = fp8_linear(x, w, self.bias, tile=self.fmt.act_tile, ue8m0=self.fmt.ue8m0,
+                           backend=self.backend)
             return y.to(self.act_dtype)
         dt = _DTYPES[self.fmt.format]
         b = self.bias.to(dt) if self.bias is not None else None

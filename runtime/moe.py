@@ -89,7 +89,8 @@ class RoutedExperts(nn.Module):
             if self.fmt.pad:  # ragged hidden or intermediate: whole tiles for the kernels
                 x, w1, w3, w2 = pad_swiglu_k(x, w1, w3, w2, self.fmt.act_tile)
             y = fp8_grouped_swiglu_ffn(
-                x, w1, w3, w2, offsets, ue8m0=self.fmt.ue8m0, backend=self.backend
+                x, w1, w3, w2, offsets, tile=self.fmt.act_tile, ue8m0=self.fmt.ue8m0,
+                backend=self.backend
             )
             return y.to(self.act_dtype)
         dt = dtype_of(self.fmt.format)

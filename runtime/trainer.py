@@ -106,13 +106,13 @@ class Trainer:
     def _comms(self) -> dict[str, ExpertComm]:
         plan, mesh, prec = self.plan, self.mesh, self.plan.precision
         out = {}
+        experts = prec.linear_for("experts")  # an FP8 dispatch quantises as its GEMMs do
         for name, place in plan.experts.items():
-            ue8m0 = prec.linear_for("experts").ue8m0
             group = mesh.ep_group if mesh.ep > 1 else None
             out[name] = ExpertComm(
-                place, mesh.ep_rank, group, prec.dispatch, prec.combine, ue8m0,
+                place, mesh.ep_rank, group, prec.dispatch, prec.combine, experts.ue8m0,
                 node_size=mesh.node_size, inter_group=mesh.inter_node_group,
-                intra_group=mesh.intra_node_group,
+                intra_group=mesh.intra_node_group, dispatch_tile=experts.act_tile,
             )  # fmt: skip
         return out
 

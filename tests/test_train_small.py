@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from dsvc.runtime import _fp8_triton, fp8
+from dsvc.runtime import fp8, fp8_triton
 from tests.test_train_support import SPECS, child_env, compile_spec, losses, train_here
 from tests.tolerances import tol
 
@@ -46,10 +46,10 @@ def test_generated_triton_kernels_match_torch_emulation(kernels1_build, tmp_path
 
         return wrapper
 
-    for name in _fp8_triton.PROTOCOL:
+    for name in fp8_triton.PROTOCOL:
         monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
     registered = []
-    monkeypatch.setattr(_fp8_triton, "_registered", None)  # restored after the test
+    monkeypatch.setattr(fp8_triton, "_registered", None)  # restored after the test
     real_use = fp8.use_kernels
     monkeypatch.setattr(fp8, "use_kernels", lambda m: (registered.append(m), real_use(m)))
 
@@ -66,7 +66,7 @@ def test_generated_triton_kernels_match_torch_emulation(kernels1_build, tmp_path
         == 0
     )
     assert [str(p) for p in registered] == [str(kernel_file)]
-    assert _fp8_triton._registered is module
+    assert fp8_triton._registered is module
     # forward, dgrad and wgrad GEMMs of the dense and the routed-expert linears all ran here
     for name in (
         "quantize_act",
@@ -101,6 +101,55 @@ def test_generated_triton_kernels_match_torch_emulation(kernels1_build, tmp_path
             with_kernels[step],
             emulated[step],
         )
+
+
+def _record_tiles(monkeypatch, namespace, seen: dict[str, set]):
+    """Wrap every protocol function of `namespace` to record the tile (or weight block)
+    each call received, by function name."""
+    import inspect
+
+    for name in fp8_triton.PROTOCOL:
+        fn = getattr(namespace, name)
+        sig = inspect.signature(fn)
+
+        def wrapper(*args, _fn=fn, _sig=sig, _name=name, **kwargs):
+            bound = _sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            seen.setdefault(_name, set()).add(bound.arguments.get("tile", bound.arguments.get("block")))
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(namespace, name, wrapper)
+
+
+def test_the_plans_tile_reaches_every_quantisation_and_gemm(tmp_path, monkeypatch):
+    """tile(1, 64) / block(64, 64) / promote_every 64: plan.json, the generated kernels and
+    every FP8 call of a 3-step run, torch emulation and generated Triton kernels alike,
+    use 64, and the two backends agree."""
+    import json
+
+    build = compile_spec(SPECS / "kernels64.dsv", tmp_path / "build")
+    linear = json.loads((build / "plan.json").read_text())["precision"]["linear"]
+    assert (linear["act_tile"], linear["weight_block"]) == (64, [64, 64])
+    module = fp8.load_kernel_module(build / "kernels" / "fp8_kernels.py")
+    assert (module.TILE, module.WBLOCK_N, module.PROMOTE_EVERY) == (64, 64, 64)
+    monkeypatch.setattr(fp8_triton, "_registered", None)  # restored after the test
+    seen = {"triton": {}, "torch": {}}
+    _record_tiles(monkeypatch, module, seen["triton"])
+    _record_tiles(monkeypatch, fp8.resolve_backend("torch"), seen["torch"])
+    for backend in ("triton", "torch"):
+        run = ["--run-dir", str(tmp_path / backend), "--steps", "3", "--backend", backend]
+        assert train_here(build, *run) == 0
+    used = {"quantize_act", "quantize_act_both", "quantize_act_t_grouped", "quantize_weight",
+            "gemm", "grouped_gemm", "grouped_gemm_wgrad", "swiglu_quant"}
+    for backend, calls in seen.items():
+        assert used <= set(calls), (backend, sorted(calls))
+        assert all(tiles == {64} for tiles in calls.values()), (backend, calls)
+    with_kernels, emulated = losses(tmp_path / "triton"), losses(tmp_path / "torch")
+    rtol, atol = tol("fp8_triton_vs_torch_loss_3_steps")
+    assert sorted(with_kernels) == sorted(emulated) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert math.isclose(with_kernels[step], emulated[step], rel_tol=rtol, abs_tol=atol), (
+            step, with_kernels[step], emulated[step])  # fmt: skip
 
 
 # Never needed by a build. torch itself imports sympy, networkx and jinja2 (they are its own

@@ -55,6 +55,10 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     # ... and both curves must fall: the mean of the last 5 of 20 steps at least this
     # fraction below the mean of the first 5 (the goldens fall by 9-10%)
     "loss_golden_min_drop": (0.05, 0.0),
+    # the same over 3 steps with 1x64 tiles (kernels64.dsv): by step 3 a near-tied routed
+    # expert choice has flipped (expert load 1.38 vs 1.44), measured 2.2e-3; steps 1-2 stay
+    # within 2.3e-4. A kernel quantising by another tile than the plan's is off by > 1e-2.
+    "fp8_triton_vs_torch_loss_3_steps": (5e-3, 0.0),
     # runtime, one rank: RoPE, norms and attention vs straightforward torch formulas
     "runtime_layer": (1e-5, 1e-6),
     # dsvc report vs published figures (issue 3): DeepSeek-V3 total params, training FLOPs

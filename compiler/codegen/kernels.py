@@ -2,7 +2,7 @@
 
 Input is a plain-Python `KernelConfig` (the precision policy's tile shapes and the
 spec's GEMM shapes) so the compiler can fill it from the IR; output is the source of
-one module implementing the kernel protocol of runtime/_fp8_triton.py. The tile
+one module implementing the kernel protocol of runtime/fp8_triton.py. The tile
 config of each GEMM is chosen here (`pick_tile_config`): on a CPU (interpreter) the
 kernels are launched with it, on a GPU it is the fallback and triton.autotune
 searches `gpu_autotune_configs()`.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .render import pyrepr, render_generated
 
 FP8_MAX = 448.0
-AMAX_FLOOR = 1e-30  # must equal runtime/_fp8_torch.AMAX_FLOOR (a test checks)
+AMAX_FLOOR = 1e-30  # must equal runtime/fp8_torch.AMAX_FLOOR (a test checks)
 OUT_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 SCALE_FORMATS = ("fp32", "ue8m0")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
@@ -244,7 +244,8 @@ def render_kernels(config: KernelConfig = KernelConfig()) -> str:
 
 
 def generic_config() -> KernelConfig:
-    """The config of runtime/_fp8_kernels_generic.py: default recipe, no GEMM table."""
+    """A kernel module for no particular spec (DeepSeek-V3's recipe, no GEMM table): what
+    tests and benches render where they have no build."""
     return dataclasses.replace(KernelConfig(), title="generic shapes")
 
 

@@ -201,3 +201,37 @@ def test_build_cache_notices_changes(tmp_path, monkeypatch):
     assert build_mod.build_cached(spec, str(out)) is not None  # another toolchain: rebuilt
     other = spec.model_copy(update={"content_hash": "0" * 64})
     assert not build_mod.is_current_build(str(out), other.content_hash)
+
+
+def test_a_compile_runs_the_pass_list_once(monkeypatch):
+    """`dsvc compile` is one run of driver.PASSES, lower to emit_build, each pass once; the
+    build's schedule.png is drawn from that run's simulated step, and its report.md is the
+    report of that same graph (no pass runs again)."""
+    from dsvc.compiler import driver
+    from dsvc.compiler.codegen import emit_build
+
+    calls: dict[str, int] = {}
+    for p in driver.PASSES:
+        name = p.run.__code__.co_names[0]  # the pass function each runner calls
+        real = getattr(driver, name)
+
+        def counted(*args, _real=real, _name=p.name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(driver, name, counted)
+    drawn = []
+    real_draw = emit_build.draw_timeline
+    monkeypatch.setattr(emit_build, "draw_timeline",
+                        lambda sim, path, **kw: (drawn.append(sim), real_draw(sim, path, **kw)))
+    real_report = emit_build.report_of
+    reported = []
+    monkeypatch.setattr(emit_build, "report_of",
+                        lambda spec, graph: (reported.append(graph), real_report(spec, graph))[1])
+    files = build_mod.render_files(dsl.load(str(TINY)))
+    assert calls == {p.name: 1 for p in driver.PASSES}
+    assert len(drawn) == 1 and drawn[0].timeline  # the simulated step, with its timeline
+    assert reported[0].simulation.sim is drawn[0]
+    plan = json.loads(files["plan.json"])
+    assert plan["source"]["passes"] == [p.name for p in driver.PASSES][:-1]  # up to emit_plan
+    assert "# passes: " + ", ".join(p.name for p in driver.PASSES) in files["train.py"].decode()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsvc.runtime import _fp8_torch as ref
 from dsvc.runtime import fp8
+from dsvc.runtime import fp8_torch as ref
 from tests.tolerances import tol
 
 FP8 = torch.float8_e4m3fn

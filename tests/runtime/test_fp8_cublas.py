@@ -1,4 +1,4 @@
-"""runtime/_fp8_cublas.py without a GPU: the tensors handed to torch._scaled_mm.
+"""runtime/fp8_cublas.py without a GPU: the tensors handed to torch._scaled_mm.
 
 A fake `_scaled_mm` captures every call, asserts the layout torch 2.11 accepted on an
 H200 (REFERENCE.md) within the sizes it was measured at (M and N multiples of 16, Kt
@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from dsvc.runtime import _fp8_cublas as cublas
-from dsvc.runtime import _fp8_torch as ref
+from dsvc.runtime import fp8_cublas as cublas
+from dsvc.runtime import fp8_torch as ref
 from tests.tolerances import tol
 
 FP8 = torch.float8_e4m3fn

@@ -1,6 +1,6 @@
 """Generated Triton FP8 kernels against the torch reference: interpreted on a CPU, compiled on CUDA.
 
-Every kernel is fed the same quantised inputs as runtime/_fp8_torch; quantisers must
+Every kernel is fed the same quantised inputs as runtime/fp8_torch; quantisers must
 match it bit for bit, GEMMs up to fp32 summation order (tests/tolerances.py).
 Without CUDA the kernels run under TRITON_INTERPRET=1, which must be set before
 triton is first imported in the process (done here at import; tests/conftest.py
@@ -26,14 +26,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsvc.runtime import _fp8_torch as ref
 from dsvc.runtime import fp8
+from dsvc.runtime import fp8_torch as ref
 from tests.tolerances import tol
 
 triton = pytest.importorskip("triton")
-
-RUNTIME = pathlib.Path(__file__).resolve().parents[2] / "runtime"
-
 
 def load_kernels(path: pathlib.Path, name: str):
     """Import a kernel module from `path` afresh (its @jit functions bind to this process's mode)."""
@@ -69,8 +66,13 @@ class OnDevice:
 
 
 @pytest.fixture(scope="module")
-def kernels():
-    return OnDevice(load_kernels(RUNTIME / "_fp8_kernels_generic.py", "_dsvc_test_fp8_generic"))
+def kernels(tmp_path_factory):
+    """The kernel module rendered for no particular spec (no GEMM table)."""
+    from dsvc.compiler.codegen.kernels import generic_config, render_kernels
+
+    path = tmp_path_factory.mktemp("generic") / "fp8_kernels.py"
+    path.write_text(render_kernels(generic_config()))
+    return OnDevice(load_kernels(path, "_dsvc_test_fp8_generic"))
 
 
 @pytest.fixture(scope="module")
@@ -433,10 +435,10 @@ def test_wrappers_reject_bad_inputs_with_clear_errors(kernels):
 
 
 def test_generic_module_is_what_fp8_backend_triton_uses(kernels):
-    from dsvc.runtime import _fp8_triton
+    from dsvc.runtime import fp8_triton
 
-    assert _fp8_triton.PROTOCOL == tuple(
-        name for name in _fp8_triton.PROTOCOL if callable(getattr(kernels, name))
+    assert fp8_triton.PROTOCOL == tuple(
+        name for name in fp8_triton.PROTOCOL if callable(getattr(kernels, name))
     )
     fp8.use_kernels(kernels.module)
     try:

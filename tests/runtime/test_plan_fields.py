@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from dsvc import dsl
 from dsvc.compiler.driver import build_plan
-from dsvc.runtime import _fp8_torch
-from dsvc.runtime._fp8_triton import PROTOCOL
+from dsvc.runtime import fp8_torch
 from dsvc.runtime.attention import GQA, MLA
 from dsvc.runtime.fp8 import fp8_grouped_swiglu_ffn, fp8_linear
+from dsvc.runtime.fp8_triton import PROTOCOL
 from dsvc.runtime.layers import Linear, RotaryEmbedding, rope_frequencies, yarn_mscale
 from dsvc.runtime.model import build_full_model
 from dsvc.runtime.moe import RoutedExperts, Router
@@ -256,15 +256,15 @@ def _recording_backend() -> types.ModuleType:
     mod = types.ModuleType("recording_fp8")
     mod.ks = []
     for name in PROTOCOL:
-        setattr(mod, name, getattr(_fp8_torch, name))
+        setattr(mod, name, getattr(fp8_torch, name))
 
     def gemm(a, *args, **kw):
         mod.ks.append(a.shape[-1])
-        return _fp8_torch.gemm(a, *args, **kw)
+        return fp8_torch.gemm(a, *args, **kw)
 
     def grouped_gemm(a, *args, **kw):
         mod.ks.append(a.shape[-1])
-        return _fp8_torch.grouped_gemm(a, *args, **kw)
+        return fp8_torch.grouped_gemm(a, *args, **kw)
 
     mod.gemm, mod.grouped_gemm = gemm, grouped_gemm
     return mod

@@ -5,8 +5,10 @@ bit for bit); GEMMs dequantise to fp32 and multiply in fp32, which is what the
 block-scaled kernels compute up to fp32 summation order.
 
 Shape legend: M tokens, N output features, K input features (the contraction of
-the forward GEMM), E experts; Mt/Nt/Kt = number of 128-wide tiles along that dim.
-Scale layouts (fp32 unless noted):
+the forward GEMM), E experts; Mt/Nt/Kt = number of tile-wide tiles along that dim.
+Every function takes the tile as an argument (the plan's `act_tile`; weight blocks are
+tile x tile); TILE = 128 is DeepSeek-V3's, the default for direct callers.
+Scale layouts (fp32 unless noted), shown for the 128 tile:
   activation 1x128 tiles along the last dim: x (..., K) -> s (..., Kt)
   token-axis tiles (wgrad): x (M, K) -> xt (K, M) fp8 with s (K, Mt)
   grouped token-axis tiles: expert e's tiles start at its first token rounded down to
@@ -172,8 +174,8 @@ def b_scales_are_rowwise(b: torch.Tensor, b_s: torch.Tensor, block: int = TILE) 
     if b_s.shape[-2] == _cdiv(n, block):
         return False
     raise ValueError(
-        f"b scales of shape {tuple(b_s.shape)} fit neither 128x128 blocks "
-        f"({_cdiv(n, block)} rows) nor 1x128 rows ({n} rows) of b {tuple(b.shape)}"
+        f"b scales of shape {tuple(b_s.shape)} fit neither {block}x{block} blocks "
+        f"({_cdiv(n, block)} rows) nor 1x{block} rows ({n} rows) of b {tuple(b.shape)}"
     )
 
 
@@ -190,10 +192,12 @@ def gemm(
     b: torch.Tensor,
     b_s: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
+    tile: int = TILE,
 ) -> torch.Tensor:
-    """out (M, N) = dequant(a) @ dequant(b)^T in fp32, cast to out_dtype."""
-    a_f = dequantize_act(a, a_s)
-    b_f = dequantize_b(b, b_s)
+    """out (M, N) = dequant(a) @ dequant(b)^T in fp32, cast to out_dtype; scales of
+    1 x tile (a, and b's rows for wgrad) or tile x tile (b's weight blocks)."""
+    a_f = dequantize_act(a, a_s, tile)
+    b_f = dequantize_b(b, b_s, tile)
     return (a_f @ b_f.t()).to(out_dtype)
 
 
@@ -206,27 +210,27 @@ def expert_rows(offsets: torch.Tensor):
         start = end
 
 
-def grouped_gemm_by_expert(gemm_fn, a, a_s, b, b_s, offsets, out_dtype):
+def grouped_gemm_by_expert(gemm_fn, a, a_s, b, b_s, offsets, out_dtype, tile=TILE):
     """Per-expert out[rows of e] = gemm_fn(a[rows of e], ..., b[e], b_s[e]): the grouped GEMM
     as a loop of plain GEMMs (the torch reference and the cuBLAS baseline share it)."""
     out = torch.zeros((a.shape[0], b.shape[-2]), dtype=out_dtype, device=a.device)
     for e, start, end in expert_rows(offsets):
-        out[start:end] = gemm_fn(a[start:end], a_s[start:end], b[e], b_s[e], out_dtype)
+        out[start:end] = gemm_fn(a[start:end], a_s[start:end], b[e], b_s[e], out_dtype, tile)
     return out
 
 
-def grouped_gemm_wgrad_by_expert(gemm_fn, a_t, a_ts, b_t, b_ts, offsets, out_dtype):
+def grouped_gemm_wgrad_by_expert(gemm_fn, a_t, a_ts, b_t, b_ts, offsets, out_dtype, tile=TILE):
     """Per-expert out[e] = gemm_fn over expert e's token columns, each operand with its
-    grouped token-axis scale columns (1x128 x 1x128; see the module docstring)."""
+    grouped token-axis scale columns (1 x tile each; see the module docstring)."""
     out = torch.zeros(
         (offsets.numel(), a_t.shape[0], b_t.shape[0]), dtype=out_dtype, device=a_t.device
     )
     for e, start, end in expert_rows(offsets):
         origin = tile_origin(start)
-        cols = slice(e + origin // TILE, e + origin // TILE + _cdiv(end - origin, TILE))
+        cols = slice(e + origin // tile, e + origin // tile + _cdiv(end - origin, tile))
         # the expert's tiles from their origin, the tokens before its start zeroed
         a_e, b_e = (_from_origin(t, origin, start, end) for t in (a_t, b_t))
-        out[e] = gemm_fn(a_e, a_ts[:, cols], b_e, b_ts[:, cols], out_dtype)
+        out[e] = gemm_fn(a_e, a_ts[:, cols], b_e, b_ts[:, cols], out_dtype, tile)
     return out
 
 
@@ -244,9 +248,10 @@ def grouped_gemm(
     b_s: torch.Tensor,
     offsets: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
+    tile: int = TILE,
 ) -> torch.Tensor:
     """Per-expert out[rows of e] = a[rows of e] @ b[e]^T; rows past offsets[-1] are zero."""
-    return grouped_gemm_by_expert(gemm, a, a_s, b, b_s, offsets, out_dtype)
+    return grouped_gemm_by_expert(gemm, a, a_s, b, b_s, offsets, out_dtype, tile)
 
 
 def grouped_gemm_wgrad(
@@ -256,13 +261,14 @@ def grouped_gemm_wgrad(
     b_ts: torch.Tensor,
     offsets: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
+    tile: int = TILE,
 ) -> torch.Tensor:
     """Per-expert out[e] (N, K) = a_t[:, rows of e] @ b_t[:, rows of e]^T.
 
     a_t (N, M) and b_t (K, M) fp8 with grouped token-axis scales (quantize_act_t_grouped);
     b_t's scales are 1x128 rows, so `gemm` dequantises both operands alike.
     """
-    return grouped_gemm_wgrad_by_expert(gemm, a_t, a_ts, b_t, b_ts, offsets, out_dtype)
+    return grouped_gemm_wgrad_by_expert(gemm, a_t, a_ts, b_t, b_ts, offsets, out_dtype, tile)
 
 
 def swiglu_quant(

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _fp8_torch as ref
+from . import fp8_torch as ref
 
 K_ALIGN = 4 * ref.TILE  # Kt a multiple of 4: 16-byte rows of fp32 scales
 M_ALIGN = 16
@@ -44,6 +44,13 @@ def _require_cuda(*tensors: torch.Tensor) -> None:
                 "fp8 backend 'cublas' needs CUDA tensors (torch._scaled_mm block scales); "
                 "use backend='torch' on CPU"
             )
+
+
+def _require_tile(tile: int) -> None:
+    if tile != ref.TILE:
+        raise ValueError(f"the cublas backend scales by 1x{ref.TILE} and {ref.TILE}x{ref.TILE} "
+                         f"(torch._scaled_mm's block scaling), not by {tile}: use the triton "
+                         "or torch backend for this plan's tiles")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -94,8 +101,10 @@ def gemm(
     b: torch.Tensor,
     b_s: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
+    tile: int = ref.TILE,
 ) -> torch.Tensor:
     """out (M, N) = a @ b^T via torch._scaled_mm with 1x128 (a) and 128x128 or 1x128 (b) scales."""
+    _require_tile(tile)
     _require_cuda(a, a_s, b, b_s)
     mat1, mat2, scale_a, scale_b = scaled_mm_operands(a, a_s, b, b_s)
     out = torch._scaled_mm(mat1, mat2, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
@@ -109,9 +118,10 @@ def grouped_gemm(
     b_s: torch.Tensor,
     offsets: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
+    tile: int = ref.TILE,
 ) -> torch.Tensor:
     """A loop of block-scaled _scaled_mm calls, one per non-empty expert (the bench's baseline)."""
-    return ref.grouped_gemm_by_expert(gemm, a, a_s, b, b_s, offsets, out_dtype)
+    return ref.grouped_gemm_by_expert(gemm, a, a_s, b, b_s, offsets, out_dtype, tile)
 
 
 def grouped_gemm_wgrad(
@@ -121,6 +131,7 @@ def grouped_gemm_wgrad(
     b_ts: torch.Tensor,
     offsets: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
+    tile: int = ref.TILE,
 ) -> torch.Tensor:
     """Per-expert 1x128 x 1x128 _scaled_mm over each expert's token range."""
-    return ref.grouped_gemm_wgrad_by_expert(gemm, a_t, a_ts, b_t, b_ts, offsets, out_dtype)
+    return ref.grouped_gemm_wgrad_by_expert(gemm, a_t, a_ts, b_t, b_ts, offsets, out_dtype, tile)

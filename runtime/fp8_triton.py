@@ -1,22 +1,22 @@
-"""FP8 "triton" backend: finds the generated kernel module the runtime should call.
+"""FP8 "triton" backend: the generated kernel module the runtime calls.
 
-A compiled build directory carries its own kernel module (rendered by
-compiler/codegen/kernels.py for the spec's GEMM shapes); `use_kernels` registers it.
-Without one, the generic module `_fp8_kernels_generic` (the same templates rendered
-with no GEMM table, checked in and kept in sync by a test) is used.
+A compiled build directory carries its own kernel module (`kernels/fp8_kernels.py`,
+rendered by dsvc.compiler.codegen.kernels for the spec's tiles and GEMM shapes);
+`use_kernels` registers it, and the build's train.py does so. No kernel module is
+checked in: without a build, render one (`python -m dsvc.compiler.codegen.kernels
+OUT.py` writes one for no particular spec) and register it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import os
 import pathlib
 import sys
 import types
 
-# Functions a kernel module must define (the backend protocol shared with _fp8_torch).
+# Functions a kernel module must define (the backend protocol shared with fp8_torch).
 PROTOCOL = (
     "quantize_act",
     "quantize_act_t",
@@ -77,12 +77,11 @@ def use_kernels(module_or_path: types.ModuleType | str | os.PathLike | None) -> 
 
 
 def kernel_module() -> types.ModuleType:
-    """The registered kernel module, else the generic one (imports triton on first use)."""
-    if _registered is not None:
-        return _registered
-    try:
-        return importlib.import_module("._fp8_kernels_generic", __package__)
-    except ImportError as err:
+    """The registered kernel module (see the module docstring)."""
+    if _registered is None:
         raise RuntimeError(
-            f"fp8 backend 'triton' is unavailable ({err}); install triton or use backend='torch'"
-        ) from err
+            "fp8 backend 'triton' has no kernel module: a build's train.py registers its "
+            "kernels/fp8_kernels.py; elsewhere call use_kernels(path) with a module rendered by "
+            "`python -m dsvc.compiler.codegen.kernels OUT.py`, or use backend='torch'"
+        )
+    return _registered
