@@ -24,8 +24,8 @@ import os
 
 from dsvc.dsl.diagnostics import Diagnostic, Span, SpecError
 
-__all__ = ["load", "loads", "load_with_warnings", "loads_with_warnings", "SpecError",
-           "Diagnostic", "Span"]
+__all__ = ["load", "loads", "load_with_warnings", "loads_with_warnings", "check_file",
+           "SpecError", "Diagnostic", "Span"]
 
 _LIGHT_SPEC = False
 
@@ -72,6 +72,14 @@ def loads_with_warnings(text: str, filename: str = "<string>"):
     from dsvc.dsl.elaborate import loads_with_warnings as impl
 
     return _guard(filename, impl, text, filename)
+
+
+def check_file(path: str | os.PathLike):
+    """(Spec, warnings) of a .dsv file, or (`elaborate.Fragment`, warnings) of a file of shared
+    blocks without a model (a cluster file meant for `include`), each checked on its own."""
+    from dsvc.dsl.elaborate import load_with_warnings as impl
+
+    return _guard(str(path), impl, path, True)
 
 
 def load(path: str | os.PathLike):
