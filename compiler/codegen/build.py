@@ -22,6 +22,7 @@ import shutil
 import tempfile
 
 from dsvc import runtime as _runtime_pkg
+from dsvc.compiler.codegen.launch import launch_for
 
 BUILD_MARKER = ".dsvc-build"
 BUILD_RUNTIME = "dsvc_runtime"  # the runtime's package name inside a build directory
@@ -165,7 +166,8 @@ def render_files(spec, expert_load: str | None = None) -> dict[str, bytes]:
                                        spec_hash=spec.content_hash[:16],
                                        world=spec.cluster.world_size, pipeline=p.pipeline,
                                        data=p.data, expert=p.expert, schedule=p.schedule,
-                                       micro_batches=spec.micro_batches).encode()
+                                       micro_batches=spec.micro_batches,
+                                       launch=launch_for(spec.cluster)).encode()
     files["report.md"] = _report(spec).encode()
     files["schedule.png"] = _schedule_png(sched)
     for path in sorted(RUNTIME_DIR.rglob("*.py")):
@@ -255,9 +257,10 @@ def build(spec, out_dir: str, expert_load: str | None = None) -> BuildResult:
     write_tree(files, out_dir)
     p = spec.parallel
     world = spec.cluster.world_size
+    launch = launch_for(spec.cluster, os.path.join(out_dir, "train.py"))
     summary = (f"{len(files)} files; {world} process{'es' if world != 1 else ''} "
-               f"(pipeline {p.pipeline} x data {p.data}, experts over {p.expert}); launch: "
-               f"torchrun --nproc-per-node {world} {os.path.join(out_dir, 'train.py')}")
+               f"(pipeline {p.pipeline} x data {p.data}, experts over {p.expert}); launch "
+               f"{launch.summary()}")
     return BuildResult(out_dir, tuple(sorted(files)), summary)
 
 
