@@ -14,8 +14,8 @@ docs/language.md describes the language, every rule and this API.
 Module map: lexer + parser (text -> `ast`), values + fields + blocks* (AST ->
 checked values), elaborate (includes, constants, the whole spec), rules* (cross-
 field checks), spec (the pydantic Spec; records: its light base for `dsvc
-check`), fmt (canonical layout), import_hf (Hugging Face configs), files
-(reading and atomic writing).
+check`), fmt (canonical layout), files (reading and atomic writing). The Hugging Face
+import is the compiler's (compiler/import_hf.py).
 """
 
 from __future__ import annotations
