@@ -113,6 +113,11 @@ class Checkpoint:
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise HFCheckpointError(f"cannot load {index}", [
                 "not a safetensors index (\"weight_map\" must map tensor names to file names)"])
+        outside = sorted({f for f in weight_map.values()
+                          if "/" in f or "\\" in f or f in ("", ".", "..")})
+        if outside:  # shards are files beside the index, never paths elsewhere
+            raise HFCheckpointError(f"cannot load {index}", [
+                f"weight_map names files outside the checkpoint directory: {', '.join(outside[:5])}"])
         return dict(weight_map)
 
 
