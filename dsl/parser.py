@@ -273,12 +273,10 @@ class _Parser:
                      e.depth + 1)
 
     def take_unknown_unit(self, after: tuple[int, int]) -> Token | None:
-        """A word after a number on its line that is no unit (`400 Gbps`, `989 TFLOP/s`,
-        `400 gb/s`), as one token, where the grammar could not go on with it anyway: the
-        word and the `/`s and words touching it are not followed by what would make them
-        the start of an entry (`=`, `..`, `{`, `(`, an operator, or `NAME {`). Elaboration
-        reports it at its position with the units of the field it is given to: the one
-        place this parser accepts what grammar.lark rejects (tests/dsl/test_parser.py)."""
+        """A word after a number on its line that is no unit (`400 Gbps`, `400 gb/s`) as one
+        token, where the grammar could not go on with it (it does not start an entry).
+        Elaboration reports it with the units its key takes: the one place this parser
+        accepts what grammar.lark rejects (tests/dsl/test_parser.py)."""
         first = self.peek()
         if first.kind != NAME or first.line != after[0]:
             return None
