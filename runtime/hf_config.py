@@ -140,9 +140,6 @@ class HFConfig:
     problems: list[tuple[str, str]]
     notes: list[tuple[str, str]]
 
-    def __getitem__(self, key: str):
-        return self.values[key]
-
 
 def _shown(v) -> str:
     kind = ("true or false" if isinstance(v, bool) else "a number" if isinstance(v, (int, float))
