@@ -14,8 +14,8 @@ docs/language.md describes the language, every rule and this API.
 Module map: lexer + parser (text -> `ast`), values + fields + blocks* (AST ->
 checked values), elaborate (includes, constants, the whole spec), rules* (cross-
 field checks), spec (the pydantic Spec; records: its light base for `dsvc
-check`), fmt (canonical layout), import_hf (Hugging Face configs), files
-(reading and atomic writing).
+check`), fmt (canonical layout), files (reading and atomic writing). The Hugging Face
+import is the compiler's (compiler/import_hf.py).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import os
 
 from dsvc.dsl.diagnostics import Diagnostic, Span, SpecError
 
-__all__ = ["load", "loads", "load_with_warnings", "loads_with_warnings", "SpecError",
-           "Diagnostic", "Span"]
+__all__ = ["load", "loads", "load_with_warnings", "loads_with_warnings", "check_file",
+           "SpecError", "Diagnostic", "Span"]
 
 _LIGHT_SPEC = False
 
@@ -72,6 +72,14 @@ def loads_with_warnings(text: str, filename: str = "<string>"):
     from dsvc.dsl.elaborate import loads_with_warnings as impl
 
     return _guard(filename, impl, text, filename)
+
+
+def check_file(path: str | os.PathLike):
+    """(Spec, warnings) of a .dsv file, or (`elaborate.Fragment`, warnings) of a file of shared
+    blocks without a model (a cluster file meant for `include`), each checked on its own."""
+    from dsvc.dsl.elaborate import load_with_warnings as impl
+
+    return _guard(str(path), impl, path, True)
 
 
 def load(path: str | os.PathLike):

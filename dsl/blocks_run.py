@@ -131,12 +131,13 @@ GPU_KEYS = {
 }
 NVLINK_KEYS = {
     "domain": Field(F.integer(1), doc="GPUs in one NVLink domain"),
-    "bandwidth": Field(F.quantity(BANDWIDTH), True),
+    "bandwidth": Field(F.quantity(BANDWIDTH), True, "per GPU, one direction, e.g. 400 GB/s"),
     "effective": Field(F.quantity(BANDWIDTH)),
     "latency": Field(F.quantity(TIME)),
 }
 NETWORK_KEYS = {
-    "nic": Field(F.quantity(BANDWIDTH), True, "per-GPU NIC line rate, e.g. 400 Gb/s"),
+    "nic": Field(F.quantity(BANDWIDTH, example="400 Gb/s"), True,
+                 "per-GPU NIC line rate, e.g. 400 Gb/s"),
     "effective": Field(F.quantity(BANDWIDTH)),
     "latency": Field(F.quantity(TIME)),
     "latency_cross": Field(F.quantity(TIME)),

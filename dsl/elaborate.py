@@ -14,10 +14,27 @@ import pathlib
 
 from dsvc.dsl import ast, parser
 from dsvc.dsl.diagnostics import ERROR, Diagnostic, DiagnosticSink, Span, SpecError, did_you_mean
+from dsvc.dsl.struct import Frozen
 from dsvc.dsl.values import Evaluator
 
 TOP_BLOCKS = ("model", "precision", "cluster", "parallel", "train", "decode")
+# blocks that mean something without a model: a file of only these is a fragment, shared by
+# `include` (examples/clusters/*.dsv), which `dsvc check` checks on its own
+FRAGMENT_BLOCKS = ("precision", "cluster")
 MAX_INCLUDE_DEPTH = 16
+
+
+class Fragment(Frozen):
+    """A checked file of shared blocks and no model: its cluster and precision (None where
+    absent), the names of the blocks it has, and spans as a Spec keeps them."""
+
+    _fields = ("file", "blocks", "cluster", "precision", "spans", "files")
+    __slots__ = _fields
+
+    def span(self, path: str) -> Span | None:
+        from dsvc.dsl.spec import Spec
+
+        return Spec.span(self, path)
 
 
 class _Sources:
@@ -102,7 +119,10 @@ def _collect(
             _collect(target, sub, sources, sink, stack + [target], items)
 
 
-def elaborate_text(text: str, file: str, sources: _Sources | None = None):
+def elaborate_text(text: str, file: str, sources: _Sources | None = None,
+                   fragment_ok: bool = False):
+    """(Spec, warnings) of a spec's text, or with `fragment_ok`, (Fragment, warnings) of a
+    file that has only FRAGMENT_BLOCKS. Raises SpecError with every problem."""
     from dsvc.dsl import blocks, rules
 
     sink = DiagnosticSink(text, {file: text})
@@ -146,12 +166,22 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None):
     spans: dict[str, Span] = {}
     spec = None
     spec_parts = blocks.read_all(by_kind, sink, ev, spans, file)
+    ev.report_unread_units()
     if not text.strip() and not sink.has_errors:
         sink.error("the file is empty", Span(file, 1, 1),
                    "a spec describes a model: `model NAME { vocab = ..., hidden = ... }`")
     elif "model" not in by_kind and not sink.has_errors:
+        if fragment_ok and by_kind and set(by_kind) <= set(FRAGMENT_BLOCKS):
+            fragment = Fragment(file, frozenset(by_kind), spec_parts.get("cluster"),
+                                spec_parts.get("precision"), spans, tuple(sources.order))
+            rules.check(fragment, sink)
+            if sink.has_errors:
+                raise SpecError(sink.sorted())
+            return fragment, sink.warnings
+        shared = " and ".join(f"`{b}`" for b in FRAGMENT_BLOCKS)
         sink.error("no `model` block", Span(file, 1, 1),
-                   "a spec describes a model: `model NAME { vocab = ..., hidden = ... }`")
+                   "a spec describes a model: `model NAME { vocab = ..., hidden = ... }` "
+                   f"(a file to include may hold only {shared} blocks)")
     elif spec_parts is not None and not sink.has_errors:
         from dsvc.dsl.spec import Spec
 
@@ -217,14 +247,14 @@ def check_names(items: list, sink: DiagnosticSink) -> None:
     visit([i for i in items if isinstance(i, ast.Block)])
 
 
-def load_with_warnings(path: str | os.PathLike):
+def load_with_warnings(path: str | os.PathLike, fragment_ok: bool = False):
     p = str(path)
     sink = DiagnosticSink()
     sources = _Sources(sink)
     text = sources.read(p, None)
     if text is None:
         raise SpecError(sink.sorted())
-    return elaborate_text(text, p, sources)
+    return elaborate_text(text, p, sources, fragment_ok)
 
 
 def loads_with_warnings(text: str, filename: str = "<string>"):

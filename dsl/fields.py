@@ -7,13 +7,14 @@ ranges, required keys) and returns the converted values plus their spans.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from dsvc.dsl import ast
 from dsvc.dsl.diagnostics import DiagnosticSink, Span, did_you_mean
 from dsvc.dsl.struct import Frozen, Struct
-from dsvc.dsl.units import EXAMPLE, NUMBER, units_of
-from dsvc.dsl.values import CallValue, Evaluator, Ident, Qty
+from dsvc.dsl.units import EXAMPLE, NUMBER, listing, unknown_unit_hint
+from dsvc.dsl.values import BadUnit, CallValue, Evaluator, Ident, Qty
 
 Convert = Callable[[object, Span, DiagnosticSink, str], object]
 MISSING = object()
@@ -88,19 +89,26 @@ def number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
     return conv
 
 
-def quantity(dim: str, positive: bool = True) -> Convert:
+def quantity(dim: str, positive: bool = True, example: str | None = None) -> Convert:
+    example = example or EXAMPLE[dim]
+
     def conv(v, span, sink, key):
         if not isinstance(v, Qty):
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                sink.error(f"'{key}' needs a unit: a {dim} such as {EXAMPLE[dim]}", span,
-                           f"units of a {dim}: {', '.join(units_of(dim)[:8])}")
+                sink.error(f"'{key}' needs a unit: a {dim} such as {example}", span, listing(dim))
+            elif isinstance(v, Ident) and _GLUED_UNIT.match(v.id):
+                # `400Gbps` lexes as one word (like `1f1b`): the unit starts after the digits
+                digits = _GLUED_UNIT.match(v.id).group(1)
+                word = v.id[len(digits):]
+                at = Span(v.span.file, v.span.line, v.span.col + len(digits), v.span.end_line,
+                          v.span.end_col)
+                sink.error(f"unknown unit '{word}'", at, unknown_unit_hint(word, dim))
             else:
-                sink.error(f"'{key}' must be a {dim} such as {EXAMPLE[dim]}, got {describe(v)}",
-                           span)
+                sink.error(f"'{key}' must be a {dim} such as {example}, got {describe(v)}", span)
             return None
         if v.dim != dim:
-            sink.error(f"'{key}' must be a {dim} such as {EXAMPLE[dim]}, got {v.unit} (a {v.dim})",
-                       span, f"units of a {dim}: {', '.join(units_of(dim)[:8])}")
+            sink.error(f"'{key}' must be a {dim} such as {example}, got {v.unit} (a {v.dim})",
+                       span, listing(dim))
             return None
         if positive and v.value <= 0:
             sink.error(f"'{key}' must be positive", span)
@@ -110,7 +118,32 @@ def quantity(dim: str, positive: bool = True) -> Convert:
             return None
         return float(v.value)
 
+    conv.dim = dim  # what `convert` lists for an unknown unit
     return conv
+
+
+_GLUED_UNIT = re.compile(r"^([0-9]+)[A-Za-z]")
+
+
+def convert(field: Field, v, span: Span, sink: DiagnosticSink, key: str):
+    """`field`'s converter on `v`, after reporting the unknown units written in it (outside
+    calls, whose arguments are converted one by one): at the unit, with the units the field
+    takes (a plain number's field: none)."""
+    bad = _bad_units(v)
+    for b in bad:
+        b.reported = True
+        dim = getattr(field.convert, "dim", None)
+        hint = unknown_unit_hint(b.unit, dim) if dim else f"'{key}' takes a plain number, without a unit"
+        sink.error(f"unknown unit '{b.unit}'", b.span, hint)
+    return None if bad else field.convert(v, span, sink, key)
+
+
+def _bad_units(v) -> list[BadUnit]:
+    if isinstance(v, BadUnit):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [b for x in v for b in _bad_units(x)]
+    return []
 
 
 def boolean() -> Convert:
@@ -288,7 +321,7 @@ def read_entries(
         if v is None:
             values[key] = None
             continue
-        values[key] = schema[key].convert(v, e.value.span, sink, key)
+        values[key] = convert(schema[key], v, e.value.span, sink, key)
     for key, f in schema.items():
         if f.required and key not in got:
             sink.error(f"{where} is missing '{key}'", where_span,
@@ -333,7 +366,7 @@ def call_args(
             ok = False
             continue
         spans[f"{path}.{key}"] = span
-        c = schema[key].convert(v, span, sink, key)
+        c = convert(schema[key], v, span, sink, key)
         if c is None:
             ok = False
         out[key] = c

@@ -16,11 +16,17 @@ from dsvc.dsl.spec import GQA, MLA, MoE, Spec
 
 Rule = Callable[[Spec, DiagnosticSink], None]
 RULES: list[tuple[str, Rule]] = []
+# rule id -> the top-level blocks it reads, for rules that need no model: a file of shared
+# blocks (`examples/clusters/*.dsv`, checked on its own) runs just these
+FRAGMENT_RULES: dict[str, tuple[str, ...]] = {}
 
 
-def rule(rule_id: str):
+def rule(rule_id: str, needs: tuple[str, ...] | None = None):
+    """Register a rule; `needs` names the blocks it reads when it reads no model."""
     def register(fn: Rule) -> Rule:
         RULES.append((rule_id, fn))
+        if needs is not None:
+            FRAGMENT_RULES[rule_id] = needs
         return fn
 
     return register
@@ -40,9 +46,12 @@ class _Tagged:
 
 
 def check(spec: Spec, sink: DiagnosticSink) -> None:
-    """Run every rule; diagnostics are tagged with the rule id (rendered as `[rule-id]`)."""
+    """Run every rule; diagnostics are tagged with the rule id (rendered as `[rule-id]`).
+    A `Fragment` (no model) runs the rules whose blocks it has."""
+    present = getattr(spec, "blocks", None)
     for rule_id, fn in RULES:
-        fn(spec, _Tagged(sink, rule_id))
+        if present is None or set(FRAGMENT_RULES.get(rule_id, ("model",))) <= present:
+            fn(spec, _Tagged(sink, rule_id))
 
 
 def _moes(spec: Spec) -> list[MoE]:
@@ -193,7 +202,7 @@ def _fp8_tiles(spec, sink):
                        f"the dimension to a multiple of {tile}")
 
 
-@rule("fp8-tile-shapes")
+@rule("fp8-tile-shapes", needs=("precision",))
 def _fp8_tile_shapes(spec, sink):
     lin = spec.precision.linear
     if not lin.is_fp8:
@@ -216,7 +225,7 @@ def _fp8_tile_shapes(spec, sink):
                      "use accumulate = fp32")
 
 
-@rule("precision-master")
+@rule("precision-master", needs=("precision",))
 def _master(spec, sink):
     p = spec.precision
     order = {"fp8_e4m3": 0, "fp8_e5m2": 0, "fp16": 1, "bf16": 1, "fp32": 2}

@@ -6,14 +6,12 @@ order of RULES is the order of the two files).
 
 from __future__ import annotations
 
-import math
-
 from dsvc.dsl.rules import _divisors_near, _moes, rule
 
 # ----------------------------------------------------------------------------- cluster
 
 
-@rule("bandwidth-effective")
+@rule("bandwidth-effective", needs=("cluster",))
 def _effective(spec, sink):
     c = spec.cluster
     if c is None:
@@ -27,7 +25,7 @@ def _effective(spec, sink):
                    "note 400 Gb/s (bits) is 50 GB/s (bytes)")
 
 
-@rule("nvlink-domain")
+@rule("nvlink-domain", needs=("cluster",))
 def _domain(spec, sink):
     c = spec.cluster
     if c is None:
@@ -44,7 +42,7 @@ def _domain(spec, sink):
                    "add `network infiniband { nic = 400 Gb/s, ... }`")
 
 
-@rule("fat-tree-capacity")
+@rule("fat-tree-capacity", needs=("cluster",))
 def _fat_tree(spec, sink):
     c = spec.cluster
     if c is None or c.network is None or c.network.topology is None:
@@ -65,7 +63,59 @@ def _fat_tree(spec, sink):
                      span, "multi-plane fabrics put each of a node's NICs on its own plane")
 
 
-@rule("gpu-rates")
+# What one GPU's links run at in hardware that exists, in bytes/s. NICs: 1 GbE at the bottom;
+# 800 Gb/s per port today (ConnectX-8, Quantum-X800), 1.6 Tb/s announced. NVLink per GPU:
+# 1.8 TB/s both directions on B200 (NVLink 5), 3.6 TB/s on Rubin (NVLink 6), whichever way a
+# spec counts it; PCIe-only boxes well below, but not below 1 GB/s. Outside these a unit
+# slipped: bits for bytes (x8) or a prefix (x1000); the warning says which reading fits.
+NIC_RANGE = (1e9 / 8, 1.6e12 / 8)
+NVLINK_RANGE = (1e9, 3.6e12)
+
+
+def _readable(value: float, bits: bool) -> str:
+    """`value` bytes/s as the number and decimal prefix a person writes: 400 GB/s, 400 Gb/s."""
+    v = value * 8 if bits else value
+    prefix = next((p for p, f in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
+                   if v >= f), "")
+    scale = {"P": 1e15, "T": 1e12, "G": 1e9, "M": 1e6, "K": 1e3, "": 1.0}[prefix]
+    return f"{v / scale:g} {prefix}{'b' if bits else 'B'}/s"
+
+
+def _slip(value: float, lo: float, hi: float, bits_usual: bool) -> str | None:
+    """What the user likely meant, written as they would write it, when that is plausible."""
+    if bits_usual and lo <= value / 8 <= hi:  # `400 GB/s` for a 400 Gb/s NIC
+        return _readable(value, False).replace("B/s", "b/s")
+    if not bits_usual and lo <= value * 8 <= hi:  # `400 Gb/s` for 400 GB/s of NVLink
+        return _readable(value, True).replace("b/s", "B/s")
+    for step in (1e-3, 1e3):  # a prefix off by one: TB/s for GB/s, Mb/s for Gb/s
+        if lo <= value * step <= hi:
+            return _readable(value * step, bits_usual)
+    return None
+
+
+@rule("link-bandwidth", needs=("cluster",))
+def _link_bandwidth(spec, sink):
+    c = spec.cluster
+    if c is None:
+        return
+    checks = [("NVLink bandwidth", c.nvlink.bandwidth, NVLINK_RANGE, False,
+               "cluster.nvlink.bandwidth")]
+    if c.network is not None:
+        checks.append(("NIC line rate", c.network.nic, NIC_RANGE, True, "cluster.network.nic"))
+    for what, value, (lo, hi), bits, path in checks:
+        if lo <= value <= hi:
+            continue
+        written = _readable(value, False) + (f" ({_readable(value, True)})" if bits else "")
+        side = "above" if value > hi else "below"
+        limit = _readable(hi if value > hi else lo, bits)
+        meant = _slip(value, lo, hi, bits)
+        hint = (f"did you mean `{meant}`? " if meant else "") + "bandwidths here are per GPU; " \
+            "NICs are sold in Gb/s (bits), NVLink in GB/s (bytes)"
+        sink.warning(f"{what} {written} per GPU is {side} what hardware offers ({limit})",
+                     spec.span(path), hint)
+
+
+@rule("gpu-rates", needs=("cluster",))
 def _gpu(spec, sink):
     c = spec.cluster
     if c is not None and c.gpu.fp8_flops < c.gpu.bf16_flops:
@@ -172,20 +222,46 @@ def _ep(spec, sink):
                      "step charge the primary placement, as the trainer runs it")
 
 
+def _domains_per_group(routed: int, groups: int, expert: int, domain: int) -> int:
+    """The most scale-up domains one routing group's experts occupy: experts in order over
+    the EP ranks (as dsvc places them), EP ranks consecutive GPUs (as the mesh lays them)."""
+    per_group, per_rank = routed // groups, routed // expert
+
+    def domain_of(e: int) -> int:
+        return e // per_rank // domain
+
+    return max(domain_of((g + 1) * per_group - 1) - domain_of(g * per_group) + 1
+               for g in range(groups))
+
+
 @rule("node-limited-routing")
 def _node_limited(spec, sink):
+    # Node-limited routing (DeepSeek-V3 sec. 2.1.2) bounds the scale-up domains a token's
+    # dispatch crosses the network to: top_groups groups, each on as few domains as possible.
+    # The domain is the NVLink domain (a node of 8, or a 72-GPU NVL72 rack), not a node: inside
+    # it nothing crosses the network, and groups there limit devices (DeepSeek-V2's
+    # device-limited routing, EP 8 in a node), which costs no network bytes either way.
     p, c = spec.parallel, spec.cluster
     if p is None or c is None or p.expert <= 1:
         return
-    nodes_spanned = max(1, math.ceil(p.expert / c.gpus_per_node))
+    domain = c.nvlink.domain
+    domains = -(-p.expert // domain)  # scale-up domains one EP group spans
+    if domains <= 1:
+        return
     for f in _moes(spec):
-        if f.groups > 1 and f.top_groups < f.groups and f.groups != nodes_spanned:
-            sink.warning(f"ffn '{f.name}' routes over {f.groups} groups but its EP group of "
-                         f"{p.expert} ranks spans {nodes_spanned} node"
-                         f"{'s' if nodes_spanned != 1 else ''}: top_groups = {f.top_groups} "
-                         "does not limit the nodes a token reaches",
-                         spec.span(f"model.ffn.{f.name}.groups"),
-                         f"set groups = {nodes_spanned} (one group per node)")
+        if not (f.groups > 1 and f.top_groups < f.groups) or f.routed % f.groups \
+                or f.routed % p.expert:
+            continue  # not group-limited, or a shape other rules reject
+        per_group = _domains_per_group(f.routed, f.groups, p.expert, domain)
+        if min(domains, f.top_groups * per_group) < min(domains, f.top_k):
+            continue
+        fix = (f"set groups = {domains} (one group per NVLink domain) and top_groups below it"
+               if f.routed % domains == 0 and p.expert % domain == 0 else
+               f"an EP group of whole NVLink domains ({domain} GPUs each), one group per domain")
+        sink.warning(f"ffn '{f.name}' routes over {f.groups} groups but its EP group of "
+                     f"{p.expert} ranks spans {domains} NVLink domains of {domain} GPUs: "
+                     f"top_groups = {f.top_groups} does not limit the domains a token reaches "
+                     "over the network", spec.span(f"model.ffn.{f.name}.groups"), fix)
 
 
 @rule("zero-stage")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 
 from dsvc.dsl import ast
-from dsvc.dsl.diagnostics import DiagnosticSink, did_you_mean
-from dsvc.dsl.struct import Frozen
-from dsvc.dsl.units import NUMBER, UNITS
+from dsvc.dsl.diagnostics import DiagnosticSink, Span, did_you_mean
+from dsvc.dsl.struct import Frozen, Struct
+from dsvc.dsl.units import NUMBER, UNITS, unknown_unit_hint
 
 
 class Qty(Frozen):
@@ -27,6 +27,15 @@ class Ident(Frozen):
     """A bare name that is not a constant: an enum word or a reference."""
 
     _fields = ("id", "span")
+    __slots__ = _fields
+
+
+class BadUnit(Struct):
+    """A number followed by a word that is no unit (`400 Gbps`), and where the word is. The
+    field given it reports it (it knows which units it takes); `reported` then is true."""
+
+    _fields = ("unit", "span", "reported")
+    _defaults = {"reported": False}
     __slots__ = _fields
 
 
@@ -53,6 +62,14 @@ class Evaluator:
     def __init__(self, sink: DiagnosticSink, constants: dict[str, object] | None = None):
         self.sink = sink
         self.constants: dict[str, object] = constants if constants is not None else {}
+        self.bad_units: list[BadUnit] = []
+
+    def report_unread_units(self) -> None:
+        """Unknown units no field has reported (in a constant nothing uses, say)."""
+        for b in self.bad_units:
+            if not b.reported:
+                b.reported = True
+                self.sink.error(f"unknown unit '{b.unit}'", b.span, unknown_unit_hint(b.unit, None))
 
     def evaluate(self, e: ast.Expr):
         try:
@@ -76,6 +93,12 @@ class Evaluator:
             inner = self._eval(e.expr)
             if inner is None:
                 return None
+            if e.unit not in UNITS:  # the parser's `400 Gbps`: the unit's own span
+                sp = e.span
+                bad = BadUnit(e.unit, Span(sp.file, sp.end_line, sp.end_col - len(e.unit),
+                                           sp.end_line, sp.end_col))
+                self.bad_units.append(bad)
+                return bad
             dim, factor = UNITS[e.unit]
             if isinstance(inner, Qty) or not _isnum(inner):
                 what = f"'{inner.unit}'" if isinstance(inner, Qty) else "a non-number"
@@ -85,8 +108,8 @@ class Evaluator:
             return Qty(inner * factor, dim, e.unit)
         if isinstance(e, ast.Neg):
             v = self._eval(e.operand)
-            if v is None:
-                return None
+            if v is None or isinstance(v, BadUnit):
+                return v
             if not _isnum(v):
                 self.sink.error("'-' needs a number", e.span)
                 return None
@@ -117,6 +140,8 @@ class Evaluator:
         left, right = self._eval(e.left), self._eval(e.right)
         if left is None or right is None:
             return None
+        if isinstance(left, BadUnit) or isinstance(right, BadUnit):
+            return left if isinstance(left, BadUnit) else right  # reported where it is read
         for v in (left, right):
             if not _isnum(v):
                 shown = v.id if isinstance(v, Ident) else repr(v)

@@ -19,16 +19,11 @@ import dataclasses
 import math
 import warnings
 
+from .hf_config import read_hf_config, read_rope
 from .plan import Plan
 
-# transformers' DeepseekV3Config defaults: what transformers runs when a config.json omits a key
-_HF_DEFAULTS = {
-    "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "norm_topk_prob": True,
-    "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-    "rope_interleave": True, "attention_bias": False, "hidden_act": "silu",
-}  # fmt: skip
-
-# keys compared one to one (absent from the checkpoint's config: its transformers default, if any)
+# keys compared one to one (absent from the checkpoint's config: its transformers default, as
+# hf_config.read_hf_config fills it in)
 _COMPARED = (
     "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -72,10 +67,10 @@ def effective_rope_of_plan(plan: Plan) -> dict:
 
 def effective_rope_of_config(cfg: dict) -> dict:
     """The rotary embedding transformers computes for a DeepseekV3 config.json (new
-    `rope_parameters` or legacy `rope_scaling` + `rope_theta`)."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
+    `rope_parameters` or legacy `rope_scaling` + `rope_theta`, as hf_config.read_rope reads
+    them)."""
+    params = read_rope(cfg)
+    theta, kind = float(params["theta"]), params["type"]
     if kind == "default":
         return {"kind": "plain", "theta": theta}
     if kind != "yarn":
@@ -174,19 +169,26 @@ def hf_config_from_plan(plan: Plan, torch_dtype: str = "bfloat16") -> dict:
     Raises HFFormatError listing everything the format cannot express (GQA, softmax
     routing, interleaved dense/MoE layers, ...). The whole plan `model` section is also
     kept under `"dsvc"` so that nothing of it (bias update rate, MTP loss weight) is lost."""
-    m = plan.model
-    problems: list[str] = []
-    attn, dense, moe, first_k = _structure(plan, problems)
+    cfg, problems = _config_of_plan(plan, torch_dtype)
     if problems:
         raise HFFormatError(
             "the plan's model cannot be written as a DeepSeek-V3 checkpoint", problems
         )
-    if m.norm_eps != HF_NORM_EPS:
+    if plan.model.norm_eps != HF_NORM_EPS:
         warnings.warn(
-            f"norm_eps {m.norm_eps}: transformers' DeepseekV3 uses {HF_NORM_EPS} in q_a_layernorm and "
+            f"norm_eps {plan.model.norm_eps}: transformers' DeepseekV3 uses {HF_NORM_EPS} in q_a_layernorm and "
             "kv_a_layernorm whatever rms_norm_eps says, so its logits will differ slightly",
             stacklevel=2,
         )
+    return cfg
+
+
+def _config_of_plan(plan: Plan, torch_dtype: str = "bfloat16") -> tuple[dict, list[str]]:
+    """(config.json of the plan's model, what the format cannot express): the config is
+    written even then, so that a check can compare everything else too."""
+    m = plan.model
+    problems: list[str] = []
+    attn, dense, moe, first_k = _structure(plan, problems)
     rope_parameters, rope_scaling = _hf_rope(plan)
     moe_inter = moe.intermediate if moe else (dense.intermediate if dense else 0)
     cfg = {
@@ -233,7 +235,7 @@ def hf_config_from_plan(plan: Plan, torch_dtype: str = "bfloat16") -> dict:
         "dtype": torch_dtype,
         "dsvc": {"model": dataclasses.asdict(m)},
     }
-    return cfg
+    return cfg, problems
 
 
 def _same(a, b) -> bool:
@@ -245,30 +247,32 @@ def _same(a, b) -> bool:
 
 
 def check_hf_config(plan: Plan, cfg: dict, source: str = "config.json") -> list[str]:
-    """Every way the checkpoint config `cfg` disagrees with the plan (empty: they agree)."""
-    try:
-        want = hf_config_from_plan(plan)
-    except HFFormatError as exc:
-        return [f"{source}: {p}" for p in exc.problems]
-    got = dict(cfg)
-    if "num_nextn_predict_layers" not in got and "num_mtp_layers" in got:
-        got["num_nextn_predict_layers"] = got["num_mtp_layers"]
+    """Every way the checkpoint config `cfg` disagrees with the plan, all at once (empty:
+    they agree): what the plan's model cannot be in this format, the config's own problems
+    (wrong types), and every compared value and the computed RoPE that differ. Keys the
+    config omits take transformers' defaults (hf_config.read_hf_config)."""
+    want, problems = _config_of_plan(plan)
+    problems = [f"{source}: {p}" for p in problems]
+    read = read_hf_config(cfg)
+    problems += [f"{source}: {path}: {message}" for path, message in read.problems]
+    if read.model_type != "deepseek_v3":
+        return problems if read.problems else problems + [
+            f"{source}: model_type is {read.model_type!r}, the plan's checkpoint format is "
+            "'deepseek_v3'"]
+    got = dict(read.values, model_type=read.model_type)
     if not got.get("q_lora_rank"):
         got["q_lora_rank"] = None
-    problems = []
+    dense_layers = any(plan.model.ffn[s.ffn].kind == "dense" for s in plan.model.layers)
     for key in _COMPARED:
-        if key not in got and key not in _HF_DEFAULTS:
-            continue  # not stated and no default: the tensors' shapes decide
-        value = got.get(key, _HF_DEFAULTS.get(key))
-        if key == "intermediate_size" and not any(
-            plan.model.ffn[s.ffn].kind == "dense" for s in plan.model.layers
-        ):
+        if key == "intermediate_size" and not dense_layers:
             continue  # unused without dense layers
-        if not _same(value, want[key]):
+        if got.get(key) is None and any(path == key for path, _ in read.problems):
+            continue  # reported above
+        if not _same(got.get(key), want[key]):
             problems.append(
-                f"{source}: {key} is {value!r} in the checkpoint, {want[key]!r} in the plan"
+                f"{source}: {key} is {got.get(key)!r} in the checkpoint, {want[key]!r} in the plan"
             )
-    rope_got, rope_want = effective_rope_of_config(got), effective_rope_of_plan(plan)
+    rope_got, rope_want = effective_rope_of_config(cfg), effective_rope_of_plan(plan)
     if not _same(rope_got, rope_want):
         hint = ""
         if (

@@ -16,6 +16,7 @@ import os
 import pathlib
 
 from ._hf_names import SCALE_SUFFIX, is_fp8_dtype, mtp_copy_names, scale_shape, schema
+from .inputs import InputError, load_json
 from .plan import Plan
 
 INDEX = "model.safetensors.index.json"
@@ -84,22 +85,40 @@ class Checkpoint:
         cfg = root / "config.json"
         if cfg.exists():
             try:
-                self.config = json.loads(cfg.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise HFCheckpointError(
-                    f"cannot load {p}", [f"config.json: not valid JSON ({exc})"]
-                ) from None
+                self.config = load_json(cfg)
+            except InputError as exc:
+                raise HFCheckpointError(f"cannot load {p}", [exc.reason]) from None
+            if not isinstance(self.config, dict):
+                raise HFCheckpointError(f"cannot load {p}", ["config.json: not a JSON object"])
         q = (self.config or {}).get("quantization_config") or {}
-        self.block = tuple(q.get("weight_block_size", (128, 128)))
+        block = q.get("weight_block_size", (128, 128)) if isinstance(q, dict) else None
+        if not (isinstance(block, (list, tuple)) and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise HFCheckpointError(f"cannot load {p}", [
+                f"config.json: quantization_config.weight_block_size must be two positive "
+                f"integers, got {json.dumps(block)}"])
+        self.block = tuple(block)
 
     @staticmethod
     def _read_index(index: pathlib.Path, problems: list[str]) -> dict[str, str]:
         try:
-            return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            weight_map = load_json(index)["weight_map"]
+        except InputError as exc:
+            raise HFCheckpointError(f"cannot load {index}", [exc.reason]) from None
+        except (KeyError, TypeError):
             raise HFCheckpointError(
-                f"cannot load {index}", [f"not a safetensors index ({exc})"]
+                f"cannot load {index}", ["not a safetensors index (no \"weight_map\" object)"]
             ) from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise HFCheckpointError(f"cannot load {index}", [
+                "not a safetensors index (\"weight_map\" must map tensor names to file names)"])
+        outside = sorted({f for f in weight_map.values()
+                          if "/" in f or "\\" in f or f in ("", ".", "..")})
+        if outside:  # shards are files beside the index, never paths elsewhere
+            raise HFCheckpointError(f"cannot load {index}", [
+                f"weight_map names files outside the checkpoint directory: {', '.join(outside[:5])}"])
+        return dict(weight_map)
 
 
 def _listed(kind: str, items: list[str]) -> list[str]:

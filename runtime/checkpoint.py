@@ -173,6 +173,36 @@ def load(path: str, state: dict, expected: dict) -> dict:
     return meta
 
 
+def read_entries(path: str, prefix: str):
+    """(key, tensor) of every tensor entry of checkpoint `path` whose key starts with
+    `prefix`, read one at a time by this process alone (no process group): for tools that
+    read a checkpoint offline (`dsvc export-hf`) in the memory of one tensor."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        with _one_process_quiet():
+            entries = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - DCP's own errors are BaseExceptions
+        raise CheckpointError(f"{path} is corrupt or incomplete ({_cause(err)})") from None
+    for key in sorted(entries):
+        meta = entries[key]
+        if not key.startswith(prefix) or not isinstance(meta, TensorStorageMetadata):
+            continue
+        tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        try:
+            with _one_process_quiet():
+                dcp.load({key: tensor}, checkpoint_id=path)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001
+            raise CheckpointError(f"{path} is corrupt or incomplete: cannot read {key} "
+                                  f"({_cause(err)})") from None
+        yield key, tensor
+
+
 def _cause(err: BaseException) -> str:
     """One line naming what went wrong: the first failing rank's error inside DCP's wrapper."""
     failures = getattr(err, "failures", None)

@@ -1,7 +1,9 @@
 """Hugging Face DeepSeek-V3 checkpoints in and out of the runtime's stage modules.
 
     load_hf_checkpoint(path, modules, plan)      weights -> this rank's stage modules
+    check_hf_checkpoint(path, plan)              the same checks, nothing copied
     export_hf_checkpoint(modules, plan, out_dir) stage modules -> safetensors + index + config.json
+    export_hf_from_checkpoint(ckpt, plan, out)   a dsvc training checkpoint -> the same, offline
     hf_config_from_plan(plan), check_hf_config(plan, cfg)
     model_logits(module, tokens)                 logits of a whole-model stage (tests, evals)
 
@@ -44,8 +46,9 @@ from ._hf_read import INDEX, SINGLE, Checkpoint, HFCheckpointError, validate
 from .plan import Plan
 
 __all__ = [
-    "HFCheckpointError", "HFFormatError", "LoadReport", "check_hf_config", "export_hf_checkpoint",
-    "hf_config_from_plan", "load_hf_checkpoint", "model_logits",
+    "HFCheckpointError", "HFFormatError", "LoadReport", "check_hf_checkpoint", "check_hf_config",
+    "export_hf_checkpoint", "export_hf_from_checkpoint", "hf_config_from_plan",
+    "load_hf_checkpoint", "model_logits",
 ]  # fmt: skip
 
 
@@ -74,19 +77,8 @@ def load_hf_checkpoint(
     `build_full_model(plan)`). Every problem is raised together as `HFCheckpointError`
     before anything is copied. With `strict=False`, unexpected tensors and config
     mismatches are warnings instead of errors (missing and wrong-shape tensors never are)."""
-    ck = Checkpoint(path)
+    ck, soft = _checked(path, plan, strict, check_config)
     m = plan.model
-    problems = validate(ck, plan)
-    soft: list[str] = []
-    if ck.config is not None and check_config:
-        soft += check_hf_config(plan, ck.config, source=str(ck.root / "config.json"))
-    if not strict:
-        soft += [p for p in problems if p.startswith("unexpected")]
-        problems = [p for p in problems if not p.startswith("unexpected")]
-    elif soft:
-        problems, soft = soft + problems, []
-    if problems:
-        raise HFCheckpointError(f"cannot load {path} into the planned model", problems)
     for msg in soft:
         warnings.warn(msg, stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
     targets: dict[tuple[str, int, tuple], tuple[str, torch.Tensor]] = {}
@@ -119,6 +111,30 @@ def load_hf_checkpoint(
     return LoadReport(
         sorted(loaded), sorted(dequantized), [p.name for p in sorted(by_file)], nbytes, soft
     )
+
+
+def check_hf_checkpoint(path: str | os.PathLike, plan: Plan, *, strict: bool = True) -> list[str]:
+    """What `load_hf_checkpoint` checks before it copies anything, without copying: raises
+    `HFCheckpointError` with every problem, or returns the warnings of a non-strict load.
+    Reads tensor headers only, so a launcher can refuse a checkpoint before any process
+    group exists."""
+    return _checked(path, plan, strict, True)[1]
+
+
+def _checked(path, plan: Plan, strict: bool, check_config: bool) -> tuple[Checkpoint, list[str]]:
+    ck = Checkpoint(path)
+    problems = validate(ck, plan)
+    soft: list[str] = []
+    if ck.config is not None and check_config:
+        soft += check_hf_config(plan, ck.config, source=str(ck.root / "config.json"))
+    if not strict:
+        soft += [p for p in problems if p.startswith("unexpected")]
+        problems = [p for p in problems if not p.startswith("unexpected")]
+    elif soft:
+        problems, soft = soft + problems, []
+    if problems:
+        raise HFCheckpointError(f"cannot load {path} into the planned model", problems)
+    return ck, soft
 
 
 # -- writing a checkpoint -----------------------------------------------------------------
@@ -201,7 +217,8 @@ def export_hf_checkpoint(
             shutil.rmtree(partial)  # left by an interrupted export
         partial.mkdir(parents=True)
     _barrier()
-    _write_parts(_owned(modules, plan, mesh), partial, rank, dtype, max_shard_bytes)
+    _write_parts(sorted(_owned(modules, plan, mesh).items()), partial, rank, dtype,
+                 max_shard_bytes)
     _barrier()
     if rank == 0:
         _assemble(partial, config)
@@ -218,11 +235,82 @@ def export_hf_checkpoint(
     return out
 
 
-def _write_parts(
-    tensors: dict[str, torch.Tensor], partial: pathlib.Path, rank: int, dtype: str, limit: int
-):
-    """This rank's tensors into `part-RRRRR-JJJ.safetensors` files of at most ~limit bytes,
-    and a manifest of which names went where (rank 0 assembles the index from them)."""
+def export_hf_from_checkpoint(
+    path: str | os.PathLike, plan: Plan, out_dir: str | os.PathLike, *, dtype: str = "bf16",
+    overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
+) -> pathlib.Path:  # fmt: skip
+    """A dsvc training checkpoint (`path`, written under `plan`) as a DeepSeek-V3 checkpoint in
+    `out_dir`, in this process alone and one tensor at a time: no process group, no model
+    built, memory of one routed-expert stack. Same format as `export_hf_checkpoint` (routed
+    experts unstacked by the plan's placement, DeepSeek's per-MTP-layer embedding and head
+    copies); a checkpoint lacking a tensor the plan needs, or holding one of another shape,
+    raises `HFCheckpointError` and leaves nothing behind."""
+    from . import train_state
+    from ._hf_names import hf_name, schema
+
+    if dtype not in ("fp32", "bf16", "fp8"):
+        raise ValueError(f"dtype must be fp32, bf16 or fp8, not {dtype!r}")
+    config = hf_config_from_plan(plan, "float32" if dtype == "fp32" else "bfloat16")
+    if dtype == "fp8":
+        config["quantization_config"] = {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+        }  # fmt: skip
+    out = pathlib.Path(out_dir)
+    if out.exists() and not overwrite:
+        raise HFCheckpointError(f"cannot export to {out}", ["it exists; pass overwrite=True"])
+    m, want = plan.model, schema(plan)
+    num_layers, copies = len(m.layers), {}
+    for copy, main in mtp_copy_names(num_layers, m.mtp.depth) if m.mtp.depth else []:
+        copies.setdefault("lm_head.weight" if main == "lm_head.weight" and not m.tie_embeddings
+                          else "model.embed_tokens.weight", []).append(copy)
+    written: set[str] = set()
+    bad: list[str] = []
+
+    def tensors():
+        for name, ep_rank, t in train_state.model_entries(str(path)):
+            if ep_rank is None:
+                pieces = [(hf_name(name, num_layers), t)]
+            else:  # one EP rank's stack: slice j is expert per_rank[ep_rank][j] of the layer's ffn
+                prefix, _, pname = name.rpartition(".")
+                parts = name.split(".")
+                ffn = m.layers[int(parts[1])].ffn if parts[0] == "layers" else m.mtp_block().ffn
+                ids = plan.experts[ffn].per_rank[ep_rank]
+                base = hf_name(prefix, num_layers)
+                pieces = [(f"{base}.{e}.{pname}.weight", t[j]) for j, e in enumerate(ids)]
+            for hf, tensor in pieces:
+                if hf not in want or tuple(tensor.shape) != want[hf]:
+                    bad.append(f"{hf}: {list(tensor.shape)}, the plan's model has "
+                               f"{list(want[hf]) if hf in want else 'no such tensor'}")
+                    continue
+                written.add(hf)
+                yield hf, tensor
+                for copy in copies.get(hf, []):
+                    yield copy, tensor
+
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # left by an interrupted export
+    partial.mkdir(parents=True)
+    try:
+        _write_parts(tensors(), partial, 0, dtype, max_shard_bytes)
+        missing = sorted(set(want) - written)
+        if bad or missing:
+            raise HFCheckpointError(f"cannot export {path}: it does not hold the plan's model",
+                                    bad[:20] + [f"missing: {n}" for n in missing[:20]])
+        _assemble(partial, config)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return out
+
+
+def _write_parts(tensors, partial: pathlib.Path, rank: int, dtype: str, limit: int):
+    """This rank's (name, tensor) pairs, in the order given, into `part-RRRRR-JJJ.safetensors`
+    files of at most ~limit bytes, and a manifest of which names went where (rank 0
+    assembles the index from them)."""
     from safetensors.torch import save_file
 
     manifest, shard, size, j = {}, {}, 0, 0
@@ -235,8 +323,8 @@ def _write_parts(
             manifest[fname] = {k: v.numel() * v.element_size() for k, v in shard.items()}
             shard, size, j = {}, 0, j + 1
 
-    for name in sorted(tensors):
-        enc = _encode(name, tensors[name], dtype)
+    for name, tensor in tensors:
+        enc = _encode(name, tensor, dtype)
         nbytes = sum(v.numel() * v.element_size() for v in enc.values())
         if shard and size + nbytes > limit:
             flush()

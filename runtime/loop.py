@@ -44,6 +44,10 @@ def parse_args(argv):
     p.add_argument("--fp32", action="store_true", help="every linear and state in fp32")
     p.add_argument("--checkpoint-every", type=_non_negative,
                    help="steps between checkpoints (0: none; default: the spec's)")
+    p.add_argument("--init-hf", metavar="DIR",
+                   help="start from a Hugging Face DeepSeek-V3 checkpoint (safetensors, FP8 with "
+                   "weight_scale_inv included) instead of random weights; every rank loads its "
+                   "own stages and experts (ignored when --resume finds a checkpoint)")
     p.add_argument("--backend", choices=("torch", "triton"),
                    help="FP8 GEMMs: torch emulation or this build's generated Triton kernels "
                    "(default: triton with CUDA, torch on CPU)")
@@ -94,12 +98,15 @@ def main(build_dir: str, argv=None, checkpoint_every: int = 0) -> int:
 def _main_checked(build_dir: str, args, distributed: bool) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .hf import HFCheckpointError, HFFormatError
     from .plan import PlanError
 
     try:
         return _run(build_dir, args)
-    except (DataError, CheckpointError, PlanError, LaunchError, DivergedError) as err:
-        text = " ".join(str(err).split("\n"))  # one line, whatever the message holds
+    except (DataError, CheckpointError, PlanError, LaunchError, DivergedError,
+            HFCheckpointError, HFFormatError) as err:
+        head, *rest = str(err).split("\n")  # one line, whatever the message holds
+        text = " ".join([head, "; ".join(line.strip() for line in rest)]).strip()
         # before the process group exists every rank finds the same problem: rank 0 says it;
         # a data error met while training can be one rank's own (its slice of the file)
         if _rank() == 0 or (isinstance(err, DataError) and _group_started()):
@@ -193,11 +200,19 @@ def _run(build_dir: str, args) -> int:
             f"this plan needs {plan.mesh.world_size} processes (pipeline {plan.mesh.pipeline} x "
             f"data {plan.mesh.data}), launched with {world}: run `torchrun --nproc-per-node "
             f"{plan.mesh.world_size} {os.path.join(build_dir, 'train.py')}`")
+    init_hf = None
+    if args.init_hf and start_path is not None:
+        _say(f"[dsvc] resuming from {start_path}: --init-hf {args.init_hf} is not read")
+    elif args.init_hf:
+        from .hf import check_hf_checkpoint
+
+        init_hf = os.path.abspath(args.init_hf)
+        check_hf_checkpoint(init_hf, plan)  # every problem, before any process group exists
     if plan.precision.fp8_backend == "triton":
         from . import fp8
 
         fp8.use_kernels(os.path.join(build_dir, "kernels", "fp8_kernels.py"))
-    trainer = _build_trainer(plan)
+    trainer = _build_trainer(plan, init_hf)
     if start_path is not None:
         same_world = meta.get("world_size") == world
         fmt = meta.get("checkpoint_format", 1)
@@ -218,7 +233,7 @@ def _run(build_dir: str, args) -> int:
     console = Console(run_dir, steps, trainer.step_index, enabled=rank == 0)
     console.header(_describe(plan, raw, steps))
     loads = meta.get("expert_load") if start_path is not None else None
-    _train(trainer, plan, steps, console, ckpt_root, expected, args.checkpoint_every, loads)
+    _train(trainer, plan, steps, console, ckpt_root, expected, args.checkpoint_every, loads, raw)
     console.summary()
     _shutdown()
     return 0
@@ -244,13 +259,23 @@ def _checkpoint_to_resume(ckpt_root: str, resume: bool, expected: dict):
     return path, meta
 
 
-def _build_trainer(plan):
+def _build_trainer(plan, init_hf: str | None = None):
     from .launch import init_distributed
     from .mesh import build_mesh
     from .trainer import Trainer
 
     mesh = build_mesh(plan, init_distributed())  # this rank's GPU under CUDA, else the CPU
-    return Trainer(plan, mesh)
+    if init_hf is None:
+        return Trainer(plan, mesh)
+
+    def load(modules) -> None:  # this rank's stages and experts, before the optimizer copies them
+        from .hf import load_hf_checkpoint
+
+        report = load_hf_checkpoint(init_hf, modules, plan)
+        fp8 = f", {len(report.dequantized)} dequantised from FP8" if report.dequantized else ""
+        _say(f"[dsvc] weights from {init_hf}: {len(report.loaded)} tensors on rank 0{fp8}")
+
+    return Trainer(plan, mesh, load_weights=load)
 
 
 def _describe(plan, raw: dict, steps: int) -> str:
@@ -265,7 +290,7 @@ def _describe(plan, raw: dict, steps: int) -> str:
 
 
 def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, every: int,
-           resumed_loads=None):
+           resumed_loads=None, plan_raw: dict | None = None):
     from . import checkpoint as ckpt
     from . import expert_load, train_state
 
@@ -295,9 +320,10 @@ def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, e
 
     def save() -> None:
         layers = loads_so_far()
+        # the plan goes along: `dsvc export-hf` reads a checkpoint without its build directory
         record = dict(expected, data_samples=trainer.sharder.samples_before(trainer.step_index),
                       expert_load=expert_load.to_record(layers, first),
-                      checkpoint_format=train_state.FORMAT)  # fmt: skip
+                      checkpoint_format=train_state.FORMAT, plan=plan_raw)  # fmt: skip
         ckpt.save(ckpt_root, trainer.step_index, train_state.state_for_save(trainer), record)
         record_loads(layers)
 

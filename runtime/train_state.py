@@ -86,6 +86,23 @@ def state_for_save(trainer) -> dict:
     return out
 
 
+def model_entries(path: str):
+    """(parameter name, EP rank, tensor) of every model entry of checkpoint `path`, one at a
+    time, read offline (runtime/checkpoint.read_entries); the EP rank is that of a routed-
+    expert stack (`.ep<k>`), 0 for one written without EP, None for everything else."""
+    import re
+
+    from .checkpoint import read_entries
+
+    for key, tensor in read_entries(path, "model."):
+        name = key[len("model."):]
+        m = re.fullmatch(r"(.*\.experts\.\w+)\.ep(\d+)", name)
+        if m:
+            yield m.group(1), int(m.group(2)), tensor
+        else:
+            yield name, (0 if re.search(r"\.experts\.\w+$", name) else None), tensor
+
+
 def _persistent(mod, name: str) -> bool:
     owner, _, leaf = name.rpartition(".")
     sub = mod.get_submodule(owner) if owner else mod

@@ -39,8 +39,10 @@ _SHARED = "embed_tokens.weight"  # held by the embedding stage, the MTP stage an
 class Trainer:
     def __init__(
         self, plan: Plan, mesh: ProcessMesh | None = None, *, _modules=None, _ref_microbatches: int = 1,
-        data_base_dir: str | None = None,
+        data_base_dir: str | None = None, load_weights=None,
     ):  # fmt: skip
+        """`load_weights(modules)`, if given, fills this rank's stage modules after their
+        initialisation and before the optimizer copies them (`dsvc train --init-hf`)."""
         self.plan = plan
         self.mesh = mesh if mesh is not None else build_mesh(plan)
         mesh = self.mesh
@@ -54,6 +56,8 @@ class Trainer:
             n_mb, data_parallel = plan.schedule.num_microbatches, mesh.dp
         else:
             self.modules, n_mb, data_parallel = _modules, _ref_microbatches, 1
+        if load_weights is not None:
+            load_weights(self.modules)
         for mod in self.modules:
             mod.to(mesh.device)
             for moe in mod.moe_layers().values():

@@ -65,7 +65,9 @@ LOADS = {
                                   "layers": {"1": [5, 1, 1, 1, 1, 1, 1, 1]}, "default": [1] * 8}),
 }
 HF = {
-    "hf_missing_keys.json": json.dumps({"model_type": "llama"}),
+    # a key without a default (DeepseekV2's experts per token is null in transformers)
+    "hf_missing_keys.json": json.dumps({"model_type": "deepseek_v2"}),
+    "hf_defaults.json": json.dumps({"model_type": "llama"}),  # transformers' LlamaConfig()
     "hf_wrong_types.json": json.dumps({"model_type": "llama", "vocab_size": "many",
                                        "hidden_size": 64, "num_hidden_layers": 2,
                                        "num_attention_heads": 4, "intermediate_size": 128}),
@@ -87,7 +89,7 @@ CASES = [
     (["import-hf", "nosuch.json"], 1), (["import-hf", "adir"], 1), (["import-hf", "bad.json"], 1),
     (["import-hf", "empty.dsv"], 1), (["import-hf", "junk.dsv"], 1),
     (["import-hf", "hf_missing_keys.json"], 1), (["import-hf", "hf_wrong_types.json"], 1),
-    (["import-hf", "hf_list.json"], 1),
+    (["import-hf", "hf_list.json"], 1), (["import-hf", "hf_defaults.json"], 0),
     (["import-hf", "hf_missing_keys.json", "-o", "nodir/x.dsv"], 2),
     (["import-hf", "hf_missing_keys.json", "-o", "adir"], 2),
     # report

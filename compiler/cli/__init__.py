@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "schedule": ("schedule", "simulate a pipeline schedule with uniform chunk costs"),
     "compile": ("compile", "write a self-contained, runnable build directory"),
     "train": ("train", "compile (cached) and launch training"),
+    "export-hf": ("export_hf", "write a training checkpoint as a Hugging Face checkpoint"),
 }
 
 EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3

@@ -22,7 +22,7 @@ def run(args) -> int:
     failed = 0
     for path in args.files:
         try:
-            spec, warnings = dsl.load_with_warnings(path)
+            spec, warnings = dsl.check_file(path)
         except dsl.SpecError as err:
             failed += 1
             print(err.render(), file=sys.stderr)
@@ -36,8 +36,20 @@ def run(args) -> int:
             print(f"{path}: {len(warnings)} warning(s) treated as errors", file=sys.stderr)
             continue
         if not args.quiet:
-            m = spec.model
             n = len(warnings)
             extra = f", {n} warning{'s' if n != 1 else ''}" if warnings else ""
-            print(f"{path}: ok (model {m.name}: {m.num_layers} layers{extra})")
+            print(f"{path}: ok ({_what(spec)}{extra})")
     return 1 if failed else 0
+
+
+def _what(checked) -> str:
+    """What a checked file holds, for its `ok` line."""
+    model = getattr(checked, "model", None)
+    if model is not None:
+        return f"model {model.name}: {model.num_layers} layers"
+    c = checked.cluster
+    parts = [f"cluster {c.name}: {c.nodes} node{'s' if c.nodes != 1 else ''} x "
+             f"{c.gpus_per_node} GPU{'s' if c.gpus_per_node != 1 else ''}"] if c else []
+    if "precision" in checked.blocks:
+        parts.append("a precision block")
+    return "; ".join(parts) + ", no model: a file to include"

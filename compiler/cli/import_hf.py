@@ -1,7 +1,9 @@
 """`dsvc import-hf CONFIG.json [-o OUT.dsv] [--name NAME]`: a Hugging Face config -> a .dsv spec.
 
 Prints the spec (a formatted, checked model block) or writes it atomically to
-OUT.dsv; notes on settings dsvc does not model go to stderr. See dsl/import_hf.py.
+OUT.dsv; notes on settings dsvc does not model go to stderr. See compiler/import_hf.py.
+The config is read under runtime/inputs.py's policy (a regular file, its size checked
+before reading, JSON depth and number limits); a file it refuses is one line, exit 1.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from dsvc.compiler.cli import UsageError
-    from dsvc.dsl.files import read_text, write_atomic
-    from dsvc.dsl.import_hf import import_config
+    from dsvc.compiler.import_hf import import_config
+    from dsvc.dsl.files import write_atomic
+    from dsvc.runtime.inputs import JSON_BYTES, InputError, read_text
 
     out_path = args.output
     if out_path is not None:
@@ -31,7 +34,11 @@ def run(args) -> int:
         parent = os.path.dirname(out_path) or "."
         if not os.path.isdir(parent):
             raise UsageError(f"-o {out_path}: directory '{parent}' does not exist")
-    text = read_text(args.config)
+    try:
+        text = read_text(args.config, JSON_BYTES)
+    except InputError as err:
+        print(f"dsvc import-hf: error: {err}", file=sys.stderr)
+        return 1
     spec_text, notes = import_config(text, args.config, args.name)
     for note in notes:
         print(f"dsvc import-hf: note: {note}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""`dsvc train SPEC [--steps N] [--run-dir DIR] [--resume]`: compile (cached) and launch.
+"""`dsvc train SPEC [--steps N] [--run-dir DIR] [--resume] [--init-hf DIR]`: compile, launch.
 
 The build is cached by the spec's content hash (sources and includes) and the
 dsvc toolchain that compiled it, so a second run of the same spec compiles
@@ -28,6 +28,8 @@ def add_arguments(p) -> None:
                    help="run every linear in fp32 (numerics reference mode)")
     p.add_argument("--build-dir", metavar="DIR", help="where the compiled build is cached "
                    "(default: $DSVC_CACHE or ~/.cache/dsvc, by spec hash)")
+    p.add_argument("--init-hf", metavar="DIR", help="start from a Hugging Face DeepSeek-V3 "
+                   "checkpoint (docs/hf.md): every rank loads its own stages and experts")
 
 
 def cache_root() -> str:
@@ -72,6 +74,8 @@ def run(args) -> int:
     if spec.train is None or spec.parallel is None or spec.cluster is None:
         missing = [b for b in ("cluster", "parallel", "train") if getattr(spec, b) is None]
         raise UsageError(f"{args.spec} has no {', '.join(missing)} block: nothing to train")
+    if args.init_hf is not None and not os.path.exists(args.init_hf):
+        raise UsageError(f"--init-hf {args.init_hf}: no such file or directory")
     data_path = _token_file(spec)
     build_dir = args.build_dir or os.path.join(cache_root(), "builds",
                                                f"{spec.model.name}-{spec.content_hash[:16]}")
@@ -89,6 +93,8 @@ def run(args) -> int:
         cmd.append("--fp32")
     if data_path is not None:
         cmd += ["--data", data_path]
+    if args.init_hf is not None:
+        cmd += ["--init-hf", os.path.abspath(args.init_hf)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # world-size processes share the cores
     how = "compiled" if compiled is not None else "cached"

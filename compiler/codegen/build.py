@@ -17,6 +17,7 @@ import shutil
 import tempfile
 
 from dsvc.compiler.codegen.emit_build import BUILD_MARKER, toolchain_hash
+from dsvc.compiler.codegen.launch import launch_for
 from dsvc.compiler.driver import run_until
 
 
@@ -68,9 +69,10 @@ def build(spec, out_dir: str, expert_load: str | None = None) -> BuildResult:
     write_tree(files, out_dir)
     p = spec.parallel
     world = spec.cluster.world_size
+    launch = launch_for(spec.cluster, os.path.join(out_dir, "train.py"))
     summary = (f"{len(files)} files; {world} process{'es' if world != 1 else ''} "
-               f"(pipeline {p.pipeline} x data {p.data}, experts over {p.expert}); launch: "
-               f"torchrun --nproc-per-node {world} {os.path.join(out_dir, 'train.py')}")
+               f"(pipeline {p.pipeline} x data {p.data}, experts over {p.expert}); launch "
+               f"{launch.summary()}")
     return BuildResult(out_dir, tuple(sorted(files)), summary)
 
 

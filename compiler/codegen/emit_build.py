@@ -22,6 +22,7 @@ import tempfile
 from dsvc import __version__
 from dsvc import runtime as runtime_package
 from dsvc.compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
+from dsvc.compiler.codegen.launch import launch_for
 from dsvc.compiler.codegen.render import comment_safe, render_generated, render_template
 from dsvc.compiler.report import render_text, report_of
 from dsvc.compiler.schedules import draw_timeline
@@ -53,7 +54,8 @@ def emit_build(graph):
         "build_readme.md.jinja", model_name=spec.model.name, version=__version__,
         spec_file=comment_safe(_spec_file(spec)), spec_hash=spec.content_hash[:16],
         world=spec.cluster.world_size, pipeline=p.pipeline, data=p.data, expert=p.expert,
-        schedule=p.schedule, micro_batches=spec.micro_batches).encode()
+        schedule=p.schedule, micro_batches=spec.micro_batches,
+        launch=launch_for(spec.cluster)).encode()
     report = render_text(report_of(spec, graph))
     files["report.md"] = f"# Report: {spec.model.name}\n\n```\n{report.rstrip()}\n```\n".encode()
     files["schedule.png"] = _schedule_png(graph)

@@ -37,6 +37,16 @@ def tiny_files():
     return build_mod.render_files(dsl.load(str(TINY)))
 
 
+def test_readme_launches_per_node_and_on_one_machine(tiny_files):
+    """The tiny example's 4 one-"GPU" nodes: the per-node command with its placeholders
+    explained, and the one-machine form `dsvc train` uses."""
+    readme = tiny_files["README.md"].decode()
+    assert ("torchrun --nnodes 4 --nproc-per-node 1 --node-rank <i> --rdzv-backend static "
+            "--rdzv-endpoint <HOST:PORT> train.py --run-dir run") in readme
+    assert "- `<i>`: this node's number, 0 to 3" in readme and "- `<HOST:PORT>`:" in readme
+    assert "torchrun --standalone --nproc-per-node 4 train.py --run-dir run" in readme
+
+
 def test_golden_train(tiny_files):
     assert "model.py" not in tiny_files  # the runtime's modules run; nothing repeats them
     check_golden("build/tiny_train.py.txt", tiny_files["train.py"].decode())
@@ -103,7 +113,8 @@ def test_build_directory_contents(tmp_path):
     for rel, digest in marker["files"].items():
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest, rel
     readme = (out / "README.md").read_text()
-    assert "torchrun --nproc-per-node 1 train.py" in readme
+    assert "torchrun --standalone --nproc-per-node 1 train.py --run-dir run" in readme
+    assert "--nnodes" not in readme  # one node: no per-node command
     assert (out / "schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

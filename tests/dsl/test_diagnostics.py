@@ -52,6 +52,27 @@ def test_every_rule_has_a_case():
     goldens = "".join(p.read_text() for p in (ROOT / "tests/golden/dsl/cases").glob("*.txt"))
     missing = [rule_id for rule_id, _ in RULES if f"[{rule_id}]" not in goldens]
     assert not missing, f"rules without a golden case: {missing}"
+
+
+@pytest.mark.parametrize("case", ["routing_device_limited_v2", "routing_nvl72"])
+def test_no_routing_warning_inside_one_nvlink_domain(case, monkeypatch):
+    """DeepSeek-V2's device-limited routing (EP 8 in a node) and V3's routing inside one
+    72-GPU NVL72 domain send nothing over the network: nothing to warn about."""
+    monkeypatch.chdir(ROOT)
+    code, text = run_check(f"tests/dsl/cases/{case}.dsv")
+    assert code == 0 and "warning" not in text and ": ok (model" in text
+
+
+def test_cluster_files_check_on_their_own(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    files = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "examples/clusters").glob("*.dsv"))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["check", *files])
+    assert code == 0 and err.getvalue() == "", err.getvalue()
+    assert "examples/clusters/h800_2048.dsv: ok (cluster h800_2048: 256 nodes x 8 GPUs, no " \
+           "model: a file to include)" in out.getvalue()
+    assert out.getvalue().count(": ok (cluster ") == len(files) >= 4
     assert len(CASES) >= 25
 
 
@@ -79,7 +100,16 @@ def test_all_errors_reported_at_once(monkeypatch):
     ("experts_divide_ep", ["16 experts do not divide over 32 EP ranks", "use 8 or 16"]),
     ("fp8_tile_divides_k", ["FP8 tile of 128 does not divide K = 300 of the down projection "
                             "(intermediate) of ffn 'dense'", "pad = true"]),
-    ("node_limited_routing", ["spans 2 nodes", "set groups = 2 (one group per node)"]),
+    ("node_limited_routing", ["spans 2 NVLink domains of 8 GPUs",
+                              "set groups = 2 (one group per NVLink domain)"]),
+    ("unit_unknown", ["10:15: error: unknown unit 'Gbps'", "did you mean `Gb/s`?",
+                      "11:20: error: unknown unit 'gb/s'", "`GB/s` (bytes per second) or "
+                      "`Gb/s` (bits per second)", "8:28: error: unknown unit 'Gbit/s'",
+                      "7:27: error: unknown unit 'TFLOP/s'", "did you mean `TFLOPS`?",
+                      "GB/s, TB/s, PB/s, KiB/s, MiB/s, GiB/s, TiB/s, PiB/s, Kb/s, Mb/s, Gb/s"]),
+    ("unit_missing_nic", ["'nic' needs a unit: a bandwidth such as 400 Gb/s", "Gb/s"]),
+    ("nic_bandwidth", ["NIC line rate 400 GB/s (3.2 Tb/s) per GPU is above", "`400 Gb/s`?",
+                       "NVLink bandwidth 400 TB/s per GPU is above", "`400 GB/s`?"]),
     ("unknown_key", ["unknown key 'top_groupz'", "did you mean `top_groups`?"]),
     ("unit_wrong_kind", ["'bf16' must be a compute rate such as 989 TFLOPS, got GB/s "
                          "(a bandwidth)"]),

@@ -59,10 +59,11 @@ def _randomize_(model: torch.nn.Module, seed: int, std: float, prefix: str = "")
                 t.copy_(std * torch.randn(t.shape, generator=gen))
 
 
-def _mtp_tensors(mtp, hf) -> dict[str, torch.Tensor]:
+def _mtp_tensors(mtp, hf, idx: int = NUM_LAYERS) -> dict[str, torch.Tensor]:
     """transformers' MtpModel weights under DeepSeek's checkpoint names (the inverse of
-    transformers' MTP renaming: mtp_block.X -> X, post_norm -> shared_head.norm)."""
-    out, idx = {}, NUM_LAYERS
+    transformers' MTP renaming: mtp_block.X -> X, post_norm -> shared_head.norm), as
+    model.layers.{idx}."""
+    out = {}
     for name, t in mtp.state_dict().items():
         if not name.startswith("layers.0."):
             continue  # the shared embedding and head: written as the per-layer copies below
@@ -86,23 +87,30 @@ def _mtp_tensors(mtp, hf) -> dict[str, torch.Tensor]:
     return out
 
 
+def write_hf_checkpoint(plan, out_dir, std: float):
+    """transformers' DeepseekV3 of `plan`'s model (its config from `hf_config_from_plan`) with
+    random weights of scale `std`, saved to `out_dir` with one MTP layer under DeepSeek's
+    names: -> (the transformers model, its MtpModel), in eval mode."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers.modeling_layers import MtpModel
+
+    cfg = {k: v for k, v in hf_config_from_plan(plan, "float32").items() if k != "dsvc"}
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**cfg)).eval()
+    mtp = MtpModel(hf, 1).eval()
+    _randomize_(hf, 1, std)
+    _randomize_(mtp, 2, std, prefix="layers.")  # not the embedding and head it shares
+    hf.save_pretrained(out_dir)
+    weights = load_file(out_dir / "model.safetensors")
+    weights.update(_mtp_tensors(mtp, hf, len(plan.model.layers)))
+    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    return hf, mtp
+
+
 class HFCase:
     def __init__(self, root, rope: str):
-        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-        from transformers.modeling_layers import MtpModel
-
         self.plan = make_plan(rope)
-        cfg = {k: v for k, v in hf_config_from_plan(self.plan, "float32").items() if k != "dsvc"}
-        self.hf = DeepseekV3ForCausalLM(DeepseekV3Config(**cfg)).eval()
-        self.mtp = MtpModel(self.hf, 1).eval()
-        std = self.plan.model.init_std
-        _randomize_(self.hf, 1, std)
-        _randomize_(self.mtp, 2, std, prefix="layers.")  # not the embedding and head it shares
         self.dir = root / f"hf-{rope}"
-        self.hf.save_pretrained(self.dir)
-        weights = load_file(self.dir / "model.safetensors")
-        weights.update(_mtp_tensors(self.mtp, self.hf))
-        save_file(weights, self.dir / "model.safetensors", metadata={"format": "pt"})
+        self.hf, self.mtp = write_hf_checkpoint(self.plan, self.dir, self.plan.model.init_std)
         gen = torch.Generator().manual_seed(3)
         self.tokens = torch.randint(0, self.plan.model.vocab, (2, SEQ), generator=gen)
         with torch.no_grad():

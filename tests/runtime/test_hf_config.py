@@ -95,3 +95,27 @@ def test_released_deepseek_v3_convention_is_unchanged():
     # a plan without mscale_all_dim (plan v1) means the same: one factor for both
     del raw["model"]["rope"]["mscale_all_dim"]
     assert hf_config_from_plan(parse_plan(raw))["rope_scaling"] == cfg["rope_scaling"]
+
+
+def test_check_lists_format_problems_and_every_mismatch_together():
+    """A plan the format cannot express (softmax routing) and a config that differs in two
+    values and a wrong-typed third: all of it in one list, not one per run."""
+    from dsvc.runtime.hf import check_hf_config, hf_config_from_plan
+    from dsvc.runtime.plan import parse_plan
+    from dsvc.runtime.tiny import tiny_plan
+
+    sigmoid = parse_plan(tiny_plan(pp=1, dp=1, ep=1, precision="fp32"))
+    cfg = {k: v for k, v in hf_config_from_plan(sigmoid, "float32").items() if k != "dsvc"}
+    cfg.update(vocab_size=512, n_group=2, rms_norm_eps="small")
+    raw = tiny_plan(pp=1, dp=1, ep=1, precision="fp32")
+    raw["model"]["ffn"]["moe"]["score"] = "softmax"
+    softmax = parse_plan(raw)
+    problems = check_hf_config(softmax, cfg, source="c.json")
+    text = "\n".join(problems)
+    assert "c.json: routing score softmax: DeepseekV3 routes with sigmoid scores" in text
+    assert "c.json: vocab_size is 512 in the checkpoint, 256 in the plan" in text
+    assert "c.json: n_group is 2 in the checkpoint, 4 in the plan" in text
+    assert 'c.json: rms_norm_eps: must be a number, got "small" (a string)' in text
+    # and what softmax routing changes: its gates are not renormalised by default
+    assert "c.json: norm_topk_prob is True in the checkpoint, False in the plan" in text
+    assert len(problems) == 5

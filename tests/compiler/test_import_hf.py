@@ -11,9 +11,10 @@ import pytest
 
 from dsvc import dsl
 from dsvc.compiler.cli import main
+from dsvc.compiler.import_hf import import_config, sanitize_name
 from dsvc.dsl.diagnostics import SpecError
 from dsvc.dsl.fmt import format_source
-from dsvc.dsl.import_hf import import_config, sanitize_name
+from tests.golden import check_golden
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -193,9 +194,11 @@ def test_bad_json_points_at_line_and_column():
 
 def test_unknown_model_type_names_the_supported_ones():
     err = diag(json.dumps({"model_type": "mistral"}, indent=1))
-    assert "model_type 'mistral' is not supported" in err.render()
+    assert 'config.json:2:2: error: model_type: "mistral" is not supported' in err.render()
     assert "deepseek_v2, deepseek_v3, llama, qwen2" in err.render()
-    assert "model_type 'missing'" not in diag("{}").render()
+    assert "model_type: is missing" in diag("{}").render()
+    # a wrong type is named as such, not as missing
+    assert "model_type: must be a string, got 5 (a number)" in diag('{"model_type": 5}').render()
     assert "a config.json holds one JSON object" in diag("[1, 2]").render()
 
 
@@ -203,8 +206,8 @@ def test_bad_values_are_located():
     cfg = dict(LLAMA_3_8B, hidden_size="big", hidden_act="gelu")
     err = diag(json.dumps(cfg, indent=1))
     text = err.render()
-    assert "'hidden_size' must be an integer of at least 1, got \"big\"" in text
-    assert 'hidden_act "gelu" is not supported' in text
+    assert 'config.json:11:2: error: hidden_size: must be an integer, got "big" (a string)' in text
+    assert 'hidden_act: "gelu" is not supported (supported: silu, swiglu)' in text
     line = json.dumps(cfg, indent=1).splitlines().index(' "hidden_size": "big",') + 1
     assert any(d.span.line == line for d in err.diagnostics)
 
@@ -239,4 +242,149 @@ def test_cli_errors_write_nothing(tmp_path):
     assert run_cli(str(cfg), "-o", str(tmp_path / "out.txt"))[0] == 2
     assert run_cli(str(cfg), "-o", str(tmp_path / "no" / "out.dsv"))[0] == 2
     code, _, stderr = run_cli(str(tmp_path / "missing.json"))
-    assert code == 1 and "file not found" in stderr and "Traceback" not in stderr
+    assert code == 1 and stderr.count("\n") == 1 and "missing.json: no such file" in stderr
+
+
+# -- transformers 4 and 5 layouts, defaults, unmappable keys (issue 14) ---------------------
+
+CONFIGS = ROOT / "tests" / "compiler" / "hf_configs"
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_transformers4", "deepseek_v3_transformers5"])
+def test_golden_imports(name):
+    """The released DeepSeek-V3 config as published (transformers 4 layout: rope_scaling,
+    rope_theta beside it, DeepSeek's scoring_func/topk_method) and as transformers 5 writes
+    the same model (rope_parameters; no scoring_func, topk_method, aux loss keys)."""
+    path = CONFIGS / f"{name}.json"
+    text, _ = import_config(path.read_text(), str(path.relative_to(ROOT)), "deepseek_v3")
+    check_golden(f"import_hf/{name}.dsv", text)
+
+
+def test_both_layouts_give_the_same_model():
+    t4, t5 = (dsl.loads(import_config((CONFIGS / f"deepseek_v3_transformers{v}.json").read_text(),
+                                      "config.json", "v3")[0]).model for v in (4, 5))
+    moe4, moe5 = t4.ffns["moe"], t5.ffns["moe"]
+    # transformers 5 drops aux_loss_alpha (the released 0.001): the only difference
+    assert moe4.seq_aux_loss == 0.001 and moe5.seq_aux_loss == 0.0
+    assert moe4.model_copy(update={"seq_aux_loss": 0.0}) == moe5
+    assert t4.model_copy(update={"ffns": t5.ffns}) == t5
+    assert t5 == dsl.load(ROOT / "examples/deepseek_v3.dsv").model.model_copy(update={
+        "name": "v3", "max_seq": 163840, "rope": t5.rope,
+        "ffns": {**t5.ffns}})  # the example trains at 4096 without YaRN; the rest agrees
+
+
+def test_transformers_5_deepseek_v3_config(tmp_path):
+    """What transformers 5 writes (`DeepseekV3Config(...).save_pretrained`): sigmoid scores,
+    the groups, bias balancing and YaRN, from the model type's own behaviour and
+    rope_parameters, with rope_theta 50000 kept (it was lost as 10000 before)."""
+    from transformers import DeepseekV3Config
+
+    rope = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 40.0,
+            "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
+            "mscale": 1.0, "mscale_all_dim": 1.0}
+    DeepseekV3Config(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=64,
+        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+        first_k_dense_replace=1, max_position_embeddings=163840, rope_parameters=rope,
+    ).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "scoring_func" not in written and "rope_scaling" not in written  # the 5.x layout
+    text, notes = import_config((tmp_path / "config.json").read_text(), "config.json", "m")
+    model = dsl.loads(text).model
+    moe = model.ffns["moe"]
+    assert (moe.score, moe.groups, moe.top_groups, moe.balance) == ("sigmoid", 4, 2, "bias")
+    assert (moe.routed, moe.top_k, moe.renormalize, moe.route_scale) == (16, 4, True, 2.5)
+    r = model.rope
+    assert (r.kind, r.theta, r.factor, r.original_max_seq) == ("yarn", 50000, 40, 4096)
+    assert (r.beta_fast, r.beta_slow, r.mscale, r.mscale_all_dim) == (32, 1, 1.0, 1.0)
+    assert model.mtp.depth == 1 and [layer.ffn for layer in model.layers] == ["dense"] + ["moe"] * 5
+    assert notes == []  # every key transformers wrote is read or has no model meaning
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v2", "llama", "qwen2"])
+def test_defaults_are_the_installed_transformers_defaults(model_type):
+    """The reader's defaults for keys a config omits agree with the installed transformers'
+    configuration classes (their public attribute values), where a class has the key."""
+    import transformers
+
+    from dsvc.runtime.hf_config import DEFAULTS
+
+    cls = {"deepseek_v3": transformers.DeepseekV3Config, "deepseek_v2": transformers.DeepseekV2Config,
+           "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+    theirs = cls()
+    derived = {  # None in the table means what the class derives in its __post_init__
+        "num_key_value_heads": theirs.num_attention_heads,
+        "head_dim": theirs.hidden_size // theirs.num_attention_heads,
+    }
+    compared = 0
+    for key, mine in DEFAULTS[model_type].items():
+        if not hasattr(theirs, key) or key in ("sliding_window", "layer_types", "head_dim") \
+                and model_type != "llama":
+            continue  # a key the class does not have (its modeling code's behaviour), or
+            # one its __post_init__ rewrites from use_sliding_window / qk_rope_head_dim
+        got = getattr(theirs, key)
+        assert (mine if mine is not None else derived.get(key)) == got or mine == got, key
+        compared += 1
+    assert compared >= 14
+    default = theirs.to_dict()
+    if model_type == "deepseek_v2":  # its default num_experts_per_tok is null: no MoE to run
+        with pytest.raises(SpecError, match="num_experts_per_tok: is null"):
+            import_config(json.dumps(default), "config.json", "m")
+        return
+    text, _ = import_config(json.dumps(default), "config.json", "m")  # imports cleanly
+    assert dsl.loads(text).model.num_layers == default["num_hidden_layers"]
+
+
+def test_an_unmappable_key_is_named_and_ignored_keys_are_not():
+    cfg = dict(LLAMA_3_8B, rope_parameters={"rope_type": "llama3", "factor": 8.0,
+                                            "low_freq_factor": 1.0, "rope_theta": 500000.0},
+               router_jitter=0.1, attention_dropout=0.1)
+    _, notes = import_config(json.dumps(cfg), "config.json", "m")
+    assert any(n.startswith("router_jitter: router_jitter = 0.1 (a number) is not modelled")
+               for n in notes)
+    assert any(n.startswith('rope_parameters.rope_type: "llama3" is not modelled') for n in notes)
+    assert any(n.startswith("attention_dropout: 0.1") for n in notes)
+    for ignored in ("bos_token_id", "torch_dtype", "architectures", "use_cache"):
+        assert not any(n.startswith(ignored) for n in notes), ignored
+
+
+def test_diagnostics_point_into_the_json_by_key_path():
+    cfg = dict(DEEPSEEK_V3, rope_scaling=dict(DEEPSEEK_V3["rope_scaling"], factor="forty"),
+               q_lora_rank=True)
+    text = json.dumps(cfg, indent=1)
+    err = diag(text)
+    rendered = err.render()
+    assert 'rope_scaling.factor: must be a number, got "forty" (a string)' in rendered
+    assert "q_lora_rank: must be an integer, got true (true or false)" in rendered
+    factor = next(d for d in err.diagnostics if d.message.startswith("rope_scaling.factor"))
+    line = text.splitlines()[factor.span.line - 1]
+    assert factor.span.file == "config.json" and '"factor": "forty"' in line
+
+
+def test_a_billion_layers_is_judged_by_dsvcs_own_limits_at_once():
+    """num_hidden_layers 1e9 writes two layer ranges, not a line per layer, and dsvc's own
+    range limit rejects it, reported at the config key (no generated file to point into)."""
+    import time
+
+    t0 = time.perf_counter()
+    err = diag(json.dumps(dict(DEEPSEEK_V3, num_hidden_layers=1e9), indent=1))
+    assert time.perf_counter() - t0 < 5
+    (d,) = err.diagnostics
+    assert d.span.file == "config.json" and d.span.line == 10
+    assert d.message == "num_hidden_layers: layer range 3..999999999 is implausibly long"
+    err = diag(json.dumps(dict(DEEPSEEK_V3, num_hidden_layers=10**9, moe_layer_freq=2)))
+    assert "spec over dsvc's 2 MB limit" in err.render()
+
+
+@pytest.mark.parametrize("n, first, freq", [(10, 1, 2), (10, 0, 3), (7, 3, 1), (5, 9, 1),
+                                            (12, 4, 4), (1, 0, 1), (9, 2, 2)])
+def test_layer_runs_follow_deepseeks_rule(n, first, freq):
+    from dsvc.compiler.import_hf_spec import layer_runs, run_count
+
+    runs = list(layer_runs(n, first, freq))
+    kinds = [moe for lo, hi, moe in runs for _ in range(lo, hi + 1)]
+    assert kinds == [i >= first and i % freq == 0 for i in range(n)]
+    assert all(a[2] != b[2] for a, b in zip(runs, runs[1:]))  # maximal runs
+    assert len(runs) <= run_count(n, first, freq)
