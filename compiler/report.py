@@ -142,12 +142,14 @@ def report_of(spec, graph=None, symbolic: bool = False, expert_load: str | None 
     from dsvc.compiler.costs.layout import even_layout, parallel_dims
     from dsvc.compiler.costs.memory import memory_figures
     from dsvc.compiler.costs.model import build_model
+    from dsvc.compiler.costs.model_figures import model_figures
     from dsvc.compiler.costs.network import network_figures
     from dsvc.compiler.costs.step import StepModel
 
     q = Quantities(symbolic)
     notes = []
     costs = build_model(spec, q)
+    model_figures(spec, q, costs)
     moes = [p.spec for p in costs.ffns.values() if p.kind == "moe"]
     imbalance = 1
     p = spec.parallel

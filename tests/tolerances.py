@@ -80,7 +80,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     # step simulation (compiler/passes/simulate*.py): event times are sums of float
     # seconds, compared with the same sums written out by hand
     "simulate_float_sum": (1e-9, 1e-15),
-    # the simulated graph's training FLOPs per token vs REFERENCE.md's 250.4 GFLOPs
+    # the simulated graph's training FLOPs per token vs the DeepSeek-V3 report's convention's 250.4 GFLOPs
     # (one decimal printed there)
     "simulate_flops_reference": (1e-3, 0.0),
 }

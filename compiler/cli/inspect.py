@@ -86,7 +86,9 @@ def _render(fmt: str, graph, keep) -> str | bytes:
     if fmt == "text":
         return printer.format_text(graph, keep)
     if fmt == "json":
-        return printer.format_json(graph, keep)
+        from dsvc.compiler.printer_json import format_json
+
+        return format_json(graph, keep)
     dot = printer.format_dot(graph, keep)
     if fmt == "dot":
         return dot

@@ -3,7 +3,7 @@
 Units are whole decoder layers (the runtime builds stages from layer lists);
 the embedding is pinned to the first stage, the final norm, head, loss and
 the MTP modules (which share the head) to the last. Stage ids follow
-DESIGN.md and the schedules: 1F1B / ZB1P run part p on rank p; DualPipe runs
+docs/language.md and the schedules: 1F1B / ZB1P run part p on rank p; DualPipe runs
 two copies of the model, copy A's stage p (part p) on rank p and copy B's
 global stage PP + p (part p) on rank PP-1-p; DualPipeV runs 2R parts of one
 copy on R ranks, part p on rank min(p, 2R-1-p). Ops carry the per-copy stage
