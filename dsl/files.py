@@ -9,8 +9,11 @@ complete new file (written beside it, then renamed over it), never left half-wri
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pathlib
+import stat
 
 from dsvc.dsl.diagnostics import ERROR, Diagnostic, Span, SpecError, did_you_mean
 from dsvc.dsl.lexer import decode_source
@@ -52,24 +55,43 @@ def _near_files(path: str) -> str | None:
     return f"did you mean '{p.parent / guess}'?" if guess else None
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Replace `path` by `text` (UTF-8) all at once, keeping the old file's permissions."""
-    directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
+def replace_file(path: str, data: bytes) -> None:
+    """Write `data` as `path` all at once: into a file beside it, then renamed over it, so a
+    reader sees the old file or the new one and a failure leaves the old one (or none);
+    an existing file keeps its permissions, a new one gets the umask's, a symlink stays a
+    link (its target is replaced). A path that exists but is not a regular file (/dev/null,
+    /dev/stdout, a FIFO) is written directly: renaming over it would replace the device.
+    Raises `OSError`."""
+    target = os.path.realpath(path)
     try:
-        mode = os.stat(path).st_mode & 0o7777 if os.path.exists(path) else None
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with open(target, "wb") as f:
+            f.write(data)
+        return
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
+        if st is not None:
+            os.chmod(tmp, st.st_mode & 0o7777)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
+        raise
+
+
+def write_atomic(path: str, text: str) -> None:
+    """`replace_file` with UTF-8 text; a `SpecError` (nothing changed) when it cannot."""
+    try:
+        replace_file(path, text.encode("utf-8"))
+    except OSError as err:
         raise SpecError([Diagnostic(ERROR, f"cannot write '{path}': {err.strerror or err}",
                                     Span(path, 0, 0), "nothing was changed")]) from None

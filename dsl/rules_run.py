@@ -266,9 +266,15 @@ def _expert_load(spec, sink):
     p = spec.parallel
     if p is None or p.expert_load is None:
         return
+    from dsvc.runtime.inputs import InputError, check_regular_file
+
     path = os.path.join(os.path.dirname(spec.file), p.expert_load)
-    if not os.path.isfile(path):
-        sink.error(f"expert load file not found: '{p.expert_load}'",
+    try:
+        check_regular_file(path)
+    except InputError as err:
+        what = "not found" if not os.path.lexists(path) else err.reason
+        sink.error(f"expert load file {what}: '{p.expert_load}'" if what == "not found" else
+                   f"expert load file '{p.expert_load}' {what}",
                    spec.span("parallel.expert_load"),
                    "paths are relative to the spec; the file is a JSON histogram")
 

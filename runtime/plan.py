@@ -10,7 +10,6 @@ must load its plan without dsvc installed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
@@ -248,15 +247,12 @@ class Plan:
 
 def load_plan(path: str | pathlib.Path) -> Plan:
     """Read and validate `plan.json`; raises `PlanError` listing every problem."""
-    path = pathlib.Path(path)
+    from .inputs import InputError, load_json
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PlanError([f"{path}: cannot read the plan: {exc.strerror}"]) from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError([f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}"]) from None
+        raw = load_json(path)
+    except InputError as err:
+        raise PlanError([f"{path}: cannot read the plan: {err.reason}"]) from None
     return parse_plan(raw, source=str(path))
 
 

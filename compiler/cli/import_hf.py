@@ -18,8 +18,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from dsvc.compiler.cli import UsageError
-    from dsvc.dsl.files import read_text, write_atomic
+    from dsvc.compiler.cli import UsageError, write_output
+    from dsvc.dsl.files import read_text
     from dsvc.dsl.import_hf import import_config
 
     out_path = args.output
@@ -39,6 +39,6 @@ def run(args) -> int:
         sys.stdout.write(spec_text)
     else:
         existed = os.path.exists(out_path)
-        write_atomic(out_path, spec_text)
+        write_output(out_path, spec_text)
         print(f"{'replaced' if existed else 'wrote'} {out_path}", file=sys.stderr)
     return 0

@@ -54,7 +54,8 @@ def _corners(box: tuple[float, float, float, float]) -> tuple[tuple[float, float
 
 
 def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> None:
-    """Draw `result` (a `SimResult`) to an image file (format from the suffix, e.g. .png)."""
+    """Draw `result` (a `SimResult`) to an image file (format from the suffix, e.g. .png),
+    or as PNG into a binary file object."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
@@ -141,6 +142,9 @@ def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> 
             f"max bubble {_short(result.max_bubble)}"
         )
     ax.set_title(title, fontsize=10)
+    if hasattr(path, "write"):  # a binary file object: the caller writes the bytes where it will
+        fig.savefig(path, dpi=dpi, format="png")
+        return
     if os.path.isdir(path):  # matplotlib would quietly write PATH.png instead
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     fig.savefig(str(path), dpi=dpi)
