@@ -33,6 +33,7 @@ _LABELS = {
 # this many would cost matplotlib seconds to lay out (a few ms each) and crowd the picture.
 _MIN_LABEL_POINTS = 4.0
 _MAX_LABELS = 2000
+_MAX_PIXELS = 12_000_000
 
 
 def _second_legs(schedule) -> list[bool]:
@@ -73,6 +74,8 @@ def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> 
     # side at 150 dpi): hundreds of pipeline ranks otherwise ask for gigabytes of pixels.
     rows_in, bottom_in = min(40.0, 0.42 * n), 0.75 + 0.25 * legend_rows
     height_in = rows_in + top_in + bottom_in
+    # at most _MAX_PIXELS: a bigger picture costs seconds to encode and shows nothing more
+    dpi = min(dpi, int((_MAX_PIXELS / (width_in * height_in)) ** 0.5))
     fig = Figure(figsize=(width_in, height_in))
     FigureCanvasAgg(fig)
     axes_w = (width_in - left_in - right_in) / width_in
