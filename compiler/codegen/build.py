@@ -416,7 +416,24 @@ def _digest(path: pathlib.Path) -> str | None:
         return None
 
 
+def check_output_dir(out_dir: str) -> None:
+    """What `write_tree` would refuse, found before anything is rendered (seconds for a big
+    model): a directory that is not a dsvc build, a file in the way, a place dsvc cannot
+    create files in (a read-only file system, /proc). Changes nothing on disk."""
+    from dsvc.compiler.cli import UsageError, output_error
+    from dsvc.runtime.inputs import InputError, check_writable_dir
+
+    try:
+        _previous_manifest(pathlib.Path(out_dir), out_dir)
+        check_writable_dir(out_dir)
+    except InputError as err:
+        raise UsageError(f"cannot write {err}") from None
+    except OSError as err:
+        raise output_error(out_dir, err) from None
+
+
 def build(spec, out_dir: str, expert_load: str | None = None) -> BuildResult:
+    check_output_dir(out_dir)
     files = render_files(spec, expert_load)
     kept, edited = write_tree(files, out_dir)
     p = spec.parallel
