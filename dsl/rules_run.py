@@ -189,6 +189,15 @@ def _ep(spec, sink):
         if p.redundant_experts % p.expert:
             sink.error(f"{p.redundant_experts} redundant experts do not spread evenly over "
                        f"{p.expert} EP ranks", spec.span("parallel.redundant_experts"))
+        elif f.routed % p.expert == 0 and \
+                p.redundant_experts // p.expert > f.routed - f.routed // p.expert:
+            # a rank replicates only experts it does not hold: past that a slot stays empty
+            most = p.expert * (f.routed - f.routed // p.expert)
+            sink.error(f"{p.redundant_experts} redundant experts cannot be placed: each of the "
+                       f"{p.expert} EP ranks can take a replica only of the "
+                       f"{f.routed - f.routed // p.expert} experts of ffn '{f.name}' it does "
+                       "not hold", spec.span("parallel.redundant_experts"),
+                       f"use at most {most}")
     if moes and p.redundant_experts and p.redundant_experts % p.expert == 0:
         # the trainer's plan (v1) has no replicated experts: say so before anyone trains
         sink.warning(f"{p.redundant_experts} redundant experts appear in `dsvc inspect`'s "

@@ -112,3 +112,60 @@ def test_the_linear_balancer_matches_the_dynamic_programme(costs, extra):
     for c in costs:
         pre.append(pre[-1] + c)
     assert _min_max_parts(pre, extra) == _min_max_by_dynamic_programme(pre, extra)
+
+
+def _replicas_by_scanning(ranks, node_of_rank, load, redundant):
+    """The replica placement as first written, scanning every rank per slot: the reference."""
+    import heapq
+
+    ep = len(ranks)
+    free = [redundant // ep] * ep
+    copies = [1] * len(load)
+    holders = [[] for _ in load]
+    for r, ids in enumerate(ranks):
+        for e in ids:
+            holders[e].append(r)
+    rank_load = [sum(load[e] for e in ids) for ids in ranks]
+    heap = [(-load[e], e) for e in range(len(load))]
+    heapq.heapify(heap)
+    for _ in range(redundant):
+        open_ranks = [r for r in range(ep) if free[r]]
+        skipped = []
+        while True:
+            key, e = heapq.heappop(heap)
+            candidates = [r for r in open_ranks if r not in holders[e]]
+            if candidates:
+                break
+            skipped.append((key, e))
+        for item in skipped:
+            heapq.heappush(heap, item)
+        used_nodes = {node_of_rank[r] for r in holders[e]}
+        other = [r for r in candidates if node_of_rank[r] not in used_nodes]
+        r = min(other or candidates, key=lambda x: (rank_load[x], x))
+        before = load[e] / copies[e]
+        copies[e] += 1
+        share = load[e] / copies[e]
+        for q in holders[e]:
+            rank_load[q] -= before - share
+        holders[e].append(r)
+        ranks[r].append(e)
+        free[r] -= 1
+        rank_load[r] += share
+        heapq.heappush(heap, (-share, e))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(ep=st.sampled_from([2, 4, 8, 16]), per=st.sampled_from([1, 2, 4]),
+       gpn=st.sampled_from([1, 2, 4, 8]), slots=st.integers(1, 4), data=st.data())
+def test_replica_placement_by_heap_matches_the_scan(ep, per, gpn, slots, data):
+    from dsvc.compiler.passes.place_experts import _add_replicas
+
+    routed = ep * per
+    load = data.draw(st.lists(st.sampled_from([0.0, 1.0, 3.0, 7.5]) | st.floats(0, 1e4),
+                              min_size=routed, max_size=routed))
+    nodes = tuple(r // gpn for r in range(ep))
+    new, old = ([list(range(r * per, (r + 1) * per)) for r in range(ep)] for _ in range(2))
+    slots = min(slots, routed - per)  # a rank replicates only experts it does not hold
+    _add_replicas(new, nodes, load, slots * ep)
+    _replicas_by_scanning(old, nodes, load, slots * ep)
+    assert new == old

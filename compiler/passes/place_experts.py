@@ -72,40 +72,69 @@ def place_layer(routed: int, groups: int, ep: int, gpus_per_node: int, redundant
 
 
 def _add_replicas(ranks: list[list[int]], node_of_rank, load, redundant: int) -> None:
-    """Fill `redundant` extra slots (evenly over ranks) with replicas of hot experts."""
+    """Fill `redundant` extra slots (evenly over ranks) with replicas of hot experts.
+
+    Each slot: the expert with the most load per copy that some open rank does not hold
+    yet; its replica goes to the least-loaded such rank (lowest index on a tie), on a
+    node without a copy of it if there is one. Open ranks wait in a heap by (load,
+    index) whose stale entries are skipped, so a slot costs O(log EP) plus the ranks
+    passed over on nodes that already hold the expert, not a scan of every rank."""
     ep = len(ranks)
     free = [redundant // ep] * ep
     copies = [1] * len(load)
-    holders = [[] for _ in load]  # ranks holding each expert
+    holders: list[set[int]] = [set() for _ in load]  # ranks holding each expert
     for r, ids in enumerate(ranks):
         for e in ids:
-            holders[e].append(r)
+            holders[e].add(r)
     rank_load = [sum(load[e] for e in ids) for ids in ranks]
+    open_ranks = sum(1 for f in free if f)
+    by_load = [(rank_load[r], r) for r in range(ep) if free[r]]  # open ranks, lazily current
+    heapq.heapify(by_load)
     heap = [(-load[e], e) for e in range(len(load))]  # most load per copy first
     heapq.heapify(heap)
     for _ in range(redundant):
-        open_ranks = [r for r in range(ep) if free[r]]
         skipped = []
         while True:  # the hottest expert some open rank does not hold yet
             key, e = heapq.heappop(heap)
-            candidates = [r for r in open_ranks if r not in holders[e]]
-            if candidates:
+            if open_ranks > sum(1 for q in holders[e] if free[q]):
                 break
             skipped.append((key, e))
         for item in skipped:
             heapq.heappush(heap, item)
-        used_nodes = {node_of_rank[r] for r in holders[e]}
-        other = [r for r in candidates if node_of_rank[r] not in used_nodes]
-        r = min(other or candidates, key=lambda x: (rank_load[x], x))
+        used_nodes = {node_of_rank[q] for q in holders[e]}
+        r = fallback = None
+        passed = []
+        while by_load:  # least-loaded open rank without e, on another node if any
+            entry = heapq.heappop(by_load)
+            x_load, x = entry
+            if not free[x] or x_load != rank_load[x]:
+                continue  # stale: full since, or its load changed (a newer entry exists)
+            passed.append(entry)
+            if x in holders[e]:
+                continue
+            if node_of_rank[x] not in used_nodes:
+                r = x
+                break
+            if fallback is None:
+                fallback = x
+        r = fallback if r is None else r
+        for entry in passed:
+            heapq.heappush(by_load, entry)
         before = load[e] / copies[e]
         copies[e] += 1
         share = load[e] / copies[e]
         for q in holders[e]:  # every holder now serves a smaller share of e
             rank_load[q] -= before - share
-        holders[e].append(r)
+            if free[q]:
+                heapq.heappush(by_load, (rank_load[q], q))
+        holders[e].add(r)
         ranks[r].append(e)
         free[r] -= 1
         rank_load[r] += share
+        if free[r]:
+            heapq.heappush(by_load, (rank_load[r], r))
+        else:
+            open_ranks -= 1
         heapq.heappush(heap, (-share, e))
 
 
