@@ -53,12 +53,17 @@ __all__ = [
 
 
 class InputError(ValueError):
-    """A user-supplied file or text that dsvc will not read; `str()` is one line."""
+    """A user-supplied file or text that dsvc will not read; `str()` is one line.
 
-    def __init__(self, path: str, message: str):
+    `line` and `col` (1-based) locate a JSON syntax error in the file, for callers that
+    point a diagnostic at it; None otherwise."""
+
+    def __init__(self, path: str, message: str, line: int | None = None,
+                 col: int | None = None):
         super().__init__(f"{path}: {message}")
         self.path = path
         self.reason = message
+        self.line, self.col = line, col
 
 
 def _kind(mode: int) -> str:
@@ -174,7 +179,7 @@ def parse_json(text: str | bytes, source: str) -> object:
                           parse_constant=parse_constant)
     except json.JSONDecodeError as err:
         raise InputError(source, f"not valid JSON at line {err.lineno}, column {err.colno}: "
-                                 f"{err.msg}") from None
+                                 f"{err.msg}", err.lineno, err.colno) from None
     except UnicodeDecodeError as err:
         raise InputError(source, f"not UTF-8 text (byte {err.start})") from None
     except RecursionError:  # unreachable under MAX_JSON_DEPTH; kept for a lowered recursion limit

@@ -180,6 +180,9 @@ def read_expert_load(path: str, routed: dict[int, int], span: Span | None = None
                      "the format is in docs/ir.md; `dsvc train` writes it as "
                      "RUN_DIR/expert_load.json") from None
     except InputError as err:
+        if err.line is not None:  # a JSON syntax error: point at it
+            raise _error(f"expert load file is {err.reason}", Span(path, err.line, err.col)
+                         ) from None
         raise _error(f"cannot read expert load file '{path}': {err.reason}", where) from None
 
 

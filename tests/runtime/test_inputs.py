@@ -109,3 +109,12 @@ def test_writable_directories_are_probed_without_a_trace(tmp_path):
     if os.path.isdir("/proc/self"):
         with pytest.raises(InputError, match="cannot create files in '/proc"):
             inputs.check_writable_dir("/proc/self/run")
+
+
+def test_json_syntax_errors_carry_their_position():
+    with pytest.raises(InputError) as info:
+        inputs.parse_json('{"a": [1,\n  oops]}', "x.json")
+    assert (info.value.line, info.value.col) == (2, 3)
+    with pytest.raises(InputError) as info:
+        inputs.parse_json("[" * 100 + "]" * 100, "x.json")
+    assert info.value.line is None  # a limit, not a place in the text
