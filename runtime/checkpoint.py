@@ -118,13 +118,17 @@ def latest(root: str) -> str | None:
 
 
 def read_meta(path: str) -> dict:
+    """A checkpoint's record, read under the input policy (inputs.py: a regular file of
+    bounded size, JSON of bounded depth and digits)."""
+    from .inputs import InputError, load_json
+
+    record = os.path.join(path, META)
+    if not os.path.lexists(record):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META})")
     try:
-        with open(os.path.join(path, META)) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {META})") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: {META} is unreadable ({err})") from None
+        meta = load_json(record)
+    except InputError as err:
+        raise CheckpointError(f"{path}: {META} is unreadable ({err.reason})") from None
     if not isinstance(meta, dict) or "step" not in meta:
         raise CheckpointError(f"{path}: {META} is not a dsvc checkpoint record")
     return meta

@@ -99,7 +99,7 @@ def test_expert_load_file_counts_every_routed_token(fp32_run):
     assert record["format"] == "dsvc-expert-load" and record["steps"] == [1, 40]
     layers = moe_layer_indices(spec)
     assert layers == [1, 2, 3, 4]  # layers 1..3 on pipeline rank 0 and 1, MTP (4) on the last
-    histogram = read_expert_load(str(path), layers)
+    histogram = read_expert_load(str(path), {layer: 8 for layer in layers})
     assert sorted(histogram) == layers
     # every token of every step goes to top_k = 2 of the 8 experts of each MoE layer
     tokens = 40 * record["tokens_per_step"]

@@ -114,15 +114,10 @@ def render_dot(dot: str, fmt: str) -> str | bytes:
 
 
 def _write(args, data: str | bytes) -> None:
-    from dsvc.compiler.cli import UsageError
+    from dsvc.compiler.cli import UsageError, write_output
 
     if args.output:
-        mode = "wb" if isinstance(data, bytes) else "w"
-        try:
-            with open(args.output, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
-                f.write(data)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+        write_output(args.output, data)
         print(f"{args.output}: {args.format}", file=sys.stderr)
         return
     if isinstance(data, bytes):

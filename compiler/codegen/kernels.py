@@ -7,8 +7,8 @@ config of each GEMM is chosen here (`pick_tile_config`): on a CPU (interpreter) 
 kernels are launched with it, on a GPU it is the fallback and triton.autotune
 searches `gpu_autotune_configs()`.
 
-`python -m dsvc.compiler.codegen.kernels PATH` writes the generic module (no GEMM table),
-which the runtime ships as runtime/_fp8_kernels_generic.py.
+`python -m dsvc.compiler.codegen.kernels PATH` writes a module for no particular spec (no
+GEMM table), which tests and benches render where they have no build.
 """
 
 from __future__ import annotations
