@@ -297,7 +297,8 @@ def _train(trainer, plan, steps: int, console, ckpt_root: str, expected: dict, e
         layers = loads_so_far()
         record = dict(expected, data_samples=trainer.sharder.samples_before(trainer.step_index),
                       expert_load=expert_load.to_record(layers, first),
-                      checkpoint_format=train_state.FORMAT)  # fmt: skip
+                      checkpoint_format=train_state.FORMAT,
+                      **train_state.model_record(plan.raw))  # fmt: skip
         ckpt.save(ckpt_root, trainer.step_index, train_state.state_for_save(trainer), record)
         record_loads(layers)
 

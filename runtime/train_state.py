@@ -53,6 +53,14 @@ def model_hash(plan_raw: dict) -> str:
     return hashlib.sha256(model.encode()).hexdigest()
 
 
+def model_record(plan_raw: dict) -> dict:
+    """The plan sections a checkpoint's record carries so that the checkpoint can be used
+    without the build directory that wrote it (`dsvc generate`, `runtime.trained`): the
+    model (what `model_hash` hashes), the precision it trained in, its data source."""
+    return json.loads(json.dumps({"model": plan_raw["model"], "precision": plan_raw["precision"],
+                                  "data": plan_raw["train"]["data"]}))
+
+
 def pipeline_layout(plan_raw: dict) -> dict:
     """What a checkpoint's shards depend on besides data parallelism: which pipeline rank
     holds which stage (layers, embedding, head, MTP; the model copy under DualPipe) and
