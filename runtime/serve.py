@@ -18,7 +18,9 @@ The job (JSON-able):
      "generation": {"max_new_tokens", "temperature", "top_p", "seed", "stop", "draft_depth"},
      "output": "result.json"}                        # written by rank 0 (torchrun)
 
-The result: `{"rows": [{"tokens", "finish"}], "stats": {...}}` with the timings of
+The result: `{"rows": [{"tokens", "finish"}], "stats": {...}}` (and, with overlap, rank
+0's `overlap_log` of its last forward; with `"keep_logits": true`, each row's
+`logits` per emitted token) with the timings of
 rank 0, the draft counts of every rank, the measured cache bytes per token
 (`kv_cache_bytes_per_token`, `kv_cache_bytes_per_token_mtp`) and, over processes,
 the all-to-all payload per token per MoE layer (`a2a_bytes_per_token_layer`).
@@ -83,6 +85,7 @@ def run_job(job: dict, rank: int = 0, world: int = 1, group=None, device=None) -
         sampling=Sampling(float(g.get("temperature", 0.0)), float(g.get("top_p", 1.0)),
                           int(g.get("seed", 0))),
         stop=tuple(int(t) for t in g.get("stop", ())), draft_depth=depth,
+        keep_logits=bool(job.get("keep_logits", False)),
     )  # fmt: skip
     prompts = [list(map(int, p)) for p in job["prompts"]]
     per, total = _layout(len(prompts), ep, overlap)
@@ -102,10 +105,11 @@ def run_job(job: dict, rank: int = 0, world: int = 1, group=None, device=None) -
 
     live = [r < len(prompts) for r in mine]
     res = generate(decoder, [padded[r] for r in mine], cfg, rows=mine, sync=sync, live=live)
-    mine_out = {
-        "rows": [{"tokens": t, "finish": f} for t, f in zip(res.tokens, res.finish)],
-        "counts": _counts(res, counter, decoder),
-    }
+    rows = [{"tokens": t, "finish": f} for t, f in zip(res.tokens, res.finish)]
+    if res.logits is not None:  # each emitted token's logits (tests compare them)
+        for row, steps in zip(rows, res.logits):
+            row["logits"] = [lg.float().cpu().tolist() for lg in steps]
+    mine_out = {"rows": rows, "counts": _counts(res, counter, decoder)}
     if world > 1:
         every: list = [None] * world
         dist.all_gather_object(every, mine_out, group=group)
@@ -114,7 +118,10 @@ def run_job(job: dict, rank: int = 0, world: int = 1, group=None, device=None) -
     if rank != 0:
         return None
     rows = [row for part in every for row in part["rows"]][: len(prompts)]
-    return {"rows": rows, "stats": _stats(every, plan, res, ep, overlap)}
+    out = {"rows": rows, "stats": _stats(every, plan, res, ep, overlap)}
+    if overlap:  # rank 0's last forward, as the training overlap keeps its last step
+        out["overlap_log"] = [list(event) for event in decoder.overlap_log]
+    return out
 
 
 def _counts(res: GenerationResult, counter: CountingTransport, decoder: Decoder) -> dict:

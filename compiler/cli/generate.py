@@ -93,7 +93,8 @@ def _precision_preset(name: str) -> dict:
 # precision, so a model-only spec (an HF import) gets these placeholders.
 _RUN_BLOCKS = {
     "cluster": "cluster serving {\n  nodes = 1\n  gpus_per_node = 1\n"
-               "  gpu = any { bf16 = 1 TFLOPS, fp8 = 1 TFLOPS, memory = 1 TB, hbm = 1 TB/s }\n}\n",
+               "  gpu = any { bf16 = 1 TFLOPS, fp8 = 1 TFLOPS, memory = 1 TB, hbm = 1 TB/s }\n"
+               "  nvlink { domain = 1, bandwidth = 1 GB/s, effective = 1 GB/s }\n}\n",
     "parallel": "parallel { pipeline = 1 }\n",
     "train": "train {\n  seq_len = 1\n  global_batch = 1\n  optimizer = adamw(lr = 1e-4)\n}\n",
 }
@@ -160,15 +161,13 @@ def _resolve(args) -> tuple[dict, dict, object]:
     if args.spec is not None:
         sections = _spec_sections(args.spec)
     else:
-        ours = cfg.get("dsvc") if isinstance(cfg, dict) else None
-        if isinstance(ours, dict) and isinstance(ours.get("model"), dict):
-            model = ours["model"]
-        else:
-            from dsvc.dsl.import_hf import import_config
-            from dsvc.runtime.inputs import read_text
+        # the config through `dsvc import-hf`'s reader (one reader of HF configs), whether
+        # transformers or `dsvc export-hf` wrote it
+        from dsvc.dsl.import_hf import import_config
+        from dsvc.runtime.inputs import read_text
 
-            text, _ = import_config(read_text(cfg_path, 1 << 20), cfg_path)
-            model = _sections_of_spec_text(text, cfg_path)["model"]
+        text, _ = import_config(read_text(cfg_path, 1 << 20), cfg_path)
+        model = _sections_of_spec_text(text, cfg_path)["model"]
         dtype = cfg.get("torch_dtype", cfg.get("dtype")) if isinstance(cfg, dict) else None
         sections = {"model": model,
                     "precision": _precision_preset("fp32" if dtype == "float32" else "bf16")}

@@ -179,3 +179,14 @@ def reference_steps(raw: dict, steps: int, num_microbatches: int = 1) -> list:
         metrics = ref.step()
         records.append((metrics, {n: p.grad.detach().clone() for n, p in ref.named_parameters()}))
     return records
+
+
+def decode_jobs(rank: int, jobs: list[dict]) -> list:
+    """Each decoding job (runtime/serve.py) on every rank of a spawned EP job; rank 0's
+    results (the others return None)."""
+    import torch.distributed as dist
+
+    from dsvc.runtime.serve import run_job
+
+    world = dist.get_world_size()
+    return [run_job(job, rank, world, dist.group.WORLD) for job in jobs]
