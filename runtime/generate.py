@@ -115,6 +115,12 @@ class _Rows:
                 self.active[b] = False
 
 
+def cache_positions(longest_prompt: int, max_new_tokens: int, draft_depth: int = 0) -> int:
+    """Cache positions a decode needs: the prompt, the new tokens and, when drafting, room
+    for the draft chunks' padding past a row's end (2 x depth + 2)."""
+    return longest_prompt + max_new_tokens + (2 * draft_depth + 2 if draft_depth else 0)
+
+
 def _now(device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -147,9 +153,10 @@ def generate(decoder, prompts: list[list[int]], config: GenerationConfig,
         raise ValueError(f"a prompt of {longest} tokens and {cfg.max_new_tokens} new ones "
                          f"exceed the model's context of {context} positions")
     cap = decoder.cache.max_len
-    if longest + cfg.max_new_tokens + 2 * depth + 2 > cap:
-        raise ValueError(f"a cache of {cap} positions cannot hold prompts of {longest} "
-                         f"tokens, {cfg.max_new_tokens} new ones and {2 * depth + 2} of slack")
+    if cache_positions(longest, cfg.max_new_tokens, depth) > cap:
+        raise ValueError(f"a cache of {cap} positions is too short: decoding prompts of "
+                         f"{longest} tokens needs {cache_positions(longest, cfg.max_new_tokens, depth)}"
+                         " (generate.cache_positions)")
     seq = torch.zeros(b, cap + depth + 2, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         seq[i, : len(p)] = torch.tensor(p, dtype=torch.long)

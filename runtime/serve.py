@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .decode import Decoder
-from .generate import GenerationConfig, GenerationResult, generate
+from .generate import GenerationConfig, GenerationResult, cache_positions, generate
 from .overlap import CountingTransport
 from .sampling import Sampling
 from .trained import build_serving_model, load_checkpoint_weights, serving_plan
@@ -92,7 +92,7 @@ def run_job(job: dict, rank: int = 0, world: int = 1, group=None, device=None) -
     padded = prompts + [prompts[-1]] * (total - len(prompts))  # copies, discarded
     mine = list(range(rank * per, (rank + 1) * per))
     longest = max(len(p) for p in prompts)
-    decoder = Decoder.allocate(model, per, longest + cfg.max_new_tokens + 2 * depth + 2,
+    decoder = Decoder.allocate(model, per, cache_positions(longest, cfg.max_new_tokens, depth),
                                mtp=depth > 0, absorb=bool(job.get("absorb", True)),
                                overlap=overlap)
     sync = None

@@ -41,3 +41,14 @@ def test_greedy_decode_matches_transformers_generate(tmp_path_factory, rope, abs
     got = torch.stack([torch.stack(row) for row in res.logits])
     rtol, atol = tol("hf_logits")
     torch.testing.assert_close(got, want_logits.float(), rtol=rtol, atol=atol)
+
+
+def test_gpu_bench_cpu_smoke(capsys):
+    """bench/decode_gpu.py --cpu-smoke: the GPU bench's whole path (a transformers model saved
+    and loaded by the runtime, both decoding the same prompts) on a tiny fp32 model, where
+    the continuations must agree token for token."""
+    from tests.bench_scripts import load_bench
+
+    assert load_bench("decode_gpu").main(["--cpu-smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "x runtime / transformers" in out and "per row: [8, 8] of 8" in out
