@@ -177,11 +177,21 @@ def main(argv=None) -> int:
     job = load_json(argv[0])
 
     def work() -> int:
+        from .checkpoint import CheckpointError
+        from .hf import HFCheckpointError, HFFormatError
+        from .plan import PlanError
+
         device = init_distributed()
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        result = run_job(job, rank, world, dist.group.WORLD if world > 1 else None,
-                         device if device.type == "cuda" else None)
+        try:
+            result = run_job(job, rank, world, dist.group.WORLD if world > 1 else None,
+                             device if device.type == "cuda" else None)
+        except (CheckpointError, HFCheckpointError, HFFormatError, PlanError) as err:
+            # the weights: every rank finds the same problem; one line, and torchrun stops
+            if rank == 0:
+                print(f"[dsvc] error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+            os._exit(1)
         if rank == 0:
             tmp = job["output"] + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:

@@ -264,6 +264,10 @@ def _run(args) -> int:
     draft = depth if args.mtp == -1 else args.mtp
     if draft > depth:
         raise GenerateError(f"--mtp {draft}: the model has {depth} MTP module(s)")
+    for name, ffn in model.get("ffn", {}).items():
+        if ffn.get("kind") == "moe" and int(ffn["routed"]) % args.ep:
+            raise GenerateError(f"--ep {args.ep}: the {ffn['routed']} routed experts of ffn "
+                                f"{name!r} do not divide over {args.ep} processes")
     prompts = _prompts(args, tokenizer, int(model["vocab"]), int(model["max_seq_len"]))
     stop = list(args.stop)
     if tokenizer is not None and tokenizer.eos is not None and not args.ignore_eos:
