@@ -172,8 +172,8 @@ def generate(decoder, prompts: list[list[int]], config: GenerationConfig,
     first, _ = cfg.sampling.choose(last, gens)
     n = lens.clone()
     seq[ar, n] = first
-    for i in range(b):
-        out.emit(i, [int(first[i])], last[i : i + 1])
+    for i, t in enumerate(first.tolist()):
+        out.emit(i, [t], last[i : i + 1])
     state = _Drafts(decoder, cfg, seq, gens) if depth else None
     if state is not None:
         state.draft(hn, torch.zeros_like(n), torch.zeros_like(n), n)
@@ -183,29 +183,32 @@ def generate(decoder, prompts: list[list[int]], config: GenerationConfig,
     while sync(any(out.active)):
         forwards += 1
         row_forwards += sum(out.active)
+        active = torch.tensor(out.active, device=device)
         if state is None:
             _, lg = decoder.main(seq[ar, n].unsqueeze(1), n.unsqueeze(1))
             tok, _ = cfg.sampling.choose(lg[:, 0], gens)
-            for i in range(b):
+            n = n + active  # finished rows stay where they are
+            seq[ar, n] = torch.where(active, tok, seq[ar, n])
+            for i, t in enumerate(tok.tolist()):
                 if out.active[i]:
-                    n[i] += 1
-                    seq[i, n[i]] = tok[i]
-                    out.emit(i, [int(tok[i])], lg[i])
+                    out.emit(i, [t], lg[i])
             continue
         n_old = n.clone()
         pos = n_old.unsqueeze(1) + torch.arange(depth + 1, device=device)
         hn, lg = decoder.main(seq.gather(1, pos), pos)
-        for i in range(b):
-            if not out.active[i]:
+        took, bonus = state.verify(n_old, lg)
+        took = torch.where(active, took, -1)  # a finished row takes nothing
+        n = n_old + took + 1
+        seq[ar, n] = torch.where(active, bonus, seq[ar, n])
+        emitted = seq.gather(1, (pos + 1).clamp(max=seq.shape[1] - 1)).tolist()
+        for i, a in enumerate(took.tolist()):
+            if a < 0:
                 continue
-            a, bonus = state.verify(i, int(n_old[i]), lg[i])
             for k in range(min(a + 1, depth)):
                 drafted[k] += 1
             for k in range(a):
                 accepted[k] += 1
-            seq[i, n_old[i] + a + 1] = bonus
-            n[i] = n_old[i] + a + 1
-            out.emit(i, seq[i, n_old[i] + 1 : n[i] + 1].tolist(), lg[i])
+            out.emit(i, emitted[i][: a + 1], lg[i])
         state.draft(hn, n_old, n_old, n)
     t2 = _now(device)
     live = live if live is not None else [True] * b
@@ -252,18 +255,27 @@ class _Drafts:
             self.carry[k] = hk[rows, (n_new - k - start).clamp(0, length - 1)]
             prev_h, prev_start = hk, start
 
-    def verify(self, i: int, n: int, logits_KV: torch.Tensor) -> tuple[int, int]:
-        """(drafts accepted, the token after them) for row i, whose chunk started at n."""
-        s, seq = self.cfg.sampling, self.seq
+    def verify(self, n_B: torch.Tensor, logits_BKV: torch.Tensor):
+        """(drafts accepted per row (B,), the token after them (B,)) from the main model's
+        logits over each row's chunk [t_n, drafts], which starts at n."""
+        s, seq, d = self.cfg.sampling, self.seq, self.depth
+        drafts_BD = seq.gather(1, n_B.unsqueeze(1) + 1 + torch.arange(d, device=seq.device))
         if s.greedy:
-            best = logits_KV.argmax(-1)
-            a = 0
-            while a < self.depth and int(seq[i, n + 1 + a]) == int(best[a]):
-                a += 1
-            return a, int(best[a])
-        p = s.probs(logits_KV)
-        for a in range(self.depth):
-            ok, tok = accept_draft(p[a], self.q[a + 1][i], int(seq[i, n + 1 + a]), self.gens[i])
-            if not ok:
-                return a, tok
-        return self.depth, int(draw(p[self.depth : self.depth + 1], [self.gens[i]])[0])
+            best_BK = logits_BKV.argmax(-1)
+            took = (best_BK[:, :d] == drafts_BD).long().cumprod(1).sum(1)
+            return took, best_BK.gather(1, took.unsqueeze(1)).squeeze(1)
+        p_BKV = s.probs(logits_BKV)
+        drafts = drafts_BD.tolist()
+        took, after = [], []
+        for i, gen in enumerate(self.gens):
+            a, tok = d, None
+            for k in range(d):
+                ok, tok = accept_draft(p_BKV[i, k], self.q[k + 1][i], drafts[i][k], gen)
+                if not ok:
+                    a = k
+                    break
+            if a == d:
+                tok = int(draw(p_BKV[i, d : d + 1], [gen])[0])
+            took.append(a)
+            after.append(tok)
+        return (torch.tensor(took, device=seq.device), torch.tensor(after, device=seq.device))

@@ -59,15 +59,23 @@ class Linear(nn.Module):
 
     def dense_weight(self, dtype) -> torch.Tensor:
         """The weight (N, K) as this linear's GEMM sees it, in `dtype`: FP8 blocks quantised
-        and dequantised (the absorbed MLA decode folds it into other products)."""
+        and dequantised (the absorbed MLA decode folds it into other products). Kept until
+        the weight changes (its version counter moves with every in-place update)."""
         w = self.weight.detach()
+        key = (dtype, self.weight._version, w.data_ptr(), w.device)
+        memo = getattr(self, "_dense_memo", None)
+        if memo is not None and memo[0] == key:
+            return memo[1]
         if self.fmt.format == "fp8_e4m3":
             from .fp8 import dequantize_weight, quantize_weight
 
             # the torch backend's scales are every backend's, bit for bit (fp8.py)
             q, s = quantize_weight(w.float(), self.fmt.weight_block[0], self.fmt.ue8m0)
-            return dequantize_weight(q, s, self.fmt.weight_block[0]).to(dtype)
-        return w.to(_DTYPES[self.fmt.format]).to(dtype)
+            out = dequantize_weight(q, s, self.fmt.weight_block[0]).to(dtype)
+        else:
+            out = w.to(_DTYPES[self.fmt.format]).to(dtype)
+        self._dense_memo = (key, out)
+        return out
 
     def extra_repr(self) -> str:
         bias = ", bias" if self.bias is not None else ""

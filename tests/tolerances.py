@@ -79,6 +79,12 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     # q.k is summed over the latent instead of the head dim); measured max 3.0e-6 abs on
     # |logits| up to 3 (MLA absorbed and not, GQA, MTP depths 1-2)
     "decode_vs_forward": (1e-5, 2e-5),
+    # absorbed MLA decode in FP8 (tests/runtime/test_decode.py): its relative logits error
+    # against the fp32 model at most this multiple of the FP8 training forward's (rtol is
+    # the factor). Absorption skips kv_b_proj's activation quantisation, a different
+    # rounding of the same model; measured 0.310 against 0.320 (ratio 0.97) on the tiny
+    # model with weights of std 0.1, where FP8 alone is 32% off fp32 and bf16 12%
+    "fp8_absorbed_vs_forward": (1.1, 0.0),
     # expert-parallel decoding (2 and 4 gloo processes) vs one process, fp32 logits: the
     # experts' rows are grouped differently (per rank, per micro-batch), so their GEMMs
     # sum in another order; measured max 1.9e-6 abs on |logits| up to 3

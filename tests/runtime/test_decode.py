@@ -30,8 +30,9 @@ from tests.tolerances import tol
 SEQ, PREFILL = 40, 28
 
 
-def _model(attention: str = "mla", mtp_depth: int = 2, qkv_bias: bool = False):
-    raw = tiny_plan(pp=1, dp=1, ep=1, precision="fp32", num_layers=3, mtp_depth=mtp_depth)
+def _model(attention: str = "mla", mtp_depth: int = 2, qkv_bias: bool = False,
+           precision: str = "fp32"):
+    raw = tiny_plan(pp=1, dp=1, ep=1, precision=precision, num_layers=3, mtp_depth=mtp_depth)
     m = raw["model"]
     # YaRN active: the context (64) is past the original length (16), and the decoded
     # positions 28..39 lie beyond it
@@ -73,6 +74,44 @@ def test_prefill_then_decode_equals_the_training_forward(attention, absorb, bias
         steps.append(lg)
     rtol, atol = tol("decode_vs_forward")
     torch.testing.assert_close(torch.cat(steps, 1), want, rtol=rtol, atol=atol)
+
+
+def test_fp8_decode_unabsorbed_is_the_forward_and_absorbed_no_further_from_fp32():
+    """FP8 linears (DeepSeek-V3's recipe, emulated), bf16 cache and core. Unabsorbed, decoding
+    runs the training forward's products token by token (1 x 128 activation tiles are per
+    token), so it gives its logits to bf16 rounding. Absorbed, the latent skips kv_b_proj's
+    activation quantisation and meets the dequantised FP8 weight in bf16: another rounding,
+    no further from the fp32 model than the FP8 forward is."""
+    torch.manual_seed(0)
+    fp8, fp32 = _model("mla", mtp_depth=0, precision="fp8"), _model("mla", mtp_depth=0)
+    fp32.load_state_dict(fp8.state_dict())
+    tokens = _tokens(fp8.plan.model.vocab)
+    forward, exact = model_logits(fp8, tokens), model_logits(fp32, tokens)
+    got = {}
+    for absorb in (True, False):
+        dec = Decoder.allocate(fp8, 2, 64, absorb=absorb)
+        _, first = dec.main(tokens[:, :PREFILL], torch.arange(PREFILL).expand(2, -1))
+        steps = [first] + [dec.main(tokens[:, i : i + 1], torch.full((2, 1), i))[1]
+                           for i in range(PREFILL, SEQ)]  # fmt: skip
+        got[absorb] = torch.cat(steps, 1)
+    rtol, atol = tol("fp8_gemm_bf16_out")
+    torch.testing.assert_close(got[False], forward, rtol=rtol, atol=atol)
+
+    def rel(a):
+        return float((a - exact).norm() / exact.norm())
+
+    assert rel(got[True]) <= tol("fp8_absorbed_vs_forward")[0] * rel(forward)
+    assert rel(got[True]) > 0  # a different rounding, not the same products
+
+
+def test_absorbed_weight_follows_the_parameter():
+    model = _model("mla", mtp_depth=0, precision="fp8")
+    lin = model.layers["0"].self_attn.kv_b_proj
+    first = lin.dense_weight(torch.bfloat16)
+    assert lin.dense_weight(torch.bfloat16) is first  # kept while the weight is unchanged
+    with torch.no_grad():
+        lin.weight.mul_(2)  # scales double with the blocks: the codes stay, exactly
+    torch.testing.assert_close(lin.dense_weight(torch.bfloat16), 2 * first, rtol=0, atol=0)
 
 
 def test_absorbed_and_unabsorbed_caches_hold_the_same_latent():
