@@ -21,6 +21,7 @@ context, a text prompt without a tokenizer) is one line and exit 1.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -31,15 +32,24 @@ class GenerateError(Exception):
     """A user error that ends the command with one line and exit 1."""
 
 
+class _Row(argparse.Action):
+    """--prompt and --ids append (kind, value) rows to one list, in the order given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        rows = list(getattr(namespace, self.dest) or [])
+        rows.append((option_string.lstrip("-"), values))
+        setattr(namespace, self.dest, rows)
+
+
 def add_arguments(p) -> None:
     p.add_argument("source", nargs="?", metavar="RUN_OR_CHECKPOINT",
                    help="a `dsvc train` run directory or one of its checkpoints")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint directory instead")
     p.add_argument("--spec", metavar="SPEC", help="the spec the model was trained from (needed "
                    "for checkpoints that do not record their model)")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="a text prompt (repeat for a batch)")
-    p.add_argument("--ids", action="append", default=[], metavar="IDS",
+    p.add_argument("--prompt", action=_Row, dest="rows", default=[], metavar="TEXT",
+                   help="a text prompt (repeat for a batch; rows in the order given)")
+    p.add_argument("--ids", action=_Row, dest="rows", default=[], metavar="IDS",
                    help="a prompt as token ids, '1,2,3' or '1 2 3' (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -69,7 +79,7 @@ def _check_usage(args) -> None:
 
     if (args.source is None) == (args.hf is None):
         raise UsageError("give a run directory or checkpoint, or --hf DIR (one of them)")
-    if not args.prompt and not args.ids:
+    if not args.rows:
         raise UsageError("give at least one --prompt TEXT or --ids IDS")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
@@ -185,15 +195,16 @@ def _prompts(args, tokenizer, vocab: int, context: int) -> list[list[int]]:
     from dsvc.compiler.cli import UsageError
 
     prompts = []
-    for text in args.ids:
-        try:
-            ids = [int(t) for t in text.replace(",", " ").split()]
-        except ValueError:
-            raise UsageError(f"--ids {text!r}: token ids are integers, e.g. '1,2,3'") from None
-        if not ids:
-            raise UsageError("--ids: an empty prompt")
-        prompts.append(ids)
-    for text in args.prompt:
+    for kind, text in args.rows:
+        if kind == "ids":
+            try:
+                ids = [int(t) for t in text.replace(",", " ").split()]
+            except ValueError:
+                raise UsageError(f"--ids {text!r}: token ids are integers, e.g. '1,2,3'") from None
+            if not ids:
+                raise UsageError("--ids: an empty prompt")
+            prompts.append(ids)
+            continue
         if tokenizer is None:
             raise GenerateError("a text prompt needs a tokenizer and this model has none "
                                 "recorded: pass --tokenizer bytes|DIR, or give token ids "
@@ -259,6 +270,15 @@ def _run(args) -> int:
         sections["precision"] = _precision_preset(args.precision)
     if args.tokenizer is not None:
         tokenizer = load_tokenizer(args.tokenizer)
+    import torch
+
+    from dsvc.runtime.loop import linear_format
+
+    cuda = torch.cuda.is_available()
+    if linear_format(sections).startswith("fp8"):
+        # FP8 GEMMs: the Triton kernels where they run fast, the torch emulation elsewhere
+        sections["precision"] = dict(sections["precision"],
+                                     fp8_backend="triton" if cuda else "torch")
     model = sections["model"]
     depth = int(model.get("mtp", {}).get("depth", 0))
     draft = depth if args.mtp == -1 else args.mtp
@@ -277,7 +297,7 @@ def _run(args) -> int:
            "generation": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                           "top_p": args.top_p, "seed": args.seed, "stop": sorted(set(stop)),
                           "draft_depth": draft}}  # fmt: skip
-    result = _launch(job, args.ep)
+    result = _launch(job, args.ep, cuda)
     if result is None:
         return 1
     _print(result, prompts, tokenizer, args)
@@ -296,12 +316,15 @@ def _run(args) -> int:
     return 0
 
 
-def _launch(job: dict, ep: int) -> dict | None:
-    """Run the job here (one process) or under torchrun (`ep` processes); its result."""
+def _launch(job: dict, ep: int, cuda: bool) -> dict | None:
+    """Run the job here (one process, on the GPU if there is one) or under torchrun (`ep`
+    processes, one GPU each); its result."""
     if ep == 1:
+        import torch
+
         from dsvc.runtime.serve import run_job
 
-        return run_job(job)
+        return run_job(job, device=torch.device("cuda") if cuda else None)
     import json
     import subprocess
     import tempfile
@@ -326,7 +349,8 @@ def _launch(job: dict, ep: int) -> dict | None:
 def _print(result: dict, prompts, tokenizer, args) -> None:
     if args.jsonl != "-":
         for r in result["rows"]:
-            out = tokenizer.decode(r["tokens"]) if tokenizer is not None and args.prompt else (
+            texts = tokenizer is not None and any(kind == "prompt" for kind, _ in args.rows)
+            out = tokenizer.decode(r["tokens"]) if texts else (
                 " ".join(map(str, r["tokens"])))
             print(out)
     s = result["stats"]
