@@ -176,7 +176,7 @@ def generate(decoder, prompts: list[list[int]], config: GenerationConfig,
         out.emit(i, [t], last[i : i + 1])
     state = _Drafts(decoder, cfg, seq, gens) if depth else None
     if state is not None:
-        state.draft(hn, torch.zeros_like(n), torch.zeros_like(n), n)
+        state.draft(hn, torch.zeros_like(n), n)
     t1 = _now(device)
     forwards = row_forwards = 0
     drafted, accepted = [0] * depth, [0] * depth
@@ -209,7 +209,7 @@ def generate(decoder, prompts: list[list[int]], config: GenerationConfig,
             for k in range(a):
                 accepted[k] += 1
             out.emit(i, emitted[i][: a + 1], lg[i])
-        state.draft(hn, n_old, n_old, n)
+        state.draft(hn, n_old, n)
     t2 = _now(device)
     live = live if live is not None else [True] * b
     prompt_tokens = sum(len(p) for p, keep in zip(prompts, live) if keep)
@@ -228,13 +228,13 @@ class _Drafts:
         self.q: list[torch.Tensor | None] = [None] * (self.depth + 1)  # draft distributions
         self.rows = torch.arange(b, device=seq.device)
 
-    def draft(self, h0_BKD: torch.Tensor, start0: torch.Tensor, n_old: torch.Tensor,
-              n_new: torch.Tensor) -> None:
+    def draft(self, h0_BKD: torch.Tensor, n_old: torch.Tensor, n_new: torch.Tensor) -> None:
         """Run every depth over its positions max(0, n_old - k + 1) .. n_new - 1 and write
         its draft for t_{n_new + k} into the token buffer. h0: the main model's final-normed
-        output over positions start0 .. (the verification or prefill chunk)."""
+        output over the chunk it just ran, from position n_old (the verification chunk; the
+        prompt, from 0, after the prefill)."""
         seq, rows = self.seq, self.rows
-        prev_h, prev_start = h0_BKD, start0
+        prev_h, prev_start = h0_BKD, n_old
         carried = list(self.carry)  # last round's: this round replaces them depth by depth
         for k in range(1, self.depth + 1):
             start = (n_old - k + 1).clamp_min(0)

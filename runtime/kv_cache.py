@@ -68,9 +68,6 @@ class DecodeStep:
     def keys(self) -> int:
         return self.mask_BST.shape[-1]
 
-    def rows(self, sl: slice) -> DecodeStep:
-        return DecodeStep.at(self.pos_BS[sl], self.absorb)
-
 
 class LayerCache:
     """One layer's cache: a (B, T, ...) buffer per entry, written at positions."""
