@@ -22,6 +22,7 @@ context, a text prompt without a tokenizer) is one line and exit 1.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -83,14 +84,18 @@ def _check_usage(args) -> None:
         raise UsageError("give at least one --prompt TEXT or --ids IDS")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
-    if not args.temperature >= 0:
-        raise UsageError("--temperature must be 0 (greedy) or positive")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError("--temperature must be 0 (greedy) or a positive number")
     if not 0 < args.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
     if args.ep < 1:
         raise UsageError("--ep must be at least 1")
     if args.mtp is not None and args.mtp < -1:
         raise UsageError("--mtp DEPTH must be at least 0")
+    if args.jsonl not in (None, "-"):
+        parent = os.path.dirname(os.path.abspath(args.jsonl))
+        if os.path.isdir(args.jsonl) or not os.path.isdir(parent):
+            raise UsageError(f"--jsonl {args.jsonl}: not a file in an existing directory")
 
 
 def _precision_preset(name: str) -> dict:
