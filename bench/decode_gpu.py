@@ -1,6 +1,6 @@
 """Decode tokens/s on one GPU: dsvc's runtime against transformers' `generate`, same weights.
 
-    python bench/decode_gpu.py [--hidden 2048] [--layers 8] [--experts 64] [--batch 8]
+    python bench/decode_gpu.py [--hidden 1024] [--layers 6] [--experts 32] [--batch 8]
                                [--prompt 512] [--new 128] [--iters 3] [--cpu-smoke]
 
 A DeepSeek-V3-shaped model (MLA with q LoRA, 1 dense + MoE layers with a shared
@@ -42,8 +42,10 @@ def make_plan(args, dtype: str):
     raw = tiny_plan(pp=1, dp=1, ep=1, precision=dtype, num_layers=args.layers, mtp_depth=0)
     m = raw["model"]
     h = args.hidden
-    m.update(vocab=args.vocab, hidden=h, max_seq_len=4 * (args.prompt + args.new))
-    m["rope"].update(original_max_seq=args.prompt, factor=4.0)  # YaRN active past the prompt
+    # YaRN on (the context 4x the original length), its factor consistent with the two
+    context = args.prompt + args.new
+    m.update(vocab=args.vocab, hidden=h, max_seq_len=4 * context)
+    m["rope"].update(original_max_seq=context, factor=4.0)
     m["attention"]["mla"].update(heads=max(h // 128, 2), q_lora_rank=h // 4, kv_lora_rank=h // 4,
                                  qk_nope_dim=64, qk_rope_dim=32, v_dim=64)
     m["ffn"]["dense"]["intermediate"] = 4 * h
@@ -84,9 +86,9 @@ def best_of(iters: int, fn, sync) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--experts", type=int, default=32)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt", type=int, default=512)
