@@ -207,6 +207,21 @@ def read_entries(path: str, prefix: str):
         yield key, tensor
 
 
+def load_tensors(path: str, state: dict) -> None:
+    """Fill `state` (tensors by checkpoint key, a subset of what it holds) from checkpoint
+    `path` in this process alone, whatever layout wrote it and whether or not a process
+    group exists (`no_dist`): the reader of `dsvc generate` and `runtime.trained`."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with _one_process_quiet():
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"{path}: cannot read the model's weights ({_cause(err)})") from None
+
+
 def _cause(err: BaseException) -> str:
     """One line naming what went wrong: the first failing rank's error inside DCP's wrapper."""
     failures = getattr(err, "failures", None)

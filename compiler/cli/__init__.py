@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compile": ("compile", "write a self-contained, runnable build directory"),
     "train": ("train", "compile (cached) and launch training"),
     "export-hf": ("export_hf", "write a training checkpoint as a Hugging Face checkpoint"),
+    "tokenize": ("tokenize", "turn text files into the token file a spec's train block reads"),
+    "generate": ("generate", "decode from a trained run or an HF checkpoint (KV cache, MTP)"),
 }
 
 EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
