@@ -4,7 +4,7 @@
 
 Runs `python -c pass` and `dsvc check -q SPEC` alternately (so both see the
 same machine load), after one warm-up each, and prints the median wall time of
-each and their ratio; the target is under 3x. Two settings are measured:
+each and their ratio; the target is under 4x. Two settings are measured:
 
 - with a bytecode cache, as any installed package has (a private
   PYTHONPYCACHEPREFIX, so the checkout is not touched);
@@ -24,7 +24,7 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TARGET = 3.0
+TARGET = 4.0
 
 
 def dsvc_command() -> list[str]:

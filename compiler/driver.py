@@ -11,6 +11,7 @@ report's and the simulator's doors in.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
@@ -116,8 +117,8 @@ def simulate_step(spec, *, overlap: str | None = None,
     lacks what a step needs (cluster, parallel and train blocks)."""
     _require_blocks(spec, "simulating a training step")
     if overlap is not None and overlap != spec.parallel.overlap:
-        spec = spec.model_copy(update={"parallel": spec.parallel.model_copy(
-            update={"overlap": overlap})})
+        spec = dataclasses.replace(
+            spec, parallel=dataclasses.replace(spec.parallel, overlap=overlap))
     return run_until(spec, "simulate", expert_load=expert_load).simulation
 
 

@@ -13,9 +13,9 @@ docs/language.md describes the language, every rule and this API.
 
 Module map: lexer + parser (text -> `ast`), values + fields + blocks* (AST ->
 checked values), elaborate (includes, constants, the whole spec), rules* (cross-
-field checks), spec (the pydantic Spec; records: its light base for `dsvc
-check`), fmt (canonical layout), files (reading and atomic writing). The Hugging Face
-import is the compiler's (compiler/import_hf.py).
+field checks), spec (the Spec's frozen dataclasses), fmt (canonical layout), files
+(reading and atomic writing). The Hugging Face import is the compiler's
+(compiler/import_hf.py).
 """
 
 from __future__ import annotations
@@ -26,24 +26,6 @@ from dsvc.dsl.diagnostics import Diagnostic, Span, SpecError
 
 __all__ = ["load", "loads", "load_with_warnings", "loads_with_warnings", "check_file",
            "SpecError", "Diagnostic", "Span"]
-
-_LIGHT_SPEC = False
-
-
-def use_light_spec() -> bool:
-    """Build Specs in this process on a pydantic-free base (see dsl/records.py).
-
-    For processes that only read specs (`dsvc check`, `dsvc report`): it saves
-    importing pydantic. Takes effect only if `dsl.spec` has not been imported
-    yet, and returns whether the light base is in use.
-    """
-    global _LIGHT_SPEC
-    import sys
-
-    if "dsvc.dsl.spec" not in sys.modules:
-        _LIGHT_SPEC = True
-    return _LIGHT_SPEC
-
 
 def _guard(file: str, fn, *args):
     from dsvc.dsl.elaborate import internal_error

@@ -3,29 +3,32 @@
 Produced by `dsl.parser`, consumed by `dsl.elaborate` (meaning) and `dsl.fmt`
 (layout). Values are kept unevaluated (constants, arithmetic and units are
 resolved by elaboration) so the formatter can print them as written. Each
-class lists its fields in `_fields`, in constructor order (see dsl/struct.py).
+class is a dataclass whose fields are in constructor order.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from dsvc.dsl.diagnostics import Span
-from dsvc.dsl.struct import Struct
 
 
 def _node(name: str, fields: str, doc: str):
-    cls = type(name, (Struct,), {"__slots__": tuple(fields.split()), "__doc__": doc})
-    cls._fields = tuple(fields.split())
+    cls = dataclasses.make_dataclass(name, fields.split(), slots=True)
+    cls.__module__ = __name__
+    cls.__doc__ = doc
     return cls
 
 
 # ----------------------------------------------------------------------------- expressions
 
 
-class Num(Struct):
+@dataclasses.dataclass(slots=True)
+class Num:
     """A number as written (`text`: "1e-6", "129_280"), evaluated on demand."""
 
-    _fields = ("text", "span")
-    __slots__ = _fields
+    text: str
+    span: Span
 
     @property
     def value(self) -> int | float:
@@ -70,10 +73,10 @@ def dump(node, indent: int = 0, spans: bool = False) -> str:
     pad = "  " * indent
     if isinstance(node, list):
         return "\n".join(dump(n, indent, spans) for n in node)
-    if not isinstance(node, Struct) or isinstance(node, Span):
+    if not _is_node(node):
         return pad + repr(node)
     fields, children = [], []
-    for name in node._fields:
+    for name in (f.name for f in dataclasses.fields(node)):
         if name in ("source", "comments"):
             continue
         v = getattr(node, name)
@@ -81,7 +84,7 @@ def dump(node, indent: int = 0, spans: bool = False) -> str:
             if spans and v is not None:
                 fields.append(f"{name}={v.line}:{v.col}-{v.end_line}:{v.end_col}")
             continue
-        if isinstance(v, Struct) or (isinstance(v, list) and v and isinstance(v[0], Struct)):
+        if _is_node(v) or (isinstance(v, list) and v and _is_node(v[0])):
             children.append((name, v))
         elif not (isinstance(v, list) and not v):
             fields.append(f"{name}={v!r}")
@@ -93,3 +96,7 @@ def dump(node, indent: int = 0, spans: bool = False) -> str:
         for item in v if isinstance(v, list) else [v]:
             out.append(dump(item, indent + 2, spans))
     return "\n".join(out)
+
+
+def _is_node(v) -> bool:
+    return dataclasses.is_dataclass(v) and not isinstance(v, (type, Span))

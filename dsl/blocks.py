@@ -1,7 +1,7 @@
 """Readers for each top-level block: the schema of every key the language has.
 
 Each reader checks its block's entries against a field table (see
-`dsl/fields.py`) and returns keyword arguments for the pydantic model.
+`dsl/fields.py`) and returns keyword arguments for the Spec's records.
 `docs/language.md` documents the same keys.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dsvc.dsl import ast
 from dsvc.dsl import fields as F
+from dsvc.dsl import spec as S
 from dsvc.dsl.diagnostics import DiagnosticSink, did_you_mean
 from dsvc.dsl.fields import Field
 from dsvc.dsl.values import Evaluator
@@ -113,8 +114,6 @@ MTP_KEYS = {
 
 
 def read_model(block: ast.Block, sink, ev: Evaluator, spans):
-    from dsvc.dsl import spec as S
-
     name = _label(block, sink, True, "model")
     spans["model"] = block.kind_span
     plain, subs, ranges = _split(block.entries)
@@ -244,8 +243,6 @@ def _open_kind_block(sub: ast.Block, what: str, kinds, sink, spans):
 
 
 def _read_attention(sub, sink, ev, spans, hidden):
-    from dsvc.dsl import spec as S
-
     opened = _open_kind_block(sub, "attention", ATTENTION_KINDS, sink, spans)
     if opened is None:
         return None
@@ -278,8 +275,6 @@ def _read_attention(sub, sink, ev, spans, hidden):
 
 
 def _read_ffn(sub, sink, ev, spans):
-    from dsvc.dsl import spec as S
-
     opened = _open_kind_block(sub, "ffn", FFN_KINDS, sink, spans)
     if opened is None:
         return None

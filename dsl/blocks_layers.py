@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dsvc.dsl import ast
 from dsvc.dsl import fields as F
+from dsvc.dsl import spec as S
 from dsvc.dsl.diagnostics import Span, did_you_mean
 from dsvc.dsl.limits import MAX_LAYERS
 from dsvc.dsl.values import CallValue, Ident
 
 
 def read_layers(block, sink, ev, spans, attentions, ffns, declared=frozenset()):
-    from dsvc.dsl import spec as S
-
     spans["model.layers"] = block.kind_span
     plain = [e for e in block.entries if isinstance(e, (ast.Assign, ast.Const))]
     subs = [e for e in block.entries if isinstance(e, ast.Block)]
@@ -87,8 +86,6 @@ def _ranges_text(idx: list[int]) -> str:
 
 
 def _read_block_call(value, sink, ev, attentions, ffns, declared=frozenset()):
-    from dsvc.dsl import spec as S
-
     if isinstance(value, ast.TypedBlock):
         sink.error("a layer is `block(attention, ffn)`", value.span)
         return None

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dsvc.dsl import ast
 from dsvc.dsl import fields as F
+from dsvc.dsl import spec as S
 from dsvc.dsl.diagnostics import did_you_mean
 from dsvc.dsl.fields import Field
 from dsvc.dsl.units import BANDWIDTH, BYTES, MONEY, RATE, TIME
+from dsvc.dsl.values import Ident
+from dsvc.runtime.plan_check import divisors_near
 
 DTYPES = ("fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2")
 DTYPE = F.choice(*DTYPES, aliases={"float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
@@ -67,8 +70,6 @@ PRECISION_KEYS = {
 
 
 def read_precision(block, sink, ev, spans):
-    from dsvc.dsl import spec as S
-
     spans["precision"] = block.kind_span
     plain, subs = _sub_blocks(block, ("keep",), sink, "`precision`")
     r = F.read_entries(plain, PRECISION_KEYS, sink, ev, "`precision`", block.kind_span,
@@ -113,8 +114,6 @@ def read_precision(block, sink, ev, spans):
 
 
 def _ident(tb):
-    from dsvc.dsl.values import Ident
-
     return Ident(tb.kind, tb.kind_span)
 
 
@@ -158,8 +157,6 @@ CLUSTER_KEYS = {
 
 
 def read_cluster(block, sink, ev, spans):
-    from dsvc.dsl import spec as S
-
     name = block.label or "cluster"
     spans["cluster"] = block.kind_span
     plain, subs = _sub_blocks(block, ("nvlink", "network"), sink, "`cluster`")
@@ -240,8 +237,6 @@ PARALLEL_KEYS = {
 
 
 def read_parallel(block, sink, ev, spans, parts):
-    from dsvc.dsl import spec as S
-
     spans["parallel"] = block.kind_span
     plain, _ = _sub_blocks(block, (), sink, "`parallel`")
     r = F.read_entries(plain, PARALLEL_KEYS, sink, ev, "`parallel`", block.kind_span, "parallel",
@@ -255,8 +250,8 @@ def read_parallel(block, sink, ev, spans, parts):
             sink.error(f"pipeline {pipeline} does not divide the world size {world} "
                        f"({cluster.nodes} nodes x {cluster.gpus_per_node} GPUs)",
                        r.spans.get("pipeline", block.kind_span),
-                       f"pipeline x data must equal {world}; divisors near {pipeline}: "
-                       f"{', '.join(str(d) for d in _near_divisors(world, pipeline))}")
+                       f"pipeline x data must equal {world}; use pipeline = "
+                       f"{divisors_near(world, pipeline)}")
             return None
         derived = world // pipeline
         if data is not None and data != derived:
@@ -285,11 +280,6 @@ def read_parallel(block, sink, ev, spans, parts):
     return S.Parallel(pipeline=pipeline, data=data, **kw)
 
 
-def _near_divisors(n: int, x: int) -> list[int]:
-    divs = [d for d in range(1, min(n, 4096) + 1) if n % d == 0]
-    return sorted(divs, key=lambda d: (abs(d - x), d))[:3]
-
-
 # ----------------------------------------------------------------------------- train
 
 ADAMW_KEYS = {
@@ -313,8 +303,6 @@ TRAIN_KEYS = {
 
 
 def read_train(block, sink, ev, spans):
-    from dsvc.dsl import spec as S
-
     spans["train"] = block.kind_span
     plain, _ = _sub_blocks(block, (), sink, "`train`")
     r = F.read_entries(plain, TRAIN_KEYS, sink, ev, "`train`", block.kind_span, "train", spans)
@@ -386,8 +374,6 @@ DECODE_KEYS = {
 
 
 def read_decode(block, sink, ev, spans):
-    from dsvc.dsl import spec as S
-
     spans["decode"] = block.kind_span
     plain, _ = _sub_blocks(block, (), sink, "`decode`")
     r = F.read_entries(plain, DECODE_KEYS, sink, ev, "`decode`", block.kind_span, "decode", spans)

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
-from dsvc.dsl.struct import Frozen
 
+@dataclass(frozen=True, order=True, slots=True)
+class Span:
+    """A source range: 1-based line and column, end exclusive; ordered by position."""
 
-class Span(Frozen):
-    """A source range: 1-based line and column, end exclusive."""
-
-    _fields = ("file", "line", "col", "end_line", "end_col")
-    _defaults = {"end_line": 0, "end_col": 0}
-    __slots__ = _fields
+    file: str
+    line: int
+    col: int
+    end_line: int = 0
+    end_col: int = 0
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}"
@@ -29,17 +31,14 @@ class Span(Frozen):
         """`file:line`, as the graph and plan cite sources."""
         return f"{self.file}:{self.line}"
 
-    def __lt__(self, other: Span) -> bool:
-        return self._key() < other._key()
 
-    def __le__(self, other: Span) -> bool:
-        return self._key() <= other._key()
-
-    def __gt__(self, other: Span) -> bool:
-        return self._key() > other._key()
-
-    def __ge__(self, other: Span) -> bool:
-        return self._key() >= other._key()
+def nearest_span(spans: dict[str, Span], path: str) -> Span | None:
+    """The span of a dotted path, or of its nearest written parent ("a.b.c", "a.b", "a")."""
+    while path:
+        if path in spans:
+            return spans[path]
+        path = path.rpartition(".")[0]
+    return None
 
 
 NO_SPAN = Span("<unknown>", 0, 0)
@@ -50,17 +49,20 @@ WARNING = "warning"
 NOTE = "note"
 
 
-class Diagnostic(Frozen):
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
     """One problem: severity, message, span, hint; `code` names the rule that found it.
 
     `source` is the text of the span's file, kept so that the caret can be
     drawn later; it takes no part in equality.
     """
 
-    _fields = ("severity", "message", "span", "hint", "source", "code")
-    _defaults = {"span": None, "hint": None, "source": None, "code": None}
-    _compare = ("severity", "message", "span", "hint", "code")
-    __slots__ = _fields
+    severity: str
+    message: str
+    span: Span | None = None
+    hint: str | None = None
+    source: str | None = field(default=None, compare=False)
+    code: str | None = None
 
     def __repr__(self) -> str:
         return (f"Diagnostic({self.severity!r}, {self.message!r}, {self.span!r}, "

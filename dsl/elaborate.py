@@ -2,7 +2,7 @@
 
 Every problem found is collected (with a span) before anything is raised, so a
 user sees all the errors of a spec at once. Block readers are in
-`dsl/blocks.py`; cross-field rules in `dsl/rules.py`.
+`dsl/blocks.py`; cross-field rules in `dsl/rules*.py`, run by `dsl/checks.py`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,19 @@ from __future__ import annotations
 import functools
 import keyword
 import os
+from dataclasses import dataclass
 
 from dsvc.dsl import ast, parser
-from dsvc.dsl.diagnostics import ERROR, Diagnostic, DiagnosticSink, Span, SpecError, did_you_mean
+from dsvc.dsl.diagnostics import (
+    ERROR,
+    Diagnostic,
+    DiagnosticSink,
+    Span,
+    SpecError,
+    did_you_mean,
+    nearest_span,
+)
 from dsvc.dsl.files import read_source
-from dsvc.dsl.struct import Frozen
 from dsvc.dsl.values import Evaluator
 
 TOP_BLOCKS = ("model", "precision", "cluster", "parallel", "train", "decode")
@@ -24,17 +32,20 @@ FRAGMENT_BLOCKS = ("precision", "cluster")
 MAX_INCLUDE_DEPTH = 16
 
 
-class Fragment(Frozen):
+@dataclass(frozen=True, slots=True)
+class Fragment:
     """A checked file of shared blocks and no model: its cluster and precision (None where
     absent), the names of the blocks it has, and spans as a Spec keeps them."""
 
-    _fields = ("file", "blocks", "cluster", "precision", "spans", "files")
-    __slots__ = _fields
+    file: str
+    blocks: tuple
+    cluster: object
+    precision: object
+    spans: dict
+    files: tuple
 
     def span(self, path: str) -> Span | None:
-        from dsvc.dsl.spec import Spec
-
-        return Spec.span(self, path)
+        return nearest_span(self.spans, path)
 
 
 class _Sources:
@@ -103,7 +114,7 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None,
                    fragment_ok: bool = False):
     """(Spec, warnings) of a spec's text, or with `fragment_ok`, (Fragment, warnings) of a
     file that has only FRAGMENT_BLOCKS. Raises SpecError with every problem."""
-    from dsvc.dsl import blocks, rules
+    from dsvc.dsl import blocks, checks
 
     sink = DiagnosticSink(text, {file: text})
     if sources is None:
@@ -154,7 +165,7 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None,
         if fragment_ok and by_kind and set(by_kind) <= set(FRAGMENT_BLOCKS):
             fragment = Fragment(file, frozenset(by_kind), spec_parts.get("cluster"),
                                 spec_parts.get("precision"), spans, tuple(sources.order))
-            rules.check(fragment, sink)
+            checks.check(fragment, sink)
             if sink.has_errors:
                 raise SpecError(sink.sorted())
             return fragment, sink.warnings
@@ -175,7 +186,7 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None,
             sink.error(f"internal: spec model rejected the elaborated values: {err}",
                        Span(file, 1, 1), "this is a bug in dsvc; please report it")
         if spec is not None:
-            rules.check(spec, sink)
+            checks.check(spec, sink)
     if spec is None and not sink.has_errors:  # every failed read reports why; guard our own bug
         sink.error("internal: the spec could not be built, but no problem was reported",
                    Span(file, 1, 1), "this is a bug in dsvc; please report it")

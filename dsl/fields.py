@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from dsvc.dsl import ast
 from dsvc.dsl.diagnostics import DiagnosticSink, Span, did_you_mean
-from dsvc.dsl.struct import Frozen, Struct
 from dsvc.dsl.units import EXAMPLE, NUMBER, listing, unknown_unit_hint
 from dsvc.dsl.values import BadUnit, CallValue, Evaluator, Ident, Qty
 
@@ -20,13 +20,15 @@ Convert = Callable[[object, Span, DiagnosticSink, str], object]
 MISSING = object()
 
 
-class Field(Frozen):
+@dataclass(frozen=True, slots=True)
+class Field:
     """One key of a block: its converter, whether it is required, a doc line, and
     `block`: whether it accepts `kind { ... }` (the caller then reads the raw ast.TypedBlock)."""
 
-    _fields = ("convert", "required", "doc", "block")
-    _defaults = {"required": False, "doc": "", "block": False}
-    __slots__ = _fields
+    convert: Convert
+    required: bool = False
+    doc: str = ""
+    block: bool = False
 
 
 def describe(v) -> str:
@@ -252,11 +254,12 @@ def name_list(options: tuple[str, ...]) -> Convert:
 # ----------------------------------------------------------------------------- reading blocks
 
 
-class Read(Struct):
+@dataclass(slots=True)
+class Read:
     """What `read_entries` found: converted values and the span of each key written."""
 
-    _fields = ("values", "spans")
-    __slots__ = _fields
+    values: dict
+    spans: dict
 
     def get(self, key, default=None):
         v = self.values.get(key, MISSING)

@@ -1,132 +1,72 @@
-"""Cross-field rules: what makes a spec that parses into one that will run.
+"""Cross-field rules about the model and its precision: what makes a spec that parses into
+one that will run (the cluster, plan and training rules are in dsl/rules_run.py; dsl/checks.py
+runs both lists).
 
-Each rule is a function `(spec, sink)` registered in `RULES` with a short id;
-all run, every violation is collected. Rules that need only one block's fields
-(types, units, ranges, unknown keys, layer coverage) are checked while reading
-the block (`dsl/blocks.py`); these look across blocks. `docs/language.md`
-lists every rule.
+Each rule is a function `(spec, sink)` listed in `MODEL_RULES` with the diagnostic codes it
+reports; all run, every violation is collected. Rules that need only one block's fields
+(types, units, ranges, unknown keys, layer coverage) are checked while reading the block
+(`dsl/blocks.py`); these look across blocks. An invariant the trainer also enforces on its
+plan is written once, in `dsvc.runtime.plan_check`: the rule calls it and adds the source
+location (`RuleSink.problems`). `docs/language.md` lists every code.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 from dsvc.dsl.diagnostics import DiagnosticSink
 from dsvc.dsl.spec import GQA, MLA, MoE, Spec
-
-Rule = Callable[[Spec, DiagnosticSink], None]
-RULES: list[tuple[str, Rule]] = []
-# rule id -> the top-level blocks it reads, for rules that need no model: a file of shared
-# blocks (`examples/clusters/*.dsv`, checked on its own) runs just these
-FRAGMENT_RULES: dict[str, tuple[str, ...]] = {}
+from dsvc.runtime.plan_check import fp8_tile_problems, gqa_problems, moe_problems
 
 
-def rule(rule_id: str, needs: tuple[str, ...] | None = None):
-    """Register a rule; `needs` names the blocks it reads when it reads no model."""
-    def register(fn: Rule) -> Rule:
-        RULES.append((rule_id, fn))
-        if needs is not None:
-            FRAGMENT_RULES[rule_id] = needs
-        return fn
-
-    return register
+class Rule(NamedTuple):
+    codes: tuple[str, ...]  # the codes its diagnostics carry; the first tags plain ones
+    check: Callable[[Spec, RuleSink], None]
+    needs: tuple[str, ...] | None = None  # blocks it reads when there is no model (a fragment)
 
 
-class _Tagged:
-    """The sink as one rule sees it: every diagnostic carries the rule's id."""
+class RuleSink:
+    """The sink as one rule sees it: every diagnostic carries the rule's code."""
 
-    def __init__(self, sink: DiagnosticSink, rule_id: str):
-        self._sink, self._id = sink, rule_id
+    def __init__(self, sink: DiagnosticSink, code: str):
+        self._sink, self._code = sink, code
 
     def error(self, message, span=None, hint=None):
-        self._sink.error(message, span, hint, code=self._id)
+        self._sink.error(message, span, hint, code=self._code)
 
     def warning(self, message, span=None, hint=None):
-        self._sink.warning(message, span, hint, code=self._id)
+        self._sink.warning(message, span, hint, code=self._code)
+
+    def problems(self, spec, prefix: str, problems) -> None:
+        """`plan_check.Problem`s as errors at `prefix + problem.where`, each with its code."""
+        for p in problems:
+            self._sink.error(p.message, spec.span(prefix + p.where), p.hint or None,
+                             code=p.code or self._code)
 
 
-def check(spec: Spec, sink: DiagnosticSink) -> None:
-    """Run every rule; diagnostics are tagged with the rule id (rendered as `[rule-id]`).
-    A `Fragment` (no model) runs the rules whose blocks it has."""
-    present = getattr(spec, "blocks", None)
-    for rule_id, fn in RULES:
-        if present is None or set(FRAGMENT_RULES.get(rule_id, ("model",))) <= present:
-            fn(spec, _Tagged(sink, rule_id))
-
-
-def _moes(spec: Spec) -> list[MoE]:
+def used_moes(spec: Spec) -> list[MoE]:
+    """The MoE FFNs some layer uses, by name."""
     used = {layer.ffn for layer in spec.model.layers}
     return [f for n, f in sorted(spec.model.ffns.items()) if isinstance(f, MoE) and n in used]
-
-
-def _divisors_near(n: int, x: int, count: int = 2) -> str:
-    """The `count` divisors of `n` nearest `x`, in bounded time whatever `n` (a hint must
-    not hang `check`): all of them, by trial division up to sqrt(n), for n up to 10^12;
-    beyond that 1, n and those within 10^5 of x."""
-    if n <= 10**12:
-        small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-        divs = set(small) | {n // d for d in small}
-    else:
-        divs = {1, n} | {d for d in range(max(1, x - 10**5), x + 10**5) if n % d == 0}
-    best = sorted(divs, key=lambda d: (abs(d - x), d))[:count]
-    return " or ".join(str(d) for d in sorted(best))
 
 
 # ----------------------------------------------------------------------------- model
 
 
-@rule("moe-top-k")
-def _top_k(spec, sink):
-    for f in _moes(spec):
-        if f.top_k > f.routed:
-            sink.error(f"top_k {f.top_k} exceeds the {f.routed} routed experts of ffn '{f.name}'",
-                       spec.span(f"model.ffn.{f.name}.top_k"), f"top_k must be at most {f.routed}")
+def _moe_routing(spec, sink):
+    for f in used_moes(spec):
+        sink.problems(spec, f"model.ffn.{f.name}.",
+                      moe_problems(f.name, f.routed, f.top_k, f.groups, f.top_groups))
 
 
-@rule("moe-groups-divide")
-def _groups_divide(spec, sink):
-    for f in _moes(spec):
-        if f.routed % f.groups:
-            sink.error(f"{f.routed} routed experts do not divide into {f.groups} groups",
-                       spec.span(f"model.ffn.{f.name}.groups"),
-                       f"use {_divisors_near(f.routed, f.groups)} groups")
-
-
-@rule("moe-top-groups")
-def _top_groups(spec, sink):
-    for f in _moes(spec):
-        if f.top_groups > f.groups:
-            sink.error(f"top_groups {f.top_groups} exceeds groups {f.groups} in ffn '{f.name}'",
-                       spec.span(f"model.ffn.{f.name}.top_groups"),
-                       f"a token can reach at most {f.groups} groups")
-        elif f.groups > 1 and f.routed % f.groups == 0 and f.top_k <= f.routed \
-                and f.top_k > f.top_groups * (f.routed // f.groups):
-            sink.error(f"top_k {f.top_k} cannot be met from {f.top_groups} group"
-                       f"{'s' if f.top_groups != 1 else ''} of {f.routed // f.groups} experts",
-                       spec.span(f"model.ffn.{f.name}.top_k"), "raise top_groups or lower top_k")
-
-
-@rule("moe-group-top2")
-def _group_top2(spec, sink):
-    for f in _moes(spec):
-        if f.groups > 1 and f.top_groups < f.groups and f.routed % f.groups == 0 \
-                and f.routed // f.groups < 2:
-            sink.error(f"groups of one expert cannot be ranked by their top-2 scores "
-                       f"(ffn '{f.name}')", spec.span(f"model.ffn.{f.name}.groups"),
-                       f"use at most {f.routed // 2} groups")
-
-
-@rule("gqa-heads")
 def _gqa_heads(spec, sink):
     for name, a in sorted(spec.model.attentions.items()):
-        if isinstance(a, GQA) and a.heads % a.kv_heads:
-            sink.error(f"{a.heads} heads do not divide into {a.kv_heads} kv_heads "
-                       f"(attention '{name}')", spec.span(f"model.attention.{name}.kv_heads"),
-                       f"use {_divisors_near(a.heads, a.kv_heads)} kv_heads")
+        if isinstance(a, GQA):
+            sink.problems(spec, f"model.attention.{name}.",
+                          gqa_problems(name, a.heads, a.kv_heads, a.head_dim))
 
 
-@rule("mla-dims")
 def _mla_dims(spec, sink):
     for name, a in sorted(spec.model.attentions.items()):
         if isinstance(a, MLA) and a.q_lora_rank >= spec.model.hidden * 4:
@@ -134,7 +74,6 @@ def _mla_dims(spec, sink):
                          f"{spec.model.hidden}", spec.span(f"model.attention.{name}.q_lora_rank"))
 
 
-@rule("unused-definitions")
 def _unused(spec, sink):
     used_a = {layer.attention for layer in spec.model.layers}
     used_f = {layer.ffn for layer in spec.model.layers}
@@ -146,7 +85,6 @@ def _unused(spec, sink):
                      spec.span(f"model.ffn.{name}"))
 
 
-@rule("mtp-weight")
 def _mtp(spec, sink):
     m = spec.model.mtp
     if m.depth > 0 and m.loss_weight == 0:
@@ -154,9 +92,8 @@ def _mtp(spec, sink):
                      spec.span("model.mtp"), "set `loss_weight` (DeepSeek-V3: 0.3) or depth 0")
 
 
-@rule("moe-bias-rate")
 def _bias(spec, sink):
-    for f in _moes(spec):
+    for f in used_moes(spec):
         if f.balance == "bias" and f.bias_update_rate > 0.1:
             sink.warning(f"bias update_rate {f.bias_update_rate:g} is very large "
                          "(DeepSeek-V3 uses 0.001)", spec.span(f"model.ffn.{f.name}.balance"))
@@ -197,7 +134,6 @@ def _gemm_ks(spec: Spec) -> list[tuple[str, int, str]]:
     return out
 
 
-@rule("fp8-tile-divides-k")
 def _fp8_tiles(spec, sink):
     lin = spec.precision.linear
     if not lin.is_fp8 or lin.pad:
@@ -210,7 +146,6 @@ def _fp8_tiles(spec, sink):
                        f"the dimension to a multiple of {tile}")
 
 
-@rule("fp8-tile-shapes", needs=("precision",))
 def _fp8_tile_shapes(spec, sink):
     lin = spec.precision.linear
     if not lin.is_fp8:
@@ -220,10 +155,8 @@ def _fp8_tile_shapes(spec, sink):
         sink.error(f"activation tiles are 1 x K per token, got {lin.act_tile[0]} x "
                    f"{lin.act_tile[1]}", spec.span("precision.linear.act"),
                    f"use tile(1, {lin.act_tile[1]})")
-    if lin.weight_block[1] != lin.act_tile[1]:
-        sink.error(f"weight block K {lin.weight_block[1]} differs from activation tile K "
-                   f"{lin.act_tile[1]}", spec.span("precision.linear.weight"),
-                   "both scales are applied per K-step, so the two must match")
+    for p in fp8_tile_problems(lin.act_tile[1], lin.weight_block):  # where: weight_block
+        sink.error(p.message, spec.span("precision.linear.weight"), p.hint)
     if lin.promote_every % lin.act_tile[1]:
         sink.error(f"promote_every {lin.promote_every} is not a multiple of the tile "
                    f"{lin.act_tile[1]}", spec.span("precision.linear.promote_every") or span)
@@ -233,7 +166,6 @@ def _fp8_tile_shapes(spec, sink):
                      "use accumulate = fp32")
 
 
-@rule("precision-master", needs=("precision",))
 def _master(spec, sink):
     p = spec.precision
     order = {"fp8_e4m3": 0, "fp8_e5m2": 0, "fp16": 1, "bf16": 1, "fp32": 2}
@@ -246,7 +178,14 @@ def _master(spec, sink):
                    spec.span("precision"), "use fp32 or bf16")
 
 
-# ----------------------------------------------------------------------------- cluster, parallel,
-# train and decode rules live in dsl/rules_run.py to keep files short.
-
-from dsvc.dsl import rules_run  # noqa: E402,F401  (registers them)
+MODEL_RULES = (
+    Rule(("moe-top-k", "moe-groups-divide", "moe-top-groups", "moe-group-top2"), _moe_routing),
+    Rule(("gqa-heads",), _gqa_heads),
+    Rule(("mla-dims",), _mla_dims),
+    Rule(("unused-definitions",), _unused),
+    Rule(("mtp-weight",), _mtp),
+    Rule(("moe-bias-rate",), _bias),
+    Rule(("fp8-tile-divides-k",), _fp8_tiles),
+    Rule(("fp8-tile-shapes",), _fp8_tile_shapes, needs=("precision",)),
+    Rule(("precision-master",), _master, needs=("precision",)),
+)

@@ -1,8 +1,6 @@
-"""Cross-field rules about the cluster, the parallel plan, training and decoding.
-
-Registered in `dsl.rules.RULES` (imported at the end of dsl/rules.py, so the
-order of RULES is the order of the two files).
-"""
+"""Cross-field rules about the cluster, the parallel plan, training and decoding, listed in
+`RUN_RULES` (dsl/checks.py runs them after the model's, dsl/rules.py). Invariants the
+trainer also enforces on its plan come from `dsvc.runtime.plan_check`."""
 
 from __future__ import annotations
 
@@ -12,12 +10,19 @@ from dsvc.dsl.limits import (
     MAX_SCHEDULE_CHUNKS,
     MAX_WORLD_SIZE,
 )
-from dsvc.dsl.rules import _divisors_near, _moes, rule
+from dsvc.dsl.rules import Rule, used_moes
+from dsvc.runtime.plan_check import (
+    batch_problems,
+    divisors_near,
+    lr_schedule_problems,
+    mesh_problems,
+    microbatch_problems,
+    seq_len_problems,
+)
 
 # ----------------------------------------------------------------------------- cluster
 
 
-@rule("size-limits")
 def _size_limits(spec, sink):
     """Counts that drive the work of report / inspect / compile, bounded (dsl/limits.py);
     the layer count is bounded where layers are read, schedule chunks with micro-batches."""
@@ -37,7 +42,6 @@ def _size_limits(spec, sink):
                    "replicas are placed per layer, replica and EP rank (docs/limits.md)")
 
 
-@rule("bandwidth-effective", needs=("cluster",))
 def _effective(spec, sink):
     c = spec.cluster
     if c is None:
@@ -51,7 +55,6 @@ def _effective(spec, sink):
                    "note 400 Gb/s (bits) is 50 GB/s (bytes)")
 
 
-@rule("nvlink-domain", needs=("cluster",))
 def _domain(spec, sink):
     c = spec.cluster
     if c is None:
@@ -68,7 +71,6 @@ def _domain(spec, sink):
                    "add `network infiniband { nic = 400 Gb/s, ... }`")
 
 
-@rule("fat-tree-capacity", needs=("cluster",))
 def _fat_tree(spec, sink):
     c = spec.cluster
     if c is None or c.network is None or c.network.topology is None:
@@ -119,7 +121,6 @@ def _slip(value: float, lo: float, hi: float, bits_usual: bool) -> str | None:
     return None
 
 
-@rule("link-bandwidth", needs=("cluster",))
 def _link_bandwidth(spec, sink):
     c = spec.cluster
     if c is None:
@@ -141,7 +142,6 @@ def _link_bandwidth(spec, sink):
                      spec.span(path), hint)
 
 
-@rule("gpu-rates", needs=("cluster",))
 def _gpu(spec, sink):
     c = spec.cluster
     if c is not None and c.gpu.fp8_flops < c.gpu.bf16_flops:
@@ -152,7 +152,6 @@ def _gpu(spec, sink):
 # ----------------------------------------------------------------------------- parallel & train
 
 
-@rule("pipeline-stages")
 def _stages(spec, sink):
     p = spec.parallel
     if p is None:
@@ -180,16 +179,13 @@ def _stages(spec, sink):
                        "every layer on exactly one stage")
 
 
-@rule("micro-batches")
 def _micro(spec, sink):
     p, t = spec.parallel, spec.train
     if p is None or t is None:
         return
     denom = p.data * t.micro_batch
     if t.global_batch % denom:
-        sink.error(f"global_batch {t.global_batch} is not divisible by data {p.data} x "
-                   f"micro_batch {t.micro_batch} = {denom}", spec.span("train.global_batch"),
-                   f"use a multiple of {denom}, e.g. {max(denom, t.global_batch // denom * denom)}")
+        sink.problems(spec, "train.", batch_problems(t.global_batch, p.data, t.micro_batch))
         return
     m = t.global_batch // denom
     span = spec.span("train.global_batch")
@@ -201,41 +197,28 @@ def _micro(spec, sink):
                    "raise micro_batch or data parallelism, or lower global_batch "
                    "(docs/limits.md)")
         return
-    # DualPipe: PP ranks (the README's PP), micro-batches even and at least 2 x PP, half fed
-    # from each end. DualPipeV: 2 stages per rank, at least 2 x ranks micro-batches.
-    need = 2 * p.pipeline
-    if p.schedule == "dualpipe" and (m % 2 or m < need):
-        good = max(need, m + m % 2)
-        sink.error(f"DualPipe over {p.pipeline} ranks needs an even number of at least {need} "
-                   f"micro-batches; global_batch gives {m}", span,
-                   f"global_batch = {good * denom} would give {good}")
-    if p.schedule == "dualpipev" and m < need:
-        sink.error(f"DualPipeV over {p.pipeline} ranks needs at least {need} "
-                   f"micro-batches; global_batch gives {m}", span,
-                   f"global_batch = {need * denom} would give {need}")
+    for problem in microbatch_problems(p.schedule, p.pipeline, m, denom):
+        sink.error(problem.message, span, problem.hint)  # where: the count global_batch gives
     if p.schedule in ("1f1b", "zb1p") and m < p.pipeline:
         sink.warning(f"{m} micro-batches for {p.pipeline} pipeline stages leave most of the "
                      "pipeline idle", span, f"use at least {p.pipeline} micro-batches")
 
 
-@rule("expert-parallel")
 def _ep(spec, sink):
     p = spec.parallel
     if p is None:
         return
-    moes = _moes(spec)
+    moes = used_moes(spec)
     span = spec.span("parallel.expert")
     if p.expert > 1 and not moes:
         sink.warning(f"expert = {p.expert} but the model has no MoE layers", span)
         return
-    if p.data % p.expert:
-        sink.error(f"expert parallelism {p.expert} is not inside data parallelism {p.data}",
-                   span, f"EP groups live inside the data dimension; use "
-                   f"{_divisors_near(p.data, p.expert)}")
+    for problem in mesh_problems(p.pipeline, p.data, p.expert, p.pipeline * p.data):
+        sink.error(problem.message, span, problem.hint)  # only `expert` can fail: data is derived
     for f in moes:
         if f.routed % p.expert:
             sink.error(f"{f.routed} experts do not divide over {p.expert} EP ranks",
-                       span, f"use {_divisors_near(f.routed, p.expert)}")
+                       span, f"use {divisors_near(f.routed, p.expert)}")
         if p.redundant_experts % p.expert:
             sink.error(f"{p.redundant_experts} redundant experts do not spread evenly over "
                        f"{p.expert} EP ranks", spec.span("parallel.redundant_experts"))
@@ -269,7 +252,6 @@ def _domains_per_group(routed: int, groups: int, expert: int, domain: int) -> in
                for g in range(groups))
 
 
-@rule("node-limited-routing")
 def _node_limited(spec, sink):
     # Node-limited routing (DeepSeek-V3 sec. 2.1.2) bounds the scale-up domains a token's
     # dispatch crosses the network to: top_groups groups, each on as few domains as possible.
@@ -283,7 +265,7 @@ def _node_limited(spec, sink):
     domains = -(-p.expert // domain)  # scale-up domains one EP group spans
     if domains <= 1:
         return
-    for f in _moes(spec):
+    for f in used_moes(spec):
         if not (f.groups > 1 and f.top_groups < f.groups) or f.routed % f.groups \
                 or f.routed % p.expert:
             continue  # not group-limited, or a shape other rules reject
@@ -299,7 +281,6 @@ def _node_limited(spec, sink):
                      "over the network", spec.span(f"model.ffn.{f.name}.groups"), fix)
 
 
-@rule("zero-stage")
 def _zero(spec, sink):
     p = spec.parallel
     if p is not None and p.zero > 1:
@@ -307,7 +288,6 @@ def _zero(spec, sink):
                      "states only (ZeRO-1)", spec.span("parallel.zero"))
 
 
-@rule("overlap-needs-moe")
 def _overlap(spec, sink):
     p = spec.parallel
     if p is not None and p.overlap == "dual_microbatch" and p.expert <= 1:
@@ -315,7 +295,6 @@ def _overlap(spec, sink):
                      "is none to hide", spec.span("parallel.overlap"))
 
 
-@rule("seq-len")
 def _seq(spec, sink):
     t = spec.train
     if t is None:
@@ -323,28 +302,24 @@ def _seq(spec, sink):
     limit = spec.model.max_seq
     if spec.model.rope.kind == "yarn":
         limit = max(limit, int(spec.model.rope.original_max_seq * spec.model.rope.factor))
-    if t.seq_len > limit:
-        sink.error(f"seq_len {t.seq_len} exceeds the model's maximum sequence {limit}",
-                   spec.span("train.seq_len"), "raise `max_seq` in the model or shorten seq_len")
+    sink.problems(spec, "train.", seq_len_problems(t.seq_len, limit))
     if t.micro_batch > t.global_batch:
         sink.error(f"micro_batch {t.micro_batch} exceeds global_batch {t.global_batch}",
                    spec.span("train.micro_batch"))
 
 
-@rule("lr-schedule")
 def _lr(spec, sink):
     t = spec.train
     if t is None:
         return
     s = t.lr_schedule
-    if s.kind == "warmup_cosine" and s.final_lr > t.optimizer.lr:
-        sink.error(f"final_lr {s.final_lr:g} exceeds the peak lr {t.optimizer.lr:g}",
-                   spec.span("train.lr_schedule.final_lr"))
-    if s.total_steps is not None and s.warmup_steps > s.total_steps:
-        sink.error("warmup_steps exceed total_steps", spec.span("train.lr_schedule.warmup_steps"))
+    # an unstated total_steps is the run's steps, lengthened past the warm-up by the plan's
+    # emitter (with a note), so only a stated one can be wrong here
+    total = s.total_steps if s.total_steps is not None else s.warmup_steps + 1
+    sink.problems(spec, "train.lr_schedule.",
+                  lr_schedule_problems(s.kind, t.optimizer.lr, s.warmup_steps, total, s.final_lr))
 
 
-@rule("expert-load-file")
 def _expert_load(spec, sink):
     import os
 
@@ -364,12 +339,11 @@ def _expert_load(spec, sink):
                    "paths are relative to the spec; the file is a JSON histogram")
 
 
-@rule("decode")
 def _decode(spec, sink):
     d = spec.decode
     if d is None:
         return
-    moes = _moes(spec)
+    moes = used_moes(spec)
     if not moes:
         sink.warning("the decode analysis assumes expert parallelism; the model has no MoE",
                      spec.span("decode"))
@@ -378,3 +352,23 @@ def _decode(spec, sink):
                    spec.span("decode.link"), "use link = nvlink, or describe the network")
     if d.link == "nvlink" and spec.cluster is None:
         sink.error("decode link = nvlink but there is no cluster", spec.span("decode.link"))
+
+
+RUN_RULES = (
+    Rule(("size-limits",), _size_limits),
+    Rule(("bandwidth-effective",), _effective, needs=("cluster",)),
+    Rule(("nvlink-domain",), _domain, needs=("cluster",)),
+    Rule(("fat-tree-capacity",), _fat_tree, needs=("cluster",)),
+    Rule(("link-bandwidth",), _link_bandwidth, needs=("cluster",)),
+    Rule(("gpu-rates",), _gpu, needs=("cluster",)),
+    Rule(("pipeline-stages",), _stages),
+    Rule(("micro-batches",), _micro),
+    Rule(("expert-parallel",), _ep),
+    Rule(("node-limited-routing",), _node_limited),
+    Rule(("zero-stage",), _zero),
+    Rule(("overlap-needs-moe",), _overlap),
+    Rule(("seq-len",), _seq),
+    Rule(("lr-schedule",), _lr),
+    Rule(("expert-load-file",), _expert_load),
+    Rule(("decode",), _decode),
+)

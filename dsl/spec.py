@@ -1,37 +1,65 @@
-"""The Spec: what a .dsv file means, as frozen pydantic models in base units.
+"""The Spec: what a .dsv file means, as frozen dataclasses in base units.
 
 Produced by `dsl.elaborate` (which has already checked every rule); consumed by
 the report, the compiler passes and codegen. All quantities are in base units:
 bytes, bytes/s, FLOP/s, seconds, USD. `Spec.spans` maps a dotted path
 (`"model.ffn.moe.top_k"`) to where it was written, so later stages can cite
-the source.
+the source. Change a record with `dataclasses.replace`; `as_dict` gives the
+plain form (without spans).
 """
 
 from __future__ import annotations
 
-from dsvc import dsl as _dsl
-from dsvc.dsl.diagnostics import Span
+import dataclasses
+from typing import Literal, Union
 
-if _dsl._LIGHT_SPEC:  # `dsvc check` only: the same classes on a pydantic-free base (dsl/records.py)
-    from dsvc.dsl.records import BaseModel, ConfigDict, Field, Literal, Union
-else:
-    from typing import Literal, Union
-
-    from pydantic import BaseModel, ConfigDict, Field
+from dsvc.dsl.diagnostics import Span, nearest_span
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+def record(cls):
+    """A frozen, keyword-only dataclass. Elaboration hands it ints where a field is a float
+    and lists where it is a tuple; both are normalised here, so that equal specs compare,
+    hash and print equal however a value was written."""
+    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+    floats = tuple(f.name for f in dataclasses.fields(cls) if f.type == "float")
+    tuples = tuple(f.name for f in dataclasses.fields(cls) if "tuple[" in f.type)
+    if floats or tuples:
+        def __post_init__(self):  # noqa: N807 - the dataclass hook
+            for name in floats:
+                v = getattr(self, name)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    object.__setattr__(self, name, float(v))
+            for name in tuples:
+                v = getattr(self, name)
+                if isinstance(v, list):
+                    object.__setattr__(self, name, tuple(v))
+
+        cls.__post_init__ = __post_init__
+    return cls
+
+
+def as_dict(obj):
+    """A record as plain dicts, lists and values (fields marked `dump: False` left out)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if f.metadata.get("dump", True)}
+    if isinstance(obj, dict):
+        return {k: as_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_dict(v) for v in obj)
+    return obj
 
 
 # ----------------------------------------------------------------------------- model
 
 
-class RMSNorm(_Frozen):
+@record
+class RMSNorm:
     eps: float = 1e-6
 
 
-class Rope(_Frozen):
+@record
+class Rope:
     kind: Literal["plain", "yarn"] = "plain"
     theta: float = 10000.0
     # YaRN only
@@ -43,7 +71,8 @@ class Rope(_Frozen):
     mscale_all_dim: float = 0.0
 
 
-class MLA(_Frozen):
+@record
+class MLA:
     kind: Literal["mla"] = "mla"
     name: str
     heads: int
@@ -58,7 +87,8 @@ class MLA(_Frozen):
         return self.qk_nope_dim + self.qk_rope_dim
 
 
-class GQA(_Frozen):
+@record
+class GQA:
     """Multi-head (kv_heads == heads), grouped-query or multi-query attention."""
 
     kind: Literal["gqa"] = "gqa"
@@ -69,17 +99,19 @@ class GQA(_Frozen):
     qkv_bias: bool = False
 
 
-Attention = Union[MLA, GQA]  # noqa: UP007 - dsl.records may stand in for typing.Union
+Attention = Union[MLA, GQA]  # noqa: UP007 - a runtime alias (for isinstance-free typing)
 
 
-class DenseFFN(_Frozen):
+@record
+class DenseFFN:
     kind: Literal["dense"] = "dense"
     name: str
     intermediate: int
     act: Literal["swiglu"] = "swiglu"
 
 
-class MoE(_Frozen):
+@record
+class MoE:
     kind: Literal["moe"] = "moe"
     name: str
     routed: int
@@ -101,17 +133,20 @@ class MoE(_Frozen):
 FFN = Union[DenseFFN, MoE]  # noqa: UP007 - as Attention
 
 
-class LayerSpec(_Frozen):
+@record
+class LayerSpec:
     attention: str
     ffn: str
 
 
-class MTP(_Frozen):
+@record
+class MTP:
     depth: int = 0
     loss_weight: float = 0.0
 
 
-class Model(_Frozen):
+@record
+class Model:
     name: str
     vocab: int
     hidden: int
@@ -145,7 +180,8 @@ DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3": 1,
 COMPONENTS = ("embedding", "head", "router", "attention_core", "norm", "mtp_projection")
 
 
-class LinearPrecision(_Frozen):
+@record
+class LinearPrecision:
     format: Dtype = "bf16"
     act_tile: tuple[int, int] = (1, 128)  # (tokens, channels) per activation scale
     weight_block: tuple[int, int] = (128, 128)
@@ -159,14 +195,15 @@ class LinearPrecision(_Frozen):
         return self.format.startswith("fp8")
 
 
-class Precision(_Frozen):
+@record
+class Precision:
     name: str = "default"
     default: Dtype = "bf16"
     master_weights: Dtype = "fp32"
     grads: Dtype = "fp32"
     optimizer_states: Dtype = "fp32"
     linear: LinearPrecision = LinearPrecision()
-    keep: dict[str, Dtype] = Field(default_factory=dict)  # component -> dtype
+    keep: dict[str, Dtype] = dataclasses.field(default_factory=dict)  # component -> dtype
     dispatch: Dtype = "bf16"
     combine: Dtype = "bf16"
     # Activations saved for backward by FP8 linears are cached in FP8 (+ scales).
@@ -180,7 +217,8 @@ class Precision(_Frozen):
 # ----------------------------------------------------------------------------- cluster
 
 
-class GPU(_Frozen):
+@record
+class GPU:
     name: str
     bf16_flops: float  # FLOP/s, dense peak
     fp8_flops: float
@@ -193,14 +231,16 @@ class GPU(_Frozen):
     memory_efficiency: float = 0.89
 
 
-class NVLink(_Frozen):
+@record
+class NVLink:
     domain: int  # GPUs in one NVLink domain (8 per node, or 72 for an NVL72 rack)
     bandwidth: float  # bytes/s per GPU, nominal
     effective: float  # bytes/s per GPU, achieved
     latency: float = 3.33e-6
 
 
-class FatTree(_Frozen):
+@record
+class FatTree:
     layers: int = 2
     radix: int = 64
     planes: int = 1
@@ -208,7 +248,8 @@ class FatTree(_Frozen):
     link_price: float = 0.0  # USD per switch-to-switch link
 
 
-class Network(_Frozen):
+@record
+class Network:
     kind: Literal["infiniband", "roce", "ethernet", "none"] = "infiniband"
     nic: float  # bytes/s per GPU, line rate
     effective: float  # bytes/s per GPU, achieved
@@ -217,7 +258,8 @@ class Network(_Frozen):
     topology: FatTree | None = None
 
 
-class Cluster(_Frozen):
+@record
+class Cluster:
     name: str
     nodes: int
     gpus_per_node: int
@@ -233,7 +275,8 @@ class Cluster(_Frozen):
 # ----------------------------------------------------------------------------- decode
 
 
-class Decode(_Frozen):
+@record
+class Decode:
     tokens_per_device: int = 32
     experts_per_device: int = 1
     link: Literal["nic", "effective", "nvlink"] = "nic"
@@ -247,7 +290,8 @@ class Decode(_Frozen):
 ScheduleKind = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
 
 
-class Parallel(_Frozen):
+@record
+class Parallel:
     pipeline: int = 1  # pipeline ranks
     data: int  # data-parallel degree (derived: world / pipeline)
     expert: int = 1  # expert-parallel degree, inside the data dimension
@@ -277,7 +321,8 @@ class Parallel(_Frozen):
         return self.data // self.expert
 
 
-class AdamW(_Frozen):
+@record
+class AdamW:
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -285,25 +330,29 @@ class AdamW(_Frozen):
     grad_clip: float = 1.0
 
 
-class LRSchedule(_Frozen):
+@record
+class LRSchedule:
     kind: Literal["constant", "warmup_cosine"] = "constant"
     warmup_steps: int = 0
     final_lr: float = 0.0
     total_steps: int | None = None
 
 
-class Data(_Frozen):
+@record
+class Data:
     kind: Literal["synthetic", "tokens"] = "synthetic"
     path: str | None = None
     dtype: Literal["uint16", "uint32"] = "uint32"
 
 
-class Checkpoint(_Frozen):
+@record
+class Checkpoint:
     every: int = 0  # steps; 0 = never
     dir: str = "checkpoints"
 
 
-class Train(_Frozen):
+@record
+class Train:
     seq_len: int
     global_batch: int
     micro_batch: int = 1
@@ -318,7 +367,8 @@ class Train(_Frozen):
 # ----------------------------------------------------------------------------- the whole spec
 
 
-class Spec(_Frozen):
+@record
+class Spec:
     """A checked .dsv specification. Blocks a file does not have are None."""
 
     file: str
@@ -328,17 +378,14 @@ class Spec(_Frozen):
     parallel: Parallel | None = None
     train: Train | None = None
     decode: Decode | None = None
-    spans: dict[str, Span] = Field(default_factory=dict, repr=False, exclude=True)
+    spans: dict[str, Span] = dataclasses.field(default_factory=dict, repr=False,
+                                               metadata={"dump": False})
     files: tuple[str, ...] = ()  # the file and every include, in load order
     content_hash: str = ""  # sha256 of the sources, for build caching and provenance
 
     def span(self, path: str) -> Span | None:
         """The source span of a dotted path, or of its nearest written parent."""
-        while path:
-            if path in self.spans:
-                return self.spans[path]
-            path = path.rpartition(".")[0]
-        return None
+        return nearest_span(self.spans, path)
 
     @property
     def micro_batches(self) -> int:

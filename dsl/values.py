@@ -9,42 +9,52 @@ are reported to the sink and evaluate to `None`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from dsvc.dsl import ast
 from dsvc.dsl.diagnostics import DiagnosticSink, Span, did_you_mean
 from dsvc.dsl.limits import MAX_INTEGER
-from dsvc.dsl.struct import Frozen, Struct
 from dsvc.dsl.units import NUMBER, UNITS, unknown_unit_hint
 
 
-class Qty(Frozen):
+@dataclass(frozen=True, slots=True)
+class Qty:
     """A number with a dimension, in base units; `unit` is as written (for messages)."""
 
-    _fields = ("value", "dim", "unit")
-    __slots__ = _fields
+    value: float
+    dim: str
+    unit: str
 
 
-class Ident(Frozen):
+@dataclass(frozen=True, slots=True)
+class Ident:
     """A bare name that is not a constant: an enum word or a reference."""
 
-    _fields = ("id", "span")
-    __slots__ = _fields
+    id: str
+    span: Span
 
 
-class BadUnit(Struct):
+@dataclass(slots=True)
+class BadUnit:
     """A number followed by a word that is no unit (`400 Gbps`), and where the word is. The
     field given it reports it (it knows which units it takes); `reported` then is true."""
 
-    _fields = ("unit", "span", "reported")
-    _defaults = {"reported": False}
-    __slots__ = _fields
+    unit: str
+    span: Span
+    reported: bool = False
 
 
-class CallValue(Frozen):
+@dataclass(frozen=True, slots=True)
+class CallValue:
     """`func(args, k = v)` evaluated: args and kwargs (name -> value) with their spans."""
 
-    _fields = ("func", "func_span", "args", "arg_spans", "kwargs", "kwarg_spans", "span")
-    __slots__ = _fields
+    func: str
+    func_span: Span
+    args: tuple
+    arg_spans: tuple
+    kwargs: dict
+    kwarg_spans: dict
+    span: Span
 
 
 _INTEGER_DIGITS = len(str(MAX_INTEGER))

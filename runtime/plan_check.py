@@ -9,6 +9,7 @@ what is valid. Standard library only.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from .actions import ActionSyntaxError, parse_action
@@ -18,11 +19,18 @@ class Problem(NamedTuple):
     where: str  # the key to fix: a field name, or a dotted path from the plan's top
     message: str
     hint: str = ""
+    code: str = ""  # the invariant's name; `dsvc check` shows it as the rule id
 
 
 def divisors_near(n: int, x: int, count: int = 2) -> str:
-    """The `count` divisors of n closest to x, for hints ("use 32 or 64")."""
-    divisors = [d for d in range(1, n + 1) if n % d == 0] if n <= 1_000_000 else [1, n]
+    """The `count` divisors of n closest to x, for hints ("use 32 or 64"), in bounded time
+    whatever n (a hint must not hang `check`): every divisor by trial division up to sqrt(n)
+    for n up to 10^12; beyond that 1, n and those within 10^5 of x."""
+    if n <= 10**12:
+        small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+        divisors = set(small) | {n // d for d in small}
+    else:
+        divisors = {1, n} | {d for d in range(max(1, x - 10**5), x + 10**5) if n % d == 0}
     best = sorted(divisors, key=lambda d: (abs(d - x), d))[:count]
     return " or ".join(str(d) for d in sorted(best))
 
@@ -35,20 +43,20 @@ def moe_problems(name: str, routed: int, top_k: int, groups: int, top_groups: in
     out = []
     if top_k > routed:
         out.append(Problem("top_k", f"top_k {top_k} exceeds the {routed} routed experts of ffn "
-                                    f"'{name}'", f"top_k must be at most {routed}"))
+                                    f"'{name}'", f"top_k must be at most {routed}", "moe-top-k"))
     if routed % groups:
         out.append(Problem("groups", f"{routed} routed experts do not divide into {groups} groups",
-                           f"use {divisors_near(routed, groups)} groups"))
+                           f"use {divisors_near(routed, groups)} groups", "moe-groups-divide"))
     elif top_groups > groups:
         out.append(Problem("top_groups", f"top_groups {top_groups} exceeds groups {groups} in ffn "
-                                         f"'{name}'", f"a token can reach at most {groups} groups"))
+                                         f"'{name}'", f"a token can reach at most {groups} groups", "moe-top-groups"))
     elif groups > 1 and top_k <= routed and top_k > top_groups * (routed // groups):
         out.append(Problem("top_k", f"top_k {top_k} cannot be met from {top_groups} group"
                                     f"{'s' if top_groups != 1 else ''} of {routed // groups} "
-                                    "experts", "raise top_groups or lower top_k"))
+                                    "experts", "raise top_groups or lower top_k", "moe-top-groups"))
     if groups > 1 and top_groups < groups and routed % groups == 0 and routed // groups < 2:
         out.append(Problem("groups", f"groups of one expert cannot be ranked by their top-2 "
-                                     f"scores (ffn '{name}')", f"use at most {routed // 2} groups"))
+                                     f"scores (ffn '{name}')", f"use at most {routed // 2} groups", "moe-group-top2"))
     return out
 
 
@@ -57,10 +65,10 @@ def gqa_problems(name: str, heads: int, kv_heads: int, head_dim: int) -> list[Pr
     if heads % kv_heads:
         out.append(Problem("kv_heads", f"{heads} heads do not divide into {kv_heads} kv_heads "
                                        f"(attention '{name}')",
-                           f"use {divisors_near(heads, kv_heads)} kv_heads"))
+                           f"use {divisors_near(heads, kv_heads)} kv_heads", "gqa-heads"))
     if head_dim % 2:
         out.append(Problem("head_dim", f"RoPE needs an even head_dim, got {head_dim} (attention "
-                                       f"'{name}')", f"use {head_dim + 1}"))
+                                       f"'{name}')", f"use {head_dim + 1}", "gqa-heads"))
     return out
 
 
@@ -68,7 +76,7 @@ def seq_len_problems(seq_len: int, max_seq_len: int) -> list[Problem]:
     if seq_len > max_seq_len:
         return [Problem("seq_len", f"seq_len {seq_len} exceeds the model's maximum sequence "
                                    f"{max_seq_len}", "raise the model's max_seq or shorten "
-                                                     "seq_len")]
+                                                     "seq_len", "seq-len")]
     return []
 
 
@@ -81,10 +89,11 @@ def fp8_tile_problems(act_tile: int, weight_block: tuple[int, int]) -> list[Prob
     if cols != act_tile:
         return [Problem("weight_block", f"weight block K {cols} differs from activation tile K "
                                         f"{act_tile}", "both scales are applied per K-step, so "
-                                                       "the two must match")]
+                                                       "the two must match", "fp8-tile-shapes")]
     if rows != cols:
         return [Problem("weight_block", f"weight blocks of {rows} x {cols} are not square",
-                        f"use block({cols}, {cols}): the kernels scale weights in square blocks")]
+                        f"use block({cols}, {cols}): the kernels scale weights in square blocks",
+                        "fp8-tile-shapes")]
     return []
 
 
@@ -101,7 +110,7 @@ def mesh_problems(pipeline: int, data: int, expert: int, world_size: int, nodes:
         out.append(Problem("expert", f"expert parallelism {expert} is not inside data "
                                      f"parallelism {data}",
                            f"EP groups live inside the data dimension; use "
-                           f"{divisors_near(data, expert)}"))
+                           f"{divisors_near(data, expert)}", "expert-parallel"))
     if nodes and gpus_per_node and nodes * gpus_per_node != world_size:
         out.append(Problem("nodes", f"{nodes} nodes x {gpus_per_node} GPUs != world_size "
                                     f"{world_size}"))
@@ -114,7 +123,7 @@ def batch_problems(global_batch: int, data: int, micro_batch: int) -> list[Probl
         return [Problem("global_batch", f"global_batch {global_batch} is not divisible by data "
                                         f"{data} x micro_batch {micro_batch} = {denom}",
                         f"use a multiple of {denom}, e.g. "
-                        f"{max(denom, global_batch // denom * denom)}")]
+                        f"{max(denom, global_batch // denom * denom)}", "micro-batches")]
     return []
 
 
@@ -129,12 +138,12 @@ def microbatch_problems(kind: str, pipeline: int, num_microbatches: int,
         hint = f"global_batch = {good * sequences_each} would give {good}" if sequences_each else ""
         return [Problem("num_microbatches", f"DualPipe over {pipeline} ranks needs an even number "
                                             f"of at least {need} micro-batches; global_batch "
-                                            f"gives {m}", hint)]
+                                            f"gives {m}", hint, "micro-batches")]
     if kind == "dualpipev" and m < need:
         hint = f"global_batch = {need * sequences_each} would give {need}" if sequences_each else ""
         return [Problem("num_microbatches", f"DualPipeV over {pipeline} ranks needs at least "
                                             f"{need} micro-batches; global_batch gives {m}",
-                        hint)]
+                        hint, "micro-batches")]
     return []
 
 
@@ -142,10 +151,11 @@ def lr_schedule_problems(kind: str, lr: float, warmup_steps: int, total_steps: i
                          final_lr: float) -> list[Problem]:
     out = []
     if kind == "warmup_cosine" and final_lr > lr:
-        out.append(Problem("final_lr", f"final_lr {final_lr:g} exceeds the peak lr {lr:g}"))
+        out.append(Problem("final_lr", f"final_lr {final_lr:g} exceeds the peak lr {lr:g}", "",
+                           "lr-schedule"))
     if kind == "warmup_cosine" and total_steps <= warmup_steps:
         out.append(Problem("total_steps", f"warmup_cosine needs total_steps > warmup_steps "
-                                          f"({total_steps} <= {warmup_steps})"))
+                                          f"({total_steps} <= {warmup_steps})", "", "lr-schedule"))
     return out
 
 

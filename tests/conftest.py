@@ -7,10 +7,6 @@ import pathlib
 
 import pytest
 
-# The real (pydantic) Spec for the whole session: an in-process `dsvc check` or
-# `dsvc report` that happened to import dsl.spec first would pick the light base.
-import dsvc.dsl.spec  # noqa: E402,F401
-
 # The Triton interpreter only works if this is set before triton is first imported;
 # without CUDA every Triton kernel in the tests runs under it.
 if not os.path.exists("/dev/nvidiactl"):

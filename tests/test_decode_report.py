@@ -5,7 +5,7 @@ the bytes per token of the allocated `runtime.kv_cache.KVCache` (buffers' bytes 
 rows x positions, in the plan's attention_core dtype) equal `dsvc report`'s
 `model.kv_cache_bytes_per_token` exactly, and the MTP blocks' cache its
 `model.kv_cache_bytes_per_token_mtp`. Scaled from 5 layers to 61, DeepSeek-V3's cache is
-70,272 B per token (REFERENCE.md), which the report gives for the full model.
+70,272 B per token (61 layers x (512 + 64) x 2 B: the V3 report's MLA cache), which the report gives for the full model.
 """
 
 from __future__ import annotations

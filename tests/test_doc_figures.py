@@ -16,6 +16,7 @@ computes; the docs state them loosely and bench/ scripts measure them.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import pathlib
 import re
@@ -43,7 +44,7 @@ def markers():
 def _set(obj, path: str, value):
     head, _, rest = path.partition(".")
     inner = _set(getattr(obj, head), rest, value) if rest else value
-    return obj.model_copy(update={head: inner})
+    return dataclasses.replace(obj, **{head: inner})
 
 
 @functools.cache

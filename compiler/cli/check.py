@@ -17,7 +17,6 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from dsvc import dsl
 
-    dsl.use_light_spec()  # this process only checks: skip importing pydantic
 
     failed = 0
     for path in args.files:

@@ -33,9 +33,7 @@ def _build(path: str, args):
 
 
 def run(args) -> int:
-    from dsvc import dsl
 
-    dsl.use_light_spec()  # the report only reads the Spec: skip importing pydantic (2x faster)
     from dsvc.compiler.report import compare_json, dumps, render_compare, render_text, report_json
 
     a = _build(args.spec, args)

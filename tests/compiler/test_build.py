@@ -10,6 +10,7 @@ code unescaped; `-o` never replaces a directory that is not a dsvc build; the
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import os
@@ -230,7 +231,7 @@ def test_token_path_reaches_only_plan_json(tmp_path):
 def test_names_that_are_not_identifiers_are_refused_before_any_file(tmp_path, bad):
     spec = dsl.load(str(W1))
     # the parser refuses these already; build.py must refuse them on its own too
-    evil = spec.model_copy(update={"model": spec.model.model_copy(update={"name": bad})})
+    evil = dataclasses.replace(spec, model=dataclasses.replace(spec.model, name=bad))
     out = tmp_path / "b"
     with pytest.raises(SpecError, match="cannot become a Python identifier"):
         build_mod.build(evil, str(out))
@@ -257,7 +258,7 @@ def test_build_cache_notices_changes(tmp_path, monkeypatch):
     assert (out / "train.py").read_text() != "edited\n"
     monkeypatch.setattr(build_mod, "toolchain_hash", lambda: "another dsvc")
     assert build_mod.build_cached(spec, str(out)) is not None  # another toolchain: rebuilt
-    other = spec.model_copy(update={"content_hash": "0" * 64})
+    other = dataclasses.replace(spec, content_hash="0" * 64)
     assert not build_mod.is_current_build(str(out), other.content_hash)
 
 

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-import dsvc.dsl.spec  # noqa: F401  (pydantic Specs for this session; the CLI alone would choose light ones)
 from dsvc import dsl
 from dsvc.compiler.cli import main
 from dsvc.compiler.driver import build_report

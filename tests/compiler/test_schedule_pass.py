@@ -3,6 +3,7 @@ chunk order of a pair, and a property over real specs: every schedule passes the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -65,8 +66,8 @@ def test_deepseek_v3_dualpipe_with_overlapped_pairs():
 def test_overlap_none_splits_every_pair_in_place():
     spec = dsl.load(EXAMPLES / "deepseek_v3.dsv")
     on = schedule(_graph("deepseek_v3.dsv")).schedule
-    off_spec = spec.model_copy(update={"parallel": spec.parallel.model_copy(
-        update={"overlap": "none"})})
+    off_spec = dataclasses.replace(
+        spec, parallel=dataclasses.replace(spec.parallel, overlap="none"))
     off = schedule(run_until(off_spec, "insert_comm")).schedule
     assert not any(a.kind == OVERLAP_F_B for acts in off.actions for a in acts)
     check_schedule(off)
@@ -139,6 +140,6 @@ def test_an_impossible_request_is_a_spec_error_not_a_crash():
 
     g = _graph("deepseek_v3.dsv")
     spec = g.spec
-    odd = spec.model_copy(update={"train": spec.train.model_copy(update={"global_batch": 128})})
+    odd = dataclasses.replace(spec, train=dataclasses.replace(spec.train, global_batch=128))
     with pytest.raises(SpecError, match="micro-batches"):
         build_pipeline_schedule(odd, g.pipeline)

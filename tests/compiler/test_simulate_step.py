@@ -4,6 +4,7 @@ over real specs (the step is never shorter than the busiest device's compute).""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -64,9 +65,9 @@ def test_switching_overlap_off_exposes_the_all_to_all():
 def test_lower_gemm_efficiency_in_the_spec_slows_the_step():
     spec = dsl.load(EXAMPLES / "deepseek_v3.dsv")
     gpu = spec.cluster.gpu
-    slow_gpu = gpu.model_copy(update={"gemm_efficiency_fp8": gpu.gemm_efficiency_fp8 / 2})
-    slow = simulate_step(spec.model_copy(update={"cluster": spec.cluster.model_copy(
-        update={"gpu": slow_gpu})}))
+    slow_gpu = dataclasses.replace(gpu, gemm_efficiency_fp8=gpu.gemm_efficiency_fp8 / 2)
+    slow = simulate_step(dataclasses.replace(
+        spec, cluster=dataclasses.replace(spec.cluster, gpu=slow_gpu)))
     base = _v3("dual_microbatch")
     for d in range(16):  # FP8 GEMMs take twice as long; attention core and the rest do not
         assert base.compute_s[d] < slow.compute_s[d] < 2 * base.compute_s[d]
@@ -121,7 +122,7 @@ def test_tiny_step_text(tmp_path):
 def test_a_spec_without_a_cluster_is_a_spec_error():
     spec = dsl.load(EXAMPLES / "tiny.dsv")
     with pytest.raises(SpecError, match="needs the cluster block"):
-        simulate_step(spec.model_copy(update={"cluster": None}))
+        simulate_step(dataclasses.replace(spec, cluster=None))
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from dsvc.dsl import blocks, blocks_run
-from dsvc.dsl.rules import RULES
+from dsvc.dsl.checks import CODES
 from dsvc.dsl.units import UNITS
 
 DOC = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "language.md").read_text()
@@ -22,7 +22,7 @@ def test_every_key_is_documented(table):
 
 
 def test_every_rule_is_documented():
-    assert not [r for r, _ in RULES if f"`{r}`" not in DOC]
+    assert not [r for r in CODES if f"`{r}`" not in DOC]
 
 
 def test_every_unit_is_documented():

@@ -17,6 +17,7 @@ from dsvc.compiler.cli import main
 from dsvc.dsl import ast, parser
 from dsvc.dsl.diagnostics import SpecError
 from dsvc.dsl.fmt import format_source
+from dsvc.dsl.spec import as_dict
 from tests.dsl import spec_gen
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -58,7 +59,7 @@ def test_faithful_on_every_spec_file(path):
 
 
 def _spec_dump(spec) -> dict:
-    d = spec.model_dump()
+    d = as_dict(spec)
     for key in ("file", "content_hash", "spans"):
         d.pop(key, None)
     return d
