@@ -9,7 +9,7 @@
 
 A checkpoint is a directory with `model.safetensors` or shards listed by
 `model.safetensors.index.json` (or one `.safetensors` file), named as DeepSeek
-and transformers name them (see `_hf_names.py`). Loading validates first and
+and transformers name them (see `hf_names.py`). Loading validates first and
 copies after: missing, unexpected and wrong-shape tensors and a config that
 disagrees with the plan are all listed in one `HFCheckpointError` (each with
 its file) and no parameter changes. A rank reads only the tensors of its own
@@ -33,8 +33,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from ._hf_config import HFFormatError, check_hf_config, hf_config_from_plan
-from ._hf_names import (
+from .hf_export import HFFormatError, check_hf_config, hf_config_from_plan
+from .hf_names import (
     FP8_WEIGHT,
     SCALE_SUFFIX,
     dequantize_blocks,
@@ -42,7 +42,7 @@ from ._hf_names import (
     mtp_copy_names,
     named_tensors,
 )
-from ._hf_read import INDEX, SINGLE, Checkpoint, HFCheckpointError, validate
+from .hf_read import INDEX, SINGLE, Checkpoint, HFCheckpointError, validate
 from .plan import Plan
 
 __all__ = [
@@ -246,7 +246,7 @@ def export_hf_from_checkpoint(
     copies); a checkpoint lacking a tensor the plan needs, or holding one of another shape,
     raises `HFCheckpointError` and leaves nothing behind."""
     from . import train_state
-    from ._hf_names import hf_name, schema
+    from .hf_names import hf_name, schema
 
     if dtype not in ("fp32", "bf16", "fp8"):
         raise ValueError(f"dtype must be fp32, bf16 or fp8, not {dtype!r}")

@@ -12,7 +12,7 @@ type, a missing key without a default, a value dsvc cannot model) are
 collected with their key path, never raised one at a time.
 
 `dsvc import-hf` turns an `HFConfig` into a spec (compiler/import_hf.py); the
-HF checkpoint loader compares one against a plan (runtime/_hf_config.py).
+HF checkpoint loader compares one against a plan (runtime/hf_export.py).
 Standard library only: a build directory reads configs without dsvc.
 """
 

@@ -253,6 +253,18 @@ class Stage:
     mtp: bool = entry("holds the MTP modules (the head stage)", False)
 
 
+def split_layers(num_layers: int, num_stages: int) -> list[tuple[int, ...]]:
+    """Layers over stages when nothing better is known: contiguous, as even as possible,
+    earlier stages taking the remainder (the compiler's even layout, the tiny plans)."""
+    base, extra = divmod(num_layers, num_stages)
+    out, start = [], 0
+    for i in range(num_stages):
+        n = base + (1 if i < extra else 0)
+        out.append(tuple(range(start, start + n)))
+        start += n
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertPlacement:
     per_rank: tuple[tuple[int, ...], ...] = entry("the routed expert ids of each EP rank; each "

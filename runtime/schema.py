@@ -188,8 +188,10 @@ def _join(path: str, key: Any) -> str:
 
 
 def _json_type(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "a number"
     return {dict: "an object", list: "a list", str: "a string", bool: "true/false",
-            type(None): "null"}.get(type(value), "a number")
+            type(None): "null"}.get(type(value), f"a Python {type(value).__name__}")
 
 
 def _describe(hint: Any) -> str:

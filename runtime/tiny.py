@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 
+from .plan import split_layers
+
 PRECISIONS = ("fp32", "bf16", "fp8")
 
 
@@ -74,17 +76,6 @@ def tiny_precision(mode: str = "fp32") -> dict:
     }  # fmt: skip
 
 
-def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
-    """Contiguous, as even as possible, earlier stages taking the remainder."""
-    base, extra = divmod(num_layers, num_stages)
-    out, start = [], 0
-    for i in range(num_stages):
-        n = base + (1 if i < extra else 0)
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
-
-
 def one_f_one_b_actions(pp: int, num_microbatches: int) -> list[list[str]]:
     """Per-rank 1F1B compute actions in torch's `_Action` string form."""
     actions = []
@@ -124,10 +115,10 @@ def tiny_plan(
     `actions` replaces the schedule's action lists (one list per pipeline rank, e.g. from dsvc.compiler.schedules)."""
     model = tiny_model(num_layers, mtp_depth)
     if schedule == "dualpipev":
-        chunks = split_layers(num_layers, 2 * pp)
+        chunks = [list(c) for c in split_layers(num_layers, 2 * pp)]
         ranks = [min(i, 2 * pp - 1 - i) for i in range(2 * pp)]
     elif schedule in ("1f1b", "zb1p"):
-        chunks = split_layers(num_layers, pp)
+        chunks = [list(c) for c in split_layers(num_layers, pp)]
         ranks = list(range(pp))
     else:
         raise ValueError(f"tiny_plan builds 1f1b, zb1p or dualpipev stages, not {schedule!r}")

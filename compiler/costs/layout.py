@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from dsvc.runtime.plan import split_layers
+
 from .symbols import Quantities
 
 
@@ -67,17 +69,6 @@ def parallel_dims(spec, q: Quantities, S) -> ParallelDims:
     M = q.let("M", B / (DP * b), "micro-batches per step per pipeline")
     world = spec.cluster.world_size if spec.cluster is not None else p.pipeline * p.data
     return ParallelDims(p.pipeline, p.stages_per_copy, DP, EP, DP / EP, S * b, M, p.zero, world)
-
-
-def split_layers(num_layers: int, num_stages: int) -> list[tuple[int, ...]]:
-    """Contiguous, as even as possible, earlier stages taking the remainder."""
-    base, extra = divmod(num_layers, num_stages)
-    out, start = [], 0
-    for i in range(num_stages):
-        n = base + (1 if i < extra else 0)
-        out.append(tuple(range(start, start + n)))
-        start += n
-    return out
 
 
 def even_layout(spec, M) -> list[tuple[StageContents, ...]]:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsvc import dsl
-from dsvc.compiler.costs.layout import StageContents, even_layout, split_layers
+from dsvc.compiler.costs.layout import StageContents, even_layout
 from dsvc.compiler.costs.memory import (
     RESERVE_FRACTION,
     activation_bytes,
@@ -20,6 +20,7 @@ from dsvc.compiler.costs.memory import (
 from dsvc.compiler.costs.model import Linear, build_model
 from dsvc.compiler.costs.symbols import Quantities
 from dsvc.compiler.driver import build_report
+from dsvc.runtime.plan import split_layers
 
 # The cost formulas on the documented even split (no graph, no simulation).
 build_report = functools.partial(build_report, even_split=True)

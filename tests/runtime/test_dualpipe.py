@@ -17,8 +17,8 @@ import torch
 
 from dsvc.runtime.launch import spawn
 from dsvc.runtime.overlap import forward_chunks_under_comm
-from dsvc.runtime.plan import parse_plan
-from dsvc.runtime.tiny import split_layers, tiny_plan
+from dsvc.runtime.plan import parse_plan, split_layers
+from dsvc.runtime.tiny import tiny_plan
 from tests.runtime._workers import reference_steps, train_scenarios
 from tests.tolerances import tol
 
@@ -37,7 +37,7 @@ def _actions(kind: str, pp: int, n: int) -> list[list[str]]:
 def dualpipe_plan(overlap: bool = True, chunks: list[list[int]] | None = None) -> dict:
     """tiny_plan's model on DualPipe: copy A's stage k on rank k, copy B's on rank PP-1-k."""
     raw = tiny_plan(pp=PP, dp=DP, ep=2, num_microbatches=N, with_actions=False)
-    chunks = chunks or split_layers(len(raw["model"]["layers"]), PP)
+    chunks = chunks or [list(c) for c in split_layers(len(raw["model"]["layers"]), PP)]
     stages = []
     for copy, base in (("A", 0), ("B", PP)):
         for k in range(PP):

@@ -20,8 +20,8 @@ pytest.importorskip("transformers")
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dsvc.runtime._hf_names import schema
 from dsvc.runtime.hf import export_hf_checkpoint, load_hf_checkpoint, model_logits
+from dsvc.runtime.hf_names import schema
 from dsvc.runtime.init import init_parameters
 from dsvc.runtime.model import build_full_model
 from tests.runtime._hf_case import NUM_LAYERS, SEQ, get_case, make_plan
@@ -233,8 +233,8 @@ def test_fp8_export_roundtrip(case, tmp_path):
 
 
 def test_dequantize_blocks_matches_the_fp8_reference():
-    from dsvc.runtime._hf_names import dequantize_blocks
     from dsvc.runtime.fp8 import dequantize_weight, quantize_weight
+    from dsvc.runtime.hf_names import dequantize_blocks
 
     w = torch.randn(300, 260, generator=torch.Generator().manual_seed(0))
     q, s = quantize_weight(w, 128)

@@ -1,4 +1,4 @@
-"""The exported config.json computes in transformers what the runtime computes (runtime/_hf_config.py).
+"""The exported config.json computes in transformers what the runtime computes (runtime/hf_export.py).
 
 The keys that are not DeepSeek-V3's fixed values: YaRN with `mscale` != `mscale_all_dim`
 (softmax scale x m(mscale_all_dim)^2, cos/sin x m(mscale) / m(mscale_all_dim), as

@@ -15,7 +15,7 @@ import json
 import os
 import pathlib
 
-from ._hf_names import SCALE_SUFFIX, is_fp8_dtype, mtp_copy_names, scale_shape, schema
+from .hf_names import SCALE_SUFFIX, is_fp8_dtype, mtp_copy_names, scale_shape, schema
 from .inputs import InputError, load_json
 from .plan import Plan
 
