@@ -185,6 +185,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _export_target(plan: Plan, out_dir, dtype: str, overwrite: bool) -> tuple[dict, pathlib.Path]:
+    """The config.json an export writes for `dtype`, and its directory, refused if it exists."""
+    if dtype not in ("fp32", "bf16", "fp8"):
+        raise ValueError(f"dtype must be fp32, bf16 or fp8, not {dtype!r}")
+    config = hf_config_from_plan(plan, "float32" if dtype == "fp32" else "bfloat16")
+    if dtype == "fp8":
+        config["quantization_config"] = {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+        }  # fmt: skip
+    out = pathlib.Path(out_dir)
+    if out.exists() and not overwrite:
+        raise HFCheckpointError(
+            f"cannot export to {out}", ["it exists; pass overwrite=True to replace it"]
+        )
+    return config, out
+
+
 def export_hf_checkpoint(
     modules, plan: Plan, out_dir: str | os.PathLike, *, mesh=None, dtype: str = "bf16",
     overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
@@ -198,18 +215,7 @@ def export_hf_checkpoint(
     weight_scale_inv, the rest bf16: DeepSeek-V3's release format). Atomic: written into
     `<out_dir>.partial` and renamed when complete. An existing `out_dir` is refused unless
     `overwrite`."""
-    if dtype not in ("fp32", "bf16", "fp8"):
-        raise ValueError(f"dtype must be fp32, bf16 or fp8, not {dtype!r}")
-    config = hf_config_from_plan(plan, "float32" if dtype == "fp32" else "bfloat16")
-    if dtype == "fp8":
-        config["quantization_config"] = {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-        }  # fmt: skip
-    out = pathlib.Path(out_dir)
-    if out.exists() and not overwrite:
-        raise HFCheckpointError(
-            f"cannot export to {out}", ["it exists; pass overwrite=True to replace it"]
-        )
+    config, out = _export_target(plan, out_dir, dtype, overwrite)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     partial = out.with_name(out.name + ".partial")
     if rank == 0:
@@ -248,16 +254,7 @@ def export_hf_from_checkpoint(
     from . import train_state
     from .hf_names import hf_name, schema
 
-    if dtype not in ("fp32", "bf16", "fp8"):
-        raise ValueError(f"dtype must be fp32, bf16 or fp8, not {dtype!r}")
-    config = hf_config_from_plan(plan, "float32" if dtype == "fp32" else "bfloat16")
-    if dtype == "fp8":
-        config["quantization_config"] = {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-        }  # fmt: skip
-    out = pathlib.Path(out_dir)
-    if out.exists() and not overwrite:
-        raise HFCheckpointError(f"cannot export to {out}", ["it exists; pass overwrite=True"])
+    config, out = _export_target(plan, out_dir, dtype, overwrite)
     m, want = plan.model, schema(plan)
     num_layers, copies = len(m.layers), {}
     for copy, main in mtp_copy_names(num_layers, m.mtp.depth) if m.mtp.depth else []:
