@@ -12,7 +12,7 @@ import keyword
 import os
 from dataclasses import dataclass
 
-from dsvc.dsl import ast, parser
+from dsvc.dsl import ast, blocks, checks, parser
 from dsvc.dsl.diagnostics import (
     ERROR,
     Diagnostic,
@@ -23,6 +23,7 @@ from dsvc.dsl.diagnostics import (
     nearest_span,
 )
 from dsvc.dsl.files import read_source
+from dsvc.dsl.spec import Spec
 from dsvc.dsl.values import Evaluator
 
 TOP_BLOCKS = ("model", "precision", "cluster", "parallel", "train", "decode")
@@ -114,8 +115,6 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None,
                    fragment_ok: bool = False):
     """(Spec, warnings) of a spec's text, or with `fragment_ok`, (Fragment, warnings) of a
     file that has only FRAGMENT_BLOCKS. Raises SpecError with every problem."""
-    from dsvc.dsl import blocks, checks
-
     sink = DiagnosticSink(text, {file: text})
     if sources is None:
         sources = _Sources(sink)
@@ -174,8 +173,6 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None,
                    "a spec describes a model: `model NAME { vocab = ..., hidden = ... }` "
                    f"(a file to include may hold only {shared} blocks)")
     elif spec_parts is not None and not sink.has_errors:
-        from dsvc.dsl.spec import Spec
-
         digest = _sha256()
         for f in sources.order:
             digest.update(f.encode() + b"\0" + sources.texts[f].encode() + b"\0")

@@ -4,6 +4,8 @@ trainer also enforces on its plan come from `dsvc.runtime.plan_check`."""
 
 from __future__ import annotations
 
+import os
+
 from dsvc.dsl.limits import (
     MAX_EXPERTS,
     MAX_REDUNDANT_EXPERTS,
@@ -11,6 +13,7 @@ from dsvc.dsl.limits import (
     MAX_WORLD_SIZE,
 )
 from dsvc.dsl.rules import Rule, used_moes
+from dsvc.runtime.inputs import InputError, check_regular_file
 from dsvc.runtime.plan_check import (
     batch_problems,
     divisors_near,
@@ -321,13 +324,9 @@ def _lr(spec, sink):
 
 
 def _expert_load(spec, sink):
-    import os
-
     p = spec.parallel
     if p is None or p.expert_load is None:
         return
-    from dsvc.runtime.inputs import InputError, check_regular_file
-
     path = os.path.join(os.path.dirname(spec.file), p.expert_load)
     try:
         check_regular_file(path)
