@@ -81,7 +81,7 @@ def main() -> int:
                                                for _ in range(args.repeat)), key=lambda r: r[0])
     rows.append(("dsvc inspect --format json (end to end)", inspect_s, (inspect_mem, inspect_cpu)))
     print(f"{args.spec}: {len(graph)} ops after insert_comm, "
-          f"{len(graph.pipeline.stages)} pipeline stages, {len(graph.placements())} MoE layers")
+          f"{len(graph.partition.stages)} pipeline stages, {len(graph.placements())} MoE layers")
     for label, seconds, proc in rows:
         extra = f"  peak {proc[0] / 2**20:6.1f} MiB, CPU {proc[1]:.2f} s" if proc else ""
         print(f"  {label:<44} {seconds:7.3f} s{extra}")

@@ -61,7 +61,7 @@ def import_config(text: str, file: str = "config.json", name: str | None = None)
             "# (examples/deepseek_v3.dsv has all of them)."]
     head += [f"# note: {n}" for n in notes]
     source = "\n".join(head) + f"\n\nmodel {label} {{\n" + "\n".join(body) + "\n}\n"
-    from dsvc.dsl.fmt import format_source
+    from dsvc.dsl.formatter import format_source
 
     out = format_source(source, file)
     notes += _check(out, file, label, spec.origins, where, sink)

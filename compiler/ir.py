@@ -179,7 +179,7 @@ class Placement:
 
 
 @dataclasses.dataclass(frozen=True)
-class Pipeline:
+class Partition:
     """The partition: parts per copy, stages, and the cost model's figures."""
 
     schedule: str
@@ -198,7 +198,7 @@ class Pipeline:
 class Graph:
     """The IR: op graph plus what the passes decided.
 
-    Set by the passes, in order (None before): `pipeline` (partition_stages), `schedule`
+    Set by the passes, in order (None before): `partition` (partition_stages), `schedule`
     (schedule: a `compiler.schedules.Schedule`), `simulation` (simulate: a
     `passes.simulate.StepResult`, None without cluster, parallel and train blocks),
     `plan` (emit_plan: a `dsvc.runtime.plan.Plan`), `files` (emit_build: a build
@@ -206,12 +206,12 @@ class Graph:
     """
 
     def __init__(self, spec, tokens: int, nxg: nx.DiGraph | None = None, passes: tuple = (),
-                 pipeline: Pipeline | None = None, notes: tuple[str, ...] = ()):
+                 partition: Partition | None = None, notes: tuple[str, ...] = ()):
         self.spec = spec
         self.tokens = tokens  # the value of T for this spec
         self.g = nxg if nxg is not None else nx.DiGraph()
         self.passes = passes
-        self.pipeline = pipeline
+        self.partition = partition
         self.schedule: Any = None
         self.simulation: Any = None
         self.plan: Any = None

@@ -39,7 +39,7 @@ def select(graph: Graph, stage: int | None = None, rank: int | None = None,
     """Names of the ops kept by the filters (all given filters must match)."""
     parts = None
     if rank is not None:
-        parts = set(graph.pipeline.parts_of_device(rank)) if graph.pipeline else {0}
+        parts = set(graph.partition.parts_of_device(rank)) if graph.partition else {0}
     keep = set()
     for name in graph.g.nodes:
         op = graph.op(name)
@@ -60,7 +60,7 @@ def format_text(graph: Graph, keep: set[str] | None = None) -> str:
     """Readable IR: a header, every op (by stage once partitioned), the stage and expert tables."""
     lines = _header(graph)
     ops = [op for op in graph.ops() if keep is None or op.name in keep]
-    staged = graph.pipeline is not None
+    staged = graph.partition is not None
     if staged:
         ops.sort(key=lambda op: op.stage)  # stable: keeps the topological order within a stage
     current = object()
@@ -70,7 +70,7 @@ def format_text(graph: Graph, keep: set[str] | None = None) -> str:
             lines.append("")
             lines.append(f"stage {op.stage}  ({_stage_where(graph, op.stage)}):")
         lines += _op_lines(graph, op)
-    if graph.pipeline is not None:
+    if graph.partition is not None:
         lines.append("")
         lines += _pipeline_lines(graph)
     places = graph.placements()
@@ -97,7 +97,7 @@ def _header(graph: Graph) -> list[str]:
 
 
 def _stage_where(graph: Graph, part: int) -> str:
-    held = [s for s in graph.pipeline.stages if s.part == part]
+    held = [s for s in graph.partition.stages if s.part == part]
     return ", ".join(f"copy {s.copy} stage {s.index} on pipeline rank {s.device}" for s in held)
 
 
@@ -149,7 +149,7 @@ def _fmt_attr(v) -> str:
 
 
 def _pipeline_lines(graph: Graph) -> list[str]:
-    pipe = graph.pipeline
+    pipe = graph.partition
     rows = stage_rows(graph)
     out = [(f"pipeline: {pipe.schedule}, {pipe.ranks} rank(s), {pipe.parts} stage(s) per copy, "
             f"{pipe.copies} cop{'y' if pipe.copies == 1 else 'ies'}, balanced by {pipe.balanced_by}")]
@@ -191,7 +191,7 @@ def _ranges(xs) -> str:
 
 
 def stage_rows(graph: Graph) -> list[dict]:
-    pipe = graph.pipeline
+    pipe = graph.partition
     flops = [0.0] * pipe.parts
     pbytes = [0] * pipe.parts
     pcount = [0] * pipe.parts
@@ -212,7 +212,7 @@ def _stage_row(s: StageInfo, flops, pbytes, pcount, names, cost) -> dict:
 
 
 def imbalance(graph: Graph) -> dict:
-    pipe = graph.pipeline
+    pipe = graph.partition
     pm = sum(pipe.part_cost) / len(pipe.part_cost)
     dm = sum(pipe.device_cost) / len(pipe.device_cost)
     return {"stage": max(pipe.part_cost) / pm, "stage_min": min(pipe.part_cost) / pm,

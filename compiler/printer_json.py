@@ -36,7 +36,7 @@ def graph_json(graph: Graph, keep: set[str] | None = None) -> dict:
         "edges": [_edge(graph, src, dst, sp, dp) for src, dst, sp, dp in graph.edges()
                   if src in names and dst in names],
     }
-    if graph.pipeline is not None:
+    if graph.partition is not None:
         out["pipeline"] = _pipeline(graph)
         out["stages"] = stage_rows(graph)
         out["devices"] = _devices(graph, out["stages"])
@@ -50,8 +50,8 @@ def graph_json(graph: Graph, keep: set[str] | None = None) -> dict:
 
 def _node(graph: Graph, op: Op) -> dict:
     devices = None
-    if graph.pipeline is not None and op.stage is not None:
-        devices = sorted({s.device for s in graph.pipeline.stages if s.part == op.stage})
+    if graph.partition is not None and op.stage is not None:
+        devices = sorted({s.device for s in graph.partition.stages if s.part == op.stage})
     return {
         "id": op.name,
         "op": op.kind,
@@ -102,7 +102,7 @@ def _value(graph: Graph, v):
 
 
 def _pipeline(graph: Graph) -> dict:
-    pipe = graph.pipeline
+    pipe = graph.partition
     return {"schedule": pipe.schedule, "ranks": pipe.ranks, "stages_per_copy": pipe.parts,
             "copies": pipe.copies, "stages": len(pipe.stages), "balanced_by": pipe.balanced_by,
             "stage_cost_s": list(pipe.part_cost), "device_cost_s": list(pipe.device_cost),
@@ -110,7 +110,7 @@ def _pipeline(graph: Graph) -> dict:
 
 
 def _devices(graph: Graph, rows: list[dict]) -> list[dict]:
-    pipe = graph.pipeline
+    pipe = graph.partition
     ep = graph.spec.parallel.expert if graph.spec.parallel is not None else 1
     expert_delta = [0] * pipe.parts
     for op in graph.ops():

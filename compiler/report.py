@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 
-from dsvc.compiler.costs.fmt import format_delta, format_value
+from dsvc.compiler.costs.quantities import format_delta, format_value
 from dsvc.compiler.costs.symbols import BaseSymbol, Derived, Figure, Quantities, formula_text
 
 SCHEMA = "dsvc.report"
@@ -133,10 +133,10 @@ def report_of(spec, graph=None, symbolic: bool = False, expert_load: str | None 
     `driver.build_report` runs the passes first.
     """
     from dsvc.compiler.costs.comm import comm_figures
-    from dsvc.compiler.costs.decode import decode_figures
+    from dsvc.compiler.costs.decode_costs import decode_figures
     from dsvc.compiler.costs.layout import even_layout, parallel_dims
     from dsvc.compiler.costs.memory import memory_figures
-    from dsvc.compiler.costs.model import build_model
+    from dsvc.compiler.costs.model_costs import build_model
     from dsvc.compiler.costs.model_figures import model_figures
     from dsvc.compiler.costs.network import network_figures
     from dsvc.compiler.costs.step import StepModel

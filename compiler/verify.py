@@ -84,7 +84,7 @@ def _check_edge(a, b, sp: int, dp: int, fed: dict) -> list[str]:
 
 def _check_stages(graph: Graph) -> list[str]:
     out = []
-    pipe = graph.pipeline
+    pipe = graph.partition
     if pipe is None:
         return ["partition_stages ran but the graph has no pipeline table"]
     for name in graph.g.nodes:

@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "limits.md").read_text()
 MODULES = {"inputs": "dsvc.runtime.inputs", "limits": "dsvc.dsl.limits",
            "elaborate": "dsvc.dsl.elaborate", "parser": "dsvc.dsl.parser",
-           "diagnostics": "dsvc.dsl.diagnostics", "schedule": "dsvc.compiler.cli.schedule"}
+           "diagnostics": "dsvc.dsl.diagnostics", "schedule": "dsvc.compiler.cli.cmd_schedule"}
 
 
 def _numbers(cell: str) -> set[int]:

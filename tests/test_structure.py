@@ -1,4 +1,4 @@
-"""The tree's structure: no import circles, no private names across modules.
+"""The tree's structure: no import circles, no private names across modules, distinct names.
 
 Every module of dsvc.dsl, dsvc.compiler and dsvc.runtime is read as text (ast); every
 import counts, at module level or inside a function, since a function-level import
@@ -157,3 +157,13 @@ def test_no_comment_cites_a_file_outside_the_repository():
                     if word in text:
                         bad.append(f"{path.relative_to(ROOT)}: {word}")
     assert not bad, "\n".join(bad)
+
+
+def test_module_names_are_distinct():
+    """One name, one module: a grep for `simulate.py` or `fmt` finds one thing (command
+    modules are `cmd_<command>.py`; passes, schedules and costs name what they hold)."""
+    by_name: dict[str, list[str]] = {}
+    for path in MODULES.values():
+        if path.name != "__init__.py":
+            by_name.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert not {n: paths for n, paths in by_name.items() if len(paths) > 1}

@@ -52,7 +52,7 @@ def torchrun(build_dir, nproc: int, *args: str, timeout: float = 240.0, cwd=None
     cmd = [
         sys.executable,
         "-m",
-        "dsvc.compiler.cli.train",
+        "dsvc.compiler.cli.cmd_train",
         "--standalone",
         f"--nproc-per-node={nproc}",
         str(pathlib.Path(build_dir) / "train.py"),

@@ -25,17 +25,17 @@ from dsvc import __version__
 
 # name -> (module under compiler.cli, one-line help). Order is the help order.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "check": ("check", "parse and validate specs; every problem at once"),
-    "fmt": ("fmt", "rewrite specs in canonical layout"),
-    "import-hf": ("import_hf", "turn a Hugging Face config.json into a .dsv spec"),
-    "report": ("report", "what a spec costs: parameters, FLOPs, memory, communication, speed"),
-    "inspect": ("inspect", "the lowered graph or the simulated schedule"),
-    "schedule": ("schedule", "simulate a pipeline schedule with uniform chunk costs"),
-    "compile": ("compile", "write a self-contained, runnable build directory"),
-    "train": ("train", "compile (cached) and launch training"),
-    "export-hf": ("export_hf", "write a training checkpoint as a Hugging Face checkpoint"),
-    "tokenize": ("tokenize", "turn text files into the token file a spec's train block reads"),
-    "generate": ("generate", "decode from a trained run or an HF checkpoint (KV cache, MTP)"),
+    "check": ("cmd_check", "parse and validate specs; every problem at once"),
+    "fmt": ("cmd_fmt", "rewrite specs in canonical layout"),
+    "import-hf": ("cmd_import_hf", "turn a Hugging Face config.json into a .dsv spec"),
+    "report": ("cmd_report", "what a spec costs: parameters, FLOPs, memory, communication, speed"),
+    "inspect": ("cmd_inspect", "the lowered graph or the simulated schedule"),
+    "schedule": ("cmd_schedule", "simulate a pipeline schedule with uniform chunk costs"),
+    "compile": ("cmd_compile", "write a self-contained, runnable build directory"),
+    "train": ("cmd_train", "compile (cached) and launch training"),
+    "export-hf": ("cmd_export_hf", "write a training checkpoint as a Hugging Face checkpoint"),
+    "tokenize": ("cmd_tokenize", "turn text files into the token file a spec's train block reads"),
+    "generate": ("cmd_generate", "decode from a trained run or an HF checkpoint (KV cache, MTP)"),
 }
 
 EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3

@@ -7,7 +7,7 @@
 Formats: text (step time, bubble, exposed communication, memory, tokens/day,
 MFU; per pipeline rank), json (the same figures, the plan's schedule section
 and the timeline), png (the timeline picture), chrome (a Chrome/Perfetto
-trace). `compiler/cli/inspect.py` hands `--schedule` here (`run(args)`);
+trace). `compiler/cli/cmd_inspect.py` hands `--schedule` here (`run(args)`);
 `run_schedule_view(spec, args)` is the same for an already loaded spec.
 Module level imports nothing heavy.
 """

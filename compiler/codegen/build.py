@@ -15,7 +15,7 @@ import pathlib
 
 from dsvc.compiler.codegen.build_tree import BUILD_MARKER, check_output_dir, digest, write_tree
 from dsvc.compiler.codegen.emit_build import toolchain_hash
-from dsvc.compiler.codegen.launch import launch_for
+from dsvc.compiler.codegen.launch_lines import launch_for
 from dsvc.compiler.driver import run_until
 
 

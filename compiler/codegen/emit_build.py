@@ -23,7 +23,7 @@ from dsvc import __version__
 from dsvc import runtime as runtime_package
 from dsvc.compiler.codegen.build_tree import BUILD_MARKER
 from dsvc.compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
-from dsvc.compiler.codegen.launch import launch_for
+from dsvc.compiler.codegen.launch_lines import launch_for
 from dsvc.compiler.codegen.render import comment_safe, render_generated, render_template
 from dsvc.compiler.report import render_text, report_of
 from dsvc.compiler.schedules import draw_timeline

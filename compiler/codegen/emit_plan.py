@@ -30,7 +30,7 @@ def emit_plan(graph, fp8_backend: str = "torch"):
         mesh=_mesh(spec),
         stages=tuple(P.Stage(index=s.index, rank=s.device, copy=s.copy, layers=tuple(s.layers),
                              embedding=s.embedding, head=s.head, mtp=s.mtp)
-                     for s in sorted(graph.pipeline.stages, key=lambda s: s.index)),
+                     for s in sorted(graph.partition.stages, key=lambda s: s.index)),
         experts=_experts(graph, notes),
         schedule=_schedule(spec, graph.schedule),
         train=_train(spec, notes),

@@ -36,7 +36,7 @@ from dsvc.dsl.spec import DTYPE_BYTES
 
 from .layout import ParallelDims, StageContents
 from .memory import dispatch_element_bytes, stage_pieces
-from .model import ModelCosts
+from .model_costs import ModelCosts
 from .symbols import Quantities, smax, smin
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dsvc.dsl.spec import DTYPE_BYTES
 
 from .layout import ParallelDims, StageContents
-from .model import Linear, ModelCosts, Piece
+from .model_costs import Linear, ModelCosts, Piece
 from .symbols import Quantities, ceil_div, ssum
 
 RESERVE_FRACTION = 0.05

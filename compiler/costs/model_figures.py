@@ -8,7 +8,7 @@ those names and the layer counts (L_<kind>, or L), so `--symbolic` prints
 
 from __future__ import annotations
 
-from .model import ModelCosts, train_flops
+from .model_costs import ModelCosts, train_flops
 from .symbols import Quantities, ssum
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from .comm import CommModel
 from .layout import ParallelDims, StageContents
 from .memory import stage_pieces, storage_dtype
-from .model import ModelCosts, train_flops
+from .model_costs import ModelCosts, train_flops
 from .symbols import Quantities, smax, ssum
 
 

@@ -69,7 +69,7 @@ def _format(op: Op, pol) -> tuple[str, bool]:
 def param_bytes(op: Op, pol) -> int:
     """Bytes of the op's own parameters in their storage format (0 for tied weights)."""
     from dsvc.compiler.costs.memory import linear_weight_bytes, storage_dtype
-    from dsvc.compiler.costs.model import Linear
+    from dsvc.compiler.costs.model_costs import Linear
 
     if not op.param_count:
         return 0

@@ -32,7 +32,7 @@ from dsvc.compiler.ir import DTYPE_BYTES, Graph, Op, T, Tensor, tensor
 
 def insert_comm(graph: Graph) -> Graph:
     """A copy of `graph` with dispatch/combine, send/recv and DP collectives inserted."""
-    assert graph.pipeline is not None, "insert_comm runs after partition_stages"
+    assert graph.partition is not None, "insert_comm runs after partition_stages"
     out = graph.derive("insert_comm")
     topo = _Topology(graph.spec)
     for op in graph.ops():
@@ -131,7 +131,7 @@ def _row_bytes(t: Tensor) -> sympy.Expr:
 
 
 def _insert_p2p(g: Graph, topo: _Topology) -> None:
-    pipe = g.pipeline
+    pipe = g.partition
     crossing: dict[tuple[str, int], list[tuple[str, int]]] = {}
     for src, dst, sp, dp in list(g.edges()):
         if g.op(src).stage != g.op(dst).stage:
@@ -175,7 +175,7 @@ def _p2p_attrs(pipe, topo: _Topology, t: Tensor, src_part: int, dst_part: int) -
 
 
 def _insert_collectives(g: Graph, topo: _Topology) -> None:
-    pipe, pol = g.pipeline, g.spec.precision
+    pipe, pol = g.partition, g.spec.precision
     dense = [0] * pipe.parts
     expert = [0] * pipe.parts
     for op in g.ops():

@@ -23,7 +23,7 @@ import functools
 
 import sympy
 
-from dsvc.compiler.costs import model as formulas
+from dsvc.compiler.costs import model_costs as formulas
 from dsvc.compiler.ir import DTYPE_BYTES, Graph, Op, T, tensor
 
 

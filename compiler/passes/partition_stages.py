@@ -7,7 +7,7 @@ docs/language.md and the schedules: 1F1B / ZB1P run part p on rank p; DualPipe r
 two copies of the model, copy A's stage p (part p) on rank p and copy B's
 global stage PP + p (part p) on rank PP-1-p; DualPipeV runs 2R parts of one
 copy on R ranks, part p on rank min(p, 2R-1-p). Ops carry the per-copy stage
-index (`part`); `Graph.pipeline` maps parts to global stages and devices.
+index (`part`); `Graph.partition` maps parts to global stages and devices.
 
 Cost is the estimated time of a micro-batch's forward and backward on the
 cluster's GPU (`op_seconds`): GEMM FLOPs over the peak of their format times
@@ -24,7 +24,7 @@ import bisect
 import math
 import struct
 
-from dsvc.compiler.ir import Graph, Op, Pipeline, StageInfo, num
+from dsvc.compiler.ir import Graph, Op, Partition, StageInfo, num
 from dsvc.dsl.diagnostics import Diagnostic, SpecError
 
 # Nominal GPU when the spec has no cluster: an H800 at the default efficiency factors.
@@ -69,7 +69,7 @@ def partition_stages(graph: Graph) -> Graph:
     device_cost = [0.0] * ranks
     for s in stages:  # a device's load: every stage it holds (two under DualPipe(V))
         device_cost[s.device] += costs[s.part]
-    out.pipeline = Pipeline(schedule=schedule, ranks=ranks, parts=parts,
+    out.partition = Partition(schedule=schedule, ranks=ranks, parts=parts,
                             copies=2 if schedule == "dualpipe" else 1, stages=tuple(stages),
                             part_cost=tuple(costs), device_cost=tuple(device_cost), balanced_by=by)
     return out
@@ -287,7 +287,7 @@ def stage_contents(graph: Graph, micro_batches) -> list[tuple]:
     """
     from dsvc.compiler.costs.layout import StageContents
 
-    pipe = graph.pipeline
+    pipe = graph.partition
     per_stage = micro_batches / 2 if pipe.schedule == "dualpipe" else micro_batches
     depth = graph.spec.model.mtp.depth
     out = []

@@ -1,6 +1,6 @@
 """Pass `schedule`: the per-rank pipeline action lists of a partitioned graph.
 
-Reads the partition (`Graph.pipeline`: schedule kind, stages per copy, which
+Reads the partition (`Graph.partition`: schedule kind, stages per copy, which
 device holds which global stage) and the spec's micro-batch count, builds the
 action lists with `compiler.schedules.build_schedule` (torch `_Action`
 vocabulary, sends and receives included) and checks them. The result is
@@ -25,7 +25,7 @@ def schedule(graph):
     """A copy of `graph` with `schedule` set to the checked per-rank action lists."""
     from dsvc.compiler.schedules import ScheduleCheckError, check_schedule
 
-    pipe = graph.pipeline
+    pipe = graph.partition
     assert pipe is not None, "the schedule pass runs after partition_stages"
     spec = graph.spec
     overlap = spec.parallel.overlap if spec.parallel is not None else "none"
@@ -55,7 +55,7 @@ def num_microbatches(spec) -> int:
 
 
 def build_pipeline_schedule(spec, pipe, *, overlap: str = "dual_microbatch"):
-    """The `Schedule` for partition `pipe` (a `compiler.ir.Pipeline`), with sends and
+    """The `Schedule` for partition `pipe` (a `compiler.ir.Partition`), with sends and
     receives; `overlap = "none"` splits every F&B pair into F then B."""
     from dsvc.compiler.schedules import ScheduleConfigError, build_schedule, insert_send_recv
 
@@ -84,7 +84,7 @@ def stage_units(graph) -> dict[int, list[tuple[str, str]]]:
     """Per per-copy stage (part): its units in forward order, as (name, kind) with kind
     "moe" (the unit has an expert all-to-all) or "dense": the embedding, decoder
     layers, the head, MTP modules. `overlap_order` takes the kinds."""
-    first: dict[int, dict[str, float]] = {p: {} for p in range(graph.pipeline.parts)}
+    first: dict[int, dict[str, float]] = {p: {} for p in range(graph.partition.parts)}
     moe: set[tuple[int, str]] = set()
     for op in graph.ops():
         if op.stage is None or op.block == "step" or op.kind in ("send", "recv"):
@@ -121,4 +121,4 @@ def pair_chunk_order(graph, pair):
 
 def _stage_parts(graph) -> dict[int, int]:
     """Global stage id -> per-copy part index."""
-    return {s.index: s.part for s in graph.pipeline.stages}
+    return {s.index: s.part for s in graph.partition.stages}

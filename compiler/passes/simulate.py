@@ -118,7 +118,7 @@ def simulate_graph(graph, sched) -> StepResult:
     """Simulate `sched` on `graph` (after insert_comm) and the spec's cluster."""
     from dsvc.compiler.schedules import simulate as run_schedule
 
-    spec, pipe = graph.spec, graph.pipeline
+    spec, pipe = graph.spec, graph.partition
     topo, rates = Topology(spec), Rates.of(spec.cluster.gpu)
     profiles = stage_profiles(graph, topo, rates)
     stage_part = {s.index: s.part for s in pipe.stages}
@@ -158,7 +158,7 @@ def simulate_graph(graph, sched) -> StepResult:
 
 def _data_parallel_tail(graph, sched, sim, topo: Topology, rates: Rates):
     """Per device: seconds of DP collectives + optimizer, and when the last one ends."""
-    spec, pipe = graph.spec, graph.pipeline
+    spec, pipe = graph.spec, graph.partition
     by_part: dict[int, list] = {}
     params: dict[int, list[float]] = {p: [0.0, 0.0] for p in range(pipe.parts)}  # dense, expert
     for op in graph.ops():

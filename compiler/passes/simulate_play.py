@@ -22,7 +22,7 @@ import dataclasses
 from collections import defaultdict
 
 from dsvc.compiler.schedules import CostModel
-from dsvc.compiler.schedules.overlap import backward_chunks, forward_chunks, overlap_order
+from dsvc.compiler.schedules.overlap_order import backward_chunks, forward_chunks, overlap_order
 from dsvc.runtime.actions import BACKWARD_WEIGHT, FORWARD, OVERLAP_F_B, SEND_F
 
 from .simulate_costs import IB, NVLINK

@@ -6,25 +6,24 @@
     result = simulate_uniform(schedule, f=1, b=2, w=1) # makespan, bubble, activations per device
     draw_timeline(result, "dualpipe.png")
 
-Modules: `actions` (torch `_Action` vocabulary and strings), `schedule` (the
-`Schedule` and its versioned JSON), `generators`, `comms` (send/receive
-insertion), `check`, `simulate` (event simulator and cost models),
-`formulas` (published figures), `overlap` (dual micro-batch chunk order),
-`render` (text/JSON), `trace` (Chrome/Perfetto), `draw` (matplotlib, lazy).
+Modules: `schedule_ir` (the `Schedule` and its versioned JSON; the action vocabulary
+is the runtime's, `dsvc.runtime.actions`), `generators`, `comms` (send/receive
+insertion), `validate`, `timeline` (event simulator and cost models), `formulas`
+(published figures), `overlap` (dual micro-batch chunk order), `summary`
+(text/JSON), `trace` (Chrome/Perfetto), `draw` (matplotlib, lazy).
 Pure Python: nothing here imports torch, and matplotlib only inside `draw_timeline`.
 """
 
 from dsvc.runtime.actions import Action, ActionSyntaxError, from_torch, parse_action, to_torch
 
-from .check import ScheduleCheckError, check_schedule, schedule_problems
 from .comms import insert_send_recv
 from .draw import draw_timeline
 from .formulas import formula_conditions, published_activations, published_bubble
 from .generators import KINDS, ScheduleConfigError, build_schedule, validate_request
-from .overlap import overlap_order
-from .render import summary_json, summary_text
-from .schedule import SCHEDULE_FORMAT_VERSION, Chain, Schedule, ScheduleFormatError
-from .simulate import (
+from .overlap_order import overlap_order
+from .schedule_ir import SCHEDULE_FORMAT_VERSION, Chain, Schedule, ScheduleFormatError
+from .summary import summary_json, summary_text
+from .timeline import (
     CostModel,
     ScheduleDeadlock,
     SimResult,
@@ -35,6 +34,7 @@ from .simulate import (
     simulate_uniform,
 )
 from .trace import chrome_trace
+from .validate import ScheduleCheckError, check_schedule, schedule_problems
 
 __all__ = [
     "KINDS",

@@ -28,7 +28,7 @@ from dsvc.runtime.actions import (
     Action,
 )
 
-from .schedule import Schedule
+from .schedule_ir import Schedule
 
 
 def message_for(schedule: Schedule, part: Action) -> tuple[Action, Action, int] | None:

@@ -28,7 +28,7 @@ from dsvc.runtime.actions import (
 )
 
 from .comms import insert_send_recv
-from .schedule import Chain, Schedule
+from .schedule_ir import Chain, Schedule
 
 KINDS = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 

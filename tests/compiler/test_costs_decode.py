@@ -6,7 +6,7 @@ import functools
 import math
 
 from dsvc import dsl
-from dsvc.compiler.costs.decode import decode_stage_time
+from dsvc.compiler.costs.decode_costs import decode_stage_time
 from dsvc.compiler.driver import build_report
 
 # The cost formulas on the documented even split (no graph, no simulation).

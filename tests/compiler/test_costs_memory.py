@@ -17,7 +17,7 @@ from dsvc.compiler.costs.memory import (
     cached_input_bytes,
     linear_weight_bytes,
 )
-from dsvc.compiler.costs.model import Linear, build_model
+from dsvc.compiler.costs.model_costs import Linear, build_model
 from dsvc.compiler.costs.symbols import Quantities
 from dsvc.compiler.driver import build_report
 from dsvc.runtime.plan import split_layers

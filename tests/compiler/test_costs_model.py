@@ -10,7 +10,7 @@ import math
 import pytest
 
 from dsvc import dsl
-from dsvc.compiler.costs import model as M
+from dsvc.compiler.costs import model_costs as M
 from dsvc.compiler.costs.symbols import Quantities
 from dsvc.compiler.driver import build_report
 

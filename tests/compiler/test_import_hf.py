@@ -14,7 +14,7 @@ from dsvc import dsl
 from dsvc.compiler.cli import main
 from dsvc.compiler.import_hf import import_config, sanitize_name
 from dsvc.dsl.diagnostics import SpecError
-from dsvc.dsl.fmt import format_source
+from dsvc.dsl.formatter import format_source
 from tests.golden import check_golden
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

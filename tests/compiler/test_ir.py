@@ -190,7 +190,7 @@ model g {{
 
 def test_saved_activations_match_the_report_per_layer():
     from dsvc.compiler.costs.memory import activation_bytes
-    from dsvc.compiler.costs.model import build_model
+    from dsvc.compiler.costs.model_costs import build_model
     from dsvc.compiler.costs.symbols import Quantities
 
     for name in ("deepseek_v3", "deepseek_v2_lite"):

@@ -1,4 +1,4 @@
-"""The launch lines `dsvc compile` prints and a build's README gives (compiler/codegen/launch.py):
+"""The launch lines `dsvc compile` prints and a build's README gives (compiler/codegen/launch_lines.py):
 per node on a multi-node cluster, on one machine where the world fits one; each read back
 by torchrun's own argument parser, so what a user pastes starts the job the plan needs."""
 
@@ -10,7 +10,7 @@ import shlex
 import pytest
 
 from dsvc import dsl
-from dsvc.compiler.codegen.launch import launch_for
+from dsvc.compiler.codegen.launch_lines import launch_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

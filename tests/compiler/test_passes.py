@@ -30,7 +30,7 @@ def tiny_spec():
 
 
 def test_v3_dualpipe_stages_both_views(v3):
-    pipe = v3.pipeline
+    pipe = v3.partition
     assert (pipe.ranks, pipe.parts, pipe.copies, len(pipe.stages)) == (16, 16, 2, 32)
     for copy in "AB":
         chain = sorted((s for s in pipe.stages if s.copy == copy), key=lambda s: s.index)
@@ -47,9 +47,9 @@ def test_v3_every_device_within_10_percent_of_mean(v3):
     imb = imbalance(v3)
     assert imb["device"] <= 1.10 and imb["device_min"] >= 0.90
     # Per stage it cannot be: the head + MTP alone are worth ~4.9 layers of ~4.1 per stage.
-    costs = v3.pipeline.part_cost
-    layer = costs[1] / len(v3.pipeline.stages[1].layers)
-    assert 4.5 < costs[15] / layer - len(v3.pipeline.stages[15].layers) < 5.5
+    costs = v3.partition.part_cost
+    layer = costs[1] / len(v3.partition.stages[1].layers)
+    assert 4.5 < costs[15] / layer - len(v3.partition.stages[15].layers) < 5.5
 
 
 def test_v3_four_experts_per_ep_rank_and_groups_on_nodes(v3):
@@ -135,14 +135,14 @@ def test_balance_is_optimal_on_simple_cases():
 
 def test_layers_per_stage_overrides_the_balancer():
     g = run_until(load(spec_text(extra_parallel=", layers_per_stage = [1, 3]")), "partition_stages")
-    assert g.pipeline.balanced_by == "layers_per_stage"
-    assert [s.layers for s in g.pipeline.stages] == [(0,), (1, 2, 3)]
+    assert g.partition.balanced_by == "layers_per_stage"
+    assert [s.layers for s in g.partition.stages] == [(0,), (1, 2, 3)]
     assert g.op("L1.attn.q_down").stage == 1 and g.op("mtp0.head").stage == 1
 
 
 def test_dualpipev_places_stages_i_and_2r_minus_1_minus_i():
     g = run_until(load(spec_text(schedule="dualpipev")), "partition_stages")
-    pipe = g.pipeline
+    pipe = g.partition
     assert (pipe.ranks, pipe.parts, pipe.copies) == (2, 4, 1)
     assert {s.index: s.device for s in pipe.stages} == {0: 0, 1: 1, 2: 1, 3: 0}
     assert g.op("embed").stage == 0 and g.op("head").stage == 3

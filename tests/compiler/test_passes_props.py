@@ -113,7 +113,7 @@ def small_specs(draw):
 def test_partition_and_placement_properties(text):
     spec = load(text)
     g = run_until(spec, "insert_comm")
-    pipe = g.pipeline
+    pipe = g.partition
     ops = g.ops()
     assert all(op.stage is not None and 0 <= op.stage < pipe.parts for op in ops)
     assert len({op.name for op in ops}) == len(ops) == len(g)

@@ -24,7 +24,7 @@ def test_examples_emit_loadable_plans(name):
     plan = _roundtrip(dump_plan(graph.plan))
     assert plan == graph.plan  # what the compiler built is what the runtime reads
     assert [(s.index, s.rank, s.copy, s.layers) for s in plan.stages] == [
-        (s.index, s.device, s.copy, s.layers) for s in sorted(graph.pipeline.stages, key=lambda s: s.index)]
+        (s.index, s.device, s.copy, s.layers) for s in sorted(graph.partition.stages, key=lambda s: s.index)]
     assert plan.schedule.num_microbatches == spec.micro_batches
 
 

@@ -14,7 +14,7 @@ from dsvc import dsl
 from dsvc.compiler.driver import run_until
 from dsvc.compiler.passes.schedule import pair_chunk_order, schedule, split_overlaps, stage_units
 from dsvc.compiler.schedules import Schedule, check_schedule, schedule_problems
-from dsvc.compiler.schedules.overlap import hidden_comm_chunks
+from dsvc.compiler.schedules.overlap_order import hidden_comm_chunks
 from dsvc.runtime.actions import OVERLAP_F_B
 from tests.compiler.test_simulate_specs import make_spec, min_microbatches
 from tests.conftest import EXAMPLES
@@ -36,7 +36,7 @@ def test_tiny_gets_1f1b_over_its_partition():
     assert g.passes[-1] == "schedule"
     assert (s.kind, s.num_devices, s.num_stages) == ("1f1b", 2, 2)
     assert s.num_microbatches == spec.micro_batches == 4
-    assert s.stage_device == tuple(st.device for st in g.pipeline.stages)
+    assert s.stage_device == tuple(st.device for st in g.partition.stages)
     check_schedule(s)
     # sends and receives are in the lists (the plan form the runtime executes)
     assert "0SEND_F0" in [str(a) for a in s.actions[0]]
@@ -101,7 +101,7 @@ def test_pair_chunk_order_hides_each_all_to_all_under_the_other_micro_batch():
     steps = pair_chunk_order(g, pair)
     starts = [c for op, c in steps if op == "start"]
     # dispatch + combine of every MoE layer on each side of the pair (forward and backward)
-    moe_layers = sum(1 for p in pair.parts() for st_ in g.pipeline.stages
+    moe_layers = sum(1 for p in pair.parts() for st_ in g.partition.stages
                      if st_.index == p.stage
                      for i in st_.layers if g.spec.model.layers[i].ffn == "moe")
     assert moe_layers > 0 and len(starts) == 2 * moe_layers
@@ -142,4 +142,4 @@ def test_an_impossible_request_is_a_spec_error_not_a_crash():
     spec = g.spec
     odd = dataclasses.replace(spec, train=dataclasses.replace(spec.train, global_batch=128))
     with pytest.raises(SpecError, match="micro-batches"):
-        build_pipeline_schedule(odd, g.pipeline)
+        build_pipeline_schedule(odd, g.partition)

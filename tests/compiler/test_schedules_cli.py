@@ -85,7 +85,7 @@ def test_usage_errors_exit_2_with_a_clear_message(args, words, capsys):
 
 
 def test_cli_kinds_are_the_generator_kinds():
-    from dsvc.compiler.cli.schedule import KIND_CHOICES
+    from dsvc.compiler.cli.cmd_schedule import KIND_CHOICES
     from dsvc.compiler.schedules import KINDS as GENERATED
 
     assert KIND_CHOICES == GENERATED

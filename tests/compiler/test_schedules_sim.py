@@ -20,7 +20,11 @@ from dsvc.compiler.schedules import (
     simulate,
     simulate_uniform,
 )
-from dsvc.compiler.schedules.overlap import backward_chunks, forward_chunks, hidden_comm_chunks
+from dsvc.compiler.schedules.overlap_order import (
+    backward_chunks,
+    forward_chunks,
+    hidden_comm_chunks,
+)
 
 
 def _table(pp: int, f, b, w=0):

@@ -154,7 +154,7 @@ def dualpipe_costs():
     g = schedule(run_until(spec, "insert_comm"))
     topo, rates = Topology(spec), Rates.of(spec.cluster.gpu)
     profiles = stage_profiles(g, topo, rates)
-    stage_part = {s.index: s.part for s in g.pipeline.stages}
+    stage_part = {s.index: s.part for s in g.partition.stages}
     return g, topo, profiles, ActionCosts(profiles, stage_part, topo.bandwidth)
 
 

@@ -16,7 +16,7 @@ from dsvc import dsl
 from dsvc.compiler.cli import main
 from dsvc.dsl import ast, parser
 from dsvc.dsl.diagnostics import SpecError
-from dsvc.dsl.fmt import format_source
+from dsvc.dsl.formatter import format_source
 from dsvc.dsl.spec import as_dict
 from tests.dsl import spec_gen
 

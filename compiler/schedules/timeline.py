@@ -40,7 +40,7 @@ from dsvc.runtime.actions import (
     Action,
 )
 
-from .schedule import Schedule
+from .schedule_ir import Schedule
 
 
 class ScheduleDeadlock(RuntimeError):

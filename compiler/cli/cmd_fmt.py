@@ -1,4 +1,4 @@
-"""`dsvc fmt [--check] FILE...`: rewrite specs in the canonical layout (dsl/fmt.py).
+"""`dsvc fmt [--check] FILE...`: rewrite specs in the canonical layout (dsl/formatter.py).
 
 Without --check, a file that would change is replaced atomically; files already
 canonical are not touched. With --check nothing is written: the files that
@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from dsvc.dsl.diagnostics import SpecError
     from dsvc.dsl.files import read_text, write_atomic
-    from dsvc.dsl.fmt import format_source
+    from dsvc.dsl.formatter import format_source
 
     failed = would_change = 0
     for path in args.files:

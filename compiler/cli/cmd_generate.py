@@ -341,7 +341,7 @@ def _launch(job: dict, ep: int, cuda: bool) -> dict | None:
         path = os.path.join(tmp, "job.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(job, f)
-        cmd = [sys.executable, "-m", "dsvc.compiler.cli.train", "--standalone",
+        cmd = [sys.executable, "-m", "dsvc.compiler.cli.cmd_train", "--standalone",
                f"--nproc-per-node={ep}", "-m", "dsvc.runtime.serve", path]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")  # the processes share the cores

@@ -107,11 +107,11 @@ def run(args) -> int:
                                                f"{spec.model.name}-{spec.content_hash[:16]}")
     compiled = build_cached(spec, build_dir)
     if compiled is not None:
-        from dsvc.compiler.cli.compile import report_kept
+        from dsvc.compiler.cli.cmd_compile import report_kept
 
         report_kept(compiled, "dsvc train")
     world = spec.cluster.world_size
-    cmd = [sys.executable, "-m", "dsvc.compiler.cli.train", "--standalone",
+    cmd = [sys.executable, "-m", "dsvc.compiler.cli.cmd_train", "--standalone",
            f"--nproc-per-node={world}", os.path.join(build_dir, "train.py"),
            "--run-dir", run_dir]
     if args.steps is not None:

@@ -16,7 +16,7 @@ from .formulas import (
     published_activations,
     published_bubble,
 )
-from .simulate import SimResult, UniformCosts
+from .timeline import SimResult, UniformCosts
 
 SUMMARY_VERSION = 1
 

@@ -24,7 +24,7 @@ self-addressed rows counted, as the paper's model has every expert remote).
 
 from __future__ import annotations
 
-from .model import ModelCosts
+from .model_costs import ModelCosts
 from .symbols import Quantities, ceil_div
 
 

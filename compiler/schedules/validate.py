@@ -29,8 +29,8 @@ from dsvc.runtime.actions import (
 )
 
 from .comms import consumer_key, message_for, recv_source
-from .schedule import Schedule
-from .simulate import ScheduleDeadlock, UniformCosts, simulate
+from .schedule_ir import Schedule
+from .timeline import ScheduleDeadlock, UniformCosts, simulate
 
 _SHOWN = 40
 

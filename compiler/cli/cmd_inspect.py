@@ -65,7 +65,7 @@ def _filters(args, graph, spec):
 
     if args.stage is None and args.rank is None and args.layer is None:
         return None
-    pipe = graph.pipeline
+    pipe = graph.partition
     if (args.stage is not None or args.rank is not None) and pipe is None:
         raise UsageError("--stage and --rank need the partition: use --after partition_stages or later")
     if args.stage is not None and not 0 <= args.stage < pipe.parts:
