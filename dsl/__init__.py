@@ -60,18 +60,19 @@ def _guard(file: str, fn, *args):
         raise internal_error(file, err) from None
 
 
-def load_with_warnings(path: str | os.PathLike):
-    """(Spec, warnings) of a .dsv file and its includes."""
+def load_with_warnings(path: str | os.PathLike, overrides=()):
+    """(Spec, warnings) of a .dsv file and its includes; `overrides` are `key=value` texts
+    (`--set`, dsl/overrides.py) applied before the spec is checked."""
     from dsvc.dsl.elaborate import load_with_warnings as impl
 
-    return _guard(str(path), impl, path)
+    return _guard(str(path), impl, path, False, tuple(overrides))
 
 
-def loads_with_warnings(text: str, filename: str = "<string>"):
+def loads_with_warnings(text: str, filename: str = "<string>", overrides=()):
     """(Spec, warnings) of .dsv text; includes resolve relative to `filename`."""
     from dsvc.dsl.elaborate import loads_with_warnings as impl
 
-    return _guard(filename, impl, text, filename)
+    return _guard(filename, impl, text, filename, tuple(overrides))
 
 
 def check_file(path: str | os.PathLike):
@@ -82,11 +83,13 @@ def check_file(path: str | os.PathLike):
     return _guard(str(path), impl, path, True)
 
 
-def load(path: str | os.PathLike):
-    """The checked `Spec` of a .dsv file. Raises `SpecError` with every problem found."""
-    return load_with_warnings(path)[0]
+def load(path: str | os.PathLike, overrides=()):
+    """The checked `Spec` of a .dsv file (with `key=value` overrides). Raises `SpecError` with
+    every problem found."""
+    return load_with_warnings(path, overrides)[0]
 
 
-def loads(text: str, filename: str = "<string>"):
-    """The checked `Spec` of .dsv text. Raises `SpecError` with every problem found."""
-    return loads_with_warnings(text, filename)[0]
+def loads(text: str, filename: str = "<string>", overrides=()):
+    """The checked `Spec` of .dsv text (with `key=value` overrides). Raises `SpecError` with
+    every problem found."""
+    return loads_with_warnings(text, filename, overrides)[0]

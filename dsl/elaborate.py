@@ -120,9 +120,11 @@ def _collect(
 
 
 def elaborate_text(text: str, file: str, sources: _Sources | None = None,
-                   fragment_ok: bool = False):
+                   fragment_ok: bool = False, overrides=()):
     """(Spec, warnings) of a spec's text, or with `fragment_ok`, (Fragment, warnings) of a
-    file that has only FRAGMENT_BLOCKS. Raises SpecError with every problem."""
+    file that has only FRAGMENT_BLOCKS. `overrides` are `key=value` texts applied to the
+    syntax tree before anything is read (dsl/overrides.py). Raises SpecError with every
+    problem."""
     from dsvc.dsl import blocks, rules
 
     sink = DiagnosticSink(text, {file: text})
@@ -135,6 +137,10 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None,
         sink.sources.update(sources.texts)
     items: list = []
     _collect(file, text, sources, sink, [file], items)
+    if overrides:
+        from dsvc.dsl.overrides import apply_overrides, parse_overrides, source_of
+
+        items = apply_overrides(items, parse_overrides(overrides, sink), sink)
 
     ev = Evaluator(sink)
     by_kind: dict[str, ast.Block] = {}
@@ -188,6 +194,8 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None,
         digest = _sha256()
         for f in sources.order:
             digest.update(f.encode() + b"\0" + sources.texts[f].encode() + b"\0")
+        if overrides:  # the same file with other overrides is another spec (build caching)
+            digest.update(b"--set\0" + source_of(overrides).encode() + b"\0")
         try:
             spec = Spec(file=file, spans=spans, files=tuple(sources.order),
                         content_hash=digest.hexdigest(), **spec_parts)
@@ -247,18 +255,18 @@ def check_names(items: list, sink: DiagnosticSink) -> None:
     visit([i for i in items if isinstance(i, ast.Block)])
 
 
-def load_with_warnings(path: str | os.PathLike, fragment_ok: bool = False):
+def load_with_warnings(path: str | os.PathLike, fragment_ok: bool = False, overrides=()):
     p = str(path)
     sink = DiagnosticSink()
     sources = _Sources(sink)
     text = sources.read(p, None)
     if text is None:
         raise SpecError(sink.sorted())
-    return elaborate_text(text, p, sources, fragment_ok)
+    return elaborate_text(text, p, sources, fragment_ok, overrides)
 
 
-def loads_with_warnings(text: str, filename: str = "<string>"):
-    return elaborate_text(text, filename)
+def loads_with_warnings(text: str, filename: str = "<string>", overrides=()):
+    return elaborate_text(text, filename, overrides=overrides)
 
 
 def internal_error(file: str, err: BaseException) -> SpecError:

@@ -43,6 +43,30 @@ def check_expert_load_flag(path: str | None) -> None:
         raise UsageError(f"--expert-load {path}: no such file")
 
 
+def add_set_argument(p) -> None:
+    """`--set KEY=VALUE` (repeatable): a spec value overridden, checked like the file."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value, e.g. --set cluster.nodes=128 --set "
+                        "parallel.pipeline=32 (checked like the file; repeatable)")
+
+
+def load_spec(path: str, overrides=()):
+    """The checked spec at `path` with `--set` overrides; its warnings go to stderr. A
+    malformed override (no `=`, a key that is not dotted names) is a usage error."""
+    from dsvc import dsl
+    from dsvc.dsl.overrides import OverrideSyntaxError, split_override
+
+    for text in overrides:
+        try:
+            split_override(text)
+        except OverrideSyntaxError as err:
+            raise UsageError(str(err)) from None
+    spec, warnings = dsl.load_with_warnings(path, overrides)
+    for w in warnings:
+        print(w.render(), file=sys.stderr)
+    return spec
+
+
 def _load(name: str):
     module, _ = COMMANDS[name]
     return importlib.import_module(f"dsvc.compiler.cli.{module}")
