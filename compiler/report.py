@@ -268,9 +268,9 @@ TITLES = {
     "step": "training step: roofline model, then the schedule simulated on the topology",
 }
 TABLE_COLUMNS = ("stages", "layers", "weights", "master_weights", "grads", "optimizer_states",
-                 "activations", "buffers", "total")
-TABLE_HEADS = ("stages", "layers", "weights", "master", "grads", "optim", "activ", "buffers",
-               "total")
+                 "activations", "buffers", "transients", "total")
+TABLE_HEADS = ("stages", "layers", "params", "master", "grads", "optim", "activ", "buffers",
+               "transient", "total")
 
 
 def _is_row(key: str) -> bool:

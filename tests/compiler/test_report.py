@@ -77,8 +77,11 @@ def test_json_values_in_base_units(capsys, monkeypatch):
     assert data["network"]["endpoints"] == 16384 and data["network"]["used_endpoints"] == 2048
     assert 120e-6 < data["decode"]["comm_s_per_stage"] < 130e-6  # seconds
     mem = data["memory"]
-    # V3's plan fits 2048 H800 (DeepSeek trained it so), and `fits` is the comparison it states
-    assert mem["fits"] is True and mem["max_gpu_bytes"] <= mem["usable_bytes"] < mem["gpu_bytes"]
+    # DeepSeek's plan does not fit this trainer on 2048 H800 (fp32 parameters and gradients
+    # on every rank, an FP8 weight copy and the expert rows kept per micro-batch in flight);
+    # `fits` is the comparison it states
+    assert mem["fits"] is False and mem["usable_bytes"] < mem["max_gpu_bytes"]
+    assert mem["usable_bytes"] < mem["gpu_bytes"]
     assert mem["max_gpu_bytes"] == max(d["total"] for d in mem["devices"]) == mem["max"]["total"]
     assert mem["headroom_bytes"] == mem["usable_bytes"] - mem["max_gpu_bytes"]
     assert len(data["memory"]["devices"]) == 16  # per-device rows are a list
