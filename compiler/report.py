@@ -177,6 +177,8 @@ def report_of(spec, graph=None, symbolic: bool = False, expert_load: str | None 
         StepModel(spec, q, costs, pd, comm, imbalance).figures(layout)
         if graph is not None and graph.simulation is not None:
             _simulated_figures(q, graph.simulation)
+        if graph is not None:
+            notes.extend(graph.notes)  # what the passes want users to see
     else:
         notes.append("memory, comm, step: need cluster, parallel and train blocks")
     if spec.cluster is not None:

@@ -8,8 +8,10 @@ Sources: `report SPEC` (`dsvc report --json`) and `schedule SPEC` (`dsvc inspect
 --schedule --format json`), each optionally with `key=value` overrides of the spec
 (`--set`'s: `parallel.overlap=none`, `decode.hidden=7000`), `even_split`, or
 `expert_load=FILE`; `json FILE` for a golden file the tests hold to dsvc's output
-(a loss curve). Expressions: numbers, dotted keys (`memory.devices[5].total`),
-+ - * / and parentheses. Timings (how long a command takes) are not figures dsvc
+(a loss curve); `kernels SPEC` for the calibrated kernel model of the spec's
+GPU (`KernelModel.summary()`: constants fitted to bench/kernels_gpu.py's runs).
+Expressions: numbers, dotted keys (`memory.devices[5].total`), + - * / and
+parentheses. Timings (how long a command takes) are not figures dsvc
 computes; the docs state them loosely and bench/ scripts measure them.
 """
 
@@ -49,6 +51,10 @@ def source(text: str) -> dict:
         import json
 
         return json.loads((ROOT / spec_path).read_text())
+    if kind == "kernels":  # the calibrated kernel model of a spec's GPU (docs/simulate.md)
+        from dsvc.compiler.costs.kernels import KernelModel
+
+        return KernelModel.for_gpu(dsl.load(str(ROOT / spec_path)).cluster.gpu).summary()
     even, load, overrides = False, None, []
     for opt in options:
         if opt == "even_split":

@@ -4,7 +4,11 @@ One row per device; one block per action, coloured by kind (forward orange,
 full backward green, input-gradient backward light green, weight-gradient
 blue), darker for a second model copy (DualPipe's reverse direction) or the
 second leg of a V; an overlapped F&B pair is one block split in two halves
-inside a thick black border; the micro-batch number is written on each block.
+inside a thick black border; the micro-batch number is written on every block that
+has room for it, across the block or, where the block is taller than wide, along it.
+The communication an action waited for (exposed all-to-all, `TimedAction.exposed_comm`)
+is drawn red and hatched over the end of its block: the simulator knows how long the
+compute stream waited, not when, so it is shown where it ends the action.
 matplotlib is imported only here, only when drawing.
 """
 
@@ -28,6 +32,8 @@ _COLOURS = {
     BACKWARD_INPUT: ("#d9f99d", "#84cc16"),
     BACKWARD_WEIGHT: ("#90cdf4", "#3182ce"),
 }
+_EXPOSED = "#e53e3e"
+MIN_LABEL_POINTS = 3.0  # smaller text is not legible at the default dpi
 _LABELS = {
     FORWARD: "F forward",
     FULL_BACKWARD: "B full backward",
@@ -68,6 +74,7 @@ def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> 
     axes_w = (width_in - left_in - right_in) / width_in
     ax = fig.add_axes((left_in / width_in, bottom_in / height_in, axes_w, rows_in / height_in))
     points_per_unit = 72.0 * width_in * axes_w / span
+    points_per_row = 72.0 * rows_in / n
 
     def block(x0, x1, y0, y1, kind, stage, text):
         colour = _COLOURS[kind][1 if _second_leg(schedule, stage) else 0]
@@ -76,9 +83,16 @@ def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> 
                 (x0, y0), x1 - x0, y1 - y0, facecolor=colour, edgecolor="#4a5568", linewidth=0.4
             )
         )
-        size = min(8.0, (x1 - x0) * points_per_unit / (0.65 * max(1, len(text))), (y1 - y0) * 60)
-        if size >= 3.5:
-            ax.text((x0 + x1) / 2, (y0 + y1) / 2, text, ha="center", va="center", fontsize=size)
+        size, rotation = label_size((x1 - x0) * points_per_unit, (y1 - y0) * points_per_row,
+                                    len(text))
+        if size >= MIN_LABEL_POINTS:
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2, text, ha="center", va="center", fontsize=size,
+                    rotation=rotation)
+
+    def exposed(x1, y0, y1, seconds):
+        x0 = max(0.0, x1 - seconds)
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=_EXPOSED, alpha=0.55,
+                               edgecolor=_EXPOSED, hatch="////", linewidth=0.0))
 
     for row in result.timeline:
         for t in row:
@@ -96,6 +110,8 @@ def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> 
             else:
                 a = t.action
                 block(x0, x1, top, bottom, a.kind, a.stage, str(a.microbatch))
+            if float(t.exposed_comm) > 0:
+                exposed(x1, top, bottom, float(t.exposed_comm))
 
     ax.set_xlim(0, span)
     ax.set_ylim(n, 0)
@@ -128,6 +144,15 @@ def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> 
     fig.savefig(str(path), dpi=dpi)
 
 
+def label_size(width_pt: float, height_pt: float, chars: int) -> tuple[float, int]:
+    """(font size in points, rotation) for `chars` characters in a block of this many points:
+    across it, or along it when that fits larger (tall, narrow blocks of long steps)."""
+    chars = max(1, chars)
+    across = min(8.0, width_pt / (0.62 * chars), 0.75 * height_pt)
+    along = min(8.0, height_pt / (0.62 * chars), 0.75 * width_pt)
+    return (across, 0) if across >= along else (along, 90)
+
+
 def _legend(result) -> list:
     """Legend entries for what the picture actually shows."""
     from matplotlib.patches import Patch
@@ -145,6 +170,9 @@ def _legend(result) -> list:
         handles.append(
             Patch(facecolor=_COLOURS[FORWARD][1], edgecolor="#4a5568", label=f"darker: {second}")
         )
+    if any(float(t.exposed_comm) > 0 for row in result.timeline for t in row):
+        handles.append(Patch(facecolor=_EXPOSED, alpha=0.55, edgecolor=_EXPOSED, hatch="////",
+                             label="exposed all-to-all (waited for; drawn at the block's end)"))
     if any(t.action.kind == OVERLAP_F_B for row in result.timeline for t in row):
         handles.append(
             Patch(facecolor="white", edgecolor="black", linewidth=1.6, label="overlapped F&B pair")
