@@ -7,8 +7,8 @@ config of each GEMM is chosen here (`pick_tile_config`): on a CPU (interpreter) 
 kernels are launched with it, on a GPU it is the fallback and triton.autotune
 searches `gpu_autotune_configs()`.
 
-`python -m dsvc.compiler.codegen.kernels PATH` writes the generic module (no GEMM table),
-which the runtime ships as runtime/_fp8_kernels_generic.py.
+`python -m dsvc.compiler.codegen.kernels PATH` writes a module for no particular spec (no
+GEMM table), which tests and benches render where they have no build.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def pick_tile_config(
     """The launch config for one GEMM (None: shapes known only at run time).
 
     BLOCK_K is the scale tile. BLOCK_N divides the weight block so a tile meets one
-    weight-block scale per K-step (REFERENCE.md: BN = 128, scale folded into the row
+    weight-block scale per K-step (measured on an H200, bench/RESULTS.md: BN = 128, scale folded into the row
     scales). On a CPU the interpreter is fastest with few, mid-sized programs.
     """
     wn = config.weight_block[0]

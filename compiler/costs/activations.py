@@ -34,6 +34,8 @@ replayed), SwiGLU's two inputs; `full` keeps a decoder layer's input only.
 
 from __future__ import annotations
 
+from dsvc.dsl.spec import DTYPE_BYTES
+
 from .symbols import ceil_div
 
 GPU, CPU = "gpu", "cpu"
@@ -43,10 +45,13 @@ LSE_BYTES = 4  # log-sum-exp per head and token, fp32
 NORM_RSTD_BYTES = 4  # RMSNorm's reciprocal RMS per token, fp32
 
 
-def _bytes(dtype: str) -> int:
-    from dsvc.dsl.spec import DTYPE_BYTES
-
-    return DTYPE_BYTES[dtype]
+def storage_dtype(component: str, precision) -> str:
+    """The dtype a component's weights compute in (kept components keep theirs)."""
+    if component in precision.keep:
+        return precision.keep[component]
+    if component in ("linear", "router", "head", "mtp_projection"):
+        return precision.linear.format
+    return precision.default
 
 
 class Kept:
@@ -58,14 +63,12 @@ class Kept:
 
     def __init__(self, precision, recompute: str = "none", device: str = GPU):
         self.p, self.recompute, self.device = precision, recompute, device
-        self.a = _bytes(precision.default)
+        self.a = DTYPE_BYTES[precision.default]
         self.tile = precision.linear.act_tile[1]
         self.selective = recompute == "selective"
         self.full = recompute == "full"
 
     def dtype(self, component: str) -> str:
-        from .memory import storage_dtype
-
         return storage_dtype(component, self.p)
 
     # -- leaves ------------------------------------------------------------------
@@ -73,7 +76,7 @@ class Kept:
         """RMSNorm over `width`; under selective recomputation its input only."""
         if self.selective if selective is None else selective:
             return self.a * width * T
-        n = _bytes(self.p.keep.get("norm", self.p.default))
+        n = DTYPE_BYTES[self.p.keep.get("norm", self.p.default)]
         copies = 2 if self.device == CPU else 1
         return copies * n * width * T + NORM_RSTD_BYTES * T
 
@@ -90,8 +93,8 @@ class Kept:
         dtype = self.dtype(component)
         if dtype.startswith("fp8"):
             return self.fp8_input(T, n_in) + self.fp8_weight(n_in, n_out)
-        b = _bytes(dtype)
-        weight_copy = n_in * n_out * b if b != _bytes(self.p.master_weights) else 0
+        b = DTYPE_BYTES[dtype]
+        weight_copy = n_in * n_out * b if b != DTYPE_BYTES[self.p.master_weights] else 0
         return b * n_in * T + weight_copy
 
     def swiglu_parts(self, T, d, inter) -> dict:
@@ -120,7 +123,7 @@ class Kept:
             out["q_down"] = self.linear(T, d, d_cq)
         kv_width = d_c + d_r
         out["kv_down"] = self.linear(T, d, kv_width)
-        core = _bytes(self.dtype("attention_core"))
+        core = DTYPE_BYTES[self.dtype("attention_core")]
         if self.selective:  # the replayed part keeps its inputs and the core's outputs
             if d_cq:
                 out["q_norm"] = a * d_cq * T
@@ -144,7 +147,7 @@ class Kept:
         """Memory-efficient attention on a GPU (q, k, v, output, log-sum-exp); the math path
         on a CPU (fp32 q, k, v and the probabilities). MLA's v is a view of kv_b_proj's
         output (`kv_up` elements per token), which it keeps whole."""
-        core = _bytes(self.dtype("attention_core"))
+        core = DTYPE_BYTES[self.dtype("attention_core")]
         if self.device == CPU:
             return 4 * H * (2 * d_qk + d_v) * T + 4 * H * S * T
         v = kv_up if kv_up is not None and core == self.a else H * d_v
@@ -166,8 +169,8 @@ class Kept:
 
     def router(self, T, d, E, k):
         dtype = self.dtype("router")
-        b = _bytes(dtype)
-        weight_copy = d * E * b if b != _bytes(self.p.master_weights) else 0
+        b = DTYPE_BYTES[dtype]
+        weight_copy = d * E * b if b != DTYPE_BYTES[self.p.master_weights] else 0
         # input (the norm's output when the router computes in the activation dtype), the
         # scores, the choices, the gathered gate weights and their sum
         return b * d * T + weight_copy + 4 * E * T + INDEX_BYTES * k * T + 4 * k * T + 4 * T
@@ -187,8 +190,8 @@ class Kept:
             # + a token tile per expert at its origin, per row of K, in the wgrad's scales
             return self.fp8_weight(d, inter, 2 * local) + self.fp8_weight(inter, d, local) \
                 + 2 * d * local * SCALE_BYTES
-        b = _bytes(dtype)
-        return 3 * d * inter * local * b if b != _bytes(self.p.master_weights) else 0
+        b = DTYPE_BYTES[dtype]
+        return 3 * d * inter * local * b if b != DTYPE_BYTES[self.p.master_weights] else 0
 
     def moe(self, T, g, local) -> tuple[dict, object]:
         """({op: bytes}, routed-row bytes) of one MoE block with `local` experts on this

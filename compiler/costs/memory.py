@@ -31,7 +31,9 @@ and allocator fragmentation, which the formulas do not model.
 
 from __future__ import annotations
 
-from .activations import GPU, Kept
+from dsvc.dsl.spec import DTYPE_BYTES
+
+from .activations import GPU, Kept, storage_dtype
 from .layout import ParallelDims, StageContents
 from .model import Linear, ModelCosts, Piece
 from .symbols import Quantities, ceil_div, smax, ssum
@@ -40,26 +42,12 @@ RESERVE_FRACTION = 0.05
 OPTIMIZER_MASKS = 2  # fp32 weight-decay and gradient-norm masks per shard element
 
 
-def _bytes(dtype: str) -> int:
-    from dsvc.dsl.spec import DTYPE_BYTES
-
-    return DTYPE_BYTES[dtype]
-
-
-def storage_dtype(component: str, precision) -> str:
-    """The dtype a component's weights compute in (kept components keep theirs)."""
-    if component in precision.keep:
-        return precision.keep[component]
-    if component in ("linear", "router", "head", "mtp_projection"):
-        return precision.linear.format
-    return precision.default
-
 
 def linear_weight_bytes(lin: Linear, precision):
     """Bytes of all `lin.count` copies of a linear weight in its compute format, scales
     included for FP8 (what a GEMM reads)."""
     dtype = storage_dtype(lin.component, precision)
-    per_copy = lin.n_in * lin.n_out * _bytes(dtype)
+    per_copy = lin.n_in * lin.n_out * DTYPE_BYTES[dtype]
     if dtype.startswith("fp8"):
         rows, cols = precision.linear.weight_block  # (out, in) elements per scale
         scale = 4 if precision.linear.scales == "fp32" else 1
@@ -94,7 +82,7 @@ def activation_bytes(piece: Piece, kept: Kept, T, S, local=1) -> tuple:
 
 def dispatch_element_bytes(precision):
     """Bytes per element of a dispatched token: FP8 payload + its 1 x 128 scales, or BF16."""
-    b = _bytes(precision.dispatch)
+    b = DTYPE_BYTES[precision.dispatch]
     if precision.dispatch.startswith("fp8"):
         scale = 4 if precision.linear.scales == "fp32" else 1
         return b + scale / precision.linear.act_tile[1]
@@ -184,7 +172,7 @@ class MemoryModel:
             acts = acts + st.in_flight * stage_act
         if embedding:
             dense_p = dense_p + self.sym[costs.embedding.key]["P"]
-        param_b, grad_b = _bytes(pr.master_weights), _bytes(pr.grads)
+        param_b, grad_b = DTYPE_BYTES[pr.master_weights], DTYPE_BYTES[pr.grads]
         numel = dense_p + expert_p
         weights = param_b * (numel if z < 3 else dense_p / pd.DP + expert_p / pd.EDP)
         grads = grad_b * (numel if z < 2 else dense_p / pd.DP + expert_p / pd.EDP)
@@ -193,12 +181,12 @@ class MemoryModel:
         shard_e = ceil_div(expert_p, pd.EDP) if z >= 1 else expert_p
         shards = shard_d + shard_e
         master = param_b * shards
-        opt = (2 * _bytes(pr.optimizer_states) + OPTIMIZER_MASKS * 4) * shards
+        opt = (2 * DTYPE_BYTES[pr.optimizer_states] + OPTIMIZER_MASKS * 4) * shards
         buffers = attentions
         if moe_k_d and self._ep_active():
             _, k, d = max(moe_k_d, key=lambda t: t[0])
             copies = 2 if spec.parallel.overlap == "dual_microbatch" else 1
-            per = dispatch_element_bytes(pr) + _bytes(pr.combine)
+            per = dispatch_element_bytes(pr) + DTYPE_BYTES[pr.combine]
             buffers = buffers + copies * f * pd.T * k * d * per
         transients = self._transients(heads, dense_p, expert_p)
         out = {"weights": weights, "master_weights": master, "grads": grads,
@@ -213,7 +201,7 @@ class MemoryModel:
         loss's logits (bf16, their fp32 copy) and, in the backward, their fp32 and bf16
         gradients; the optimizer's flat fp32 gradient buffer of its larger shard group."""
         costs, pd = self.costs, self.pd
-        a = _bytes(self.spec.precision.default)
+        a = DTYPE_BYTES[self.spec.precision.default]
         loss = (a + 4 + 4 + a) * pd.T * costs.V if heads else 0
         grads = 4 * smax(dense_p, expert_p)
         return smax(loss, grads)
