@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fmt": ("fmt", "rewrite specs in canonical layout"),
     "import-hf": ("import_hf", "turn a Hugging Face config.json into a .dsv spec"),
     "report": ("report", "what a spec costs: parameters, FLOPs, memory, communication, speed"),
+    "plan": ("plan", "search the parallel plan that trains fastest within memory"),
     "inspect": ("inspect", "the lowered graph or the simulated schedule"),
     "schedule": ("schedule", "simulate a pipeline schedule with uniform chunk costs"),
     "compile": ("compile", "write a self-contained, runnable build directory"),

@@ -183,6 +183,8 @@ def stage_profiles(graph, topo: Topology, rates: Rates,
     (`simulate_ops`); without, the roofline of `op_times`."""
     from dsvc.compiler.passes.schedule import stage_units, unit_name
 
+    from .simulate_ops import replayed
+
     tokens = graph.tokens
     units = {p: {n: Unit(n, k) for n, k in us} for p, us in stage_units(graph).items()}
     ops = [op for op in graph.ops()
@@ -196,7 +198,8 @@ def stage_profiles(graph, topo: Topology, rates: Rates,
         from .simulate_ops import OpCoster
 
         coster = OpCoster(graph, kernels, topo.ep)
-    full = graph.spec.train is not None and graph.spec.train.recompute == "full"
+    recompute = graph.spec.train.recompute if graph.spec.train is not None else "none"
+    full = recompute == "full"
     for op in ops:
         unit = units[op.stage][unit_name(op)]
         saved[op.stage] += num(op.saved_bytes, tokens)
@@ -207,6 +210,8 @@ def stage_profiles(graph, topo: Topology, rates: Rates,
         load = skew.get(op.name, 1.0)
         if coster is None:
             fwd, dgrad, wgrad = op_times(op, tokens, rates, topo.ep, load)
+            if replayed(op, recompute):  # the backward runs the forward again first
+                dgrad += fwd
             for phase, t in (("fwd", fwd), ("dgrad", dgrad), ("wgrad", wgrad)):
                 chunks.add(unit, (phase, part), t, t, 0)
             continue

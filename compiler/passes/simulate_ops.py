@@ -263,18 +263,8 @@ class OpCoster:
             self._copy(c, "fwd", 3 * local * inter * d * 6 + rows * inter * a * 5, 4)
             self._copy(c, "wgrad", 3 * local * inter * d * (6 + 12), 4)
 
-    def _replayed(self, op) -> bool:
-        """Whether the backward repeats `op`'s forward under the spec's recomputation."""
-        if self.recompute == "full":
-            part = op.name.split(".")[1] if "." in op.name else ""
-            return op.block == "layer" or (op.block == "mtp" and part in BLOCK_PARTS)
-        if self.recompute == "selective":
-            return op.kind in ("norm", "rope", "act") or op.attr("role") in SELECTIVE_ROLES \
-                or (op.attr("role") == "down_proj" and op.block in ("layer", "mtp"))
-        return False
-
     def _recompute(self, c: OpCost, op) -> None:
-        if self._replayed(op):
+        if replayed(op, self.recompute):
             c.gpu["dgrad"] += c.gpu["fwd"]
             c.gpu_c["dgrad"] += c.gpu_c["fwd"]
             c.host["dgrad"] += c.host["fwd"]
@@ -285,3 +275,14 @@ class OpCoster:
             self._fp8_or_bf16(replay, op, self.T, d, inter, ("fwd",), 1)
             self._act(replay, inter)
             c.add("dgrad", replay.gpu["fwd"], replay.gpu_c["fwd"], replay.host["fwd"])
+
+
+def replayed(op, recompute: str) -> bool:
+    """Whether the backward repeats `op`'s forward under recomputation `recompute`."""
+    if recompute == "full":
+        part = op.name.split(".")[1] if "." in op.name else ""
+        return op.block == "layer" or (op.block == "mtp" and part in BLOCK_PARTS)
+    if recompute == "selective":
+        return op.kind in ("norm", "rope", "act") or op.attr("role") in SELECTIVE_ROLES \
+            or (op.attr("role") == "down_proj" and op.block in ("layer", "mtp"))
+    return False
