@@ -33,7 +33,8 @@ def add_arguments(p) -> None:
                    help="rows of the Pareto front to print (default 5; the front holds "
                         "at most the simulated plans)")
     p.add_argument("--simulate", type=int, default=6, metavar="N",
-                   help="candidates simulated in full, best estimates first (default 6)")
+                   help="candidates simulated in full besides one probe per pipeline degree, best "
+                        "scaled estimates first (default 6)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the chosen plan as a spec")
     add_set_argument(p)
 

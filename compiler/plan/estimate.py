@@ -33,6 +33,7 @@ class UnitCost:
     params: float = 0.0
     expert_params: float = 0.0
     moe: bool = False
+    balance: float = 0.0  # the pipeline balancer's cost of the unit (partition_stages)
 
 
 def replaced(obj, **changes):
@@ -64,6 +65,7 @@ class Estimator:
         self.rates = Rates.of(spec.cluster.gpu)
         self._units: dict = {}
         self._graphs: dict = {}  # (micro-batch size, recompute) -> the lowered graph
+        self._splits: dict = {}  # (units, schedule, stages) -> layers per stage
         c, net = spec.cluster, spec.cluster.network
         self.domain = c.nvlink.domain
         self.bw_nv = c.nvlink.effective
@@ -80,6 +82,7 @@ class Estimator:
 
     def _cost_units(self, micro_batch: int, recompute: str, ep: int) -> dict[str, UnitCost]:
         from dsvc.compiler.passes.lower import lower
+        from dsvc.compiler.passes.partition_stages import gpu_rates, op_seconds
         from dsvc.compiler.passes.simulate_costs import op_times
         from dsvc.compiler.passes.simulate_ops import OpCoster, replayed
 
@@ -91,6 +94,7 @@ class Estimator:
             self._graphs[key] = lower(spec)
         graph = self._graphs[key]
         spec = graph.spec
+        balance_rates = gpu_rates(spec)
         coster = OpCoster(graph, self.kernels, ep) if self.kernels is not None else None
         host_s = self.kernels.host_s_per_op if self.kernels is not None else 0.0
         m = spec.model
@@ -107,6 +111,7 @@ class Estimator:
             if first.setdefault(kind, inst) != inst:
                 continue
             u = out.setdefault(kind, UnitCost())
+            u.balance += op_seconds(op, graph.tokens, balance_rates)
             u.params += op.param_count if op.kind != "experts" else 0
             if op.kind == "experts":
                 u.expert_params += op.param_count
@@ -151,7 +156,6 @@ class Estimator:
     # -- one candidate -----------------------------------------------------------------
     def step_s(self, c) -> float:
         """The estimated step time of candidate `c`."""
-        from dsvc.compiler.costs.layout import split_layers
         from dsvc.compiler.schedules.formulas import published_bubble
 
         spec = self.spec
@@ -163,7 +167,7 @@ class Estimator:
         n = 2 * c.pipeline if c.schedule == "dualpipev" else c.pipeline
         overlap = c.overlap == "dual_microbatch"
         stages = []
-        for s, layers in enumerate(split_layers(m.num_layers, n)):
+        for s, layers in enumerate(self._split(units, c, n)):
             kinds = [f"layer:{m.layers[i].attention}+{m.layers[i].ffn}" for i in layers]
             if s == 0:
                 kinds.append("embed")
@@ -195,6 +199,32 @@ class Estimator:
         bubble = max(0.0, published_bubble(c.schedule, n, f, b, w))
         tail = max(self._dp_tail(sum(stages[s][4] for s in d), data) for d in held)
         return max(busy) + bubble + tail
+
+    def _split(self, units: dict, c, n: int) -> list[range]:
+        """The layers of each of candidate `c`'s `n` stages as the pipeline balancer cuts
+        them (`units` its unit costs; an explicit `layers_per_stage` as written)."""
+        from dsvc.compiler.passes.partition_stages import balance
+
+        m, p = self.spec.model, self.spec.parallel
+        if p.layers_per_stage is not None:
+            counts = list(p.layers_per_stage)
+        else:
+            kinds = [f"layer:{layer.attention}+{layer.ffn}" for layer in m.layers]
+            schedule = c.schedule
+            key = (c.micro_batch, c.recompute, schedule, n)  # no EP: the balancer counts all experts
+            if key not in self._splits:
+                costs = [units[k].balance for k in kinds]
+                last = sum(units[k].balance for k in ("head", "mtp") if k in units)
+                last += units["mtp"].balance * (m.mtp.depth - 1) if "mtp" in units else 0.0
+                first = units["embed"].balance if "embed" in units else 0.0
+                paired = schedule in ("dualpipe", "dualpipev") and n > 1
+                self._splits[key] = balance(costs, first, last, n, paired)
+            counts = self._splits[key]
+        out, start = [], 0
+        for c in counts:
+            out.append(range(start, start + c))
+            start += c
+        return out
 
     def _dp_tail(self, params: float, data: int) -> float:
         """Reduce-scatter of fp32 gradients and all-gather of fp32 weights over DP, and the

@@ -1,19 +1,23 @@
 """The plan search: estimate every candidate, prune by memory, simulate the best, pick one.
 
 1. Every candidate of `space.candidates` gets a step-time estimate (`estimate.Estimator`,
-   milliseconds each) and they are ordered by it (ties by the candidate's own order:
-   the search is deterministic).
-2. In that order, each candidate's peak memory comes from the report's formulas on an
-   even split of the layers (no passes run: tens of milliseconds); one that exceeds
-   the usable memory is pruned, until `simulate` candidates that fit are found. Full
+   about a millisecond each) and they are ordered by it (ties by the candidate's own
+   order: the search is deterministic).
+2. Each candidate's peak memory comes from the report's formulas on an even split of
+   the layers (no passes run); one that exceeds the usable memory is pruned. Full
    recomputation without overlap is the least memory a layout can take: when it does
    not fit, no variant of that layout (pipeline, schedule, EP, micro-batch) does, and
    they are pruned without their own check.
-3. Those are elaborated with the candidate's values as `--set` overrides (so every rule
-   of the language checks them) and run through the whole pass list (`build_report`:
-   partition, placement, schedule, the simulated step, memory on the real partition).
-   One that no longer fits there is rejected too.
-4. The fastest simulated plan that fits is chosen; the table is the Pareto front of
+3. The estimate misses what only the event simulation sees, and by how much depends
+   most on the pipeline degree (bubble shape, P2P, how exposed communication falls):
+   the best-estimated fitting candidate of each pipeline degree is simulated, each
+   estimate of that degree scaled by its simulated / estimated ratio, and the
+   `simulate` best by the scaled estimate are simulated too.
+4. Simulating means: elaborated with the candidate's values as `--set` overrides (so
+   every rule of the language checks them) and run through the whole pass list
+   (`build_report`: partition, placement, schedule, the simulated step, memory on the
+   real partition). One that no longer fits there is rejected.
+5. The fastest simulated plan that fits is chosen; the table is the Pareto front of
    the simulated ones (no other is both faster and smaller); the best candidate by
    estimate that was rejected is named with the reason, in one line.
 """
@@ -34,6 +38,7 @@ class Outcome:
     candidate: Candidate
     estimate_s: float
     est_peak_bytes: float | None = None  # report formulas, even split
+    scaled_s: float | None = None  # the estimate scaled by its pipeline degree's probe
     step_s: float | None = None  # simulated
     mfu: float | None = None
     peak_bytes: float | None = None  # report on the real partition
@@ -129,14 +134,24 @@ def search(path, overrides=(), replace_from=(), max_memory: float | None = None,
             o.rejected = f"needs {o.est_peak_bytes / 1e9:.1f} GB per GPU"
             continue
         fitting.append(o)
-        if len(fitting) >= simulate:
-            break
     phases["memory"] = time.perf_counter() - mark
     mark = time.perf_counter()
+    probes: dict[int, Outcome] = {}  # pipeline degree -> its best-estimated fitting candidate
     for o in fitting:
+        probes.setdefault(o.candidate.pipeline, o)
+    for o in probes.values():
+        evaluate(path, overrides, replace_from, o, usable)
+    ratio = {pp: o.step_s / o.estimate_s for pp, o in probes.items()
+             if o.step_s is not None and o.estimate_s > 0}
+    default = sorted(ratio.values())[len(ratio) // 2] if ratio else 1.0
+    for o in fitting:
+        o.scaled_s = o.estimate_s * ratio.get(o.candidate.pipeline, default)
+    rest = sorted((o for o in fitting if not o.simulated),
+                  key=lambda o: (o.scaled_s, o.candidate))
+    for o in rest[:simulate]:
         evaluate(path, overrides, replace_from, o, usable)
     phases["simulate"] = time.perf_counter() - mark
-    chosen = min((o for o in fitting if o.rejected is None),
+    chosen = min((o for o in fitting if o.simulated and o.rejected is None),
                  key=lambda o: (o.step_s, o.peak_bytes, o.candidate), default=None)
     return SearchResult(base, overrides, usable, outcomes, chosen,
                         time.perf_counter() - start, phases)
