@@ -151,6 +151,23 @@ def test_every_micro_batch_with_room_is_labelled():
     assert label_size(1.0, 2.0, 3)[0] < MIN_LABEL_POINTS  # no room: no label
 
 
+def test_a_crowded_picture_keeps_its_labels(monkeypatch):
+    """DeepSeek-V3's 1F1B picture (16 ranks x 120 micro-batches: 3,840 blocks) labels every
+    block: the numbers are glyph outlines in one collection, not a Text each."""
+    import io
+
+    from dsvc.compiler.schedules import draw
+
+    seen = []
+    real = draw._label_collection
+    monkeypatch.setattr(draw, "_label_collection",
+                        lambda labels, ax, fig: seen.append(labels) or real(labels, ax, fig))
+    result = simulate_uniform(build_schedule("1f1b", 16, 120), 1, 2, 1)
+    draw_timeline(result, io.BytesIO())
+    assert len(seen[0]) == 2 * 16 * 120  # a forward and a backward per micro-batch and rank
+    assert {text for _, _, text, *_ in seen[0]} == {str(m) for m in range(120)}
+
+
 def test_exposed_communication_is_drawn(tmp_path):
     """The all-to-all the compute stream waited for is red over the end of its block (the
     tiny example's lone forwards and backwards wait for every all-to-all)."""
