@@ -147,6 +147,9 @@ def render(result, top: int) -> str:
                      f"{result.fitting_simulated} simulated plans that fit, "
                      f"{o.step_s:.4g} s per step with "
                      f"{(result.usable_bytes - o.peak_bytes) / 1e9:.1f} GB to spare")
+    elif not result.outcomes:
+        lines.append(f"no plan: no pipeline, schedule and micro-batch split of {world} GPUs "
+                     f"runs global_batch {result.spec.train.global_batch} (docs/plan_search.md)")
     else:
         lines.append("no plan fits: every candidate needs more memory than a GPU has; "
                      "try more GPUs (--gpus) or a smaller global batch")
