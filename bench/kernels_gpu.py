@@ -13,7 +13,11 @@ cuBLAS block-scaled against it too), then prints markdown tables of
   * grouped GEMM over 8 and 32 experts with uneven token counts against a loop of
     cuBLAS block-scaled GEMMs (target: >= 0.8x);
   * the configs triton.autotune chose (persistent and 3-CTA-per-SM candidates included)
-    and, at M = 128, how many ways K was split.
+    and, at M = 128, how many ways K was split;
+  * torch's scaled_dot_product_attention (causal, bf16) on MLA's head widths (query and
+    key 192 or 96, value 128 or 64: the runtime's attention core), forward and backward
+    TFLOP/s and their share of the BF16 peak: what compiler/costs/calibration.json's
+    `attention_*_fraction` should become (they are cited assumptions until this runs).
 
 Usage: python bench/kernels_gpu.py [--no-autotune] [--backward]
        python bench/kernels_gpu.py --cpu-smoke   (tiny shapes under TRITON_INTERPRET=1:
@@ -389,6 +393,38 @@ def grouped_rows(kernels, torch, sizes, have_cublas):
     print("target: generated >= 0.8x the cuBLAS loop (token counts: Dirichlet(1), seed 0)")
 
 
+# (heads, query/key width, value width, sequence, batch): DeepSeek-V3's and bench_1b's MLA
+ATTENTION_SHAPES = ((128, 192, 128, 4096, 1), (16, 96, 64, 2048, 8))
+
+
+def attention_rows(torch, sizes):
+    """Causal SDPA as the runtime calls it (runtime/attention.py `_core`), causal FLOPs
+    (scores and values over half the context), forward and forward + backward."""
+    import torch.nn.functional as F
+
+    print("\n## Attention core (torch SDPA, causal, bf16)\n")
+    print("| heads | qk | v | seq | batch | forward TFLOP/s | of 989 | backward TFLOP/s | of 989 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    shapes = ATTENTION_SHAPES if sizes.device == "cuda" else ((2, 32, 16, 64, 1),)
+    for h, dqk, dv, s, b in shapes:
+        q = torch.randn(b, h, s, dqk, device=sizes.device, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(b, h, s, dqk, device=sizes.device, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(b, h, s, dv, device=sizes.device, dtype=torch.bfloat16, requires_grad=True)
+        flops = 2 * b * h * s * (s / 2) * (dqk + dv)  # causal: half the score matrix
+        forward = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+        grad = torch.randn_like(forward())
+
+        def both(forward=forward, inputs=(q, k, v), grad=grad):
+            return torch.autograd.grad(forward(), inputs, grad)
+
+        fwd_ms = bench_ms(forward)
+        both_ms = bench_ms(both)
+        bwd_ms = max(both_ms - fwd_ms, 1e-9)
+        f, bw = flops / fwd_ms / 1e9, 2 * flops / bwd_ms / 1e9
+        print(f"| {h} | {dqk} | {dv} | {s} | {b} | {f:.0f} | {f / 989:.2f} | {bw:.0f} | "
+              f"{bw / 989:.2f} |")
+
+
 def tuned_configs(kernels):
     """What triton.autotune chose, per kernel and key (for the next round of tuning)."""
     tuned = getattr(kernels, "_TUNED", {})
@@ -444,6 +480,7 @@ def main(argv=None) -> int:
     grouped_rows(kernels, torch, sizes, have_cublas)
     if args.backward:
         backward_rows(kernels, torch, sizes, have_cublas)
+    attention_rows(torch, sizes)
     tuned_configs(kernels)
     return 0
 

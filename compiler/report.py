@@ -174,6 +174,8 @@ def report_of(spec, graph=None, symbolic: bool = False, expert_load: str | None 
         StepModel(spec, q, costs, pd, comm, imbalance).figures(layout)
         if graph is not None and graph.simulation is not None:
             _simulated_figures(q, graph.simulation)
+        if graph is not None:
+            notes.extend(graph.notes)  # what the passes want users to see
     else:
         notes.append("memory, comm, step: need cluster, parallel and train blocks")
     if spec.cluster is not None:
@@ -235,15 +237,19 @@ def report_json(r: Report) -> dict:
 
 
 def compare_json(a: Report, b: Report) -> dict:
-    """Two reports and the delta (B - A) of every numeric figure both have."""
+    """Two reports, the delta (B - A) of every numeric figure both have (per-device memory
+    rows on the same device index) and `busiest`: which device each side's
+    `memory.max.*`, comm and step figures describe."""
     va = {f.key: f.value for f in a.figures}
     delta = {}
     for f in b.figures:
         x, y = va.get(f.key), f.value
         if _numeric(x) and _numeric(y) and f.unit != "index":
             delta[f.key] = y - x
+    busiest = {key: {"a": _busiest(a, key), "b": _busiest(b, key)}
+               for key in ("memory.max_device", "comm.device", "step.device")}
     return {"schema": SCHEMA + ".compare", "version": SCHEMA_VERSION,
-            "a": report_json(a), "b": report_json(b), "delta": delta}
+            "a": report_json(a), "b": report_json(b), "delta": delta, "busiest": busiest}
 
 
 def _numeric(x) -> bool:
@@ -265,9 +271,9 @@ TITLES = {
     "step": "training step: roofline model, then the schedule simulated on the topology",
 }
 TABLE_COLUMNS = ("stages", "layers", "weights", "master_weights", "grads", "optimizer_states",
-                 "activations", "buffers", "total")
-TABLE_HEADS = ("stages", "layers", "weights", "master", "grads", "optim", "activ", "buffers",
-               "total")
+                 "activations", "buffers", "transients", "total")
+TABLE_HEADS = ("stages", "layers", "params", "master", "grads", "optim", "activ", "buffers",
+               "transient", "total")
 
 
 def _is_row(key: str) -> bool:
@@ -347,8 +353,71 @@ def _legend(r: Report) -> list[str]:
     return out
 
 
+def both_labels(la: str, lb: str) -> str:
+    """One row label for two sides whose labels differ only in their settings:
+    "pipeline bubble, busiest device (dualpipe)" and "(1f1b)" -> "(dualpipe | 1f1b)"."""
+    if la == lb:
+        return la
+    start = 0
+    while start < min(len(la), len(lb)) and la[start] == lb[start]:
+        start += 1
+    while start > 0 and la[start - 1] not in " (,:":  # differ from a word's start
+        start -= 1
+    end = 0
+    while end < min(len(la), len(lb)) - start and la[-1 - end] == lb[-1 - end]:
+        end += 1
+    while end > 0 and la[len(la) - end] not in " ),:":
+        end -= 1
+    mid_a, mid_b = la[start:len(la) - end], lb[start:len(lb) - end]
+    return f"{la[:start]}{mid_a} | {mid_b}{la[len(la) - end:]}"
+
+
+def _compare_row(key: str, x: Figure | None, y: Figure | None, label: str | None = None):
+    f = x or y
+    va = format_value(x.value, f.unit, compact=True) if x is not None else "-"
+    vb = format_value(y.value, f.unit, compact=True) if y is not None else "-"
+    d = rel = ""
+    if (x is not None and y is not None and _numeric(x.value) and _numeric(y.value)
+            and f.unit != "index"):
+        d, rel = format_delta(x.value, y.value, f.unit)
+    if label is None:
+        label = both_labels(x.label, y.label) if x is not None and y is not None else f.label
+    return (label, va, vb, d, rel)
+
+
+def _busiest(r: Report, key: str):
+    try:
+        return r.value(key)
+    except KeyError:
+        return None
+
+
+def _same_device_rows(a: Report, b: Report, fa: dict, fb: dict) -> list:
+    """Memory on the same device index: A's most loaded device (and B's, when it is another
+    one), so a difference is the plans', not which device each side happened to load most."""
+    rows = []
+    da, db = _busiest(a, "memory.max_device"), _busiest(b, "memory.max_device")
+    for device, whose in ((da, "A's most loaded"), (db, "B's most loaded")):
+        if device is None or (whose.startswith("B") and device == da):
+            continue
+        title = f"device {device} ({whose}{', B' if device == db and whose[0] == 'A' else ''})"
+        rows.append((f"on {title}:", "", "", "", ""))
+        for col in ("weights", "grads", "optimizer_states", "activations", "total"):
+            key = f"memory.devices.{device}.{col}"
+            x, y = fa.get(key), fb.get(key)
+            if x is None and y is None:
+                continue
+            rows.append(_compare_row(key, x, y, "  " + (x or y).label))
+    return rows
+
+
 def render_compare(a: Report, b: Report) -> str:
-    """Side by side: A, B, B - A and the relative change of every figure both have."""
+    """Side by side: A, B, B - A and the relative change of every figure both have.
+
+    Rows are labelled with both sides' settings where they differ; a relative change
+    is shown only between values of one sign. Figures of each side's busiest device
+    (`memory.max.*`, the comm and step devices) say which device that is on each side,
+    and memory is also compared on the same device index."""
     fb = {f.key: f for f in b.figures}
     lines = [f"dsvc report: A = {a.spec_file} (model {a.model_name})",
              f"             B = {b.spec_file} (model {b.model_name})"]
@@ -364,13 +433,19 @@ def render_compare(a: Report, b: Report) -> str:
         if f.unit in ("list",) or (x is not None and x.value is None and
                                    (y is None or y.value is None)):
             continue
-        va = format_value(x.value, f.unit, compact=True) if x is not None else "-"
-        vb = format_value(y.value, f.unit, compact=True) if y is not None else "-"
-        d = rel = ""
-        if (x is not None and y is not None and _numeric(x.value) and _numeric(y.value)
-                and f.unit != "index"):
-            d, rel = format_delta(x.value, y.value, f.unit)
-        rows_by_section.setdefault(_section(key), []).append((f.label, va, vb, d, rel))
+        rows_by_section.setdefault(_section(key), []).append(_compare_row(key, x, y))
+    notes = {}
+    da, db = _busiest(a, "memory.max_device"), _busiest(b, "memory.max_device")
+    if da is not None and db is not None:
+        notes["memory"] = (f"the rows down to `total` are each side's most loaded device "
+                           f"(A: device {da}, B: device {db}); the same device below")
+        rows_by_section["memory"] = rows_by_section.get("memory", []) + _same_device_rows(
+            a, b, fa, fb)
+    for section, key, what in (("comm", "comm.device", "device with the most communication"),
+                               ("step", "step.device", "busiest device (roofline)")):
+        ca, cb = _busiest(a, key), _busiest(b, key)
+        if ca is not None and cb is not None and ca != cb:
+            notes[section] = f"per-device rows: each side's {what} (A: device {ca}, B: {cb})"
     for section in SECTIONS:
         rows = rows_by_section.get(section)
         if not rows:
@@ -379,6 +454,8 @@ def render_compare(a: Report, b: Report) -> str:
         widths = [max(len(r[j]) for r in head + rows) for j in range(5)]
         widths[0] = min(widths[0], 58)
         lines += ["", TITLES[section]]
+        if section in notes:
+            lines.append(f"  ({notes[section]})")
         for r in head + rows:
             lines.append("  " + r[0].ljust(widths[0]) + "  " + "  ".join(
                 c.rjust(w) for c, w in zip(r[1:], widths[1:])).rstrip())

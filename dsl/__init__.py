@@ -42,18 +42,20 @@ def _guard(file: str, fn, *args):
         raise internal_error(file, err) from None
 
 
-def load_with_warnings(path: str | os.PathLike):
-    """(Spec, warnings) of a .dsv file and its includes."""
+def load_with_warnings(path: str | os.PathLike, overrides=(), replace_from=()):
+    """(Spec, warnings) of a .dsv file and its includes; `replace_from`: files (a cluster file)
+    whose blocks replace the spec's blocks of the same kind; `overrides` are `key=value`
+    texts (`--set`, dsl/overrides.py) applied after that, before the spec is checked."""
     from dsvc.dsl.elaborate import load_with_warnings as impl
 
-    return _guard(str(path), impl, path)
+    return _guard(str(path), impl, path, False, tuple(overrides), tuple(replace_from))
 
 
-def loads_with_warnings(text: str, filename: str = "<string>"):
+def loads_with_warnings(text: str, filename: str = "<string>", overrides=()):
     """(Spec, warnings) of .dsv text; includes resolve relative to `filename`."""
     from dsvc.dsl.elaborate import loads_with_warnings as impl
 
-    return _guard(filename, impl, text, filename)
+    return _guard(filename, impl, text, filename, tuple(overrides))
 
 
 def check_file(path: str | os.PathLike):
@@ -64,11 +66,13 @@ def check_file(path: str | os.PathLike):
     return _guard(str(path), impl, path, True)
 
 
-def load(path: str | os.PathLike):
-    """The checked `Spec` of a .dsv file. Raises `SpecError` with every problem found."""
-    return load_with_warnings(path)[0]
+def load(path: str | os.PathLike, overrides=(), replace_from=()):
+    """The checked `Spec` of a .dsv file (with `key=value` overrides, blocks replaced from
+    other files). Raises `SpecError` with every problem found."""
+    return load_with_warnings(path, overrides, replace_from)[0]
 
 
-def loads(text: str, filename: str = "<string>"):
-    """The checked `Spec` of .dsv text. Raises `SpecError` with every problem found."""
-    return loads_with_warnings(text, filename)[0]
+def loads(text: str, filename: str = "<string>", overrides=()):
+    """The checked `Spec` of .dsv text (with `key=value` overrides). Raises `SpecError` with
+    every problem found."""
+    return loads_with_warnings(text, filename, overrides)[0]

@@ -299,6 +299,8 @@ TRAIN_KEYS = {
     "data": Field(lambda v, s, sink, k: v),
     "checkpoint": Field(lambda v, s, sink, k: v),
     "seed": Field(F.integer(0)),
+    "recompute": Field(F.choice("none", "selective", "full"),
+                       doc="activations recomputed in backward instead of kept"),
 }
 
 
@@ -306,8 +308,8 @@ def read_train(block, sink, ev, spans):
     spans["train"] = block.kind_span
     plain, _ = _sub_blocks(block, (), sink, "`train`")
     r = F.read_entries(plain, TRAIN_KEYS, sink, ev, "`train`", block.kind_span, "train", spans)
-    kw = {k: r.get(k) for k in ("seq_len", "global_batch", "micro_batch", "steps", "seed")
-          if r.get(k) is not None}
+    kw = {k: r.get(k) for k in ("seq_len", "global_batch", "micro_batch", "steps", "seed",
+                                "recompute") if r.get(k) is not None}
     ok = True
     if r.get("optimizer") is not None:
         cv = F.as_call(r.get("optimizer"), block.span, sink, "optimizer", ("adamw",))

@@ -112,9 +112,12 @@ def _collect(
 
 
 def elaborate_text(text: str, file: str, sources: _Sources | None = None,
-                   fragment_ok: bool = False):
+                   fragment_ok: bool = False, overrides=(), replace_from=()):
     """(Spec, warnings) of a spec's text, or with `fragment_ok`, (Fragment, warnings) of a
-    file that has only FRAGMENT_BLOCKS. Raises SpecError with every problem."""
+    file that has only FRAGMENT_BLOCKS. `replace_from`: files (a cluster file) whose top-level
+    blocks replace the spec's blocks of the same kind; `overrides` are `key=value` texts
+    applied to the syntax tree after that, before anything is read (dsl/overrides.py).
+    Raises SpecError with every problem."""
     sink = DiagnosticSink(text, {file: text})
     if sources is None:
         sources = _Sources(sink)
@@ -125,6 +128,19 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None,
         sink.sources.update(sources.texts)
     items: list = []
     _collect(file, text, sources, sink, [file], items)
+    for other in replace_from:
+        extra: list = []
+        other = os.path.normpath(str(other))
+        other_text = sources.texts.get(other) or sources.read(other, None)
+        if other_text is not None:
+            _collect(other, other_text, sources, sink, [other], extra)
+        kinds = {b.kind for b in extra if isinstance(b, ast.Block)}
+        items = [it for it in items if not (isinstance(it, ast.Block) and it.kind in kinds)]
+        items += [b for b in extra if isinstance(b, ast.Block)]
+    if overrides:
+        from dsvc.dsl.overrides import apply_overrides, parse_overrides, source_of
+
+        items = apply_overrides(items, parse_overrides(overrides, sink), sink)
 
     ev = Evaluator(sink)
     by_kind: dict[str, ast.Block] = {}
@@ -176,6 +192,8 @@ def elaborate_text(text: str, file: str, sources: _Sources | None = None,
         digest = _sha256()
         for f in sources.order:
             digest.update(f.encode() + b"\0" + sources.texts[f].encode() + b"\0")
+        if overrides:  # the same file with other overrides is another spec (build caching)
+            digest.update(b"--set\0" + source_of(overrides).encode() + b"\0")
         try:
             spec = Spec(file=file, spans=spans, files=tuple(sources.order),
                         content_hash=digest.hexdigest(), **spec_parts)
@@ -235,18 +253,19 @@ def check_names(items: list, sink: DiagnosticSink) -> None:
     visit([i for i in items if isinstance(i, ast.Block)])
 
 
-def load_with_warnings(path: str | os.PathLike, fragment_ok: bool = False):
+def load_with_warnings(path: str | os.PathLike, fragment_ok: bool = False, overrides=(),
+                       replace_from=()):
     p = str(path)
     sink = DiagnosticSink()
     sources = _Sources(sink)
     text = sources.read(p, None)
     if text is None:
         raise SpecError(sink.sorted())
-    return elaborate_text(text, p, sources, fragment_ok)
+    return elaborate_text(text, p, sources, fragment_ok, overrides, replace_from)
 
 
-def loads_with_warnings(text: str, filename: str = "<string>"):
-    return elaborate_text(text, filename)
+def loads_with_warnings(text: str, filename: str = "<string>", overrides=()):
+    return elaborate_text(text, filename, overrides=overrides)
 
 
 def internal_error(file: str, err: BaseException) -> SpecError:

@@ -423,3 +423,14 @@ def _unescape(raw: str) -> str:
 def parse(source: str, file: str = "<string>") -> ast.File:
     """Parse one file's text. Raises `SpecError` with a diagnostic on a syntax error."""
     return _Parser(source, file).file_()
+
+
+def parse_value(source: str, file: str):
+    """Parse `source` as one value, the right-hand side of `key = value`, and nothing after
+    it (a `--set key=value` override's value: blank lines and spaces before it only place its
+    spans where the command line has it). Raises `SpecError` on a syntax error."""
+    p = _Parser(source, file)
+    node, _ = p.value()
+    if p.peek().kind != EOF:
+        p.fail(p.peek(), "the end of the value")
+    return node

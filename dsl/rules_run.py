@@ -298,6 +298,21 @@ def _overlap(spec, sink):
                      "is none to hide", spec.span("parallel.overlap"))
 
 
+def _recompute(spec, sink):
+    p, t = spec.parallel, spec.train
+    if p is None or t is None or t.recompute != "full":
+        return
+    if p.overlap == "dual_microbatch" and p.expert > 1:
+        # An overlapped F&B pair interleaves one micro-batch's chunks with the other's
+        # all-to-alls; replaying a whole layer in the backward chunk would send its dispatch
+        # and combine again, out of that order. Selective recomputation sends nothing.
+        sink.error("recompute = full replays each layer's expert all-to-alls inside the "
+                   "backward, which dual micro-batch overlap cannot interleave",
+                   spec.span("train.recompute"),
+                   "use recompute = selective (DeepSeek-V3's: norms, MLA up-projections, "
+                   "SwiGLU), or overlap = none")
+
+
 def _seq(spec, sink):
     t = spec.train
     if t is None:
@@ -366,6 +381,7 @@ RUN_RULES = (
     Rule(("node-limited-routing",), _node_limited),
     Rule(("zero-stage",), _zero),
     Rule(("overlap-needs-moe",), _overlap),
+    Rule(("recompute",), _recompute),
     Rule(("seq-len",), _seq),
     Rule(("lr-schedule",), _lr),
     Rule(("expert-load-file",), _expert_load),

@@ -362,6 +362,10 @@ class Train:
     data: Data = Data()
     checkpoint: Checkpoint = Checkpoint()
     seed: int = 0
+    # Activations recomputed in backward instead of kept: `selective` (DeepSeek-V3's: every
+    # RMSNorm, the MLA up-projections before the attention core, SwiGLU's output) or `full`
+    # (each decoder layer keeps its input only).
+    recompute: Literal["none", "selective", "full"] = "none"
 
 
 # ----------------------------------------------------------------------------- the whole spec

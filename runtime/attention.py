@@ -3,7 +3,10 @@
 Parameter names follow Hugging Face DeepSeek-V3 (`self_attn.q_a_proj`, ...) and
 LLaMA (`q_proj`, `k_proj`, `v_proj`, `o_proj`), so checkpoints map 1:1. The
 attention core (softmax(QK^T) V, causal) runs in the plan's `attention_core`
-dtype through `F.scaled_dot_product_attention`.
+dtype through `F.scaled_dot_product_attention`. Under selective recomputation MLA
+keeps its latents and the attention core's outputs for the backward and replays the
+up-projections, RoPE and concatenations from the latents there (DeepSeek-V3's saving:
+the per-head queries, keys and values are never held between forward and backward).
 
 Decoding (`forward_cached`) runs a chunk of new tokens over a `kv_cache.LayerCache`.
 MLA caches the normalised latent and the rotated RoPE key only, and by default
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear, RMSNorm, RotaryEmbedding, dtype_of, yarn_softmax_mscale
+from .layers import Linear, RMSNorm, RotaryEmbedding, dtype_of, replayed, yarn_softmax_mscale
 from .plan import Attention, Model, Precision
 
 
@@ -54,11 +57,19 @@ def _core(q_BHSd, k_BHSd, v_BHSd, scale: float, core_dtype, out_dtype) -> torch.
     return out.to(out_dtype)
 
 
+def is_attention_core(op) -> bool:
+    """An aten op of the fused attention core (flash, memory-efficient, cuDNN, CPU flash):
+    what selective recomputation keeps instead of running the core's forward twice."""
+    name = str(op)
+    return "scaled_dot_product" in name and "backward" not in name
+
+
 class MLA(nn.Module):
     """Low-rank q (optional) and joint kv compression with a decoupled RoPE key."""
 
-    def __init__(self, model: Model, spec: Attention, prec: Precision):
+    def __init__(self, model: Model, spec: Attention, prec: Precision, recompute: str = "none"):
         super().__init__()
+        self.recompute = recompute == "selective"
         act = dtype_of(prec.default)
         norm = dtype_of(prec.kept["norm"])
         be = prec.fp8_backend
@@ -89,17 +100,28 @@ class MLA(nn.Module):
         self.softmax_scale = qk_dim**-0.5 * mscale * mscale
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        # the latents (or, without q compression, the normed input) enter the part that
+        # selective recomputation replays
+        q_in = self.q_a_proj(x_BSD) if self.spec.q_lora_rank else x_BSD
+        kv_BSL = self.kv_a_proj_with_mqa(x_BSD)
+        if self.recompute:
+            o = replayed(self._attend, q_in, kv_BSL, keep=is_attention_core)
+        else:
+            o = self._attend(q_in, kv_BSL)
+        return self.o_proj(o)
+
+    def _attend(self, q_in: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Up-projections, RoPE and the attention core -> (B, S, H * V)."""
         sp = self.spec
-        b, s, _ = x_BSD.shape
+        b, s, _ = kv.shape
         h, p, r, v = sp.heads, sp.qk_nope_dim, sp.qk_rope_dim, sp.v_dim
         if sp.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+            q = self.q_b_proj(self.q_a_layernorm(q_in))
         else:
-            q = self.q_proj(x_BSD)
+            q = self.q_proj(q_in)
         q_BSHd = q.view(b, s, h, p + r)
         q_nope_BSHP, q_pe_BSHR = torch.split(q_BSHd, [p, r], dim=-1)
         q_pe_BSHR = self.rotary(q_pe_BSHR)
-        kv = self.kv_a_proj_with_mqa(x_BSD)
         c_BSC, k_pe_BSR = torch.split(kv, [sp.kv_lora_rank, r], dim=-1)
         k_pe_BS1R = self.rotary(k_pe_BSR.unsqueeze(2))
         kv_BSHd = self.kv_b_proj(self.kv_a_layernorm(c_BSC)).view(b, s, h, p + v)
@@ -110,7 +132,7 @@ class MLA(nn.Module):
             q_BSHd.transpose(1, 2), k_BSHd.transpose(1, 2), v_BSHV.transpose(1, 2),
             self.softmax_scale, self.core_dtype, self.act_dtype,
         )  # fmt: skip
-        return self.o_proj(o_BHSV.transpose(1, 2).reshape(b, s, h * v))
+        return o_BHSV.transpose(1, 2).reshape(b, s, h * v)
 
     def forward_cached(self, x_BSD: torch.Tensor, cache, step) -> torch.Tensor:
         """New tokens x at `step.pos_BS`; caches their latent and RoPE key, attends over
@@ -203,5 +225,10 @@ class GQA(nn.Module):
         return self.o_proj(o_BHSd.transpose(1, 2).to(self.act_dtype).reshape(b, s, h * hd))
 
 
-def build_attention(model: Model, spec: Attention, prec: Precision) -> nn.Module:
-    return MLA(model, spec, prec) if spec.kind == "mla" else GQA(model, spec, prec)
+def build_attention(model: Model, spec: Attention, prec: Precision,
+                    recompute: str = "none") -> nn.Module:
+    """The attention module of `spec`; `recompute` is the plan's `train.recompute` (MLA
+    replays its up-projections under `selective`; GQA keeps what it computes)."""
+    if spec.kind == "mla":
+        return MLA(model, spec, prec, recompute)
+    return GQA(model, spec, prec)

@@ -11,11 +11,17 @@ Shape legend: B batch, S sequence, D hidden, H heads, R rotary dim, N out, K in.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from .plan import LinearFormat, Rope
 
@@ -108,22 +114,45 @@ def pad_swiglu_k(x_MD, w1_EID, w3_EID, w2_EDI, tile: int):
     return pad_to_tile(x_MD, -1, tile), w1, w3, pad_to_tile(w2_EDI, -1, tile)
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm computed in the plan's `norm` dtype (fp32 by default)."""
+def replayed(fn, *args, keep=None):
+    """`fn(*args)`, keeping for the backward only its tensor inputs: what it saved itself is
+    recomputed by running it again when the backward reaches it (torch.utils.checkpoint,
+    non-reentrant). `keep(op)` names aten ops whose outputs are kept instead of recomputed
+    (selective checkpointing: the attention core's, so that its forward is not run twice)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    if keep is None:
+        return checkpoint(fn, *args, use_reentrant=False)
 
-    def __init__(self, dim: int, eps: float, compute_dtype, out_dtype):
+    def policy(ctx, op, *a, **kw):
+        return CheckpointPolicy.MUST_SAVE if keep(op) else CheckpointPolicy.PREFER_RECOMPUTE
+
+    context = functools.partial(create_selective_checkpoint_contexts, policy)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=context)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in the plan's `norm` dtype (fp32 by default). `recompute`: keep only
+    the input for the backward (the fp32 copies are recomputed), as DeepSeek-V3 does."""
+
+    def __init__(self, dim: int, eps: float, compute_dtype, out_dtype, recompute: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.compute_dtype, self.out_dtype = eps, compute_dtype, out_dtype
+        self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return replayed(self._norm, x) if self.recompute else self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(self.compute_dtype)
         y = F.rms_norm(xf, (xf.shape[-1],), self.weight.to(self.compute_dtype), self.eps)
         return y.to(self.out_dtype)
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): the dense FFN and the shared experts."""
+    """down(silu(gate(x)) * up(x)): the dense FFN and the shared experts. `recompute`: keep
+    gate(x) and up(x) only; their product and the down projection's input are recomputed."""
 
     def __init__(
         self,
@@ -132,14 +161,20 @@ class SwiGLU(nn.Module):
         fmts: tuple[LinearFormat, LinearFormat, LinearFormat],
         act_dtype,
         backend,
+        recompute: bool = False,
     ):
         super().__init__()
         self.gate_proj = Linear(dim, inter, fmts[0], act_dtype, backend)
         self.up_proj = Linear(dim, inter, fmts[1], act_dtype, backend)
         self.down_proj = Linear(inter, dim, fmts[2], act_dtype, backend)
+        self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        return replayed(self._down, g, u) if self.recompute else self._down(g, u)
+
+    def _down(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(g) * u)
 
 
 # -- rotary embeddings -------------------------------------------------------------------

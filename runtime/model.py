@@ -30,30 +30,54 @@ from torch import nn
 
 from .attention import build_attention
 from .ep import ExpertComm
-from .layers import Linear, RMSNorm, SwiGLU, dtype_of
+from .layers import Linear, RMSNorm, SwiGLU, dtype_of, replayed
 from .moe import MoE
 from .plan import LayerSpec, LinearFormat, Plan, Stage
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: attention then FFN (dense SwiGLU or MoE), residual each."""
+    """Pre-norm decoder block: attention then FFN (dense SwiGLU or MoE), residual each.
+
+    The plan's `train.recompute`: `selective` is passed down (norms, MLA, SwiGLU keep less);
+    `full` keeps only the block's input and replays the whole block in its backward, its
+    MoE's bookkeeping (expert loads, the aux loss log) counted once."""
 
     def __init__(self, plan: Plan, spec: LayerSpec, comm: ExpertComm | None):
         super().__init__()
         m, prec = plan.model, plan.precision
         act, norm = dtype_of(prec.default), dtype_of(prec.kept["norm"])
         attn, ffn = m.attention[spec.attention], m.ffn[spec.ffn]
-        self.input_layernorm = RMSNorm(m.hidden, m.norm_eps, norm, act)
-        self.self_attn = build_attention(m, attn, prec)
-        self.post_attention_layernorm = RMSNorm(m.hidden, m.norm_eps, norm, act)
+        self.recompute = plan.train.recompute
+        sel = self.recompute == "selective"
+        self.input_layernorm = RMSNorm(m.hidden, m.norm_eps, norm, act, sel)
+        self.self_attn = build_attention(m, attn, prec, self.recompute)
+        self.post_attention_layernorm = RMSNorm(m.hidden, m.norm_eps, norm, act, sel)
         if ffn.kind == "moe":
             assert comm is not None, "a MoE layer needs its ExpertComm"
-            self.mlp = MoE(m, ffn, prec, comm)
+            self.mlp = MoE(m, ffn, prec, comm, sel)
         else:
             fmts = tuple(prec.linear_for(r) for r in ("gate_proj", "up_proj", "down_proj"))
-            self.mlp = SwiGLU(m.hidden, ffn.intermediate, fmts, act, prec.fp8_backend)
+            self.mlp = SwiGLU(m.hidden, ffn.intermediate, fmts, act, prec.fp8_backend, sel)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        if self.recompute != "full" or not torch.is_grad_enabled():
+            return self._layer(x_BSD)
+        runs = []
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            replay = bool(runs)  # the backward's second run: no bookkeeping twice
+            runs.append(replay)
+            if isinstance(self.mlp, MoE):
+                self.mlp.replaying = replay
+            try:
+                return self._layer(x)
+            finally:
+                if isinstance(self.mlp, MoE):
+                    self.mlp.replaying = False
+
+        return replayed(run, x_BSD)
+
+    def _layer(self, x_BSD: torch.Tensor) -> torch.Tensor:
         h = x_BSD + self.self_attn(self.input_layernorm(x_BSD))
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -65,9 +89,9 @@ class Block(nn.Module):
 
 
 class SharedHead(nn.Module):
-    def __init__(self, dim: int, eps: float, norm_dtype, act_dtype):
+    def __init__(self, dim: int, eps: float, norm_dtype, act_dtype, recompute: bool = False):
         super().__init__()
-        self.norm = RMSNorm(dim, eps, norm_dtype, act_dtype)
+        self.norm = RMSNorm(dim, eps, norm_dtype, act_dtype, recompute)
 
 
 class MTPModule(nn.Module):
@@ -75,13 +99,14 @@ class MTPModule(nn.Module):
         super().__init__()
         m, prec = plan.model, plan.precision
         act, norm = dtype_of(prec.default), dtype_of(prec.kept["norm"])
-        self.enorm = RMSNorm(m.hidden, m.norm_eps, norm, act)
-        self.hnorm = RMSNorm(m.hidden, m.norm_eps, norm, act)
+        sel = plan.train.recompute == "selective"
+        self.enorm = RMSNorm(m.hidden, m.norm_eps, norm, act, sel)
+        self.hnorm = RMSNorm(m.hidden, m.norm_eps, norm, act, sel)
         self.eh_proj = Linear(
             2 * m.hidden, m.hidden, prec.linear_for("eh_proj"), act, prec.fp8_backend
         )
         self.block = Block(plan, m.mtp_block(), comm)
-        self.shared_head = SharedHead(m.hidden, m.norm_eps, norm, act)
+        self.shared_head = SharedHead(m.hidden, m.norm_eps, norm, act, sel)
 
     def forward(self, h_BSD: torch.Tensor, emb_BSD: torch.Tensor) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
@@ -109,7 +134,8 @@ class StageModule(nn.Module):
             {str(i): Block(plan, m.layers[i], comms.get(m.layers[i].ffn)) for i in stage.layers}
         )
         if stage.head:
-            self.norm = RMSNorm(m.hidden, m.norm_eps, norm, act)
+            sel = plan.train.recompute == "selective"
+            self.norm = RMSNorm(m.hidden, m.norm_eps, norm, act, sel)
             if not m.tie_embeddings:
                 self.lm_head = Linear(
                     m.hidden, m.vocab, LinearFormat(prec.kept["head"]), torch.float32

@@ -175,7 +175,8 @@ def sequence_aux_loss(scores_BSE: torch.Tensor, idx_BSK: torch.Tensor, ffn: Ffn)
 class MoE(nn.Module):
     """Routed experts (possibly on other EP ranks through `comm`) plus shared experts."""
 
-    def __init__(self, model: Model, ffn: Ffn, prec: Precision, comm: ExpertComm):
+    def __init__(self, model: Model, ffn: Ffn, prec: Precision, comm: ExpertComm,
+                 recompute: bool = False):
         super().__init__()
         d = model.hidden
         self.ffn, self.comm = ffn, comm
@@ -190,18 +191,21 @@ class MoE(nn.Module):
                 (fmt, fmt, fmt),
                 self.act_dtype,
                 prec.fp8_backend,
+                recompute,
             )
         self.register_buffer("load_E", torch.zeros(ffn.routed, dtype=torch.long), persistent=False)
         self.aux_scale = 1.0  # set by the executor: this micro-batch's share of the loss
         self.tag = "moe"  # the layer's name in overlap event logs (StageModule sets L<i>, mtp<k>)
         self.aux_values: list[torch.Tensor] = []
+        self.replaying = False  # the block is being recomputed in its backward (Block)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         b, s, d = x_BSD.shape
         x_TD = x_BSD.reshape(-1, d)
         w_TK, idx_TK, scores_TE = self.gate(x_TD)
-        with torch.no_grad():
-            self.load_E += count_ids(idx_TK, self.ffn.routed)
+        if not self.replaying:
+            with torch.no_grad():
+                self.load_E += count_ids(idx_TK, self.ffn.routed)
         if self.ffn.shared:
             # the shared experts run beside the routed ones, inside the MLP chunk (overlap)
             y_TD, shared_TD = self.comm.run(
@@ -213,7 +217,8 @@ class MoE(nn.Module):
         out = y_TD.to(self.act_dtype).view(b, s, d)
         if self.ffn.seq_aux_loss > 0 and torch.is_grad_enabled():
             aux = sequence_aux_loss(scores_TE.view(b, s, -1), idx_TK.view(b, s, -1), self.ffn)
-            self.aux_values.append(aux.detach())
+            if not self.replaying:
+                self.aux_values.append(aux.detach())
             out = _AttachAuxLoss.apply(out, aux, self.aux_scale)
         return out
 

@@ -96,7 +96,14 @@ class _Shard:
         self.master = flat[self.lo : self.hi].clone()
         self.decay = decay[self.lo : self.hi].clone()
         self.counted = counted[self.lo : self.hi].clone()
-        self.all_counted = bool((self.counted == 1).all())
+        # whether this shard counts every element in the norm: no skipped parameter and no
+        # padding in [lo, hi), read from the layout (no device read-back; works on meta)
+        skipped, off = False, 0
+        for n, p in self.named:
+            if n in skip_norm and off < self.hi and self.lo < off + p.numel():
+                skipped = True
+            off += p.numel()
+        self.all_counted = not skipped and self.hi <= self.numel
         self.exp_avg = torch.zeros(self.shard, dtype=state_dtype, device=device)
         self.exp_avg_sq = torch.zeros(self.shard, dtype=state_dtype, device=device)
         self.padded = padded

@@ -31,6 +31,7 @@ KEPT_COMPONENTS = ("embedding", "head", "router", "attention_core", "norm")
 DTYPES = ("fp32", "bf16")
 FORMATS = ("fp8_e4m3", "bf16", "fp32")
 SCHEDULE_KINDS = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+RECOMPUTE = ("none", "selective", "full")
 
 __all__ = ["PLAN_VERSION", "Plan", "PlanError", "dump_plan", "load_plan", "parse_plan",
            "plan_tables"]
@@ -331,6 +332,11 @@ class Train:
     seed: int = entry("initial weights (seeded per parameter name) and synthetic data", 0,
                       minimum=0)
     steps: int = entry("default number of steps; 0: the caller decides", 0, minimum=0)
+    recompute: str = entry("activations replayed in backward instead of kept: `selective` "
+                           "(every RMSNorm keeps its input only; MLA's up-projections and RoPE "
+                           "are replayed from the latents, the attention core's outputs kept; "
+                           "SwiGLU keeps its two inputs) or `full` (a decoder layer keeps its "
+                           "input only)", "none", choices=RECOMPUTE)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,18 +5,19 @@ Convention: a figure is followed by a marker naming where it comes from,
 right before the marker (same line, no other digit between) must equal the
 expression evaluated on the source's JSON, rounded to the decimals the doc shows.
 Sources: `report SPEC` (`dsvc report --json`) and `schedule SPEC` (`dsvc inspect
---schedule --format json`), each optionally with `path=value` overrides of the spec
-(`parallel.overlap=none`, `decode.hidden=7000`), `even_split`, or
+--schedule --format json`), each optionally with `key=value` overrides of the spec
+(`--set`'s: `parallel.overlap=none`, `decode.hidden=7000`), `even_split`, or
 `expert_load=FILE`; `json FILE` for a golden file the tests hold to dsvc's output
-(a loss curve). Expressions: numbers, dotted keys (`memory.devices[5].total`),
-+ - * / and parentheses. Timings (how long a command takes) are not figures dsvc
+(a loss curve); `kernels SPEC` for the calibrated kernel model of the spec's
+GPU (`KernelModel.summary()`: constants fitted to bench/kernels_gpu.py's runs).
+Expressions: numbers, dotted keys (`memory.devices[5].total`), + - * / and
+parentheses. Timings (how long a command takes) are not figures dsvc
 computes; the docs state them loosely and bench/ scripts measure them.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 import pathlib
 import re
@@ -41,12 +42,6 @@ def markers():
     return out
 
 
-def _set(obj, path: str, value):
-    head, _, rest = path.partition(".")
-    inner = _set(getattr(obj, head), rest, value) if rest else value
-    return dataclasses.replace(obj, **{head: inner})
-
-
 @functools.cache
 def source(text: str) -> dict:
     from dsvc import dsl
@@ -56,15 +51,19 @@ def source(text: str) -> dict:
         import json
 
         return json.loads((ROOT / spec_path).read_text())
-    spec, even, load = dsl.load(str(ROOT / spec_path)), False, None
+    if kind == "kernels":  # the calibrated kernel model of a spec's GPU (docs/simulate.md)
+        from dsvc.compiler.costs.kernels import KernelModel
+
+        return KernelModel.for_gpu(dsl.load(str(ROOT / spec_path)).cluster.gpu).summary()
+    even, load, overrides = False, None, []
     for opt in options:
         if opt == "even_split":
             even = True
         elif opt.startswith("expert_load="):
             load = str(ROOT / opt.split("=", 1)[1])
-        else:
-            path, value = opt.split("=", 1)
-            spec = _set(spec, path, ast.literal_eval(value) if value[0].isdigit() else value)
+        else:  # the `--set key=value` the CLI takes
+            overrides.append(opt)
+    spec = dsl.load(str(ROOT / spec_path), overrides)
     if kind == "report":
         from dsvc.compiler.driver import build_report
         from dsvc.compiler.report import report_json

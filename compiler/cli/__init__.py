@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fmt": ("cmd_fmt", "rewrite specs in canonical layout"),
     "import-hf": ("cmd_import_hf", "turn a Hugging Face config.json into a .dsv spec"),
     "report": ("cmd_report", "what a spec costs: parameters, FLOPs, memory, communication, speed"),
+    "plan": ("cmd_plan", "search the parallel plan that trains fastest within memory"),
     "inspect": ("cmd_inspect", "the lowered graph or the simulated schedule"),
     "schedule": ("cmd_schedule", "simulate a pipeline schedule with uniform chunk costs"),
     "compile": ("cmd_compile", "write a self-contained, runnable build directory"),
@@ -131,6 +132,30 @@ def check_expert_load_flag(path: str | None) -> None:
             check_regular_file(path)
         except InputError as err:
             raise UsageError(f"--expert-load {path}: {err.reason}") from None
+
+
+def add_set_argument(p) -> None:
+    """`--set KEY=VALUE` (repeatable): a spec value overridden, checked like the file."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value, e.g. --set cluster.nodes=128 --set "
+                        "parallel.pipeline=32 (checked like the file; repeatable)")
+
+
+def load_spec(path: str, overrides=()):
+    """The checked spec at `path` with `--set` overrides; its warnings go to stderr. A
+    malformed override (no `=`, a key that is not dotted names) is a usage error."""
+    from dsvc import dsl
+    from dsvc.dsl.overrides import OverrideSyntaxError, split_override
+
+    for text in overrides:
+        try:
+            split_override(text)
+        except OverrideSyntaxError as err:
+            raise UsageError(str(err)) from None
+    spec, warnings = dsl.load_with_warnings(path, overrides)
+    for w in warnings:
+        print(w.render(), file=sys.stderr)
+    return spec
 
 
 def _load(name: str):

@@ -8,23 +8,21 @@ before (listed in .dsvc-build) and leaves a user's own files there alone, with a
 
 from __future__ import annotations
 
+from dsvc.compiler.cli import add_set_argument
+
 
 def add_arguments(p) -> None:
     p.add_argument("spec", metavar="SPEC", help=".dsv spec")
     p.add_argument("-o", "--output", metavar="DIR", required=True, help="build directory")
     p.add_argument("--expert-load", metavar="F", help="expert load histogram (JSON)")
+    add_set_argument(p)
 
 
 def run(args) -> int:
-    import sys
-
-    from dsvc import dsl
-    from dsvc.compiler.cli import check_expert_load_flag
+    from dsvc.compiler.cli import check_expert_load_flag, load_spec
     from dsvc.compiler.codegen.build import build
 
-    spec, warnings = dsl.load_with_warnings(args.spec)
-    for w in warnings:
-        print(w.render(), file=sys.stderr)
+    spec = load_spec(args.spec, args.set)
     check_expert_load_flag(args.expert_load)
     result = build(spec, args.output, expert_load=args.expert_load)
     print(f"{args.output}: {result.summary}")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sys
 
+from dsvc.compiler.cli import add_set_argument
+
 FORMATS = ("text", "json", "dot", "svg", "png", "chrome")
 GRAPHVIZ_HINT = ("install graphviz (Debian/Ubuntu: `apt-get install graphviz`, macOS: "
                  "`brew install graphviz`, conda: `conda install -c conda-forge graphviz`), "
@@ -33,24 +35,22 @@ def add_arguments(p) -> None:
     p.add_argument("--expert-load", metavar="F", help="expert load histogram (JSON; docs/ir.md)")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     p.add_argument("--schedule", action="store_true", help="the simulated pipeline schedule")
+    add_set_argument(p)
 
 
 def run(args) -> int:
     if args.schedule:
         return _run_schedule(args)
-    from dsvc.compiler.cli import UsageError, check_expert_load_flag
+    from dsvc.compiler.cli import UsageError, check_expert_load_flag, load_spec
 
     if args.format == "chrome":
         raise UsageError("--format chrome is a schedule trace: use it with --schedule")
-    from dsvc import dsl
     from dsvc.compiler.driver import GRAPH_PASSES, run_until
 
     after = args.after or GRAPH_PASSES[-1]
     if after not in GRAPH_PASSES:
         raise UsageError(f"--after {after}: no such graph pass; one of {', '.join(GRAPH_PASSES)}")
-    spec, warnings = dsl.load_with_warnings(args.spec)
-    for w in warnings:
-        print(w.render(), file=sys.stderr)
+    spec = load_spec(args.spec, args.set)
     check_expert_load_flag(args.expert_load)
     graph = run_until(spec, after, expert_load=args.expert_load)
     keep = _filters(args, graph, spec)

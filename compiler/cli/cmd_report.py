@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from dsvc.compiler.cli import add_set_argument
+
 
 def add_arguments(p) -> None:
     p.add_argument("spec", metavar="SPEC", help=".dsv spec")
@@ -18,28 +20,32 @@ def add_arguments(p) -> None:
                    help="show each figure's formula in the spec's symbols beside its value")
     p.add_argument("--expert-load", metavar="F",
                    help="expert load histogram (JSON); overrides parallel.expert_load")
+    add_set_argument(p)
+    p.add_argument("--set-b", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of SPEC2 only (after --set), e.g. to compare a spec "
+                        "with itself: report v3.dsv v3.dsv --set-b parallel.overlap=none")
 
 
-def _build(path: str, args):
-    from dsvc import dsl
-    from dsvc.compiler.cli import check_expert_load_flag
+def _build(path: str, args, overrides):
+    from dsvc.compiler.cli import check_expert_load_flag, load_spec
     from dsvc.compiler.driver import build_report
 
-    spec, warnings = dsl.load_with_warnings(path)
-    for w in warnings:
-        print(w.render(), file=sys.stderr)
+    spec = load_spec(path, overrides)
     check_expert_load_flag(args.expert_load)
     return build_report(spec, symbolic=args.symbolic, expert_load=args.expert_load)
 
 
 def run(args) -> int:
 
+    from dsvc.compiler.cli import UsageError
     from dsvc.compiler.report import compare_json, dumps, render_compare, render_text, report_json
 
-    a = _build(args.spec, args)
+    if args.set_b and args.spec2 is None:
+        raise UsageError("--set-b overrides SPEC2: give a second spec")
+    a = _build(args.spec, args, args.set)
     if args.spec2 is None:
         sys.stdout.write(dumps(report_json(a)) if args.json else render_text(a))
         return 0
-    b = _build(args.spec2, args)
+    b = _build(args.spec2, args, args.set + args.set_b)
     sys.stdout.write(dumps(compare_json(a, b)) if args.json else render_compare(a, b))
     return 0

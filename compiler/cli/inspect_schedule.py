@@ -21,12 +21,9 @@ FORMATS = ("text", "json", "png", "chrome")
 
 def run(args) -> int:
     """Load `args.spec` (warnings to stderr) and show its simulated step."""
-    from dsvc import dsl
+    from dsvc.compiler.cli import load_spec
 
-    spec, warnings = dsl.load_with_warnings(args.spec)
-    for w in warnings:
-        print(w.render(), file=sys.stderr)
-    return run_schedule_view(spec, args)
+    return run_schedule_view(load_spec(args.spec, getattr(args, "set", ())), args)
 
 
 def run_schedule_view(spec, args) -> int:

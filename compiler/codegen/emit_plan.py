@@ -172,5 +172,5 @@ def _train(spec, notes: list) -> P.Train:
         lr_schedule=P.LrSchedule(kind=s.kind, warmup_steps=s.warmup_steps, final_lr=s.final_lr,
                                  total_steps=total),
         data=P.Data(kind=d.kind, path=d.path or "", dtype=d.dtype),
-        seed=t.seed,
+        seed=t.seed, recompute=t.recompute,
     )

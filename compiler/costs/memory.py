@@ -1,49 +1,51 @@
-"""Memory per GPU, per pipeline stage and device, from what each stage holds.
+"""Memory per GPU, per pipeline stage and device: the tensors the generated trainer holds.
 
-Per device (one data-parallel replica's pipeline rank; every replica is alike):
+Per device (one data-parallel replica's pipeline rank; every replica is alike), as the
+runtime allocates them (runtime/model.py, runtime/optim.py; held to the runtime's own
+tensors by tests/compiler/test_memory_runtime.py):
 
-* weights in their storage precision: FP8 linears as 1 B per element plus one
-  scale per weight block (fp32, or 1 B for ue8m0); kept components (embedding,
-  head, router, norms) in their kept dtype;
-* FP32 master weights, gradients, AdamW's two moments, sharded per ZeRO stage
-  (stage >= 1: master + moments over DP; >= 2: + gradients; 3: + weights), routed
-  experts over the expert-data-parallel degree DP / EP instead of DP;
+* weights: every stage module's parameters in the master dtype (fp32): the runtime
+  keeps one fp32 copy as its parameters and quantises (FP8) or casts (bf16) per use;
+  a stage holding the MTP modules keeps its own embedding copy (they share it), a
+  tied head the embedding;
+* gradients: one per parameter, in that dtype;
+* the ZeRO-1 optimizer, per shard group (non-expert parameters over DP, routed
+  experts over the expert-data-parallel degree DP / EP), each padded to a multiple of
+  its group: the fp32 master shard, AdamW's two moments in `optimizer_states`, and
+  two fp32 masks (weight decay, gradient-norm counting); ZeRO 0, 2 and 3 as their
+  definitions say (the runtime runs ZeRO-1 only);
 * routed experts split over EP ranks (E / EP experts per MoE layer per GPU);
-* activations saved for backward, per token (see `activation_bytes`), times the
-  micro-batches each stage holds at peak (`layout`); the hottest EP rank's share
-  of routed activations scales with the expert-load imbalance;
-* dispatch/combine buffers of one micro-batch (two under dual micro-batch
-  overlap).
+* activations: what autograd keeps for the backward, per micro-batch
+  (`compiler.costs.activations`), times the micro-batches each stage holds at peak
+  (`layout`); the hottest EP rank's routed rows scale with the expert-load imbalance;
+* buffers: dispatch/combine of one micro-batch (two under dual micro-batch
+  overlap), RoPE tables (fp32 cos and sin per attention module);
+* transients: the largest temporary the step allocates beside all that (the loss's
+  fp32 logits and their gradient on the head stage, the optimizer's flat gradient
+  buffer, an FP8 weight gradient in fp32): what a GPU's allocator adds to the peak.
 
 A device fits when its total is at most (1 - RESERVE_FRACTION) of the GPU's
-memory: the reserve stands for the CUDA context, NCCL buffers and allocator
-fragmentation, which the formulas do not model.
+memory: the reserve stands for the CUDA context, NCCL buffers, cuBLAS workspaces
+and allocator fragmentation, which the formulas do not model.
 """
 
 from __future__ import annotations
 
 from dsvc.dsl.spec import DTYPE_BYTES
 
+from .activations import GPU, Kept, storage_dtype
 from .layout import ParallelDims, StageContents
 from .model_costs import Linear, ModelCosts, Piece
-from .symbols import Quantities, ceil_div, ssum
+from .symbols import Quantities, ceil_div, smax, ssum
 
 RESERVE_FRACTION = 0.05
-LSE_BYTES = 4  # flash-attention log-sum-exp per head per token, fp32
-ROUTER_BYTES = 4  # router scores and gate weights kept in fp32 for the backward
+OPTIMIZER_MASKS = 2  # fp32 weight-decay and gradient-norm masks per shard element
 
-
-def storage_dtype(component: str, precision) -> str:
-    """The dtype a component's weights are stored in (kept components keep theirs)."""
-    if component in precision.keep:
-        return precision.keep[component]
-    if component in ("linear", "router", "head", "mtp_projection"):
-        return precision.linear.format
-    return precision.default
 
 
 def linear_weight_bytes(lin: Linear, precision):
-    """Bytes of all `lin.count` copies of a linear weight, scales included for FP8."""
+    """Bytes of all `lin.count` copies of a linear weight in its compute format, scales
+    included for FP8 (what a GEMM reads)."""
     dtype = storage_dtype(lin.component, precision)
     per_copy = lin.n_in * lin.n_out * DTYPE_BYTES[dtype]
     if dtype.startswith("fp8"):
@@ -53,61 +55,29 @@ def linear_weight_bytes(lin: Linear, precision):
     return lin.count * per_copy
 
 
-def weight_bytes(piece: Piece, precision) -> tuple:
-    """(non-expert bytes, routed-expert bytes) of one piece's weights."""
-    dense = ssum(linear_weight_bytes(lin, precision) for lin in piece.linears if not lin.expert)
-    dense = dense + ssum(n * DTYPE_BYTES[storage_dtype(comp, precision)] for _, n, comp in piece.others)
-    expert = ssum(linear_weight_bytes(lin, precision) for lin in piece.linears if lin.expert)
-    return dense, expert
-
-
-def cached_input_bytes(precision, component: str = "linear"):
-    """Bytes per element of a linear's input saved for its weight gradient.
-
-    FP8 linears with `cache_fp8_activations` keep it in FP8 plus one scale per
-    activation tile (1 x 128: 4/128 B per element); otherwise in the component's dtype.
-    """
-    dtype = storage_dtype(component, precision)
-    if dtype.startswith("fp8") and precision.cache_fp8_activations:
-        scale = 4 if precision.linear.scales == "fp32" else 1
-        return 1 + scale / precision.linear.act_tile[1]
-    return DTYPE_BYTES[precision.default if dtype.startswith("fp8") else dtype]
-
-
-def activation_bytes(piece: Piece, precision) -> tuple:
-    """(non-expert, routed-expert) bytes saved for backward per token by one piece.
-
-    DeepSeek-V3's memory savings are assumed: RMSNorm and MLA up-projections
-    are recomputed in backward (their inputs are kept: the residual stream and
-    the MLA latents), SwiGLU keeps its inputs and recomputes its output, the
-    attention core keeps its output and log-sum-exp (flash attention).
-    """
-    a = DTYPE_BYTES[precision.default]
-    c8 = cached_input_bytes(precision)
+def activation_bytes(piece: Piece, kept: Kept, T, S, local=1) -> tuple:
+    """(bytes, routed-row bytes) one piece keeps for the backward per micro-batch of T
+    tokens (sequence length S; `local` routed experts on this rank): the sum of its ops'
+    saved tensors (`activations.Kept`). The routed rows scale with the load imbalance."""
     g = piece.dims
-    if piece.kind == "mla":  # residual in, latents, core output + lse, wo input
-        latents = g["d_cq"] + g["d_c"] + g["d_r"]
-        o = g["n_h"] * g["d_v"]
-        return a * (g["d"] + latents + o) + LSE_BYTES * g["n_h"] + c8 * o, 0
-    if piece.kind == "gqa":  # residual in, q/k/v after RoPE, core output + lse, wo input
-        qkv = (g["n_h"] + 2 * g["n_kv"]) * g["d_h"]
-        o = g["n_h"] * g["d_h"]
-        return a * (g["d"] + qkv + o) + LSE_BYTES * g["n_h"] + c8 * o, 0
-    if piece.kind == "dense":  # residual in, SwiGLU inputs
-        return a * g["d"] + c8 * 2 * g["d_ff"], 0
-    if piece.kind == "moe":  # residual in, router scores + gates, shared SwiGLU inputs
-        dense = (a * g["d"] + ROUTER_BYTES * (g["E"] + g["k"])
-                 + c8 * 2 * g["E_s"] * g["d_s"])
-        expert = g["k"] * c8 * (g["d"] + 2 * g["d_e"])  # dispatched inputs, SwiGLU inputs
-        return dense, expert
-    if piece.kind in ("head", "mtp"):  # final norm input, head input, logits for the loss
-        h = cached_input_bytes(precision, "head")
-        head = a * g["d"] + h * g["d"] + h * g["V"]
-        if piece.kind == "head":
-            return head, 0
-        proj = cached_input_bytes(precision, "mtp_projection")
-        return a * 2 * g["d"] + proj * 2 * g["d"] + head, 0  # norm inputs, eh_proj input, head
-    return 0, 0  # the embedding saves token ids only
+    if piece.kind in ("mla", "gqa") and kept.full:  # the layer keeps its input only
+        return kept.layer_input(T, g["d"]), 0
+    if piece.kind in ("dense", "moe") and kept.full:
+        return 0, 0
+    if piece.kind == "mla":
+        return ssum(kept.mla(T, S, g).values()), 0
+    if piece.kind == "gqa":
+        return ssum(kept.gqa(T, S, g).values()), 0
+    if piece.kind == "dense":
+        return ssum(kept.dense(T, g).values()), 0
+    if piece.kind == "moe":
+        parts, rows = kept.moe(T, g, local)
+        return ssum(parts.values()), rows
+    if piece.kind == "head":
+        return ssum(kept.head(T, g["d"], g["V"]).values()), 0
+    if piece.kind == "mtp":  # its own parts and its pass through the shared head
+        return ssum(kept.mtp(T, g["d"]).values()) + ssum(kept.head(T, g["d"], g["V"]).values()), 0
+    return ssum(kept.embedding(T).values()), 0
 
 
 def dispatch_element_bytes(precision):
@@ -152,75 +122,107 @@ class MemoryModel:
     def __init__(self, spec, q: Quantities, costs: ModelCosts, pd: ParallelDims,
                  imbalance=1):
         self.spec, self.q, self.costs, self.pd, self.f = spec, q, costs, pd, imbalance
-        pr = spec.precision
+        recompute = spec.train.recompute if spec.train is not None else "none"
+        self.kept = Kept(spec.precision, recompute, GPU)
         pieces = [*costs.attentions.values(), *costs.ffns.values(), costs.embedding, costs.head]
         if costs.mtp is not None:
             pieces.append(costs.mtp)
         self.sym: dict[str, dict] = {}
         for p in pieces:
             tag = p.key.split(".")[-1]
-            w, we = weight_bytes(p, pr)
-            act, act_e = activation_bytes(p, pr)
+            local = p.dims["E"] / pd.EP if p.kind == "moe" else 1
+            act, act_e = activation_bytes(p, self.kept, pd.T, costs.S, local)
             pe = p.expert_params
             self.sym[p.key] = {
                 "P": costs.params_of.get(p.key) or q.let(q.fresh(f"P_{tag}"), p.params),
                 "Pe": q.let(q.fresh(f"Pe_{tag}"), pe, f"routed-expert params of {tag}")
                 if pe else 0,
-                "W": q.let(q.fresh(f"W_{tag}"), w, f"weight bytes of {tag} (non-expert)"),
-                "We": q.let(q.fresh(f"We_{tag}"), we, f"routed-expert weight bytes of {tag}")
-                if we else 0,
-                "A": q.let(q.fresh(f"A_{tag}"), act, f"activation bytes/token of {tag}")
+                "A": q.let(q.fresh(f"A_{tag}"), act,
+                           f"activation bytes per micro-batch of {tag} ({recompute} recompute)")
                 if act else 0,
-                "Ae": q.let(q.fresh(f"Ae_{tag}"), act_e, f"routed activation bytes/token of {tag}")
+                "Ae": q.let(q.fresh(f"Ae_{tag}"), act_e,
+                            f"routed-row activation bytes per micro-batch of {tag}")
                 if act_e else 0,
             }
 
     def device(self, stages: tuple[StageContents, ...]) -> dict:
         """{component: bytes expression} for a device holding `stages`."""
-        spec, pd, f = self.spec, self.pd, self.f
+        spec, pd, f, costs = self.spec, self.pd, self.f, self.costs
         pr, tied = spec.precision, spec.model.tie_embeddings
         EP, z = pd.EP, pd.zero
-        dense_p = expert_p = weights = expert_w = acts = 0
-        moe_k_d = []
+        dense_p = expert_p = acts = 0
+        moe_k_d, attentions, heads, embedding = [], 0, 0, False
         for st in stages:
             stage_act = 0
-            for key, (piece, n) in stage_pieces(st, self.costs, tied).items():
+            for key, (piece, n) in stage_pieces(st, costs, tied).items():
                 s = self.sym[key]
+                stage_act = stage_act + n * (s["A"] + f * s["Ae"])
+                if piece.kind == "embedding":  # counted once per device, below
+                    continue
                 dense_p = dense_p + n * (s["P"] - s["Pe"])
                 expert_p = expert_p + n * s["Pe"] / EP
-                w_d = n * s["W"] / (pd.DP if z >= 3 else 1)
-                w_e = n * s["We"] / (EP * (pd.EDP if z >= 3 else 1))
-                weights, expert_w = weights + w_d + w_e, expert_w + w_e
-                stage_act = stage_act + n * (s["A"] + f * s["Ae"])
                 if piece.kind == "moe":
                     moe_k_d.append((piece.spec.top_k, piece.dims["k"], piece.dims["d"]))
-            acts = acts + st.in_flight * pd.T * stage_act
-        shard_d, shard_e = (pd.DP, pd.EDP) if z >= 1 else (1, 1)
-        grad_d, grad_e = (pd.DP, pd.EDP) if z >= 2 else (1, 1)
-        master = DTYPE_BYTES[pr.master_weights] * (dense_p / shard_d + expert_p / shard_e)
-        grads = DTYPE_BYTES[pr.grads] * (dense_p / grad_d + expert_p / grad_e)
-        opt = 2 * DTYPE_BYTES[pr.optimizer_states] * (dense_p / shard_d + expert_p / shard_e)
-        buffers = 0
+                if piece.kind in ("mla", "gqa"):
+                    attentions += n * _rope_table(piece, spec.model.max_seq)
+            # the embedding stage, the MTP modules (they embed the tokens ahead) and a tied
+            # head hold the embedding; stages on one device share one copy
+            embedding = embedding or st.embedding or bool(st.mtp) or (tied and st.head)
+            heads += 1 + st.mtp if st.head else 0
+            acts = acts + st.in_flight * stage_act
+        if embedding:
+            dense_p = dense_p + self.sym[costs.embedding.key]["P"]
+        param_b, grad_b = DTYPE_BYTES[pr.master_weights], DTYPE_BYTES[pr.grads]
+        numel = dense_p + expert_p
+        weights = param_b * (numel if z < 3 else dense_p / pd.DP + expert_p / pd.EDP)
+        grads = grad_b * (numel if z < 2 else dense_p / pd.DP + expert_p / pd.EDP)
+        # ZeRO-1 shards: each group padded to a multiple of its size (runtime/optim.py _Shard)
+        shard_d = ceil_div(dense_p, pd.DP) if z >= 1 else dense_p
+        shard_e = ceil_div(expert_p, pd.EDP) if z >= 1 else expert_p
+        shards = shard_d + shard_e
+        master = param_b * shards
+        opt = (2 * DTYPE_BYTES[pr.optimizer_states] + OPTIMIZER_MASKS * 4) * shards
+        buffers = attentions
         if moe_k_d and self._ep_active():
             _, k, d = max(moe_k_d, key=lambda t: t[0])
             copies = 2 if spec.parallel.overlap == "dual_microbatch" else 1
             per = dispatch_element_bytes(pr) + DTYPE_BYTES[pr.combine]
-            buffers = copies * f * pd.T * k * d * per
+            buffers = buffers + copies * f * pd.T * k * d * per
+        transients = self._transients(heads, dense_p, expert_p)
         out = {"weights": weights, "master_weights": master, "grads": grads,
-               "optimizer_states": opt, "activations": acts, "buffers": buffers}
+               "optimizer_states": opt, "activations": acts, "buffers": buffers,
+               "transients": transients}
         out["total"] = ssum(out.values())
-        out["expert_weights"] = expert_w  # part of `weights`, not added to the total again
+        out["params"] = numel  # parameters on the device (not bytes; not in the total)
         return out
+
+    def _transients(self, heads, dense_p, expert_p):
+        """The largest temporary besides what the rows above hold: on a head stage the
+        loss's logits (bf16, their fp32 copy) and, in the backward, their fp32 and bf16
+        gradients; the optimizer's flat fp32 gradient buffer of its larger shard group."""
+        costs, pd = self.costs, self.pd
+        a = DTYPE_BYTES[self.spec.precision.default]
+        loss = (a + 4 + 4 + a) * pd.T * costs.V if heads else 0
+        grads = 4 * smax(dense_p, expert_p)
+        return smax(loss, grads)
 
     def _ep_active(self) -> bool:
         return self.spec.parallel is not None and self.spec.parallel.expert > 1
 
 
+def _rope_table(piece: Piece, max_seq: int):
+    """The fp32 cos and sin tables (max_seq x rotary / 2 each) of one attention module."""
+    rot = piece.spec.qk_rope_dim if piece.kind == "mla" else piece.spec.head_dim
+    return 2 * 4 * max_seq * (rot // 2)
+
+
 LABELS = {
-    "weights": "weights (storage precision)", "master_weights": "master weights",
-    "grads": "gradients", "optimizer_states": "optimizer states (AdamW m, v)",
-    "activations": "activations at peak", "buffers": "dispatch/combine buffers",
-    "total": "total", "expert_weights": "  of the weights: routed experts",
+    "weights": "parameters (fp32, as the runtime holds them)",
+    "master_weights": "master weights (ZeRO shard)", "grads": "gradients",
+    "optimizer_states": "optimizer states (AdamW m, v; masks)",
+    "activations": "activations at peak", "buffers": "buffers (dispatch/combine, RoPE)",
+    "transients": "transients (loss logits, flat grads)", "total": "total",
+    "params": "  parameters on the device",
 }
 
 
@@ -236,9 +238,11 @@ def memory_figures(spec, q: Quantities, costs: ModelCosts, pd: ParallelDims, lay
         q.figure(f"{base}.stages", "stages", "list", [s.index for s in stages])
         q.figure(f"{base}.layers", "layers", "count", sum(len(s.layers) for s in stages))
         for name, expr in dev.items():
-            q.figure(f"{base}.{name}", LABELS[name], "B", expr)
+            q.figure(f"{base}.{name}", LABELS[name], "params" if name == "params" else "B",
+                     expr)
     for name, expr in per_device[worst].items():
-        q.figure(f"memory.max.{name}", LABELS[name], "B", expr)
+        q.figure(f"memory.max.{name}", LABELS[name], "params" if name == "params" else "B",
+                 expr)
     gpu = spec.cluster.gpu.memory
     usable = gpu * (1 - RESERVE_FRACTION)
     q.figure("memory.max_device", "most loaded device", "index", worst)

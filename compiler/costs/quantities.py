@@ -89,5 +89,7 @@ def format_delta(a, b, unit: str) -> tuple[str, str]:
         text = format_value(d, unit, compact=True)
         if d > 0:
             text = "+" + text
-    rel = "" if a == 0 else f"{100 * d / a:+.1f}%"
+    # a relative change only between two values of one sign (none across or from zero:
+    # headroom going from +21 GB to -128 GB is not "-687%")
+    rel = f"{100 * d / a:+.1f}%" if a * b > 0 else ""
     return text, rel

@@ -8,8 +8,8 @@ Per pipeline stage and micro-batch (forward + backward):
   attention core at its causal cost; elementwise and memory-bound kernels are
   not modelled, so this is optimistic;
 * EP all-to-all (`comm`): hidden behind the other micro-batch's compute under
-  dual micro-batch overlap (only max(0, comm - compute) is exposed), fully
-  exposed without it;
+  dual micro-batch overlap with a schedule that has F&B pairs (DualPipe, DualPipeV;
+  only max(0, comm - compute) is exposed), fully exposed otherwise;
 * per device: the micro-batches through its stages times their chunk time, plus
   the schedule's bubble from the published formula (F = a third of the slowest
   chunk, B = 2F, W = F, F&B = F + B), plus the DP collectives at the end of the
@@ -70,7 +70,8 @@ class StepModel:
         fp8, other = self.stage_flops(stage)
         compute = self.pd.T * (fp8 / self.r8 + other / self.r16)
         ep = self.comm.stage_ep(stage)["time"] if self.comm is not None else 0
-        overlap = self.spec.parallel.overlap == "dual_microbatch"
+        p = self.spec.parallel  # only F&B pairs (DualPipe, DualPipeV) overlap anything
+        overlap = p.overlap == "dual_microbatch" and p.schedule in ("dualpipe", "dualpipev")
         exposed = smax(0, ep - compute) if overlap and ep != 0 else ep
         return {"compute": compute, "ep": ep, "exposed": exposed, "time": compute + exposed}
 

@@ -15,6 +15,8 @@ element-wise ops count no FLOPs (their cost is memory traffic, which the
 partitioner's time model adds from their tensor sizes). Each GEMM-like op
 lists its weight matrices in `attrs["weights"]` as (in, out, copies).
 Expressions come from cached helpers, so every layer of a kind shares them.
+`saved_bytes` is what the runtime's autograd keeps of the op for its backward,
+under the spec's `train.recompute` (`compiler.costs.activations`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import functools
 import sympy
 
 from dsvc.compiler.costs import model_costs as formulas
+from dsvc.compiler.costs.activations import GPU, Kept
 from dsvc.compiler.ir import DTYPE_BYTES, Graph, Op, T, tensor
 
 
@@ -50,33 +53,39 @@ def attention_core_flops(heads: int, d_qk: int, d_v: int, seq: int) -> sympy.Exp
     return T * formulas.attention_core_flops(heads, d_qk, d_v, context)
 
 
-def lower(spec) -> Graph:
-    """The op graph of one micro-batch of `spec` (pure: the spec is not touched)."""
+def lower(spec, device: str = GPU) -> Graph:
+    """The op graph of one micro-batch of `spec` (pure: the spec is not touched). `device`:
+    whose kernels' saved tensors the ops carry (a CPU's, for tests that count them)."""
     tokens, seq = tokens_per_microbatch(spec)
-    b = _Builder(spec, Graph(spec, tokens), seq)
+    b = _Builder(spec, Graph(spec, tokens), seq, device)
     b.build()
     b.graph.passes = ("lower",)
     return b.graph
 
 
 class _Builder:
-    def __init__(self, spec, graph: Graph, seq: int):
+    def __init__(self, spec, graph: Graph, seq: int, device: str):
         self.spec, self.graph, self.seq = spec, graph, seq
         self.m = spec.model
         self.dt = spec.precision.default
         self.wbytes = DTYPE_BYTES[spec.precision.default]
         self.count = 0
+        recompute = spec.train.recompute if spec.train is not None else "none"
+        self.kept = Kept(spec.precision, recompute, device)
+        self.ep = spec.parallel.expert if spec.parallel is not None else 1
+        self.saved: dict = {}  # op name suffix -> saved bytes, for the block being built
 
     # -- one op
     def op(self, name, kind, block, layer, feeds, outputs, *, span, fwd=0, dgrad=0, wgrad=0,
            params=0, names=(), dtype=None, **attrs) -> str:
         inputs = tuple(self.graph.op(src).outputs[port] for src, port in feeds)
         self.count += 1
+        saved = self.saved.get(name.rsplit(".", 1)[-1], 0)
         op = Op(name=name, kind=kind, block=block, layer=layer, inputs=inputs,
                 outputs=tuple(outputs), dtype=dtype or self.dt, flops_fwd=fwd, flops_dgrad=dgrad,
                 flops_wgrad=wgrad, param_count=params, param_bytes=int(params * self.wbytes),
-                params=tuple(names), span=span, seq=float(self.count), attrs=attrs)
-        op = op.evolve(saved_bytes=saved_bytes(op, self.spec.precision))
+                params=tuple(names), span=span, seq=float(self.count), attrs=attrs,
+                saved_bytes=sympy.sympify(saved))
         self.graph.add(op, feeds)
         return name
 
@@ -106,6 +115,7 @@ class _Builder:
         vspan = sp.span("model.vocab")
         self.op("tokens", "input", "embed", None, [], [tensor("int32", T)], span=sp.span("train"),
                 dtype="int32", what="token ids of one micro-batch")
+        self.saved = self.kept.embedding(T)
         x = self.op("embed", "embedding", "embed", None, [("tokens", 0)],
                     [tensor(self.dt, T, m.hidden)], span=vspan,
                     params=formulas.embedding_params(m.vocab, m.hidden),
@@ -132,6 +142,7 @@ class _Builder:
 
     def head_and_loss(self, prefix, src, norm_name, head_name, span, mtp=None):
         m = self.m
+        self.saved = self.kept.head(T, m.hidden, m.vocab)
         block, layer = ("head", None) if mtp is None else ("mtp", m.num_layers + mtp)
         n = self.norm(prefix + "final_norm", block, layer, src, m.hidden, pname=norm_name,
                       span=self.spec.span("model.norm"))
@@ -148,6 +159,7 @@ class _Builder:
         m, sp = self.m, self.spec
         layer, p, span = m.num_layers + k, f"mtp{k}.", sp.span("model.mtp")
         pname = f"model.layers.{layer}"
+        self.saved = self.kept.mtp(T, m.hidden)
         e = self.op(p + "embed", "embedding", "mtp", layer, [("labels", 0)],
                     [tensor(self.dt, T, m.hidden)], span=span,
                     component="embedding", vocab=m.vocab, tied_to="embed", label_shift=k)
@@ -165,6 +177,7 @@ class _Builder:
     # -- one decoder layer
     def block(self, p, block, layer, src, att, ffn, pname) -> str:
         sp, hd = self.spec, self.m.hidden
+        self.saved = self.block_saved(att, ffn)
         an = self.norm(f"{p}.attn_norm", block, layer, src, hd, pname=pname + ".input_layernorm",
                        span=sp.span("model.norm"))
         aspan = sp.span(f"model.attention.{att.name}")
@@ -183,6 +196,21 @@ class _Builder:
             outs = self.moe(f"{p}.moe", block, layer, (fn, 0), ffn, pname + ".mlp", fspan)
         return self.op(f"{p}.ffn_add", "add", block, layer, [(x, 0)] + [(o, 0) for o in outs],
                        [tensor(self.dt, T, hd)], span=fspan)
+
+    def block_saved(self, att, ffn) -> dict:
+        """Saved bytes of a decoder block's ops by name suffix (`compiler.costs.activations`);
+        under full recomputation only the block's input, kept by its first op."""
+        k, g = self.kept, _dims(self.m.hidden, att, ffn)
+        if k.full:
+            return {"attn_norm": k.layer_input(T, self.m.hidden)}
+        out = k.mla(T, self.seq, g) if att.kind == "mla" else k.gqa(T, self.seq, g)
+        if ffn.kind == "dense":
+            out.update(k.dense(T, g))
+        else:
+            moe, rows = k.moe(T, g, ffn.routed // self.ep)
+            out.update(moe)
+            out["experts"] = out["experts"] + rows
+        return out
 
     def mla(self, p, block, layer, src, a, pname, span) -> str:
         hd, H = self.m.hidden, a.heads
@@ -294,44 +322,16 @@ def _swiglu_flops(hidden: int, inter: int) -> sympy.Expr:
 # ----------------------------------------------------------------------------- saved activations
 
 
-def saved_bytes(op: Op, pol) -> sympy.Expr:
-    """Bytes `op` keeps for its backward, per micro-batch: the report's convention.
-
-    As `compiler.costs.memory.activation_bytes` counts them (DeepSeek-V3's
-    recomputation): norms keep their input (the residual stream, the MLA
-    latents), projections recompute theirs from it except `o_proj`, the head
-    and `eh_proj` (their inputs cached, in FP8 + scales for FP8 linears); the
-    attention core keeps its output and log-sum-exp (GQA also q, k, v);
-    SwiGLU keeps its two inputs; the router its scores and gates; the loss
-    the logits. A layer's ops sum to the report's per-token bytes x T.
-    """
-    from dsvc.compiler.costs.memory import LSE_BYTES, ROUTER_BYTES, cached_input_bytes
-
-    a = DTYPE_BYTES[pol.default]
-    kind, role = op.kind, op.attr("role")
-    width = op.inputs[0].shape[-1] if op.inputs and op.inputs[0].shape else 0
-    if kind == "norm":
-        return T * a * width
-    if kind == "attention_core":
-        heads, out = op.attr("heads"), op.outputs[0].shape[-1]
-        qkv = sum(t.shape[-1] for t in op.inputs) if op.attr("kv_heads") else 0
-        return T * (a * (out + qkv) + LSE_BYTES * heads)
-    if kind == "linear" and role in ("o_proj", "head", "eh_proj"):
-        comp = {"o_proj": "linear", "head": "head", "eh_proj": "mtp_projection"}[role]
-        return T * _exact(cached_input_bytes(pol, comp)) * width
-    if kind == "loss":
-        return T * _exact(cached_input_bytes(pol, "head")) * width
-    if kind == "act":
-        return T * _exact(cached_input_bytes(pol)) * 2 * op.outputs[0].shape[-1]
-    if kind == "router":
-        return T * ROUTER_BYTES * (op.attr("routed") + op.attr("top_k"))
-    if kind == "swiglu_ffn":
-        return T * _exact(cached_input_bytes(pol)) * 2 * op.attr("intermediate")
-    if kind == "experts":
-        return (T * op.attr("top_k") * _exact(cached_input_bytes(pol))
-                * (width + 2 * op.attr("intermediate")))
-    return sympy.Integer(0)
-
-
-def _exact(x) -> sympy.Expr:
-    return sympy.Rational(x).limit_denominator(10**6) if isinstance(x, float) else sympy.Integer(x)
+def _dims(d: int, att, ffn) -> dict:
+    """The sizes `compiler.costs.activations.Kept` reads, from the spec's definitions."""
+    if att.kind == "mla":
+        g = {"d": d, "n_h": att.heads, "d_cq": att.q_lora_rank, "d_c": att.kv_lora_rank,
+             "d_nope": att.qk_nope_dim, "d_r": att.qk_rope_dim, "d_v": att.v_dim}
+    else:
+        g = {"d": d, "n_h": att.heads, "n_kv": att.kv_heads, "d_h": att.head_dim}
+    if ffn.kind == "dense":
+        g["d_ff"] = ffn.intermediate
+    else:
+        g.update(E=ffn.routed, k=ffn.top_k, d_e=ffn.intermediate,
+                 E_s=ffn.shared, d_s=ffn.shared_intermediate)
+    return g

@@ -35,11 +35,12 @@ def schedule(graph):
     except ScheduleCheckError as err:  # a generator bug, never the user's input
         raise AssertionError(f"generated schedule fails its check: {err}") from None
     notes = graph.notes
-    if overlap == "dual_microbatch" and pipe.schedule in ("1f1b", "zb1p") and pipe.ranks > 1:
+    if overlap == "dual_microbatch" and pipe.schedule in ("1f1b", "zb1p"):
+        # refused, not modelled: neither the schedule nor the runtime has a pair to overlap
         notes = notes + (
             (f"overlap = dual_microbatch has no effect under {pipe.schedule}: it has no "
-            "overlapped F&B pairs, so expert all-to-all stays exposed "
-            "(use schedule = dualpipe or dualpipev)"),
+            "overlapped F&B pairs, so expert all-to-all stays exposed in the simulated step, "
+            "the roofline and the trainer (use schedule = dualpipe or dualpipev)"),
         )
     out = graph.derive("schedule", notes=notes)
     out.schedule = sched

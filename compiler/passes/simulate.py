@@ -120,7 +120,8 @@ def simulate_graph(graph, sched) -> StepResult:
 
     spec, pipe = graph.spec, graph.partition
     topo, rates = Topology(spec), Rates.of(spec.cluster.gpu)
-    profiles = stage_profiles(graph, topo, rates)
+    kernels = kernel_model(spec)
+    profiles = stage_profiles(graph, topo, rates, kernels)
     stage_part = {s.index: s.part for s in pipe.stages}
     actions = ActionCosts(profiles, stage_part, topo.bandwidth)
     p2p = {}
@@ -137,7 +138,8 @@ def simulate_graph(graph, sched) -> StepResult:
             boundary[edge] = boundary.get(edge, 0.0) + graph.num(op.attr("bytes"))
     costs = TopologyCosts(actions, sched, profiles, p2p, boundary, topo.bandwidth)
     sim = run_schedule(sched, costs)
-    dp_busy, dp_end = _data_parallel_tail(graph, sched, sim, topo, rates)
+    dp_busy, dp_end = _data_parallel_tail(graph, sched, sim, topo, rates, kernels,
+                                          costs.utilisation)
     step = max([sim.makespan] + dp_end)
     n = sched.num_devices
     flops, flops_nc = _flops_per_token(graph)
@@ -153,11 +155,30 @@ def simulate_graph(graph, sched) -> StepResult:
         tokens_per_step=spec.train.global_batch * spec.train.seq_len,
         flops_per_token=flops, flops_per_token_noncausal=flops_nc,
         world=spec.cluster.world_size, peak_flops=gpu.bf16_flops,
-        assumptions=_assumptions(spec, topo), sim=sim)
+        assumptions=_assumptions(spec, topo, kernels) + tuple(graph.notes), sim=sim)
 
 
-def _data_parallel_tail(graph, sched, sim, topo: Topology, rates: Rates):
-    """Per device: seconds of DP collectives + optimizer, and when the last one ends."""
+STATED_FACTORS = ("gemm_efficiency_fp8", "gemm_efficiency_bf16", "memory_efficiency")
+
+
+def kernel_model(spec):
+    """The calibrated kernel model of the spec's GPU (`costs.kernels`), or None: a card the
+    calibration does not know, or a spec that states its own efficiency factors (then
+    the roofline with those factors is what it asked for)."""
+    from dsvc.compiler.costs.kernels import KernelModel
+
+    if any(f"cluster.gpu.{f}" in spec.spans for f in STATED_FACTORS):
+        return None
+    return KernelModel.for_gpu(spec.cluster.gpu)
+
+
+def _data_parallel_tail(graph, sched, sim, topo: Topology, rates: Rates, kernels=None,
+                        utilisation=None):
+    """Per device: seconds of DP collectives + optimizer, and when the last one ends.
+
+    A collective on the network shares the link with the device's all-to-alls while its
+    other stage still runs them (processor sharing, as a pipeline send does: the
+    device's average utilisation of that link halves the share it gets)."""
     spec, pipe = graph.spec, graph.partition
     by_part: dict[int, list] = {}
     params: dict[int, list[float]] = {p: [0.0, 0.0] for p in range(pipe.parts)}  # dense, expert
@@ -187,12 +208,16 @@ def _data_parallel_tail(graph, sched, sim, topo: Topology, rates: Rates):
             if any(op.attr("group") == "copies" for op in ops):
                 at = max([at] + [ready.get(x, 0.0) for x in peers])
             peer_dev = sched.stage_device[peers[0]] if peers else d
+            others_busy = any(ready.get(x, 0.0) > at for x in sched.device_stages(d) if x != s)
             for op in ops:
                 kind = op.attr("collective")
                 members = topo.group(op.attr("group"), d, op.attr("group_size"), peer_dev)
+                share = 1.0
+                if utilisation is not None and others_busy:
+                    share = 1.0 - utilisation[d].get(topo.link(members), 0.0) / 2
                 jobs.append((at, s, order[kind], _ring_time(kind, op.attr("bytes"), members,
-                                                           topo)))
-            jobs.append((at, s, 2, _optimizer_time(spec, params[part], rates)))
+                                                           topo) / share))
+            jobs.append((at, s, 2, _optimizer_time(spec, params[part], rates, kernels)))
         clock = 0.0
         for at, _, _, seconds in sorted(jobs):
             clock = max(clock, at) + seconds
@@ -213,20 +238,29 @@ def _ring_time(kind: str, nbytes: float, members: list[int], topo: Topology) -> 
                      + (n - 1) * topo.latency(members))
 
 
-def _optimizer_time(spec, params: list[float], rates: Rates) -> float:
-    """AdamW on this rank's ZeRO-1 shard: memory-bound (read master, grad, two moments;
-    write master, moments and the compute-format weight)."""
+def _optimizer_time(spec, params: list[float], rates: Rates, kernels=None) -> float:
+    """The optimizer step of one stage's parameters, memory-bound.
+
+    With a calibrated card, the runtime's ZeRO-1 step (runtime/optim.py): per shard group
+    the gradients flattened into one fp32 buffer (zeroed, concatenated, copied: ~16 B
+    per parameter held), the shard scaled, its norm, the clip; AdamW on the shard with
+    its moments round-tripped through fp32 (~60 B per shard element: master, moments,
+    masks, temporaries), and the gathered shard written back into the parameters (~8 B
+    per parameter). Else the textbook AdamW traffic on the shard."""
     from dsvc.dsl.spec import DTYPE_BYTES
 
     p, pol = spec.parallel, spec.precision
     dense, expert = params
+    expert = expert / p.expert
     if p.zero >= 1:
-        dense, expert = dense / p.data, expert / p.expert / max(1, p.expert_data)
+        shard = dense / p.data + expert / max(1, p.expert_data)
     else:
-        expert = expert / p.expert
+        shard = dense + expert
+    if kernels is not None:
+        return kernels.copy((dense + expert) * (16 + 8) + shard * 60)
     per_param = (2 * DTYPE_BYTES[pol.master_weights] + DTYPE_BYTES[pol.grads]
                  + 4 * DTYPE_BYTES[pol.optimizer_states] + DTYPE_BYTES[pol.default])
-    return (dense + expert) * per_param / rates.hbm
+    return shard * per_param / rates.hbm
 
 
 def _flops_per_token(graph) -> tuple[float, float]:
@@ -242,20 +276,36 @@ def _flops_per_token(graph) -> tuple[float, float]:
     return causal / graph.tokens, (causal + extra) / graph.tokens
 
 
-def _assumptions(spec, topo: Topology) -> tuple[str, ...]:
-    g, p = spec.cluster.gpu, spec.parallel
+def _assumptions(spec, topo: Topology, kernels=None) -> tuple[str, ...]:
+    g = spec.cluster.gpu
     bw = topo.bandwidth
-    out = [
-        (f"GEMMs at {g.gemm_efficiency_fp8:.0%} of the FP8 peak and {g.gemm_efficiency_bf16:.0%} "
-        f"of the BF16 peak; memory-bound ops at {g.memory_efficiency:.0%} of HBM bandwidth "
-        "(cluster.gpu efficiency factors); attention core at the BF16 GEMM efficiency"),
+    recompute = spec.train.recompute
+    if kernels is not None:
+        run = kernels.runs[0] if kernels.runs else {}
+        card = (f"{kernels.card.upper()} with {kernels.borrowed_from.upper()}'s measurements"
+                if kernels.borrowed_from else kernels.card.upper())
+        out = [(f"kernels timed as this trainer runs them ({card}: bench/kernels_gpu.py "
+                f"{run.get('date', '')}, compiler/costs/calibration.json): FP8 GEMMs in waves "
+                "of 128 x 128 tiles, cuBLAS BF16, grouped experts padded to whole tiles, "
+                "quantisers and element-wise kernels at their measured share of copy bandwidth, "
+                f"attention at {kernels.attn_fwd:.0%} / {kernels.attn_bwd:.0%} of the BF16 peak "
+                f"(forward / backward); {kernels.host_s_per_op * 1e6:.0f} us of host time per "
+                f"eager op; {kernels.comm_sms} of {kernels.sms} SMs go to communication "
+                "kernels while an all-to-all overlaps compute")]
+    else:
+        out = [(f"GEMMs at {g.gemm_efficiency_fp8:.0%} of the FP8 peak and "
+                f"{g.gemm_efficiency_bf16:.0%} of the BF16 peak; memory-bound ops at "
+                f"{g.memory_efficiency:.0%} of HBM bandwidth (cluster.gpu efficiency factors); "
+                "attention core at the BF16 GEMM efficiency; no host overheads")]
+    out += [
         (f"links: NVLink {bw['nvlink'] / 1e9:.0f} GB/s, network {bw[IB] / 1e9:.0f} GB/s per GPU "
         "(effective); transfers sharing a link split it equally"),
-        ("expert all-to-all bytes for uniform routing (the graph's); no SMs set aside for "
-        "communication kernels; no recomputation; kernel launch overheads ignored"),
-        ("DP collectives: ring algorithm, after each stage's last backward, not overlapped "
-        "with the next step; AdamW on the ZeRO-1 shard memory-bound"),
+        (f"expert all-to-all bytes for uniform routing (the graph's); recompute = {recompute}"
+         + (" (the backward replays the forward work it recomputes)" if recompute != "none"
+            else "")),
+        ("DP collectives: ring algorithm, after each stage's last backward, sharing the "
+         "network with the device's other stage's all-to-alls; not overlapped with the next "
+         "step; the optimizer step memory-bound"),
     ]
-    if p.overlap == "dual_microbatch" and p.schedule in ("1f1b", "zb1p"):
-        out.append(f"overlap = dual_microbatch has no F&B pairs to run under {p.schedule}")
     return tuple(out)
+

@@ -151,6 +151,7 @@ class Unit:
     `fwd[part]` (attention, mlp), `bwd[(part, grad)]` (grad input or weight),
     `comm[(part, direction)]` = ({link: bytes}, latency) for dispatch/combine,
     direction "F" or "B". A dense unit has no comm and all its compute in "attention".
+    `fwd_c` / `bwd_c`: the same chunks while communication kernels hold some SMs.
     """
 
     name: str
@@ -158,6 +159,8 @@ class Unit:
     fwd: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
     bwd: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
     comm: dict = dataclasses.field(default_factory=dict)
+    fwd_c: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
+    bwd_c: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
 
 
 @dataclasses.dataclass
@@ -173,9 +176,14 @@ class StageProfile:
     comm_bytes: dict  # link -> all-to-all bytes per forward + backward
 
 
-def stage_profiles(graph, topo: Topology, rates: Rates) -> dict[int, StageProfile]:
-    """Per-copy stage -> its profile, from the graph after insert_comm."""
+def stage_profiles(graph, topo: Topology, rates: Rates,
+                   kernels=None) -> dict[int, StageProfile]:
+    """Per-copy stage -> its profile, from the graph after insert_comm. With `kernels` (a
+    `costs.kernels.KernelModel`) ops cost what the runtime's kernels take on the card
+    (`simulate_ops`); without, the roofline of `op_times`."""
     from dsvc.compiler.passes.schedule import stage_units, unit_name
+
+    from .simulate_ops import replayed
 
     tokens = graph.tokens
     units = {p: {n: Unit(n, k) for n, k in us} for p, us in stage_units(graph).items()}
@@ -184,17 +192,38 @@ def stage_profiles(graph, topo: Topology, rates: Rates) -> dict[int, StageProfil
     pre_dispatch = _attention_side(graph, ops)
     skew = expert_skew(graph)
     saved: dict[int, float] = defaultdict(float)
+    chunks = _Chunks(kernels)
+    coster = None
+    if kernels is not None:
+        from .simulate_ops import OpCoster
+
+        coster = OpCoster(graph, kernels, topo.ep)
+    recompute = graph.spec.train.recompute if graph.spec.train is not None else "none"
+    full = recompute == "full"
     for op in ops:
         unit = units[op.stage][unit_name(op)]
         saved[op.stage] += num(op.saved_bytes, tokens)
         if op.kind in COMM_KINDS:  # "<experts op>.dispatch" / ".combine"
-            _add_comm(graph, unit, op, topo, skew.get(op.name.rsplit(".", 1)[0], 1.0))
+            _add_comm(graph, unit, op, topo, skew.get(op.name.rsplit(".", 1)[0], 1.0), full)
             continue
         part = "attention" if unit.kind == "dense" or op.name in pre_dispatch else "mlp"
-        fwd, dgrad, wgrad = op_times(op, tokens, rates, topo.ep, skew.get(op.name, 1.0))
-        unit.fwd[part] += fwd
-        unit.bwd[(part, "input")] += dgrad
-        unit.bwd[(part, "weight")] += wgrad
+        load = skew.get(op.name, 1.0)
+        if coster is None:
+            fwd, dgrad, wgrad = op_times(op, tokens, rates, topo.ep, load)
+            if replayed(op, recompute):  # the backward runs the forward again first
+                dgrad += fwd
+            for phase, t in (("fwd", fwd), ("dgrad", dgrad), ("wgrad", wgrad)):
+                chunks.add(unit, (phase, part), t, t, 0)
+            continue
+        if op.kind in ("quantize", "cast"):
+            continue  # each FP8 linear quantises its own input in the runtime (charged there)
+        cost = coster.cost(op)
+        for phase in ("fwd", "dgrad", "wgrad"):
+            chunks.add(unit, (phase, part), cost.gpu[phase] * load, cost.gpu_c[phase] * load,
+                       cost.host[phase])
+    if coster is not None:
+        _host_syncs(graph, units, chunks, topo, kernels, full)
+    chunks.finish(units)
     out = {}
     for p, by_name in units.items():
         us = list(by_name.values())
@@ -231,12 +260,15 @@ def _attention_side(graph, ops) -> set[str]:
     return out
 
 
-def _add_comm(graph, unit: Unit, op, topo: Topology, load: float = 1.0) -> None:
+def _add_comm(graph, unit: Unit, op, topo: Topology, load: float = 1.0,
+              replayed: bool = False) -> None:
     """Forward bytes from the op; the backward of a dispatch carries gradients in the
     combine's format and the backward of a combine in the dispatch's (DeepSeek-V3:
     dispatch-direction traffic in FP8, combine-direction in BF16), so each backward
     all-to-all is filled in from its mirror when both are known. `load`: the busiest EP
-    rank's share over the mean (it receives, and later sends back, that many rows)."""
+    rank's share over the mean (it receives, and later sends back, that many rows).
+    `replayed` (full recomputation): the layer's forward runs again in its backward, so
+    each backward all-to-all also carries the forward's bytes of the same kind."""
     tokens = graph.tokens
     demand = {IB: float(num(op.attr("ib_bytes", 0), tokens)) * load,
               NVLINK: float(num(op.attr("nvlink_bytes", 0), tokens)) * load}
@@ -245,3 +277,67 @@ def _add_comm(graph, unit: Unit, op, topo: Topology, load: float = 1.0) -> None:
     unit.comm[(op.kind, "F")] = (demand, lat)
     mirror = "combine" if op.kind == "dispatch" else "dispatch"
     unit.comm[(mirror, "B")] = (demand, lat)
+    if replayed:
+        for key in ((op.kind, "B"), (mirror, "B")):
+            if key in unit.comm:
+                back, _ = unit.comm[key]
+                unit.comm[key] = ({link: b + demand[link] for link, b in back.items()}, lat)
+
+
+class _Chunks:
+    """Per (unit, phase, part): GPU seconds (all SMs, and with communication's SMs taken)
+    and host ops; `finish` sets each chunk to the longer of its GPU and host time."""
+
+    def __init__(self, kernels):
+        self.host_s = kernels.host_s_per_op if kernels is not None else 0.0
+        self.units: dict[int, Unit] = {}
+        self.gpu: dict = defaultdict(float)
+        self.gpu_c: dict = defaultdict(float)
+        self.host: dict = defaultdict(float)
+
+    def add(self, unit: Unit, key, gpu: float, gpu_c: float, host_ops: float) -> None:
+        self.units[id(unit)] = unit
+        k = (id(unit),) + key
+        self.gpu[k] += gpu
+        self.gpu_c[k] += gpu_c
+        self.host[k] += host_ops * self.host_s
+
+    def stall(self, unit: Unit, key, seconds: float) -> None:
+        """Time neither the GPU nor the host computes (a host synchronisation)."""
+        self.add(unit, key, seconds, seconds, 0)
+        self.host[(id(unit),) + key] += seconds
+
+    def finish(self, units) -> None:
+        for (uid, phase, part), g in self.gpu.items():
+            unit, host = self.units[uid], self.host[(uid, phase, part)]
+            t, t_c = max(g, host), max(self.gpu_c[(uid, phase, part)], host)
+            if phase == "fwd":
+                unit.fwd[part] += t
+                unit.fwd_c[part] += t_c
+            else:
+                grad = "input" if phase == "dgrad" else "weight"
+                unit.bwd[(part, grad)] += t
+                unit.bwd_c[(part, grad)] += t_c
+
+
+def _host_syncs(graph, units, chunks: _Chunks, topo: Topology, kernels, full: bool) -> None:
+    """An EP route reads its row counts back to the host before it can size the exchange
+    (runtime/ep.py `Route`: one synchronous count exchange and `.tolist()`; the two-hop
+    route four times): the GPU drains, the counts cross the EP group, and the host issues
+    the next kernel. Charged to the attention chunk of each MoE unit's forward (and of
+    its replay under full recomputation)."""
+    spec = graph.spec
+    if topo.ep <= 1:
+        return
+    from dsvc.compiler.passes.schedule import unit_name
+
+    members = topo.group("expert", 0, topo.ep)
+    two_hop = spec.parallel.two_hop and topo.ep > topo.domain
+    per = (4 if two_hop else 1) * (2 * topo.latency(members) + kernels.host_s_per_op)
+    for op in graph.ops():
+        if op.kind != "dispatch" or op.stage is None:
+            continue
+        unit = units[op.stage][unit_name(op)]
+        chunks.stall(unit, ("fwd", "attention"), per)
+        if full:
+            chunks.stall(unit, ("dgrad", "attention"), per)

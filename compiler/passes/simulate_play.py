@@ -48,7 +48,9 @@ class Played:
 
 
 def play(steps, bandwidth: dict[str, float]) -> Played:
-    """Run `steps`: ("compute", seconds), ("start", key, {link: bytes}, latency), ("wait", key)."""
+    """Run `steps`: ("compute", seconds, seconds while communication holds SMs), ("start",
+    key, {link: bytes}, latency), ("wait", key). A compute chunk that begins while an
+    all-to-all is in flight runs on the SMs communication leaves (its second time)."""
     t = ft = compute = 0.0  # compute clock, flow clock (never ahead of a wait's answer)
     active: dict = {}  # key -> [bytes left fraction, demand, latency]
     done: dict = {}
@@ -88,8 +90,10 @@ def play(steps, bandwidth: dict[str, float]) -> Played:
     for step in steps:
         op = step[0]
         if op == "compute":
-            t += step[1]
-            compute += step[1]
+            run(until=t)
+            seconds = step[2] if active and len(step) > 2 else step[1]
+            t += seconds
+            compute += seconds
         elif op == "start":
             run(until=t)
             _, key, demand, latency = step
@@ -139,8 +143,11 @@ class ActionCosts:
     def _step(self, op: str, chunk, stage: int, backward: bool):
         unit = self._units(stage)[chunk.layer]
         if op == "compute":
-            seconds = unit.bwd[(chunk.part, chunk.grad)] if backward else unit.fwd[chunk.part]
-            return ("compute", seconds)
+            if backward:
+                key = (chunk.part, chunk.grad)
+                return ("compute", unit.bwd[key], unit.bwd_c.get(key, unit.bwd[key]))
+            return ("compute", unit.fwd[chunk.part],
+                    unit.fwd_c.get(chunk.part, unit.fwd[chunk.part]))
         if op == "start":
             demand, latency = unit.comm[(chunk.part, "B" if backward else "F")]
             return ("start", chunk, demand, latency)

@@ -4,13 +4,18 @@ One row per device; one block per action, coloured by kind (forward orange,
 full backward green, input-gradient backward light green, weight-gradient
 blue), darker for a second model copy (DualPipe's reverse direction) or the
 second leg of a V; an overlapped F&B pair is one block split in two halves
-inside a thick black border; the micro-batch number is written on each block.
+inside a thick black border; the micro-batch number is written on every block that
+has room for it, across the block or, where the block is taller than wide, along it.
+The communication an action waited for (exposed all-to-all, `TimedAction.exposed_comm`)
+is drawn red and hatched over the end of its block: the simulator knows how long the
+compute stream waited, not when, so it is shown where it ends the action.
 matplotlib is imported only here, only when drawing.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 
 from dsvc.runtime.actions import (
@@ -34,11 +39,10 @@ _LABELS = {
     BACKWARD_INPUT: "I backward for input",
     BACKWARD_WEIGHT: "W backward for weights",
 }
+_EXPOSED = "#e53e3e"
 
-# Micro-batch numbers: smaller than this is unreadable at the picture's 150 dpi; more than
-# this many would cost matplotlib seconds to lay out (a few ms each) and crowd the picture.
-_MIN_LABEL_POINTS = 4.0
-_MAX_LABELS = 2000
+# Micro-batch numbers smaller than this are unreadable at the picture's 150 dpi.
+MIN_LABEL_POINTS = 3.0
 _MAX_PIXELS = 12_000_000
 
 
@@ -87,19 +91,22 @@ def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> 
     axes_w = (width_in - left_in - right_in) / width_in
     ax = fig.add_axes((left_in / width_in, bottom_in / height_in, axes_w, rows_in / height_in))
     points_per_unit = 72.0 * width_in * axes_w / span
+    points_per_row = 72.0 * rows_in / n
 
     second = _second_legs(schedule)
     boxes: list[tuple[float, float, float, float]] = []  # x0, y0, width, height
     colours: list[str] = []
     outlines: list[tuple[float, float, float, float]] = []
-    labels: list[tuple[float, float, str, float]] = []
+    labels: list[tuple[float, float, str, float, int]] = []
+    waits: list[tuple[float, float, float, float]] = []  # exposed communication
 
     def block(x0, x1, y0, y1, kind, stage, text):
         boxes.append((x0, y0, x1 - x0, y1 - y0))
         colours.append(_COLOURS[kind][1 if second[stage] else 0])
-        size = min(8.0, (x1 - x0) * points_per_unit / (0.65 * max(1, len(text))), (y1 - y0) * 60)
-        if size >= _MIN_LABEL_POINTS:
-            labels.append(((x0 + x1) / 2, (y0 + y1) / 2, text, size))
+        size, rotation = label_size((x1 - x0) * points_per_unit, (y1 - y0) * points_per_row,
+                                    len(text))
+        if size >= MIN_LABEL_POINTS:
+            labels.append(((x0 + x1) / 2, (y0 + y1) / 2, text, size, rotation))
 
     for row in result.timeline:
         for t in row:
@@ -114,6 +121,9 @@ def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> 
             else:
                 a = t.action
                 block(x0, x1, top, bottom, a.kind, a.stage, str(a.microbatch))
+            if float(t.exposed_comm) > 0:
+                w0 = max(0.0, x1 - float(t.exposed_comm))
+                waits.append((w0, top, x1 - w0, bottom - top))
     # One collection per layer of blocks: a patch added one at a time costs matplotlib a
     # limits update each, which made large timelines take minutes.
     ax.add_collection(PolyCollection([_corners(b) for b in boxes], facecolors=colours,
@@ -121,9 +131,12 @@ def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> 
     if outlines:
         ax.add_collection(PolyCollection([_corners(b) for b in outlines], facecolors="none",
                                          edgecolors="black", linewidths=1.6))
-    if len(labels) <= _MAX_LABELS:  # each label costs a font layout: a crowded picture gets none
-        for x, y, text, size in labels:
-            ax.text(x, y, text, ha="center", va="center", fontsize=size)
+    if waits:
+        ax.add_collection(PolyCollection([_corners(b) for b in waits], facecolors=_EXPOSED,
+                                         alpha=0.55, edgecolors=_EXPOSED, hatch="////",
+                                         linewidths=0.0))
+    if labels:
+        ax.add_collection(_label_collection(labels, ax, fig))
 
     ax.set_xlim(0, span)
     ax.set_ylim(n, 0)
@@ -159,6 +172,41 @@ def draw_timeline(result, path, *, title: str | None = None, dpi: int = 150) -> 
     fig.savefig(str(path), dpi=dpi)
 
 
+def _label_collection(labels, ax, fig):
+    """Every label as one collection of glyph outlines: a matplotlib Text costs a font layout
+    of a few ms at each draw (thousands of micro-batch numbers took tens of seconds), an
+    outline is made once per (text, size, rotation) and placed by offset."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.transforms import Affine2D
+
+    paths = [_glyphs(text, round(size * 4) / 4, rotation) for _, _, text, size, rotation in labels]
+    points = Affine2D().scale(1 / 72) + fig.dpi_scale_trans  # outlines are in points
+    return PathCollection(paths, offsets=[(x, y) for x, y, *_ in labels],
+                          offset_transform=ax.transData, transform=points,
+                          facecolors="black", edgecolors="none")
+
+
+@functools.cache
+def _glyphs(text: str, size: float, rotation: int):
+    """The outline of `text` at `size` points, centred on the origin (y up), rotated."""
+    from matplotlib.textpath import TextPath
+    from matplotlib.transforms import Affine2D
+
+    path = TextPath((0, 0), text, size=size)
+    box = path.get_extents()
+    centre = Affine2D().translate(-(box.x0 + box.x1) / 2, -(box.y0 + box.y1) / 2)
+    return (centre + Affine2D().rotate_deg(rotation)).transform_path(path)
+
+
+def label_size(width_pt: float, height_pt: float, chars: int) -> tuple[float, int]:
+    """(font size in points, rotation) for `chars` characters in a block of this many points:
+    across it, or along it when that fits larger (tall, narrow blocks of long steps)."""
+    chars = max(1, chars)
+    across = min(8.0, width_pt / (0.62 * chars), 0.75 * height_pt)
+    along = min(8.0, height_pt / (0.62 * chars), 0.75 * width_pt)
+    return (across, 0) if across >= along else (along, 90)
+
+
 def _legend(result) -> list:
     """Legend entries for what the picture actually shows."""
     from matplotlib.patches import Patch
@@ -180,6 +228,9 @@ def _legend(result) -> list:
         handles.append(
             Patch(facecolor="white", edgecolor="black", linewidth=1.6, label="overlapped F&B pair")
         )
+    if any(float(t.exposed_comm) > 0 for row in result.timeline for t in row):
+        handles.append(Patch(facecolor=_EXPOSED, alpha=0.55, edgecolor=_EXPOSED, hatch="////",
+                             label="exposed all-to-all (waited for; drawn at the block's end)"))
     return handles
 
 

@@ -141,3 +141,55 @@ def test_draw_timeline_writes_a_png(tmp_path):
     draw_timeline(result, path)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_every_micro_batch_with_room_is_labelled():
+    """Blocks narrower than a two-digit label but taller than wide (DeepSeek-V3 under 1F1B:
+    120 micro-batches on one row) get it along the block instead of losing it."""
+    from dsvc.compiler.schedules.draw import MIN_LABEL_POINTS, label_size
+
+    size, rotation = label_size(6.0, 25.0, 3)  # "117" in a sliver 6 pt wide, 25 pt tall
+    assert size >= MIN_LABEL_POINTS and rotation == 90
+    size, rotation = label_size(40.0, 25.0, 2)  # a wide block: across it, as before
+    assert size >= MIN_LABEL_POINTS and rotation == 0
+    assert label_size(1.0, 2.0, 3)[0] < MIN_LABEL_POINTS  # no room: no label
+
+
+def test_a_crowded_picture_keeps_its_labels(monkeypatch):
+    """DeepSeek-V3's 1F1B picture (16 ranks x 120 micro-batches: 3,840 blocks) labels every
+    block: the numbers are glyph outlines in one collection, not a Text each."""
+    import io
+
+    from dsvc.compiler.schedules import draw
+
+    seen = []
+    real = draw._label_collection
+    monkeypatch.setattr(draw, "_label_collection",
+                        lambda labels, ax, fig: seen.append(labels) or real(labels, ax, fig))
+    result = simulate_uniform(build_schedule("1f1b", 16, 120), 1, 2, 1)
+    draw_timeline(result, io.BytesIO())
+    assert len(seen[0]) == 2 * 16 * 120  # a forward and a backward per micro-batch and rank
+    assert {text for _, _, text, *_ in seen[0]} == {str(m) for m in range(120)}
+
+
+def test_exposed_communication_is_drawn(tmp_path):
+    """The all-to-all the compute stream waited for is red over the end of its block (the
+    tiny example's lone forwards and backwards wait for every all-to-all)."""
+    import matplotlib.image
+
+    from dsvc import dsl
+    from dsvc.compiler.driver import simulate_step
+    from tests.conftest import EXAMPLES
+
+    result = simulate_step(dsl.load(EXAMPLES / "tiny.dsv"))
+    assert sum(result.exposed_comm_s) > 0
+    path = tmp_path / "tiny.png"
+    draw_timeline(result.sim, path)
+    pixels = matplotlib.image.imread(path)
+    red = (pixels[..., 0] > 0.85) & (pixels[..., 1] < 0.55) & (pixels[..., 2] < 0.5)
+    assert red.sum() > 200
+    plain = simulate_uniform(build_schedule("1f1b", 2, 4), 1, 2, 1)  # nothing exposed
+    draw_timeline(plain, tmp_path / "plain.png")
+    pixels = matplotlib.image.imread(tmp_path / "plain.png")
+    red = (pixels[..., 0] > 0.85) & (pixels[..., 1] < 0.55) & (pixels[..., 2] < 0.5)
+    assert red.sum() == 0

@@ -57,18 +57,19 @@ def test_switching_overlap_off_exposes_the_all_to_all():
     assert off.exposed_comm_max_s > on.exposed_comm_max_s
     assert sum(off.exposed_comm_s) > 1.5 * sum(on.exposed_comm_s)
     assert off.step_time_s > on.step_time_s
-    rtol, _ = tol("simulate_float_sum")
-    for d in range(16):  # the same work, only how it overlaps changes
-        assert math.isclose(on.compute_s[d], off.compute_s[d], rel_tol=rtol)
+    for d in range(16):
+        # the same work; overlapped, the compute shares the GPU with the all-to-all kernels'
+        # 20 SMs, so it runs slower, by at most the SMs it lost
+        assert off.compute_s[d] < on.compute_s[d] < off.compute_s[d] * 132 / 112
 
 
 def test_lower_gemm_efficiency_in_the_spec_slows_the_step():
-    spec = dsl.load(EXAMPLES / "deepseek_v3.dsv")
-    gpu = spec.cluster.gpu
-    slow_gpu = dataclasses.replace(gpu, gemm_efficiency_fp8=gpu.gemm_efficiency_fp8 / 2)
-    slow = simulate_step(dataclasses.replace(
-        spec, cluster=dataclasses.replace(spec.cluster, gpu=slow_gpu)))
-    base = _v3("dual_microbatch")
+    """A spec that states its own efficiency factors gets the roofline with them (instead of
+    the calibrated kernels)."""
+    path = EXAMPLES / "deepseek_v3.dsv"
+    base = simulate_step(dsl.load(path, ["cluster.gpu.gemm_efficiency_fp8=0.51"]))
+    slow = simulate_step(dsl.load(path, ["cluster.gpu.gemm_efficiency_fp8=0.255"]))
+    assert any("cluster.gpu efficiency factors" in a for a in base.assumptions)
     for d in range(16):  # FP8 GEMMs take twice as long; attention core and the rest do not
         assert base.compute_s[d] < slow.compute_s[d] < 2 * base.compute_s[d]
     assert slow.step_time_s > base.step_time_s

@@ -27,6 +27,10 @@ def _compiler_actions(kind: str, num_stages: int, num_microbatches: int):
     return [[str(a) for a in acts] for acts in sch.actions]
 
 
+def _recomputing(raw: dict, mode: str) -> dict:
+    return {**raw, "train": {**raw["train"], "recompute": mode}}
+
+
 def _scenarios() -> dict[str, dict]:
     out = {
         "1f1b": tiny_plan(schedule="1f1b"),
@@ -34,12 +38,17 @@ def _scenarios() -> dict[str, dict]:
         "fp8_1f1b": tiny_plan(schedule="1f1b", precision="fp8"),
         # no pipeline, data 4 with EP 2: expert-data-parallel 2 (expert shards over 2 ranks)
         "dp4_ep2": tiny_plan(pp=1, dp=4, ep=2),
+        # full recomputation replays each layer, its expert all-to-alls included, in the
+        # pipeline's backward (torch's schedule runtime)
+        "1f1b_recompute_full": _recomputing(tiny_plan(schedule="1f1b"), "full"),
     }
     try:  # the schedule generator's lists (with sends, receives and OVERLAP_F_B pairs)
         out["dualpipev_plan"] = tiny_plan(
             schedule="dualpipev", actions=_compiler_actions("dualpipev", 4, 4)
         )
         out["zb1p_plan"] = tiny_plan(schedule="zb1p", actions=_compiler_actions("zb1p", 2, 4))
+        # the input and weight halves of a split backward each reach replayed activations
+        out["zb1p_recompute_selective"] = _recomputing(out["zb1p_plan"], "selective")
     except pytest.skip.Exception:
         pass
     return out
@@ -74,7 +83,8 @@ def _grad_errors(rank_result: dict, ref_records, step: int) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "scenario", ["1f1b", "dualpipev_torch", "dualpipev_plan", "zb1p_plan", "dp4_ep2"]
+    "scenario", ["1f1b", "dualpipev_torch", "dualpipev_plan", "zb1p_plan", "dp4_ep2",
+                 "1f1b_recompute_full", "zb1p_recompute_selective"]
 )
 def test_fp32_losses_and_gradients_match_one_process(runs, scenario):
     plans, results = runs

@@ -1,0 +1,86 @@
+"""The simulator against the trainer: every measured step beside its simulation, with the ratio.
+
+    python bench/simulate_vs_measured.py [--json OUT]
+
+For each run in bench/trainer_measurements.json (what bench/RESULTS.md records of
+bench/trainer_gpu.py: spec, card, date, commit, tokens/s, peak memory), the same spec
+(with the run's overrides, e.g. its BF16 mode) is simulated on that card, and the
+simulated step time and peak memory are printed beside the measurement with their
+ratio (simulated / measured). Target: within 15%. Where a ratio misses it, the note
+lists the mechanisms the simulator does not model yet. A benchmark, not a test: the
+trainer changes, and each GPU run re-measures it (add the run to the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import source_tree  # noqa: F401  (dsvc from this tree, installed or not)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUNS = ROOT / "bench" / "trainer_measurements.json"
+TARGET = 0.15
+# What the simulator leaves out, in the order we would look at it for a miss
+NOT_MODELLED = (
+    "Triton's Python launcher (tens of microseconds per generated-kernel launch, above the "
+    "measured 14 us per eager op)",
+    "the fused attention's rate on MLA's head widths (0.30 / 0.22 of peak is a cited "
+    "assumption until bench/kernels_gpu.py times it)",
+    "the caching allocator's synchronising frees and re-allocations at this memory pressure",
+    "host synchronisations outside the step's compute (metrics, expert-load read-backs)",
+)
+
+
+def simulate(run: dict) -> dict:
+    from dsvc import dsl
+    from dsvc.compiler.driver import build_report
+
+    overrides = list(run["overrides"])
+    spec = dsl.load(ROOT / run["spec"], overrides)
+    if spec.cluster.gpu.name.lower() != run["gpu"]:
+        overrides.append(f"cluster.gpu.name={run['gpu']}")
+        spec = dsl.load(ROOT / run["spec"], overrides)
+    report = build_report(spec)
+    tokens = spec.train.global_batch * spec.train.seq_len
+    return {"step_s": report.value("step.time_s"), "tokens": tokens,
+            "peak_bytes": report.value("memory.max_gpu_bytes")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    runs = json.loads(RUNS.read_text())["runs"]
+    rows, misses = [], []
+    print("| spec | mode | card, date | measured step | simulated | ratio | measured peak "
+          "| simulated | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        sim = simulate(run)
+        step = sim["tokens"] / run["tokens_per_s"]
+        peak = run["peak_memory_gb"] * 1e9
+        r_step, r_peak = sim["step_s"] / step, sim["peak_bytes"] / peak
+        rows.append({**run, "measured_step_s": step, "simulated_step_s": sim["step_s"],
+                     "step_ratio": r_step, "simulated_peak_gb": sim["peak_bytes"] / 1e9,
+                     "peak_ratio": r_peak})
+        print(f"| {run['spec']} | {run['mode']} | {run['card']}, {run['date']} | "
+              f"{step:.3f} s | {sim['step_s']:.3f} s | {r_step:.2f} | "
+              f"{run['peak_memory_gb']:.0f} GB | {sim['peak_bytes'] / 1e9:.1f} GB | "
+              f"{r_peak:.2f} |")
+        if abs(r_step - 1) > TARGET or abs(r_peak - 1) > TARGET:
+            misses.append((run, r_step, r_peak))
+    for run, r_step, r_peak in misses:
+        what = [f"step time {r_step:.2f}x"] if abs(r_step - 1) > TARGET else []
+        what += [f"peak memory {r_peak:.2f}x"] if abs(r_peak - 1) > TARGET else []
+        print(f"\nnote: {run['spec']} ({run['mode']}) misses the {TARGET:.0%} target on "
+              f"{' and '.join(what)}; not modelled yet: " + "; ".join(NOT_MODELLED))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
