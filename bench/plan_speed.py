@@ -67,7 +67,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="V2-Lite only")
     args = parser.parse_args()
-    from dsvc.compiler.plan.search import search
+    from dsvc.compiler.plan_search.search import search
 
     ok = True
     for name, (path, overrides, replace_from, hand) in CASES.items():

@@ -52,7 +52,7 @@ def source(text: str) -> dict:
 
         return json.loads((ROOT / spec_path).read_text())
     if kind == "kernels":  # the calibrated kernel model of a spec's GPU (docs/simulate.md)
-        from dsvc.compiler.costs.kernels import KernelModel
+        from dsvc.compiler.costs.kernel_rates import KernelModel
 
         return KernelModel.for_gpu(dsl.load(str(ROOT / spec_path)).cluster.gpu).summary()
     even, load, overrides = False, None, []

@@ -54,7 +54,7 @@ def parse_bytes(text: str) -> float:
 def run(args) -> int:
     from dsvc import dsl
     from dsvc.compiler.cli import load_spec, write_output
-    from dsvc.compiler.plan.search import load_base, search
+    from dsvc.compiler.plan_search.search import load_base, search
     from dsvc.runtime.inputs import InputError, check_regular_file
 
     if args.top < 1 or args.simulate < 1:
@@ -86,7 +86,7 @@ def run(args) -> int:
     if result.chosen is None:
         return 1
     if args.output is not None:
-        from dsvc.compiler.plan.write import check_written, spec_text
+        from dsvc.compiler.plan_search.write import check_written, spec_text
 
         text = spec_text(args.spec, [*overrides, *result.chosen.candidate.overrides()],
                          replace_from, args.output, header_lines(result))

@@ -162,10 +162,10 @@ STATED_FACTORS = ("gemm_efficiency_fp8", "gemm_efficiency_bf16", "memory_efficie
 
 
 def kernel_model(spec):
-    """The calibrated kernel model of the spec's GPU (`costs.kernels`), or None: a card the
+    """The calibrated kernel model of the spec's GPU (`costs.kernel_rates`), or None: a card the
     calibration does not know, or a spec that states its own efficiency factors (then
     the roofline with those factors is what it asked for)."""
-    from dsvc.compiler.costs.kernels import KernelModel
+    from dsvc.compiler.costs.kernel_rates import KernelModel
 
     if any(f"cluster.gpu.{f}" in spec.spans for f in STATED_FACTORS):
         return None

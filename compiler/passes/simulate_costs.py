@@ -179,7 +179,7 @@ class StageProfile:
 def stage_profiles(graph, topo: Topology, rates: Rates,
                    kernels=None) -> dict[int, StageProfile]:
     """Per-copy stage -> its profile, from the graph after insert_comm. With `kernels` (a
-    `costs.kernels.KernelModel`) ops cost what the runtime's kernels take on the card
+    `costs.kernel_rates.KernelModel`) ops cost what the runtime's kernels take on the card
     (`simulate_ops`); without, the roofline of `op_times`."""
     from dsvc.compiler.passes.schedule import stage_units, unit_name
 

@@ -10,9 +10,9 @@ import pytest
 from dsvc import dsl
 from dsvc.compiler.cli import main
 from dsvc.compiler.driver import build_report
-from dsvc.compiler.plan.search import search
-from dsvc.compiler.plan.space import candidates
-from dsvc.compiler.plan.write import spec_text
+from dsvc.compiler.plan_search.search import search
+from dsvc.compiler.plan_search.space import candidates
+from dsvc.compiler.plan_search.write import spec_text
 from tests.conftest import EXAMPLES
 
 TINY = EXAMPLES / "tiny.dsv"
