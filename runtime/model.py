@@ -43,6 +43,8 @@ class Block(nn.Module):
         m, prec = plan.model, plan.precision
         act, norm = dtype_of(prec.default), dtype_of(prec.kept["norm"])
         attn, ffn = m.attention[spec.attention], m.ffn[spec.ffn]
+        self.kind = (spec.attention, spec.ffn)  # the generated program's key for this block
+        self.program = None  # (block function, ProgramRuntime) once a program is attached
         self.input_layernorm = RMSNorm(m.hidden, m.norm_eps, norm, act)
         self.self_attn = build_attention(m, attn, prec)
         self.post_attention_layernorm = RMSNorm(m.hidden, m.norm_eps, norm, act)
@@ -54,6 +56,9 @@ class Block(nn.Module):
             self.mlp = SwiGLU(m.hidden, ffn.intermediate, fmts, act, prec.fp8_backend)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        if self.program is not None:  # the build's generated program (runtime/program.py)
+            fn, rt = self.program
+            return fn(rt, self, x_BSD)
         h = x_BSD + self.self_attn(self.input_layernorm(x_BSD))
         return h + self.mlp(self.post_attention_layernorm(h))
 

@@ -23,6 +23,7 @@ from dsvc import __version__
 from dsvc import runtime as runtime_package
 from dsvc.compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
 from dsvc.compiler.codegen.launch import launch_for
+from dsvc.compiler.codegen.program import render_program
 from dsvc.compiler.codegen.render import comment_safe, render_generated, render_template
 from dsvc.compiler.report import render_text, report_of
 from dsvc.compiler.schedules import draw_timeline
@@ -44,6 +45,8 @@ def emit_build(graph):
     files["plan.json"] = (json.dumps(dump_plan(graph.plan), indent=1, sort_keys=True) + "\n").encode()
     files["kernels/fp8_kernels.py"] = render_kernels(_kernel_config(spec, graph, passes)).encode()
     files["kernels/__init__.py"] = b""
+    files["program.py"] = render_program(graph, spec_file=_spec_file(spec),
+                                         span=_line_span(spec, "model"), passes=passes).encode()
     p, t = spec.parallel, spec.train
     files["train.py"] = render_generated(
         "train.py.jinja", span=_line_span(spec, "train"), model_name=spec.model.name,
@@ -85,20 +88,6 @@ def _gemm_shapes(graph):
         role, n, k = op.attr("role") or op.kind, op.attr("out_features"), op.attr("in_features")
         seen.setdefault((role, n, k), GemmShape(role, n, k))
     return tuple(seen[key] for key in sorted(seen))
-
-
-def _kernel_config(spec, graph):
-    from dsvc.compiler.codegen.kernels import KernelConfig
-
-    lin = spec.precision.linear
-    return KernelConfig(
-        act_tile=lin.act_tile[1], weight_block=tuple(lin.weight_block),
-        promote_every=lin.promote_every, scale_format=lin.scales,
-        out_dtype="fp32" if spec.precision.default == "fp32" else "bf16",
-        gemms=_gemm_shapes(graph), title=f"model {spec.model.name}",
-        spec_file=_spec_file(spec), span=_line_span(spec, "precision"),
-        passes=tuple(graph.passes),
-    )
 
 
 def _kernel_config(spec, graph, passes) -> KernelConfig:
