@@ -21,7 +21,7 @@ import tempfile
 
 from dsvc import __version__
 from dsvc import runtime as runtime_package
-from dsvc.compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
+from dsvc.compiler.codegen.kernels import FUSED_KINDS, GemmShape, KernelConfig, render_kernels
 from dsvc.compiler.codegen.launch import launch_for
 from dsvc.compiler.codegen.program import render_program
 from dsvc.compiler.codegen.render import comment_safe, render_generated, render_template
@@ -97,6 +97,7 @@ def _kernel_config(spec, graph, passes) -> KernelConfig:
         promote_every=lin.promote_every, scale_format=lin.scales,
         out_dtype="fp32" if spec.precision.default == "fp32" else "bf16",
         gemms=_gemm_shapes(graph), title=f"model {spec.model.name}",
+        fused=tuple(sorted({g.kind for g in graph.fusion or ()} & set(FUSED_KINDS))),
         spec_file=_spec_file(spec), span=_line_span(spec, "precision"), passes=passes,
     )
 
