@@ -267,10 +267,10 @@ class ProgramRuntime:
 
     # -- the attention core (kept in its plan dtype; torch picks the fused SDPA kernel)
     @staticmethod
-    def attention(q_BHSd, k_BHSd, v_BHSd, scale: float, core_dtype, out_dtype, gqa=False):
+    def attention(q_BHSd, k_BHSd, v_BHSd, scale: float, core_dtype, out_dtype):
         out = F.scaled_dot_product_attention(
             q_BHSd.to(core_dtype), k_BHSd.to(core_dtype), v_BHSd.to(core_dtype),
-            is_causal=True, scale=scale, enable_gqa=gqa,
+            is_causal=True, scale=scale,
         )  # fmt: skip
         return out.to(out_dtype)
 

@@ -4,9 +4,10 @@ For every block kind of the model (attention name, ffn name) the emitter reads o
 block's ops and fusion groups: dimensions from the ops' tensors and attributes (not
 from the spec), the routing constants from the router op, the epsilon from the norms,
 the formats from `assign_precision`'s marks, the group names for the code's comments.
-A kind the program cannot express yet (a linear that is not FP8, K padding, a norm
-not kept in fp32) is listed with the reason and runs the eager modules; the build
-says so and the runtime reports it.
+A kind the program cannot express yet (a linear that is not FP8, a norm not kept in
+fp32) is listed with the reason and runs the eager modules; the build says so and the
+runtime reports it. K padding (`pad`) needs nothing: the fused kernels and GEMMs take
+ragged K, and zero padding changes no scale and no product.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _kind(graph, key, prefix, ops, groups, layer_text) -> dict:
         kv_up = ops["attn.kv_up"].attr("out_features")
         ctx["att"] = {"kind": "mla", "heads": heads, "rope": r, "nope": nope,
                       "v": kv_up // heads - nope, "q_lora": q_lora,
-                      "kv_lora": ops["attn.kv_down"].attr("out_features") - r, "grouped": False}
+                      "kv_lora": ops["attn.kv_down"].attr("out_features") - r}
         linears = (["attn.q_down", "attn.q_up"] if q_lora else ["attn.q_proj"])
         linears += ["attn.kv_down", "attn.kv_up", "attn.o_proj"]
         norms = ["attn_norm", "ffn_norm", "attn.kv_norm"] + (["attn.q_norm"] if q_lora else [])
@@ -103,8 +104,7 @@ def _kind(graph, key, prefix, ops, groups, layer_text) -> dict:
         heads, kv_heads = core.attr("heads"), core.attr("kv_heads")
         bias = ops["attn.q_proj"].attr("bias") is not None
         ctx["att"] = {"kind": "gqa", "heads": heads, "kv_heads": kv_heads,
-                      "head_dim": rope.attr("rotary_dim"), "bias": bias,
-                      "grouped": kv_heads != heads}
+                      "head_dim": rope.attr("rotary_dim"), "bias": bias}
         linears = ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"]
         norms = ["attn_norm", "ffn_norm"]
     if "ffn.act" in ops:
@@ -141,8 +141,6 @@ def _unsupported(graph, ops, linears, norms) -> str:
         fp8 = ops[n].attr("fp8")
         if not fp8:
             return f"{ops[n].name} computes in {ops[n].dtype}, not FP8"
-        if fp8.get("pad"):
-            return f"{ops[n].name} pads K to whole tiles"
     if pol.keep.get("norm", "fp32") != "fp32":
         return "norms are kept in " + pol.keep["norm"] + ", the fused norms compute in fp32"
     if pol.default not in ("bf16", "fp32"):
