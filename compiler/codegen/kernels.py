@@ -242,8 +242,9 @@ def render_kernels(config: KernelConfig = KernelConfig()) -> str:
         "promote_every": config.promote_every,
         "scales": config.scale_format,
         "gemms": len(config.gemms),
-        "fused": len(config.fused),
     }
+    if config.fused:
+        tile_summary["fused"] = ",".join(sorted(config.fused))
     return render_generated(
         "fp8_kernels.py.jinja",
         spec_file=config.spec_file,

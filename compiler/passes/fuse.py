@@ -23,11 +23,11 @@ token tiles for their wgrad; the RoPE and SwiGLU backwards write their gradients
 already quantised in both tilings.
 
 Only the blocks' ops are grouped (embedding, head and the MTP module's own norms run
-eagerly). Each group records its bytes per micro-batch (sympy in T): what the fused
-kernels read and write, forward and backward, beside what the member ops move one by
-one, so `dsvc inspect --after fuse` shows the saving; `bench/fusion_cpu.py` measures
-it from a run. A group also carries the flags its kernels are launched with (which
-outputs exist, whether a residual gradient is added), which the program emitter reads.
+eagerly), and only under an FP8 linear policy (the kernels are built around its
+quantisations; a bf16 model's blocks run eagerly). Each group records its bytes per
+micro-batch (sympy in T): what the fused kernels read and write, forward and backward,
+beside what the member ops move one by one, so `dsvc inspect --after fuse` shows the
+saving; `bench/fusion_cpu.py` measures it from a run.
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ class _Grouper:
         self.taken: set[str] = set()
 
     def groups(self) -> list[FusionGroup]:
+        if not self.pol.linear.is_fp8:
+            return []  # the kernels fuse around FP8 boundaries; these blocks run eagerly
         for op in self.g.ops():
             if op.block not in ("layer", "mtp") or op.layer is None:
                 continue
