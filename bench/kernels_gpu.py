@@ -5,7 +5,7 @@ cuBLAS block-scaled against it too), then prints markdown tables of
   * TFLOP/s of the six DeepSeek-V3 training GEMM shapes at M = 4096 and M = 128 for
     the generated kernels (specialised to those shapes), cuBLAS block-scaled FP8
     (torch._scaled_mm) and cuBLAS BF16, with ratios, and against DeepSeek's reference
-    Triton fp8_gemm as measured in REFERENCE.md (target: >= 1.3x at M = 4096;
+    Triton fp8_gemm as measured in bench/RESULTS.md's reference table (target: >= 1.3x at M = 4096;
     stretch: >= 0.8x cuBLAS block-scaled, geometric mean);
   * TB/s of the quantisers against a device-to-device copy (target: >= 80%), beside
     the same kernels with the interpreter's integer rounding before the cast (the path
@@ -42,7 +42,7 @@ GPU_REL = 1e-3
 GPU_BF16_REL = 1e-2  # the same with the output rounded to bf16 (8 bits)
 import source_tree  # noqa: E402,F401  (dsvc from this tree, installed or not)
 
-# DeepSeek-V3 GEMMs (N, K) -> REFERENCE.md's H200 TFLOP/s at M = 4096:
+# DeepSeek-V3 GEMMs (N, K) -> the reference H200 TFLOP/s at M = 4096 (bench/RESULTS.md):
 # (bf16 cuBLAS, FP8 cuBLAS block-scaled, DeepSeek reference Triton fp8_gemm)
 V3_SHAPES = {
     (2112, 7168): (697, 1056, 516),
@@ -248,7 +248,7 @@ def _forced_persistent(kernels, a, a_s, w, w_s, torch):
 def gemm_rows(kernels, torch, sizes, have_cublas):
     print("\n## GEMMs (TFLOP/s)\n")
     print("| M | N | K | split K | generated | cuBLAS FP8 block | cuBLAS BF16 | gen/cuBLAS FP8 "
-          "| gen/BF16 | gen/DeepSeek ref (REFERENCE.md) |")  # fmt: skip
+          "| gen/BF16 | gen/DeepSeek ref (RESULTS reference) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     ratios = {m: ([], []) for m in sizes.tokens}
     for m in sizes.tokens:

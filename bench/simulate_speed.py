@@ -7,7 +7,7 @@ Prints the wall time of the graph passes (lower .. insert_comm) and of the
 schedule + simulate passes (median of `--runs`), against the issue's target
 (the step simulated in under 5 s); then the simulated step time, MFU and
 tokens per day beside the DeepSeek-V3 report's 19.926 s, 38.94% and 272.8B
-(REFERENCE.md) with the ratio, whatever it is (docs/simulate.md says what the
+(the DeepSeek-V3 report) with the ratio, whatever it is (docs/simulate.md says what the
 model assumes; no factor is tuned to the paper), and the exposed all-to-all
 with `overlap` on and off. Pure Python, CPU only.
 """

@@ -14,7 +14,7 @@ runtime, in the same process, twice from the same initial weights and batches:
 - bf16: the same model with every linear in BF16 (torch matmuls), eager.
 
 For each it prints the median step time, tokens/s, model TFLOP/s, MFU and peak
-memory. Model FLOPs per token follow REFERENCE.md's convention (6 x matmul
+memory. Model FLOPs per token follow the DeepSeek-V3 report's convention (docs/report.md) (6 x matmul
 parameters touched per token, output head included, embedding excluded, plus the
 causal attention products x 3), with the MTP module's own block and head counted
 because it trains; MFU divides by the card's dense BF16 peak (989 TFLOP/s on
@@ -75,7 +75,7 @@ def compile_build(spec: str, out: str) -> str:
 
 
 def flops_per_token(raw: dict) -> float:
-    """Training FLOPs per token (REFERENCE.md's convention, MTP modules included)."""
+    """Training FLOPs per token (the DeepSeek-V3 report's convention, MTP modules included)."""
     m, seq = raw["model"], raw["train"]["seq_len"]
     d = m["hidden"]
 

@@ -10,7 +10,6 @@ docs/ir.md.
 from __future__ import annotations
 
 import functools
-import json
 
 import sympy
 
@@ -240,21 +239,6 @@ def imbalance(graph: Graph) -> dict:
     dm = sum(pipe.device_cost) / len(pipe.device_cost)
     return {"stage": max(pipe.part_cost) / pm, "stage_min": min(pipe.part_cost) / pm,
             "device": max(pipe.device_cost) / dm, "device_min": min(pipe.device_cost) / dm}
-
-
-# ----------------------------------------------------------------------------- JSON
-
-
-def to_json_dict(graph: Graph, keep: set[str] | None = None) -> dict:
-    """The documented JSON form (docs/ir.md); `keep` filters nodes and edges."""
-    from dsvc.compiler.printer_json import graph_json
-
-    return graph_json(graph, keep)
-
-
-def format_json(graph: Graph, keep: set[str] | None = None) -> str:
-    # Compact separators keep the C encoder (a pretty DeepSeek-V3 graph takes 0.5 s more).
-    return json.dumps(to_json_dict(graph, keep), separators=(",", ":")) + "\n"
 
 
 # ----------------------------------------------------------------------------- DOT

@@ -89,26 +89,21 @@ def expert_load_imbalance(spec, path: str, ep: int, span=None) -> float:
     """Mean over the MoE layers of (hottest EP rank's load / mean rank load), a layer the
     file does not give counting as balanced (1.0), as the simulator charges it.
 
-    The file is read by the graph's own reader (`place_experts.read_expert_load`,
-    format in docs/ir.md), so the report, `inspect` and `compile` accept the same
-    files and reject bad ones with the same diagnostics (`SpecError`, file:line:col
-    for JSON errors). Experts sit on EP ranks in contiguous blocks of routed / EP,
-    as primary copies (the redundant replicas the graph adds are not counted here).
+    The file is read by the graph's own reader (`place_experts.read_expert_load`, over
+    the runtime's reader of the format in docs/ir.md), so the report, `inspect` and
+    `compile` accept the same files and reject bad ones with the same diagnostics
+    (`SpecError`). Experts sit on EP ranks in contiguous blocks of routed / EP, as
+    primary copies (the redundant replicas the graph adds are not counted here).
     """
-    from dsvc.compiler.passes.place_experts import _checked, primary_imbalance, read_expert_load
-    from dsvc.dsl.diagnostics import Span
+    from dsvc.compiler.passes.place_experts import primary_imbalance, read_expert_load
 
-    layers = moe_layer_indices(spec)
-    histogram = read_expert_load(path, layers, span)
-    where = span or Span(path, 0, 0)
-    ratios = []
-    for layer in layers:
-        if layer not in histogram:  # not measured: routed as assumed without a file
-            ratios.append(1.0)
-            continue
-        routed = spec.model.ffn_of(layer).routed if layer < spec.model.num_layers else (
-            spec.model.ffns[spec.model.layers[-1].ffn].routed)
-        ratios.append(primary_imbalance(_checked(histogram[layer], layer, routed, where), ep))
+    m = spec.model
+    routed = {layer: (m.ffn_of(layer) if layer < m.num_layers else m.ffns[m.layers[-1].ffn]).routed
+              for layer in moe_layer_indices(spec)}
+    histogram = read_expert_load(path, routed, span)
+    # not measured: routed as assumed without a file
+    ratios = [primary_imbalance(histogram[layer], ep) if layer in histogram else 1.0
+              for layer in routed]
     return sum(ratios) / len(ratios) if ratios else 1.0
 
 
@@ -142,12 +137,14 @@ def report_of(spec, graph=None, symbolic: bool = False, expert_load: str | None 
     from dsvc.compiler.costs.layout import even_layout, parallel_dims
     from dsvc.compiler.costs.memory import memory_figures
     from dsvc.compiler.costs.model import build_model
+    from dsvc.compiler.costs.model_figures import model_figures
     from dsvc.compiler.costs.network import network_figures
     from dsvc.compiler.costs.step import StepModel
 
     q = Quantities(symbolic)
     notes = []
     costs = build_model(spec, q)
+    model_figures(spec, q, costs)
     moes = [p.spec for p in costs.ffns.values() if p.kind == "moe"]
     imbalance = 1
     p = spec.parallel

@@ -1,4 +1,4 @@
-"""Whole-graph invariants, checked at pass boundaries (`compiler.pipeline` runs it).
+"""Whole-graph invariants, checked at pass boundaries (`compiler.driver` runs it).
 
 A failure here is a compiler bug, not a user error: `IRVerifyError` lists
 every broken invariant at once, each naming the op or edge.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dsvc.dsl import ast
 from dsvc.dsl import fields as F
 from dsvc.dsl.diagnostics import Span, did_you_mean
+from dsvc.dsl.limits import MAX_LAYERS
 from dsvc.dsl.values import CallValue, Ident
 
 
@@ -26,6 +27,7 @@ def read_layers(block, sink, ev, spans, attentions, ffns, declared=frozenset()):
     assigned: dict[int, Span] = {}
     per_layer: dict[int, S.LayerSpec] = {}
     int_conv = F.integer(0)
+    past_limit = False
     for ra in ranges:
         lo_v = ev.evaluate(ra.lo)
         hi_v = lo_v if ra.hi is None else ev.evaluate(ra.hi)
@@ -39,8 +41,11 @@ def read_layers(block, sink, ev, spans, attentions, ffns, declared=frozenset()):
             sink.error(f"empty layer range {lo}..{hi}", ra.span,
                        "ranges are inclusive and ascending: `3..60`")
             continue
-        if hi - lo > 100_000:
-            sink.error(f"layer range {lo}..{hi} is implausibly long", ra.span)
+        if hi >= MAX_LAYERS:  # before the loop below walks the range
+            sink.error(f"layer {hi} is past the limit of {MAX_LAYERS} layers (0..{MAX_LAYERS - 1})",
+                       ra.hi.span if ra.hi is not None else ra.lo.span,
+                       "the limit keeps report and compile within seconds (docs/limits.md)")
+            past_limit = True
             continue
         layer = _read_block_call(ra.value, sink, ev, attentions, ffns, declared)
         for i in range(lo, hi + 1):
@@ -53,8 +58,9 @@ def read_layers(block, sink, ev, spans, attentions, ffns, declared=frozenset()):
             if layer is not None:
                 per_layer[i] = layer
     if not assigned:
-        sink.error("`layers` assigns no layer", block.kind_span,
-                   "add e.g. `0..31 = block(attn, ffn)`")
+        if not past_limit:
+            sink.error("`layers` assigns no layer", block.kind_span,
+                       "add e.g. `0..31 = block(attn, ffn)`")
         return None
     n = max(assigned) + 1
     missing = [i for i in range(n) if i not in assigned]

@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 import keyword
 import os
-import pathlib
 
 from dsvc.dsl import ast, parser
 from dsvc.dsl.diagnostics import ERROR, Diagnostic, DiagnosticSink, Span, SpecError, did_you_mean
+from dsvc.dsl.files import read_source
 from dsvc.dsl.struct import Frozen
 from dsvc.dsl.values import Evaluator
 
@@ -46,39 +46,19 @@ class _Sources:
         self.order: list[str] = []
 
     def read(self, path: str, span: Span | None) -> str | None:
-        p = pathlib.Path(path)
-        if span is None:
-            span = Span(path, 0, 0)
         try:
-            if p.is_dir():
-                self.sink.error(f"'{path}' is a directory, not a .dsv file", span,
-                                "name a .dsv file")
-                return None
-            data = p.read_bytes()
-        except FileNotFoundError:
-            self.sink.error(f"file not found: '{path}'", span, _near_files(p))
-            return None
-        except OSError as err:
-            self.sink.error(f"cannot read '{path}': {err.strerror or err}", span)
-            return None
-        try:
-            text = parser.decode_source(path, data)
+            text = read_source(path, span)
         except SpecError as err:
-            self.sink.extend(err.diagnostics)
+            for d in err.diagnostics:  # at an include: shown with the including line
+                if d.source is None and d.span is not None and d.span.line > 0:
+                    self.sink.error(d.message, d.span, d.hint, d.code)
+                else:
+                    self.sink.add(d)
             return None
         self.texts[path] = text
         self.sink.sources[path] = text
         self.order.append(path)
         return text
-
-
-def _near_files(p: pathlib.Path) -> str | None:
-    try:
-        siblings = [f.name for f in p.parent.iterdir() if f.suffix == ".dsv"]
-    except OSError:
-        return None
-    guess = did_you_mean(p.name, siblings)
-    return f"did you mean '{p.parent / guess}'?" if guess else None
 
 
 def _collect(

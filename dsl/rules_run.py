@@ -6,9 +6,35 @@ order of RULES is the order of the two files).
 
 from __future__ import annotations
 
+from dsvc.dsl.limits import (
+    MAX_EXPERTS,
+    MAX_REDUNDANT_EXPERTS,
+    MAX_SCHEDULE_CHUNKS,
+    MAX_WORLD_SIZE,
+)
 from dsvc.dsl.rules import _divisors_near, _moes, rule
 
 # ----------------------------------------------------------------------------- cluster
+
+
+@rule("size-limits")
+def _size_limits(spec, sink):
+    """Counts that drive the work of report / inspect / compile, bounded (dsl/limits.py);
+    the layer count is bounded where layers are read, schedule chunks with micro-batches."""
+    c, p = spec.cluster, spec.parallel
+    if c is not None and c.world_size > MAX_WORLD_SIZE:
+        sink.error(f"{c.nodes:,} nodes x {c.gpus_per_node:,} GPUs = {c.world_size:,} GPUs, past "
+                   f"the limit of {MAX_WORLD_SIZE:,}", spec.span("cluster.nodes"),
+                   "the simulator walks every collective group's ranks (docs/limits.md)")
+    for name, f in sorted(spec.model.ffns.items()):
+        if f.kind == "moe" and f.routed > MAX_EXPERTS:
+            sink.error(f"{f.routed:,} routed experts in ffn '{name}', past the limit of "
+                       f"{MAX_EXPERTS:,}", spec.span(f"model.ffn.{name}.routed"),
+                       "expert placement is planned per layer and expert (docs/limits.md)")
+    if p is not None and p.redundant_experts > MAX_REDUNDANT_EXPERTS:
+        sink.error(f"{p.redundant_experts:,} redundant experts, past the limit of "
+                   f"{MAX_REDUNDANT_EXPERTS:,}", spec.span("parallel.redundant_experts"),
+                   "replicas are placed per layer, replica and EP rank (docs/limits.md)")
 
 
 @rule("bandwidth-effective", needs=("cluster",))
@@ -154,9 +180,6 @@ def _stages(spec, sink):
                        "every layer on exactly one stage")
 
 
-MAX_MICRO_BATCHES = 10_000  # DeepSeek-V3 runs 120; simulating 10k takes seconds
-
-
 @rule("micro-batches")
 def _micro(spec, sink):
     p, t = spec.parallel, spec.train
@@ -170,10 +193,13 @@ def _micro(spec, sink):
         return
     m = t.global_batch // denom
     span = spec.span("train.global_batch")
-    if m > MAX_MICRO_BATCHES:  # the report simulates every micro-batch of the step
-        sink.error(f"{m} micro-batches per step is implausibly many (at most "
-                   f"{MAX_MICRO_BATCHES:,})", span,
-                   "raise micro_batch or data parallelism, or lower global_batch")
+    chunks = m * p.stages_per_copy
+    if chunks > MAX_SCHEDULE_CHUNKS:  # every chunk is generated, checked, simulated, drawn
+        sink.error(f"{p.stages_per_copy} pipeline stage{'s' if p.stages_per_copy != 1 else ''} "
+                   f"x {m:,} micro-batches = {chunks:,} schedule chunks, past the limit of "
+                   f"{MAX_SCHEDULE_CHUNKS:,}", span,
+                   "raise micro_batch or data parallelism, or lower global_batch "
+                   "(docs/limits.md)")
         return
     # DualPipe: PP ranks (the README's PP), micro-batches even and at least 2 x PP, half fed
     # from each end. DualPipeV: 2 stages per rank, at least 2 x ranks micro-batches.
@@ -213,6 +239,15 @@ def _ep(spec, sink):
         if p.redundant_experts % p.expert:
             sink.error(f"{p.redundant_experts} redundant experts do not spread evenly over "
                        f"{p.expert} EP ranks", spec.span("parallel.redundant_experts"))
+        elif f.routed % p.expert == 0 and \
+                p.redundant_experts // p.expert > f.routed - f.routed // p.expert:
+            # a rank replicates only experts it does not hold: past that a slot stays empty
+            most = p.expert * (f.routed - f.routed // p.expert)
+            sink.error(f"{p.redundant_experts} redundant experts cannot be placed: each of the "
+                       f"{p.expert} EP ranks can take a replica only of the "
+                       f"{f.routed - f.routed // p.expert} experts of ffn '{f.name}' it does "
+                       "not hold", spec.span("parallel.redundant_experts"),
+                       f"use at most {most}")
     if moes and p.redundant_experts and p.redundant_experts % p.expert == 0:
         # the trainer's plan (v1) has no replicated experts: say so before anyone trains
         sink.warning(f"{p.redundant_experts} redundant experts appear in `dsvc inspect`'s "
@@ -316,9 +351,15 @@ def _expert_load(spec, sink):
     p = spec.parallel
     if p is None or p.expert_load is None:
         return
+    from dsvc.runtime.inputs import InputError, check_regular_file
+
     path = os.path.join(os.path.dirname(spec.file), p.expert_load)
-    if not os.path.isfile(path):
-        sink.error(f"expert load file not found: '{p.expert_load}'",
+    try:
+        check_regular_file(path)
+    except InputError as err:
+        what = "not found" if not os.path.lexists(path) else err.reason
+        sink.error(f"expert load file {what}: '{p.expert_load}'" if what == "not found" else
+                   f"expert load file '{p.expert_load}' {what}",
                    spec.span("parallel.expert_load"),
                    "paths are relative to the spec; the file is a JSON histogram")
 

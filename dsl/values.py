@@ -12,6 +12,7 @@ import math
 
 from dsvc.dsl import ast
 from dsvc.dsl.diagnostics import DiagnosticSink, Span, did_you_mean
+from dsvc.dsl.limits import MAX_INTEGER
 from dsvc.dsl.struct import Frozen, Struct
 from dsvc.dsl.units import NUMBER, UNITS, unknown_unit_hint
 
@@ -44,6 +45,9 @@ class CallValue(Frozen):
 
     _fields = ("func", "func_span", "args", "arg_spans", "kwargs", "kwarg_spans", "span")
     __slots__ = _fields
+
+
+_INTEGER_DIGITS = len(str(MAX_INTEGER))
 
 
 def _dim(v) -> str:
@@ -80,7 +84,7 @@ class Evaluator:
 
     def _eval(self, e):
         if isinstance(e, ast.Num):
-            return e.value
+            return self._literal(e)
         if isinstance(e, ast.Str):
             return e.value
         if isinstance(e, ast.Name):
@@ -105,7 +109,10 @@ class Evaluator:
                 self.sink.error(f"unit '{e.unit}' applied to {what}", e.span,
                                 "a unit follows a plain number, e.g. 400 GB/s")
                 return None
-            return Qty(inner * factor, dim, e.unit)
+            value = inner * factor
+            if not self._finite(value, e.span):
+                return None
+            return Qty(value, dim, e.unit)
         if isinstance(e, ast.Neg):
             v = self._eval(e.operand)
             if v is None or isinstance(v, BadUnit):
@@ -135,6 +142,35 @@ class Evaluator:
         if isinstance(e, ast.List):
             return [self._eval(i) for i in e.items]
         raise AssertionError(f"unknown expression node {type(e).__name__}")
+
+    def _literal(self, e: ast.Num):
+        """A number as written, refused (not converted) when it is beyond what any field
+        takes: an integer longer than MAX_INTEGER's digits, a real that is not finite."""
+        digits = e.text.replace("_", "")
+        if not any(c in digits for c in ".eE") and len(digits.lstrip("0")) > _INTEGER_DIGITS:
+            self.sink.error(f"integer of {len(digits.lstrip('0'))} digits is too large",
+                            e.span, f"integers in a spec are at most 10^{_INTEGER_DIGITS - 1} "
+                            "(docs/limits.md)")
+            return None
+        value = e.value
+        if isinstance(value, int):
+            return self._integer(value, e.span)
+        return value if self._finite(value, e.span) else None
+
+    def _integer(self, value: int, span):
+        if abs(value) > MAX_INTEGER:
+            self.sink.error("number too large", span,
+                            f"integers in a spec are at most 10^{_INTEGER_DIGITS - 1} (docs/limits.md)")
+            return None
+        return value
+
+    def _finite(self, value, span) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            self.sink.error("number out of range: not a finite real number", span,
+                            "real numbers in a spec are at most ~1.8e308 in magnitude, "
+                            "with their unit applied")
+            return False
+        return True
 
     def _binop(self, e: ast.BinOp):
         left, right = self._eval(e.left), self._eval(e.right)
@@ -186,8 +222,7 @@ class Evaluator:
         if isinstance(r, float) and not math.isfinite(r):
             self.sink.error("arithmetic overflow", e.span)
             return None
-        if isinstance(r, int) and abs(r) > 10**30:
-            self.sink.error("number too large", e.span)
+        if isinstance(r, int) and self._integer(r, e.span) is None:
             return None
         dim = ld if ld != NUMBER else rd
         if op in ("/", "//", "%") and ld == rd:

@@ -5,8 +5,19 @@ LLaMA (`q_proj`, `k_proj`, `v_proj`, `o_proj`), so checkpoints map 1:1. The
 attention core (softmax(QK^T) V, causal) runs in the plan's `attention_core`
 dtype through `F.scaled_dot_product_attention`.
 
-Shape legend: B batch, S sequence, D hidden, H heads, G kv heads, C kv latent
-(kv_lora_rank), Q q latent (q_lora_rank), P qk_nope_dim, R qk_rope_dim, V v_dim.
+Decoding (`forward_cached`) runs a chunk of new tokens over a `kv_cache.LayerCache`.
+MLA caches the normalised latent and the rotated RoPE key only, and by default
+attends with its up-projections *absorbed* (DeepSeek-V2 section 2.1.2, and
+DeepSeek-V3's reference inference code): W_UK folds into the query, so the scores
+are q_nope W_UK . c + q_pe . k_pe over the cached c itself, and W_UV applies after
+the weighted sum of latents; no per-head key or value is formed. Unabsorbed, it
+re-derives keys and values from the cached latent through `kv_b_proj`, as training
+does. Both run the core in the `attention_core` dtype through
+`F.scaled_dot_product_attention`, as MQA with one latent head when absorbed.
+
+Shape legend: B batch, S sequence (new tokens when decoding), T cached positions,
+D hidden, H heads, G kv heads, C kv latent (kv_lora_rank), Q q latent
+(q_lora_rank), P qk_nope_dim, R qk_rope_dim, V v_dim.
 """
 
 from __future__ import annotations
@@ -17,6 +28,19 @@ from torch import nn
 
 from .layers import Linear, RMSNorm, RotaryEmbedding, dtype_of, yarn_softmax_mscale
 from .plan import Attention, Model, Precision
+
+
+def _core_cached(q_BHSd, k_BGTd, v_BGTd, mask_BST, scale: float, core_dtype) -> torch.Tensor:
+    """Attention of new queries over cached keys (G kv heads shared by H // G query heads
+    each, in order), visible keys as `mask_BST` says; output (B, H, S, d_v) in core_dtype."""
+    h, g = q_BHSd.shape[1], k_BGTd.shape[1]
+    if g != h:  # as training's GQA: query head i reads kv head i // (H / G)
+        k_BGTd = k_BGTd.repeat_interleave(h // g, dim=1)
+        v_BGTd = v_BGTd.repeat_interleave(h // g, dim=1)
+    return F.scaled_dot_product_attention(
+        q_BHSd.to(core_dtype), k_BGTd.to(core_dtype), v_BGTd.to(core_dtype),
+        attn_mask=mask_BST.unsqueeze(1), scale=scale,
+    )  # fmt: skip
 
 
 def _core(q_BHSd, k_BHSd, v_BHSd, scale: float, core_dtype, out_dtype) -> torch.Tensor:
@@ -88,6 +112,44 @@ class MLA(nn.Module):
         )  # fmt: skip
         return self.o_proj(o_BHSV.transpose(1, 2).reshape(b, s, h * v))
 
+    def forward_cached(self, x_BSD: torch.Tensor, cache, step) -> torch.Tensor:
+        """New tokens x at `step.pos_BS`; caches their latent and RoPE key, attends over
+        the row's cache (absorbed or not, `step.absorb`)."""
+        sp = self.spec
+        b, s, _ = x_BSD.shape
+        h, p, r, v, c = sp.heads, sp.qk_nope_dim, sp.qk_rope_dim, sp.v_dim, sp.kv_lora_rank
+        if sp.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        else:
+            q = self.q_proj(x_BSD)
+        q_nope_BSHP, q_pe_BSHR = torch.split(q.view(b, s, h, p + r), [p, r], dim=-1)
+        q_pe_BSHR = self.rotary.at(q_pe_BSHR, step.pos_BS)
+        c_BSC, k_pe_BSR = torch.split(self.kv_a_proj_with_mqa(x_BSD), [c, r], dim=-1)
+        k_pe_BSR = self.rotary.at(k_pe_BSR.unsqueeze(2), step.pos_BS).squeeze(2)
+        cache.write(step.pos_BS, latent=self.kv_a_layernorm(c_BSC), k_pe=k_pe_BSR)
+        latent_BTC = cache.read("latent", step.keys)
+        k_pe_BTR = cache.read("k_pe", step.keys)
+        if step.absorb:
+            cd = self.core_dtype
+            w_HdC = self.kv_b_proj.dense_weight(cd).view(h, p + v, c)
+            q_lat_BSHC = torch.einsum("bshp,hpc->bshc", q_nope_BSHP.to(cd), w_HdC[:, :p])
+            q_BHSd = torch.cat([q_lat_BSHC, q_pe_BSHR.to(cd)], dim=-1).transpose(1, 2)
+            k_B1Td = torch.cat([latent_BTC, k_pe_BTR], dim=-1).unsqueeze(1)
+            o_BHSC = _core_cached(q_BHSd, k_B1Td, latent_BTC.unsqueeze(1), step.mask_BST,
+                                  self.softmax_scale, cd)
+            o_BSHV = torch.einsum("bhsc,hvc->bshv", o_BHSC, w_HdC[:, p:]).to(self.act_dtype)
+        else:
+            t = step.keys
+            kv_BTHd = self.kv_b_proj(latent_BTC.to(self.act_dtype)).view(b, t, h, p + v)
+            k_nope_BTHP, v_BTHV = torch.split(kv_BTHd, [p, v], dim=-1)
+            k_BTHd = torch.cat([k_nope_BTHP, k_pe_BTR.unsqueeze(2).expand(b, t, h, r)], dim=-1)
+            q_BSHd = torch.cat([q_nope_BSHP, q_pe_BSHR], dim=-1)
+            o_BHSV = _core_cached(q_BSHd.transpose(1, 2), k_BTHd.transpose(1, 2),
+                                  v_BTHV.transpose(1, 2), step.mask_BST, self.softmax_scale,
+                                  self.core_dtype)
+            o_BSHV = o_BHSV.transpose(1, 2).to(self.act_dtype)
+        return self.o_proj(o_BSHV.reshape(b, s, h * v))
+
 
 class GQA(nn.Module):
     """Grouped-query attention (multi-head when kv_heads == heads), RoPE on the full head;
@@ -124,6 +186,21 @@ class GQA(nn.Module):
             self.softmax_scale, self.core_dtype, self.act_dtype,
         )  # fmt: skip
         return self.o_proj(o_BHSd.transpose(1, 2).reshape(b, s, h * hd))
+
+    def forward_cached(self, x_BSD: torch.Tensor, cache, step) -> torch.Tensor:
+        """New tokens at `step.pos_BS`: their rotated K and their V into the cache, then
+        attention over the row's cached keys."""
+        sp = self.spec
+        b, s, _ = x_BSD.shape
+        h, g, hd = sp.heads, sp.kv_heads, sp.head_dim
+        q_BSHd = self.rotary.at(self.q_proj(x_BSD).view(b, s, h, hd), step.pos_BS)
+        k_BSGd = self.rotary.at(self.k_proj(x_BSD).view(b, s, g, hd), step.pos_BS)
+        cache.write(step.pos_BS, k=k_BSGd, v=self.v_proj(x_BSD).view(b, s, g, hd))
+        k_BGTd = cache.read("k", step.keys).transpose(1, 2)
+        v_BGTd = cache.read("v", step.keys).transpose(1, 2)
+        o_BHSd = _core_cached(q_BSHd.transpose(1, 2), k_BGTd, v_BGTd, step.mask_BST,
+                              self.softmax_scale, self.core_dtype)
+        return self.o_proj(o_BHSd.transpose(1, 2).to(self.act_dtype).reshape(b, s, h * hd))
 
 
 def build_attention(model: Model, spec: Attention, prec: Precision) -> nn.Module:

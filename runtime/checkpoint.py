@@ -118,13 +118,17 @@ def latest(root: str) -> str | None:
 
 
 def read_meta(path: str) -> dict:
+    """A checkpoint's record, read under the input policy (inputs.py: a regular file of
+    bounded size, JSON of bounded depth and digits)."""
+    from .inputs import InputError, load_json
+
+    record = os.path.join(path, META)
+    if not os.path.lexists(record):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META})")
     try:
-        with open(os.path.join(path, META)) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {META})") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: {META} is unreadable ({err})") from None
+        meta = load_json(record)
+    except InputError as err:
+        raise CheckpointError(f"{path}: {META} is unreadable ({err.reason})") from None
     if not isinstance(meta, dict) or "step" not in meta:
         raise CheckpointError(f"{path}: {META} is not a dsvc checkpoint record")
     return meta
@@ -201,6 +205,21 @@ def read_entries(path: str, prefix: str):
             raise CheckpointError(f"{path} is corrupt or incomplete: cannot read {key} "
                                   f"({_cause(err)})") from None
         yield key, tensor
+
+
+def load_tensors(path: str, state: dict) -> None:
+    """Fill `state` (tensors by checkpoint key, a subset of what it holds) from checkpoint
+    `path` in this process alone, whatever layout wrote it and whether or not a process
+    group exists (`no_dist`): the reader of `dsvc generate` and `runtime.trained`."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with _one_process_quiet():
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"{path}: cannot read the model's weights ({_cause(err)})") from None
 
 
 def _cause(err: BaseException) -> str:

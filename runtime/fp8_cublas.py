@@ -1,7 +1,7 @@
 """FP8 "cublas" backend: torch._scaled_mm with DeepSeek-style block scales (GPU only).
 
 Used as the comparison point for the generated kernels. `scaled_mm_operands` lays
-the operands out as torch 2.11 accepted them on an H200 (REFERENCE.md):
+the operands out as torch 2.11 accepted them on an H200 (bench/RESULTS.md):
 
   mat1     a (M, K) fp8, row-major
   scale_a  (M, Kt) fp32 stored column-major (`s.t().contiguous().t()`: strides (1, M))

@@ -16,6 +16,10 @@ record. The policy, and why (docs/limits.md lists each limit):
   `MAX_INT_DIGITS` digits and non-finite numbers (`NaN`, `Infinity`, `1e999`) are
   refused while it is parsed, before any exact arithmetic sees them.
 
+Directories dsvc will write into (a run directory) are checked the same way before
+any work starts: `check_writable_dir` (a file in the way, no permission, a read-only
+or pseudo file system such as /proc are found by creating and removing a probe).
+
 Errors are `InputError`, one line naming the file; the callers turn it into their
 own diagnostic (dsl), usage error (CLI) or launch error (runtime). Standard library
 only: a build directory's copy of the runtime reads its plan with it.
@@ -29,6 +33,7 @@ import math
 import os
 import re
 import stat
+import tempfile
 
 # A spec file or one of its includes (the language's own limit; specs are a few KB).
 SPEC_BYTES = 2 * 1024 * 1024
@@ -42,17 +47,23 @@ MAX_INT_DIGITS = 64
 
 __all__ = [
     "JSON_BYTES", "MAX_INT_DIGITS", "MAX_JSON_DEPTH", "SPEC_BYTES", "InputError",
-    "check_regular_file", "load_json", "parse_json", "read_bytes", "read_text",
+    "check_regular_file", "check_writable_dir", "load_json", "parse_json", "read_bytes",
+    "read_text",
 ]  # fmt: skip
 
 
 class InputError(ValueError):
-    """A user-supplied file or text that dsvc will not read; `str()` is one line."""
+    """A user-supplied file or text that dsvc will not read; `str()` is one line.
 
-    def __init__(self, path: str, message: str):
+    `line` and `col` (1-based) locate a JSON syntax error in the file, for callers that
+    point a diagnostic at it; None otherwise."""
+
+    def __init__(self, path: str, message: str, line: int | None = None,
+                 col: int | None = None):
         super().__init__(f"{path}: {message}")
         self.path = path
         self.reason = message
+        self.line, self.col = line, col
 
 
 def _kind(mode: int) -> str:
@@ -168,7 +179,7 @@ def parse_json(text: str | bytes, source: str) -> object:
                           parse_constant=parse_constant)
     except json.JSONDecodeError as err:
         raise InputError(source, f"not valid JSON at line {err.lineno}, column {err.colno}: "
-                                 f"{err.msg}") from None
+                                 f"{err.msg}", err.lineno, err.colno) from None
     except UnicodeDecodeError as err:
         raise InputError(source, f"not UTF-8 text (byte {err.start})") from None
     except RecursionError:  # unreachable under MAX_JSON_DEPTH; kept for a lowered recursion limit
@@ -178,3 +189,23 @@ def parse_json(text: str | bytes, source: str) -> object:
 def load_json(path: str | os.PathLike, limit: int = JSON_BYTES) -> object:
     """A JSON file read and parsed under the policy."""
     return parse_json(read_bytes(path, limit), os.fspath(path))
+
+
+def check_writable_dir(path: str | os.PathLike) -> None:
+    """`InputError` unless `path` is a directory dsvc can create files in, or can be created:
+    the nearest existing ancestor must be a directory, and a probe directory made and
+    removed there proves it writable. Changes nothing on disk."""
+    name = os.fspath(path)
+    here = os.path.abspath(name)
+    while not os.path.lexists(here):
+        parent = os.path.dirname(here)
+        if parent == here:
+            break
+        here = parent
+    if os.path.lexists(here) and not os.path.isdir(here):
+        what = "it" if here == os.path.abspath(name) else f"'{here}'"
+        raise InputError(name, f"{what} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dsvc-probe-", dir=here))
+    except OSError as err:
+        raise InputError(name, f"cannot create files in '{here}': {err.strerror or err}") from None

@@ -58,6 +58,26 @@ class Linear(nn.Module):
         b = self.bias.to(dt) if self.bias is not None else None
         return F.linear(x_MK.to(dt), self.weight.to(dt), b).to(self.act_dtype)
 
+    def dense_weight(self, dtype) -> torch.Tensor:
+        """The weight (N, K) as this linear's GEMM sees it, in `dtype`: FP8 blocks quantised
+        and dequantised (the absorbed MLA decode folds it into other products). Kept until
+        the weight changes (its version counter moves with every in-place update)."""
+        w = self.weight.detach()
+        key = (dtype, self.weight._version, w.data_ptr(), w.device)
+        memo = getattr(self, "_dense_memo", None)
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        if self.fmt.format == "fp8_e4m3":
+            from .fp8 import dequantize_weight, quantize_weight
+
+            # the torch backend's scales are every backend's, bit for bit (fp8.py)
+            q, s = quantize_weight(w.float(), self.fmt.weight_block[0], self.fmt.ue8m0)
+            out = dequantize_weight(q, s, self.fmt.weight_block[0]).to(dtype)
+        else:
+            out = w.to(_DTYPES[self.fmt.format]).to(dtype)
+        self._dense_memo = (key, out)
+        return out
+
     def extra_repr(self) -> str:
         bias = ", bias" if self.bias is not None else ""
         return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, {self.fmt.format}{bias}"
@@ -187,8 +207,18 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x_BSHR: torch.Tensor) -> torch.Tensor:
         s = x_BSHR.shape[1]
-        cos = self.cos_SR2[:s, None, :]
-        sin = self.sin_SR2[:s, None, :]
+        return self._rotate(x_BSHR, self.cos_SR2[:s, None, :], self.sin_SR2[:s, None, :])
+
+    def at(self, x_BSHR: torch.Tensor, pos_BS: torch.Tensor) -> torch.Tensor:
+        """RoPE at explicit positions (B, S): decoding, where row b's tokens sit at
+        pos_BS[b] of its own sequence (`forward` is `at` with positions 0..S-1).
+        Positions past the table are clamped to its end: only padding of a decode chunk
+        lands there (generate.py checks every real position against max_seq_len)."""
+        pos_BS = pos_BS.clamp(max=self.cos_SR2.shape[0] - 1)
+        return self._rotate(x_BSHR, self.cos_SR2[pos_BS][:, :, None, :],
+                            self.sin_SR2[pos_BS][:, :, None, :])
+
+    def _rotate(self, x_BSHR, cos, sin) -> torch.Tensor:
         xf = x_BSHR.float()
         if self.interleaved:
             x0, x1 = xf[..., 0::2], xf[..., 1::2]

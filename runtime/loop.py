@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -141,14 +140,17 @@ def _shutdown() -> None:
 
 def load_raw_plan(build_dir: str, args) -> dict:
     """plan.json with the command line's overrides applied (precision, backend, data)."""
+    from .inputs import InputError, load_json
+
     path = os.path.join(build_dir, "plan.json")
+    if not os.path.lexists(path):
+        raise LaunchError(f"{build_dir} is not a dsvc build directory (no plan.json)")
     try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise LaunchError(f"{build_dir} is not a dsvc build directory (no plan.json)") from None
-    except (OSError, ValueError) as err:
-        raise LaunchError(f"{path} is unreadable ({err}); recompile the spec") from None
+        raw = load_json(path)
+    except InputError as err:
+        raise LaunchError(f"{err}; recompile the spec") from None
+    if not isinstance(raw, dict):
+        raise LaunchError(f"{path} is not a dsvc plan (a JSON object); recompile the spec")
     if args.fp32:
         raw["precision"] = fp32_precision()
     if linear_format(raw).startswith("fp8"):
@@ -197,6 +199,7 @@ def _run(build_dir: str, args) -> int:
                 "world_size": plan.mesh.world_size, "data": plan.mesh.data}
     run_dir = os.path.abspath(args.run_dir)
     ckpt_root = os.path.join(run_dir, "checkpoints")
+    _check_run_dir(run_dir, ckpt_root)
     start_path, meta = _checkpoint_to_resume(ckpt_root, args.resume, expected)
     if world != plan.mesh.world_size:
         raise LaunchError(
@@ -241,6 +244,19 @@ def _run(build_dir: str, args) -> int:
     console.summary()
     _shutdown()
     return 0
+
+
+def _check_run_dir(run_dir: str, ckpt_root: str) -> None:
+    """Where metrics and checkpoints go can be written: found before any process group
+    starts (every rank finds it; rank 0 says it), not as a traceback after the first step."""
+    from .inputs import InputError, check_writable_dir
+
+    try:
+        check_writable_dir(run_dir)
+        if os.path.lexists(ckpt_root) and not os.path.isdir(ckpt_root):
+            raise InputError(ckpt_root, "is a file; the run keeps its checkpoints there")
+    except InputError as err:
+        raise LaunchError(f"run directory {err}") from None
 
 
 def _checkpoint_to_resume(ckpt_root: str, resume: bool, expected: dict):

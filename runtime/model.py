@@ -62,6 +62,12 @@ class Block(nn.Module):
         h = x_BSD + self.self_attn(self.input_layernorm(x_BSD))
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def forward_cached(self, x_BSD: torch.Tensor, cache, step) -> torch.Tensor:
+        """Decoding (decode.py): attention over this layer's `kv_cache.LayerCache` at the
+        positions `step` gives; the FFN as in training."""
+        h = x_BSD + self.self_attn.forward_cached(self.input_layernorm(x_BSD), cache, step)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
 
 class SharedHead(nn.Module):
     def __init__(self, dim: int, eps: float, norm_dtype, act_dtype):

@@ -51,16 +51,36 @@ class OverlapSession:
 
     def __init__(
         self, forward_action: str, backward_action: str, log: list | None = None,
-        interleave: bool = True,
+        interleave: bool = True, two_forwards: bool = False,
     ):  # fmt: skip
         self.actions = {FORWARD: forward_action, BACKWARD: backward_action}
         self.log = log if log is not None else []
         self.interleave = interleave
+        # decoding (`forwards`): both halves are forwards, so every exchange reports
+        # FORWARD; the half that issued it is the one holding the baton
+        self.two_forwards = two_forwards
+        self._running: str | None = None
         self._cv = threading.Condition()
         self._turn = BACKWARD
         self._finished: set[str] = set()
         self._segment: dict[str, int | None] = {FORWARD: None, BACKWARD: None}
         self._last: dict[str, tuple[str, str] | None] = {FORWARD: None, BACKWARD: None}
+
+    @classmethod
+    def forwards(
+        cls, first_action: str, second_action: str, log: list | None = None,
+        interleave: bool = True,
+    ) -> OverlapSession:  # fmt: skip
+        """A session for two micro-batches' forwards (dual micro-batch overlap at inference):
+        drive it with `run_forwards`. The first runs on the calling thread and goes first,
+        the second on the helper thread; each compute chunk of one is issued while the
+        other's dispatch or combine is in flight, and the log names chunks as forwards."""
+        return cls(second_action, first_action, log, interleave, two_forwards=True)
+
+    def run_forwards(self, first_fn, second_fn):
+        """(first_fn(), second_fn()), interleaved at their all-to-alls."""
+        second, first = self.run(second_fn, first_fn)
+        return first, second
 
     # -- driving ---------------------------------------------------------------------
     def run(self, forward_fn, backward_fn):
@@ -68,12 +88,15 @@ class OverlapSession:
         (forward result, backward result). An exception in either is re-raised here."""
         if not self.interleave:
             out = []
-            for role, fn in ((FORWARD, forward_fn), (BACKWARD, backward_fn)):
+            order = ((BACKWARD, backward_fn), (FORWARD, forward_fn)) if self.two_forwards else (
+                (FORWARD, forward_fn), (BACKWARD, backward_fn))
+            for role, fn in order:
+                self._running = role
                 self._open_segment(role)
                 out.append(fn())
                 self._close_segment(role, None)
                 self._finished.add(role)
-            return out[0], out[1]
+            return (out[1], out[0]) if self.two_forwards else (out[0], out[1])
         results: dict[str, object] = {}
         errors: list[BaseException] = []
 
@@ -111,6 +134,7 @@ class OverlapSession:
     # -- called by the exchanges (ExpertComm.exchange) -------------------------------
     def started(self, role: str, label: str) -> None:
         """`role` has just started the all-to-all `label`: let the other stream compute."""
+        role = self._caller(role)
         self._close_segment(role, _split(label))
         self.log.append(("start", self.actions[role], label))
         if not self.interleave:
@@ -125,10 +149,18 @@ class OverlapSession:
 
     def waited(self, role: str, label: str) -> None:
         """`role`'s all-to-all `label` has arrived: it computes again."""
+        role = self._caller(role)
         self.log.append(("wait", self.actions[role], label))
         self._open_segment(role)
 
     # -- internals -------------------------------------------------------------------
+    def _caller(self, role: str) -> str:
+        """The half that issued an exchange: as reported, or for two forwards the half
+        that holds the baton (the running one when not interleaved)."""
+        if not self.two_forwards:
+            return role
+        return self._turn if self.interleave else self._running
+
     def _wait_turn(self, role: str) -> None:
         with self._cv:
             while self._turn != role and _other(role) not in self._finished:
@@ -142,7 +174,9 @@ class OverlapSession:
         at = self._segment[role]
         if at is None:
             return
-        self.log[at] = ("compute", self.actions[role], _segment_label(role, self._last[role], nxt))
+        direction = FORWARD if self.two_forwards else role
+        self.log[at] = ("compute", self.actions[role],
+                        _segment_label(direction, self._last[role], nxt))
         self._segment[role] = None
         if nxt is not None:
             self._last[role] = nxt
@@ -300,3 +334,35 @@ class CopyTransport:
             event = torch.cuda.Event()
             event.record(self.stream)
         return InFlight(outs, event=event, device=self.stream.device)
+
+
+class CountingTransport:
+    """Another transport with the bytes it is handed counted (`dsvc generate` reports them
+    against `dsvc report`'s decode figures): `payload_bytes` of every row exchange, the
+    rows this rank keeps for itself included (the report's model, where every expert is
+    remote), `remote_bytes` of them to other ranks, `payload_rows` rows sent, and
+    `count_bytes` of the per-destination counts exchanged before the rows."""
+
+    def __init__(self, inner=None, rank: int = 0):
+        self.inner = inner if inner is not None else CollectiveTransport()
+        self.rank = rank
+        self.payload_bytes = self.remote_bytes = self.payload_rows = self.count_bytes = 0
+
+    def active(self, group, num_dest: int) -> bool:
+        return self.inner.active(group, num_dest)
+
+    def start(self, tensors, out_splits, in_splits, group) -> InFlight:
+        # Route sends its counts as one int64 tensor of (destinations, buckets), one row each
+        counts = len(tensors) == 1 and tensors[0].dtype == torch.int64 and tensors[0].dim() == 2
+        for t in tensors:
+            row = t[0].numel() * t.element_size() if t.shape[0] else 0
+            sent = sum(in_splits) * row
+            if counts:
+                self.count_bytes += sent
+                continue
+            self.payload_bytes += sent
+            mine = in_splits[self.rank] if self.rank < len(in_splits) else 0
+            self.remote_bytes += sent - mine * row
+        if not counts:
+            self.payload_rows += sum(in_splits)
+        return self.inner.start(tensors, out_splits, in_splits, group)

@@ -32,6 +32,9 @@ import json
 import torch
 import torch.distributed as dist
 
+from .plan import Model
+from .schema import SchemaError, read, to_json
+
 FORMAT = 2  # dsvc.json `checkpoint_format`; 1 (absent): per-parameter optimizer state
 PARTS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -48,9 +51,14 @@ def _key(trainer, name: str) -> str:
 
 def model_hash(plan_raw: dict) -> str:
     """Identifies the model's architecture, not how it is laid out or trained: the plan's
-    `model` section only (cluster, parallel plan, precision and schedule may differ)."""
-    model = json.dumps(plan_raw["model"], sort_keys=True)
-    return hashlib.sha256(model.encode()).hexdigest()
+    `model` section only (cluster, parallel plan, precision and schedule may differ), in its
+    canonical form (every default written out), so two plans that say the same model the
+    same way or more briefly hash alike."""
+    try:
+        model = to_json(read(Model, plan_raw["model"], "model"))
+    except SchemaError:  # not a model this runtime reads: its hash matches no checkpoint's
+        model = plan_raw["model"]
+    return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()
 
 
 def pipeline_layout(plan_raw: dict) -> dict:

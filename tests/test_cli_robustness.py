@@ -1,10 +1,18 @@
 """A user's-eye sweep of every `dsvc` command: wrong input ends in exit 0/1/2 and a clear message.
 
-Each case runs `compiler.cli.main` in-process in a scratch directory holding the
-files below (a copy of examples/tiny.dsv and variants of it, bad JSON, a
-directory). A case fails if the exit code differs, if stderr shows a traceback
+Each case of the sweep runs `compiler.cli.main` in-process in a scratch directory
+holding the files below (a copy of examples/tiny.dsv and variants of it, bad JSON,
+a directory). A case fails if the exit code differs, if stderr shows a traceback
 or the "internal error" fallback (exit 3), or if an error wrote a file. `train`
 is swept only up to the errors raised before training starts.
+
+The second half (issue 19) runs `dsvc` as a real process with a timeout, once per
+failure class that used to hang, exhaust memory, print a traceback or lose a file:
+a FIFO or /dev/zero given as a spec or reached through `include`, unbounded counts
+and numbers, output to a full device or a closed pipe, output paths under a file
+or /proc, a run directory under a file. Each asserts the exit code, a message of
+one line (one diagnostic for a spec), no traceback, bounded time, and that nothing
+on disk changed.
 """
 
 from __future__ import annotations
@@ -15,6 +23,9 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -233,3 +244,153 @@ def test_huge_expert_loads_do_not_overflow(tmp_path):
     path = tmp_path / "huge.json"
     path.write_text(json.dumps([1e308] * 8))
     assert expert_load_imbalance(spec, str(path), 2) == 1.0  # uniform, however large
+
+
+# ----------------------------------------------------------------------------- real processes
+
+DSVC = [sys.executable, "-m", "dsvc"]
+BOUND_S = 60  # every case finishes in seconds; a hang or a memory blow-up does not
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A scratch directory with the hostile inputs, made by the test (FIFOs, /dev/zero links)."""
+    root = tmp_path_factory.mktemp("hostile")
+    shutil.copy(ROOT / "examples" / "tiny.dsv", root / "tiny.dsv")
+    shutil.copytree(ROOT / "examples" / "clusters", root / "clusters")
+    os.mkfifo(root / "pipe.dsv")
+    os.mkfifo(root / "pipe.json")
+    (root / "zero.dsv").symlink_to("/dev/zero")
+    (root / "zero.json").symlink_to("/dev/zero")
+    (root / "afile").write_text("a file, not a directory\n")
+    include = 'include "clusters/cpu4.dsv"'
+    (root / "inc_pipe.dsv").write_text(TINY.replace(include, include + '\ninclude "pipe.dsv"'))
+    (root / "inc_zero.dsv").write_text(TINY.replace(include, include + '\ninclude "zero.dsv"'))
+    (root / "long_number.dsv").write_text(TINY.replace("vocab = 512", "vocab = " + "9" * 5000))
+    (root / "infinities.dsv").write_text(
+        TINY.replace("eps = 1e-6", "eps = 1e400").replace("lr = 3e-3", "lr = 1e400"))
+    (root / "clusters" / "inf_hbm.dsv").write_text(
+        (ROOT / "examples" / "clusters" / "cpu4.dsv").read_text()
+        .replace("hbm = 20 GB/s", "hbm = 1e400 GB/s"))
+    (root / "inf_hbm.dsv").write_text(TINY.replace("cpu4.dsv", "inf_hbm.dsv"))
+    (root / "layers_range.dsv").write_text(
+        TINY.replace("1..3 = block(mla, moe)", "1..100001 = block(mla, moe)"))
+    lines = "\n".join(f"    {i} = block(mla, moe)" for i in range(1, 20_001))
+    (root / "layers_lines.dsv").write_text(TINY.replace("    1..3 = block(mla, moe)", lines))
+    (root / "chunks.dsv").write_text(  # pipeline 2 x 100,000 micro-batches
+        TINY.replace("global_batch = 8", "global_batch = 200000"))
+    (root / "cr_only.dsv").write_bytes(TINY.replace("\n", "\r").encode())
+    (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (root / "long_int.json").write_text("[" + "9" * 5000 + "]")
+    return root
+
+
+def _state(root: pathlib.Path) -> dict:
+    """Every entry under `root` (lstat: links and FIFOs are not followed), with its size and
+    modification time: a command that fails must leave this unchanged."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        out[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _dsvc(root, *argv, stdout=subprocess.PIPE, env=None):
+    start = time.monotonic()
+    proc = subprocess.run(DSVC + list(argv), cwd=root, stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, timeout=BOUND_S, env=env, stdin=subprocess.DEVNULL,
+                          check=False)
+    took = time.monotonic() - start
+    assert took < BOUND_S
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    return proc
+
+
+# (argv, exit code, what the one error says). A spec error is one diagnostic: its line,
+# the source line and caret, a hint, and the count.
+HOSTILE = [
+    (["check", "pipe.dsv"], 1, "is a FIFO (named pipe); dsvc reads regular files only"),
+    (["fmt", "pipe.dsv"], 1, "is a FIFO"),
+    (["check", "inc_pipe.dsv"], 1, "cannot read 'pipe.dsv': is a FIFO"),
+    (["check", "zero.dsv"], 1, "is a device; dsvc reads regular files only"),
+    (["report", "inc_zero.dsv"], 1, "cannot read 'zero.dsv': is a device"),
+    (["check", "long_number.dsv"], 1, "integer of 5000 digits is too large"),
+    (["check", "infinities.dsv"], 1, "not a finite real number"),
+    (["check", "inf_hbm.dsv"], 1, "not a finite real number"),
+    (["check", "layers_range.dsv"], 1, "layer 100001 is past the limit of 256 layers"),
+    (["report", "layers_lines.dsv"], 1, "layer 256 is past the limit of 256 layers"),
+    (["report", "chunks.dsv"], 1, "200,000 schedule chunks, past the limit of 8,192"),
+    (["report", "tiny.dsv", "--expert-load", "zero.json"], 2,
+     "--expert-load zero.json: is a device; dsvc reads regular files only"),
+    (["report", "tiny.dsv", "--expert-load", "pipe.json"], 2, "is a FIFO"),
+    (["report", "tiny.dsv", "--expert-load", "deep.json"], 1, "JSON nested 100000 deep"),
+    (["inspect", "tiny.dsv", "--expert-load", "long_int.json"], 1,
+     "a JSON integer of 5000 digits"),
+    (["schedule", "--kind", "1f1b", "--stages", "4", "--micro-batches", "8", "--f",
+      "1e999999999"], 2, "is out of range"),
+    (["schedule", "--kind", "1f1b", "--stages", "100000", "--micro-batches", "4"], 2,
+     "more than the 8,192 schedule chunks"),
+    (["compile", "tiny.dsv", "-o", "afile/build"], 2, "afile' is a file, not a directory"),
+    (["compile", "tiny.dsv", "-o", "/proc/dsvc-build"], 2, "cannot write /proc/dsvc-build: cannot "
+     "create files in '/proc'"),
+    (["inspect", "tiny.dsv", "-o", "afile/graph.txt"], 2, "cannot write afile/graph.txt"),
+    (["schedule", "--kind", "1f1b", "--stages", "2", "--micro-batches", "2", "-o",
+      "/proc/schedule.txt"], 2, "cannot write /proc/schedule.txt"),
+    (["train", "tiny.dsv", "--run-dir", "afile/run"], 2, "afile' is a file, not a directory"),
+]
+
+
+@pytest.mark.parametrize("argv, code, says", HOSTILE, ids=[" ".join(a)[:60] for a, _, _ in HOSTILE])
+def test_hostile_input_in_a_real_process(hostile, argv, code, says):
+    before = _state(hostile)
+    env = dict(os.environ, DSVC_CACHE=str(hostile / "cache"))  # train: nothing compiled
+    env.pop("DSVC_DEBUG", None)
+    proc = _dsvc(hostile, *argv, env=env)
+    assert proc.returncode == code, proc.stderr
+    assert says in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    if code == 2 or argv[0] == "train":  # one line, perhaps with a hint below it
+        lines = proc.stderr.strip().splitlines()
+        if lines[0].startswith("usage:"):  # argparse puts its usage above its own line
+            lines = lines[lines.index(errors[0]):]
+        assert lines[:1] == errors and all(x.startswith("  hint:") for x in lines[1:]), lines
+    else:  # spec diagnostics: one per problem, the first is the one asked about
+        assert says in errors[0] or says in proc.stderr.split("\n\n")[0], proc.stderr
+    assert _state(hostile) == before, "a failed command changed files"
+
+
+def test_cr_only_line_endings_read_as_lines(hostile):
+    proc = _dsvc(hostile, "check", "cr_only.dsv")
+    assert proc.returncode == 0, proc.stderr
+    assert "cr_only.dsv: ok (model tiny: 4 layers)" in proc.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+@pytest.mark.parametrize("argv", [["check", "tiny.dsv"], ["report", "tiny.dsv"],
+                                  ["schedule", "--kind", "zb1p", "--stages", "4",
+                                   "--micro-batches", "8", "--format", "json"]])
+def test_a_full_device_on_stdout_is_one_line(hostile, argv):
+    before = _state(hostile)
+    with open("/dev/full", "w") as full:
+        proc = _dsvc(hostile, *argv, stdout=full)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"dsvc {argv[0]}: error: cannot write standard output: No space left on device"]
+    assert _state(hostile) == before
+
+
+def test_a_closed_pipe_ends_quietly(hostile):
+    # megabytes of JSON, far more than a pipe holds: dsvc is still writing when the reader goes
+    argv = ["schedule", "--kind", "zb1p", "--stages", "16", "--micro-batches", "64",
+            "--format", "json"]
+    proc = subprocess.Popen(DSVC + argv, cwd=hostile, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout.readline().startswith(b"{")  # what `| head -1` reads
+    proc.stdout.close()
+    try:
+        code = proc.wait(timeout=BOUND_S)
+    finally:
+        proc.kill()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert code == 0 and err == "", err

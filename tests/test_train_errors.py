@@ -137,6 +137,13 @@ def test_corrupt_checkpoint_record(w1, trained, tmp_path, capsys):
     _fails_cleanly(capsys, w1, run, "--resume", "--steps", "4", expect="dsvc.json is unreadable")
 
 
+def test_a_run_directory_under_a_file_is_refused_before_any_process_group(w1, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    _fails_cleanly(capsys, w1, tmp_path / "afile" / "run", "--steps", "2",
+                   expect="is a file, not a directory")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_fresh_start_over_another_runs_checkpoints(w1, trained, capsys):
     _fails_cleanly(capsys, w1, trained, "--steps", "4", expect="pass --resume to continue")
 

@@ -8,7 +8,9 @@
 - a run stopped at step 20 and resumed to 40 gives exactly the losses of an
   uninterrupted 40-step run (FP32 mode);
 - `dsvc train` itself: compiles into a build directory, launches, writes
-  metrics.jsonl with the documented keys and draws loss.png.
+  metrics.jsonl with the documented keys and draws loss.png;
+- `dsvc generate` from those runs (FP32 and FP8): the same greedy tokens with and
+  without MTP drafting.
 
 Three launches of four processes (about a minute on two loaded cores).
 """
@@ -99,7 +101,7 @@ def test_expert_load_file_counts_every_routed_token(fp32_run):
     assert record["format"] == "dsvc-expert-load" and record["steps"] == [1, 40]
     layers = moe_layer_indices(spec)
     assert layers == [1, 2, 3, 4]  # layers 1..3 on pipeline rank 0 and 1, MTP (4) on the last
-    histogram = read_expert_load(str(path), layers)
+    histogram = read_expert_load(str(path), {layer: 8 for layer in layers})
     assert sorted(histogram) == layers
     # every token of every step goes to top_k = 2 of the 8 experts of each MoE layer
     tokens = 40 * record["tokens_per_step"]
@@ -115,6 +117,34 @@ def test_expert_load_file_counts_every_routed_token(fp32_run):
     report = build_report(spec, expert_load=str(path))
     assert report.value("comm.expert_load_imbalance") == pytest.approx(expected, rel=1e-12)
     assert expected > 1.0
+
+
+def _generate(run, *args) -> tuple[list[list[int]], dict]:
+    """`dsvc generate RUN ... --jsonl -` in this process: (each row's new ids, the summary)."""
+    import contextlib
+    import io
+
+    from dsvc.compiler.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["generate", str(run), "--jsonl", "-", *map(str, args)])
+    assert code == 0, err.getvalue()
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    return [r["ids"] for r in rows if "ids" in r], rows[-1]["summary"]
+
+
+PROMPTS = ("--ids", "3 7 11 15 19 23", "--ids", "100 101 102 103")
+
+
+def test_generate_from_the_trained_run_same_with_and_without_mtp(fp32_run):
+    """The tiny example after 40 steps (pipeline 2 x data 2, experts over 2), decoded from
+    its run directory in the precision it trained in: MTP drafting changes nothing."""
+    plain, stats = _generate(fp32_run, *PROMPTS, "--max-new-tokens", 12)
+    drafted, mtp_stats = _generate(fp32_run, *PROMPTS, "--max-new-tokens", 12, "--mtp")
+    assert plain == drafted and [len(t) for t in plain] == [12, 12]
+    assert stats["kv_cache_bytes_per_token"] == 4 * (128 + 16) * 4  # fp32 run: 4 B values
+    assert mtp_stats["drafted"][0] > 0 and mtp_stats["tokens_per_forward"] >= 1.0
 
 
 def test_stop_at_20_and_resume_to_40_is_bitwise(fp32_run, tiny_build, tmp_path):
@@ -177,3 +207,8 @@ def test_dsvc_train_fp8_golden_metrics_and_plot(tmp_path):
     # the spec checkpoints every 25 steps; the run's last step is saved all the same
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000020"]
     assert "done: 20 steps" in proc.stderr
+    # decoded in the precision it trained in (FP8 linears, bf16 cache): drafting with the
+    # MTP module gives the same greedy tokens
+    plain, stats = _generate(run, *PROMPTS, "--max-new-tokens", 8)
+    drafted, _ = _generate(run, *PROMPTS, "--max-new-tokens", 8, "--mtp")
+    assert plain == drafted and stats["kv_cache_bytes_per_token"] == 1152  # as the report

@@ -2,7 +2,8 @@
 
 The directory holds plan.json, report.md, schedule.png, kernels/, a copy of
 the runtime as dsvc_runtime/, train.py and a README saying how to launch it. Nothing is
-written when the spec has errors; the directory is replaced atomically.
+written when the spec has errors; a recompile replaces exactly the files dsvc wrote
+before (listed in .dsvc-build) and leaves a user's own files there alone, with a note.
 """
 
 from __future__ import annotations
@@ -27,4 +28,21 @@ def run(args) -> int:
     check_expert_load_flag(args.expert_load)
     result = build(spec, args.output, expert_load=args.expert_load)
     print(f"{args.output}: {result.summary}")
+    report_kept(result, "dsvc compile")
     return 0
+
+
+def report_kept(result, who: str) -> None:
+    """Notes on what a recompile found in the build directory: files a user added (left
+    alone) and generated files edited since the last compile (replaced)."""
+    import sys
+
+    if result.kept:
+        shown = ", ".join(result.kept[:8]) + (f", ... ({len(result.kept)} in all)"
+                                              if len(result.kept) > 8 else "")
+        print(f"{who}: note: left alone in {result.out_dir}, not written by dsvc: {shown}",
+              file=sys.stderr)
+    if result.edited:
+        print(f"{who}: note: replaced {', '.join(result.edited)} in {result.out_dir}, edited "
+              "since the last compile (generated files are rewritten on every compile)",
+              file=sys.stderr)

@@ -20,9 +20,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from dsvc.compiler.cli import UsageError
+    from dsvc.compiler.cli import UsageError, write_output
     from dsvc.compiler.import_hf import import_config
-    from dsvc.dsl.files import write_atomic
     from dsvc.runtime.inputs import JSON_BYTES, InputError, read_text
 
     out_path = args.output
@@ -46,6 +45,6 @@ def run(args) -> int:
         sys.stdout.write(spec_text)
     else:
         existed = os.path.exists(out_path)
-        write_atomic(out_path, spec_text)
+        write_output(out_path, spec_text)
         print(f"{'replaced' if existed else 'wrote'} {out_path}", file=sys.stderr)
     return 0

@@ -86,7 +86,9 @@ def _render(fmt: str, graph, keep) -> str | bytes:
     if fmt == "text":
         return printer.format_text(graph, keep)
     if fmt == "json":
-        return printer.format_json(graph, keep)
+        from dsvc.compiler.printer_json import format_json
+
+        return format_json(graph, keep)
     dot = printer.format_dot(graph, keep)
     if fmt == "dot":
         return dot
@@ -112,15 +114,10 @@ def render_dot(dot: str, fmt: str) -> str | bytes:
 
 
 def _write(args, data: str | bytes) -> None:
-    from dsvc.compiler.cli import UsageError
+    from dsvc.compiler.cli import UsageError, write_output
 
     if args.output:
-        mode = "wb" if isinstance(data, bytes) else "w"
-        try:
-            with open(args.output, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
-                f.write(data)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+        write_output(args.output, data)
         print(f"{args.output}: {args.format}", file=sys.stderr)
         return
     if isinstance(data, bytes):

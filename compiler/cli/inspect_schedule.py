@@ -31,7 +31,7 @@ def run(args) -> int:
 
 def run_schedule_view(spec, args) -> int:
     """Simulate `spec` and write the view `args.format` asks for to `args.output` or stdout."""
-    from dsvc.compiler.cli import UsageError, check_expert_load_flag
+    from dsvc.compiler.cli import UsageError, check_expert_load_flag, write_output
 
     fmt = getattr(args, "format", "text") or "text"
     output = getattr(args, "output", None)
@@ -50,12 +50,13 @@ def run_schedule_view(spec, args) -> int:
 
     result = simulate_step(spec, expert_load=expert_load)
     if fmt == "png":
+        import io
+
         from dsvc.compiler.schedules import draw_timeline
 
-        try:
-            draw_timeline(result.sim, output, title=_title(spec, result))
-        except OSError as exc:
-            raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+        image = io.BytesIO()
+        draw_timeline(result.sim, image, title=_title(spec, result))
+        write_output(output, image.getvalue())
         print(f"{output}: png", file=sys.stderr)
         return 0
     if fmt == "json":
@@ -71,11 +72,7 @@ def run_schedule_view(spec, args) -> int:
     else:
         text = step_text(spec, result)
     if output:
-        try:
-            with open(output, "w", encoding="utf-8") as f:
-                f.write(text)
-        except OSError as exc:
-            raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+        write_output(output, text)
         print(f"{output}: {fmt}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -10,24 +10,38 @@ Times are exact rationals ("0.5", "1/3" are fine), in any one unit.
 from __future__ import annotations
 
 import argparse
+import re
 
-from dsvc.compiler.cli import UsageError
+from dsvc.compiler.cli import UsageError, write_output
+from dsvc.dsl.limits import MAX_SCHEDULE_CHUNKS
 
 FORMATS = ("text", "json", "png", "chrome")
 KIND_CHOICES = ("1f1b", "zb1p", "dualpipe", "dualpipev")  # = compiler.schedules.KINDS
-MAX_CHUNKS = 1_000_000  # stages x micro-batches: a minute or two of simulation at most
+# A chunk time: a decimal (`2`, `0.5`, `1.5e-3`) or a ratio of integers (`1/3`). Checked
+# before any exact arithmetic: Fraction("1e999999999") builds a billion-digit integer.
+_TIME = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|[0-9]+/[0-9]+)\Z")
+MAX_TIME_DIGITS = 30  # digits of a chunk time, and the magnitude of its exponent
 
 
 def _time(text: str):
     from fractions import Fraction
 
-    try:
-        value = Fraction(text.strip())
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 2, 0.5 or 1/3)") from None
-    if value < 0:
+    t = text.strip()
+    if t.startswith("-") and _TIME.match(t[1:]):
         raise argparse.ArgumentTypeError(f"{text} is negative; chunk times are durations")
-    return value
+    if not _TIME.match(t):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 2, 0.5, 1.5e-3 or 1/3)")
+    mantissa, _, exponent = t.lower().partition("e")
+    digits = sum(c.isdigit() for c in mantissa)
+    if digits > MAX_TIME_DIGITS or (exponent and (len(exponent.lstrip("+-")) > 3
+                                                  or abs(int(exponent)) > MAX_TIME_DIGITS)):
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r} is out of range: at most {MAX_TIME_DIGITS} digits and an exponent "
+            f"of at most {MAX_TIME_DIGITS} (times are in any one unit: pick a nearer one)")
+    try:
+        return Fraction(t)
+    except ZeroDivisionError:
+        raise argparse.ArgumentTypeError(f"{text!r} divides by zero") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import io
     import json
-    import pathlib
 
     from dsvc.compiler.schedules import (
         ScheduleConfigError,
@@ -102,10 +116,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             "--format png writes an image and needs -o FILE\n  hint: add -o schedule.png"
         )
-    if args.stages * args.micro_batches > MAX_CHUNKS:
+    if args.stages * args.micro_batches > MAX_SCHEDULE_CHUNKS:
         raise UsageError(
-            f"--stages {args.stages} x --micro-batches {args.micro_batches} is more than "
-            f"{MAX_CHUNKS:,} chunks to simulate\n  hint: the bubble formulas scale; try smaller numbers"
+            f"--stages {args.stages} x --micro-batches {args.micro_batches} is more than the "
+            f"{MAX_SCHEDULE_CHUNKS:,} schedule chunks dsvc builds (docs/limits.md)\n"
+            "  hint: the bubble formulas scale; try smaller numbers"
         )
     try:
         schedule = build_schedule(args.kind, args.stages, args.micro_batches)
@@ -115,10 +130,9 @@ def run(args: argparse.Namespace) -> int:
     result = simulate(schedule, costs)
 
     if args.format == "png":
-        try:
-            draw_timeline(result, args.output)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+        image = io.BytesIO()
+        draw_timeline(result, image)
+        write_output(args.output, image.getvalue())
         print(f"wrote {args.output}")
         return 0
     if args.format == "json":
@@ -128,10 +142,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = summary_text(result, costs)
     if args.output:
-        try:
-            pathlib.Path(args.output).write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+        write_output(args.output, text)
         print(f"wrote {args.output}")
     else:
         print(text, end="")

@@ -13,7 +13,6 @@ RUN_DIR/metrics.jsonl into RUN_DIR/loss.png.
 from __future__ import annotations
 
 import os
-import pathlib
 
 
 def add_arguments(p) -> None:
@@ -37,25 +36,50 @@ def cache_root() -> str:
 
 
 def _token_file(spec) -> str | None:
-    """The spec's token file as an absolute path (relative to the spec), checked to exist."""
+    """The spec's token file as an absolute path (relative to the spec), checked to be a
+    regular file (a FIFO or a device would block or never end the trainer's reads)."""
+    from dsvc.runtime.inputs import InputError, check_regular_file
+
     data = spec.train.data
     if data.kind != "tokens":
         return None
     path = data.path
     if not os.path.isabs(path):
         path = os.path.join(os.path.dirname(os.path.abspath(spec.file)), path)
-    if not os.path.isfile(path):
+    try:
+        check_regular_file(path)
+    except InputError as err:
         from dsvc.dsl.diagnostics import Diagnostic, SpecError
+        from dsvc.dsl.files import read_source
 
         span = spec.span("train.data")
         try:  # the line itself, for the caret
-            source = pathlib.Path(span.file).read_text() if span else None
-        except OSError:
+            source = read_source(span.file) if span else None
+        except SpecError:
             source = None
-        raise SpecError([Diagnostic("error", f"token file not found: {path}", span,
+        message = (f"token file not found: {path}" if not os.path.lexists(path)
+                   else f"token file {path}: {err.reason}")
+        raise SpecError([Diagnostic("error", message, span,
                                     "a path in tokens(...) is relative to the spec's directory",
-                                    source)])
+                                    source)]) from None
     return path
+
+
+def check_run_dir(run_dir: str) -> None:
+    """The run directory (and its checkpoints/) can be written, checked before anything is
+    compiled or launched: `--run-dir afile/run` is one line here, not a traceback from every
+    worker. Whether a fresh start would overwrite checkpoints, and whether the one to resume
+    fits, the trainer itself checks, before it starts a process group."""
+    from dsvc.compiler.cli import UsageError
+    from dsvc.runtime.inputs import InputError, check_writable_dir
+
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    try:
+        check_writable_dir(run_dir)
+        if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
+            raise InputError(checkpoints, "is a file; the run keeps its checkpoints there")
+    except InputError as err:
+        raise UsageError(f"--run-dir {err}") from None
 
 
 def run(args) -> int:
@@ -77,10 +101,15 @@ def run(args) -> int:
     if args.init_hf is not None and not os.path.exists(args.init_hf):
         raise UsageError(f"--init-hf {args.init_hf}: no such file or directory")
     data_path = _token_file(spec)
+    run_dir = os.path.abspath(args.run_dir or os.path.join("runs", spec.model.name))
+    check_run_dir(run_dir)
     build_dir = args.build_dir or os.path.join(cache_root(), "builds",
                                                f"{spec.model.name}-{spec.content_hash[:16]}")
     compiled = build_cached(spec, build_dir)
-    run_dir = os.path.abspath(args.run_dir or os.path.join("runs", spec.model.name))
+    if compiled is not None:
+        from dsvc.compiler.cli.compile import report_kept
+
+        report_kept(compiled, "dsvc train")
     world = spec.cluster.world_size
     cmd = [sys.executable, "-m", "dsvc.compiler.cli.train", "--standalone",
            f"--nproc-per-node={world}", os.path.join(build_dir, "train.py"),

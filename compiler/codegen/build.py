@@ -1,22 +1,20 @@
 """`dsvc compile`: one run of the pass list, then the build directory written to disk.
 
-The files come from the `emit_build` pass (`emit_build.py` says what a build holds);
-here they are written into a sibling temporary directory that replaces the target
-in one rename, so a failed compile changes nothing on disk, and a cached build of
-an unchanged spec by an unchanged dsvc is kept.
+The files come from the `emit_build` pass (`emit_build.py` says what a build holds),
+rendered in memory, so a failed compile changes nothing on disk; `write_tree`
+(build_tree.py) then replaces exactly the files the previous compile wrote (the
+`.dsvc-build` manifest), leaving a user's own files in the directory alone. A cached
+build of an unchanged spec by an unchanged dsvc is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import pathlib
-import shutil
-import tempfile
 
-from dsvc.compiler.codegen.emit_build import BUILD_MARKER, toolchain_hash
+from dsvc.compiler.codegen.build_tree import BUILD_MARKER, check_output_dir, digest, write_tree
+from dsvc.compiler.codegen.emit_build import toolchain_hash
 from dsvc.compiler.codegen.launch import launch_for
 from dsvc.compiler.driver import run_until
 
@@ -26,6 +24,8 @@ class BuildResult:
     out_dir: str
     files: tuple[str, ...]
     summary: str
+    kept: tuple[str, ...] = ()  # entries in out_dir dsvc did not write, left alone
+    edited: tuple[str, ...] = ()  # files of the previous build edited since, replaced
 
 
 def render_files(spec, expert_load: str | None = None) -> dict[str, bytes]:
@@ -33,47 +33,17 @@ def render_files(spec, expert_load: str | None = None) -> dict[str, bytes]:
     return run_until(spec, "emit_build", expert_load=expert_load).files
 
 
-def write_tree(files: dict[str, bytes], out_dir: str) -> None:
-    """Write `files` as `out_dir`, replacing it in one rename; nothing changes on failure."""
-    out = pathlib.Path(out_dir).resolve()
-    if out.exists() and not out.is_dir():
-        from dsvc.compiler.cli import UsageError
-
-        raise UsageError(f"{out_dir} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not (out / BUILD_MARKER).exists():
-        from dsvc.compiler.cli import UsageError
-
-        raise UsageError(f"{out_dir} is a non-empty directory that is not a dsvc build; "
-                         "refusing to replace it (choose another -o or remove it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        for rel, data in files.items():
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def build(spec, out_dir: str, expert_load: str | None = None) -> BuildResult:
+    check_output_dir(out_dir)
     files = render_files(spec, expert_load)
-    write_tree(files, out_dir)
+    kept, edited = write_tree(files, out_dir)
     p = spec.parallel
     world = spec.cluster.world_size
     launch = launch_for(spec.cluster, os.path.join(out_dir, "train.py"))
     summary = (f"{len(files)} files; {world} process{'es' if world != 1 else ''} "
                f"(pipeline {p.pipeline} x data {p.data}, experts over {p.expert}); launch "
                f"{launch.summary()}")
-    return BuildResult(out_dir, tuple(sorted(files)), summary)
+    return BuildResult(out_dir, tuple(sorted(files)), summary, kept, edited)
 
 
 def build_cached(spec, out_dir: str) -> BuildResult | None:
@@ -86,14 +56,14 @@ def build_cached(spec, out_dir: str) -> BuildResult | None:
 
 def is_current_build(out_dir: str, spec_hash: str) -> bool:
     """True when `out_dir` is a build of `spec_hash` by this toolchain, every file intact."""
+    from dsvc.runtime.inputs import InputError, load_json
+
     root = pathlib.Path(out_dir)
     try:
-        marker = json.loads((root / BUILD_MARKER).read_text())
+        marker = load_json(root / BUILD_MARKER)
         if marker.get("spec_hash") != spec_hash or marker.get("toolchain") != toolchain_hash():
             return False
-        for rel, digest in marker["files"].items():
-            if hashlib.sha256((root / rel).read_bytes()).hexdigest() != digest:
-                return False  # edited or damaged since: rebuild
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        # edited or damaged since: rebuild
+        return all(digest(root / rel) == want for rel, want in marker["files"].items())
+    except (InputError, KeyError, TypeError, AttributeError):
         return False
-    return True

@@ -21,6 +21,7 @@ import tempfile
 
 from dsvc import __version__
 from dsvc import runtime as runtime_package
+from dsvc.compiler.codegen.build_tree import BUILD_MARKER
 from dsvc.compiler.codegen.kernels import FUSED_KINDS, GemmShape, KernelConfig, render_kernels
 from dsvc.compiler.codegen.launch import launch_for
 from dsvc.compiler.codegen.program import render_program
@@ -30,7 +31,6 @@ from dsvc.compiler.schedules import draw_timeline
 from dsvc.dsl.diagnostics import Diagnostic, SpecError
 from dsvc.runtime.plan import dump_plan
 
-BUILD_MARKER = ".dsvc-build"
 BUILD_RUNTIME = "dsvc_runtime"  # the runtime's package name inside a build directory
 RUNTIME_DIR = pathlib.Path(runtime_package.__file__).resolve().parent
 

@@ -139,7 +139,7 @@ def pick_tile_config(
     """The launch config for one GEMM (None: shapes known only at run time).
 
     BLOCK_K is the scale tile. BLOCK_N divides the weight block so a tile meets one
-    weight-block scale per K-step (REFERENCE.md: BN = 128, scale folded into the row
+    weight-block scale per K-step (measured on an H200, bench/RESULTS.md: BN = 128, scale folded into the row
     scales). On a CPU the interpreter is fastest with few, mid-sized programs.
     """
     wn = config.weight_block[0]

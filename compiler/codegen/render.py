@@ -91,7 +91,7 @@ def provenance_header(
     tile_config,
     content_hash: str,
 ) -> str:
-    """The header every generated file starts with (STYLE.md), as `#` comment lines.
+    """The header every generated file starts with, as `#` comment lines.
 
     spec_file and span say which `.dsv` lines the file came from; passes are the
     compiler passes that ran; tile_config is a mapping or a string; content_hash is

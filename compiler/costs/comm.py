@@ -32,8 +32,10 @@ bandwidths; groups that span NVLink domains run at the network's.
 
 from __future__ import annotations
 
+from dsvc.dsl.spec import DTYPE_BYTES
+
 from .layout import ParallelDims, StageContents
-from .memory import _bytes, dispatch_element_bytes, stage_pieces
+from .memory import dispatch_element_bytes, stage_pieces
 from .model import ModelCosts
 from .symbols import Quantities, smax, smin
 
@@ -72,8 +74,8 @@ class CommModel:
         self.bw_net = (q.sym("B_net", net.effective, "cluster.network.effective")
                        if net is not None else self.bw_nv)
         self.b_disp = dispatch_element_bytes(pr)
-        self.b_comb = _bytes(pr.combine)
-        self.a = _bytes(pr.default)
+        self.b_comb = DTYPE_BYTES[pr.combine]
+        self.a = DTYPE_BYTES[pr.default]
         self.routing = {}
         for piece in costs.ffns.values():
             if piece.kind == "moe":
@@ -125,7 +127,7 @@ class CommModel:
                 pe = piece.expert_params
                 dense = dense + n * (piece.params - pe)
                 expert = expert + n * pe / pd.EP
-        g, a = _bytes(pr.grads), self.a
+        g, a = DTYPE_BYTES[pr.grads], self.a
         per_param = {0: 2 * g, 1: g + a, 2: g + a, 3: g + 2 * a}[pd.zero]
         ring_d = (pd.DP - 1) / pd.DP
         ring_e = (pd.EDP - 1) / pd.EDP

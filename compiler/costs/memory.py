@@ -22,6 +22,8 @@ fragmentation, which the formulas do not model.
 
 from __future__ import annotations
 
+from dsvc.dsl.spec import DTYPE_BYTES
+
 from .layout import ParallelDims, StageContents
 from .model import Linear, ModelCosts, Piece
 from .symbols import Quantities, ceil_div, ssum
@@ -29,12 +31,6 @@ from .symbols import Quantities, ceil_div, ssum
 RESERVE_FRACTION = 0.05
 LSE_BYTES = 4  # flash-attention log-sum-exp per head per token, fp32
 ROUTER_BYTES = 4  # router scores and gate weights kept in fp32 for the backward
-
-
-def _bytes(dtype: str) -> int:
-    from dsvc.dsl.spec import DTYPE_BYTES
-
-    return DTYPE_BYTES[dtype]
 
 
 def storage_dtype(component: str, precision) -> str:
@@ -49,7 +45,7 @@ def storage_dtype(component: str, precision) -> str:
 def linear_weight_bytes(lin: Linear, precision):
     """Bytes of all `lin.count` copies of a linear weight, scales included for FP8."""
     dtype = storage_dtype(lin.component, precision)
-    per_copy = lin.n_in * lin.n_out * _bytes(dtype)
+    per_copy = lin.n_in * lin.n_out * DTYPE_BYTES[dtype]
     if dtype.startswith("fp8"):
         rows, cols = precision.linear.weight_block  # (out, in) elements per scale
         scale = 4 if precision.linear.scales == "fp32" else 1
@@ -60,7 +56,7 @@ def linear_weight_bytes(lin: Linear, precision):
 def weight_bytes(piece: Piece, precision) -> tuple:
     """(non-expert bytes, routed-expert bytes) of one piece's weights."""
     dense = ssum(linear_weight_bytes(lin, precision) for lin in piece.linears if not lin.expert)
-    dense = dense + ssum(n * _bytes(storage_dtype(comp, precision)) for _, n, comp in piece.others)
+    dense = dense + ssum(n * DTYPE_BYTES[storage_dtype(comp, precision)] for _, n, comp in piece.others)
     expert = ssum(linear_weight_bytes(lin, precision) for lin in piece.linears if lin.expert)
     return dense, expert
 
@@ -75,7 +71,7 @@ def cached_input_bytes(precision, component: str = "linear"):
     if dtype.startswith("fp8") and precision.cache_fp8_activations:
         scale = 4 if precision.linear.scales == "fp32" else 1
         return 1 + scale / precision.linear.act_tile[1]
-    return _bytes(precision.default if dtype.startswith("fp8") else dtype)
+    return DTYPE_BYTES[precision.default if dtype.startswith("fp8") else dtype]
 
 
 def activation_bytes(piece: Piece, precision) -> tuple:
@@ -86,7 +82,7 @@ def activation_bytes(piece: Piece, precision) -> tuple:
     the MLA latents), SwiGLU keeps its inputs and recomputes its output, the
     attention core keeps its output and log-sum-exp (flash attention).
     """
-    a = _bytes(precision.default)
+    a = DTYPE_BYTES[precision.default]
     c8 = cached_input_bytes(precision)
     g = piece.dims
     if piece.kind == "mla":  # residual in, latents, core output + lse, wo input
@@ -116,7 +112,7 @@ def activation_bytes(piece: Piece, precision) -> tuple:
 
 def dispatch_element_bytes(precision):
     """Bytes per element of a dispatched token: FP8 payload + its 1 x 128 scales, or BF16."""
-    b = _bytes(precision.dispatch)
+    b = DTYPE_BYTES[precision.dispatch]
     if precision.dispatch.startswith("fp8"):
         scale = 4 if precision.linear.scales == "fp32" else 1
         return b + scale / precision.linear.act_tile[1]
@@ -201,14 +197,14 @@ class MemoryModel:
             acts = acts + st.in_flight * pd.T * stage_act
         shard_d, shard_e = (pd.DP, pd.EDP) if z >= 1 else (1, 1)
         grad_d, grad_e = (pd.DP, pd.EDP) if z >= 2 else (1, 1)
-        master = _bytes(pr.master_weights) * (dense_p / shard_d + expert_p / shard_e)
-        grads = _bytes(pr.grads) * (dense_p / grad_d + expert_p / grad_e)
-        opt = 2 * _bytes(pr.optimizer_states) * (dense_p / shard_d + expert_p / shard_e)
+        master = DTYPE_BYTES[pr.master_weights] * (dense_p / shard_d + expert_p / shard_e)
+        grads = DTYPE_BYTES[pr.grads] * (dense_p / grad_d + expert_p / grad_e)
+        opt = 2 * DTYPE_BYTES[pr.optimizer_states] * (dense_p / shard_d + expert_p / shard_e)
         buffers = 0
         if moe_k_d and self._ep_active():
             _, k, d = max(moe_k_d, key=lambda t: t[0])
             copies = 2 if spec.parallel.overlap == "dual_microbatch" else 1
-            per = dispatch_element_bytes(pr) + _bytes(pr.combine)
+            per = dispatch_element_bytes(pr) + DTYPE_BYTES[pr.combine]
             buffers = copies * f * pd.T * k * d * per
         out = {"weights": weights, "master_weights": master, "grads": grads,
                "optimizer_states": opt, "activations": acts, "buffers": buffers}

@@ -8,10 +8,11 @@ Two layers of API:
   pass takes each op's shape, parameters and FLOPs from these, so the graph and
   the report agree.
 * `build_model(spec, q)` turns a spec into `Piece`s (one per attention and FFN
-  definition, the embedding, the head, one MTP module) and records the model
-  figures in `q` (a `Quantities`).
+  definition, the embedding, the head, one MTP module); `model_figures` records
+  the model figures from them in `q` (a `Quantities`).
 
-FLOPs convention (REFERENCE.md): training FLOPs per token = 6 x matmul
+FLOPs convention (the one that reproduces the DeepSeek-V3 report's 250 GFLOPs per
+token; docs/report.md): training FLOPs per token = 6 x matmul
 parameters touched per token (output head included, embedding excluded) + 3 x
 the attention core's forward FLOPs (QK^T and PV) at the causal average context
 S/2. MTP is not part of the convention; it is reported separately.
@@ -329,9 +330,5 @@ def build_model(spec, q: Quantities) -> ModelCosts:
         mtp_block = dataclasses.replace(last, count=1, indices=())
         mtp = Piece("mtp", "mtp", (Linear("eh_proj", 2 * d, d, component="mtp_projection"),),
                     (("norms", 3 * d, "norm"),), dims={"d": d, "V": V})
-    costs = ModelCosts(d, V, S, embedding, head, mtp, mtp_block, depth, attentions, ffns,
-                       tuple(kinds), kind_of_layer, per_att)
-    from .model_figures import model_figures
-
-    model_figures(spec, q, costs)
-    return costs
+    return ModelCosts(d, V, S, embedding, head, mtp, mtp_block, depth, attentions, ffns,
+                      tuple(kinds), kind_of_layer, per_att)

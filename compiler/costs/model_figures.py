@@ -71,6 +71,11 @@ def model_figures(spec, q: Quantities, c: ModelCosts) -> None:
     per_att = c.layers_of_attention
     kv = ssum(n * c.attentions[a].kv_elements for a, n in per_att.items()) * kv_bytes
     q.figure("model.kv_cache_bytes_per_token", "KV cache per token", "B", kv)
+    kv_mtp = 0
+    if c.mtp is not None:  # speculative decoding caches each MTP block's attention too
+        kv_mtp = c.mtp_depth * c.attentions[c.mtp_block.attention.name].kv_elements * kv_bytes
+    q.figure("model.kv_cache_bytes_per_token_mtp", "KV cache per token, MTP modules (beside it)",
+             "B", kv_mtp)
 
     head_mm = c.head.matmul_active
     flops = 6 * head_mm + per_layer(lambda k: F[k.attention.name, "attention"]

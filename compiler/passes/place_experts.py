@@ -22,17 +22,10 @@ from __future__ import annotations
 
 import functools
 import heapq
-import json
-import math
 import os
-import re
 
 from dsvc.compiler.ir import Graph, Placement
 from dsvc.dsl.diagnostics import Diagnostic, Span, SpecError
-
-LOAD_FORMAT = "dsvc-expert-load"
-# "layers.3", or a parameter-name prefix such as "layers.3.mlp" (the runtime's MoE names)
-_LAYER_KEY = re.compile(r"layers\.(\d+)(?:\.[A-Za-z_][\w.]*)?\Z")
 
 
 def place_experts(graph: Graph, expert_load: str | None = None) -> Graph:
@@ -45,7 +38,8 @@ def place_experts(graph: Graph, expert_load: str | None = None) -> Graph:
     ep = p.expert if p is not None else 1
     gpn = spec.cluster.gpus_per_node if spec.cluster is not None else ep
     experts = [op for op in graph.ops() if op.kind == "experts"]
-    histogram, source, span = _read_histogram(spec, expert_load, [op.layer for op in experts])
+    histogram, source = _read_histogram(spec, expert_load,
+                                        {op.layer: op.attr("routed") for op in experts})
     redundant = p.redundant_experts if p is not None else 0
     out = graph.derive("place_experts")
     if histogram is not None and redundant == 0 and ep > 1:
@@ -55,9 +49,7 @@ def place_experts(graph: Graph, expert_load: str | None = None) -> Graph:
     for op in experts:
         routed = op.attr("routed")
         ffn = spec.model.ffns[op.attr("ffn")]
-        load = ()
-        if histogram is not None and op.layer in histogram:
-            load = _checked(histogram[op.layer], op.layer, routed, span or Span(source, 0, 0))
+        load = histogram.get(op.layer, ()) if histogram is not None else ()
         place = place_layer(routed, ffn.groups, ep, gpn, redundant if load else 0, load)
         out.replace(op.with_attrs(placement=place))
     return out
@@ -80,40 +72,69 @@ def place_layer(routed: int, groups: int, ep: int, gpus_per_node: int, redundant
 
 
 def _add_replicas(ranks: list[list[int]], node_of_rank, load, redundant: int) -> None:
-    """Fill `redundant` extra slots (evenly over ranks) with replicas of hot experts."""
+    """Fill `redundant` extra slots (evenly over ranks) with replicas of hot experts.
+
+    Each slot: the expert with the most load per copy that some open rank does not hold
+    yet; its replica goes to the least-loaded such rank (lowest index on a tie), on a
+    node without a copy of it if there is one. Open ranks wait in a heap by (load,
+    index) whose stale entries are skipped, so a slot costs O(log EP) plus the ranks
+    passed over on nodes that already hold the expert, not a scan of every rank."""
     ep = len(ranks)
     free = [redundant // ep] * ep
     copies = [1] * len(load)
-    holders = [[] for _ in load]  # ranks holding each expert
+    holders: list[set[int]] = [set() for _ in load]  # ranks holding each expert
     for r, ids in enumerate(ranks):
         for e in ids:
-            holders[e].append(r)
+            holders[e].add(r)
     rank_load = [sum(load[e] for e in ids) for ids in ranks]
+    open_ranks = sum(1 for f in free if f)
+    by_load = [(rank_load[r], r) for r in range(ep) if free[r]]  # open ranks, lazily current
+    heapq.heapify(by_load)
     heap = [(-load[e], e) for e in range(len(load))]  # most load per copy first
     heapq.heapify(heap)
     for _ in range(redundant):
-        open_ranks = [r for r in range(ep) if free[r]]
         skipped = []
         while True:  # the hottest expert some open rank does not hold yet
             key, e = heapq.heappop(heap)
-            candidates = [r for r in open_ranks if r not in holders[e]]
-            if candidates:
+            if open_ranks > sum(1 for q in holders[e] if free[q]):
                 break
             skipped.append((key, e))
         for item in skipped:
             heapq.heappush(heap, item)
-        used_nodes = {node_of_rank[r] for r in holders[e]}
-        other = [r for r in candidates if node_of_rank[r] not in used_nodes]
-        r = min(other or candidates, key=lambda x: (rank_load[x], x))
+        used_nodes = {node_of_rank[q] for q in holders[e]}
+        r = fallback = None
+        passed = []
+        while by_load:  # least-loaded open rank without e, on another node if any
+            entry = heapq.heappop(by_load)
+            x_load, x = entry
+            if not free[x] or x_load != rank_load[x]:
+                continue  # stale: full since, or its load changed (a newer entry exists)
+            passed.append(entry)
+            if x in holders[e]:
+                continue
+            if node_of_rank[x] not in used_nodes:
+                r = x
+                break
+            if fallback is None:
+                fallback = x
+        r = fallback if r is None else r
+        for entry in passed:
+            heapq.heappush(by_load, entry)
         before = load[e] / copies[e]
         copies[e] += 1
         share = load[e] / copies[e]
         for q in holders[e]:  # every holder now serves a smaller share of e
             rank_load[q] -= before - share
-        holders[e].append(r)
+            if free[q]:
+                heapq.heappush(by_load, (rank_load[q], q))
+        holders[e].add(r)
         ranks[r].append(e)
         free[r] -= 1
         rank_load[r] += share
+        if free[r]:
+            heapq.heappush(by_load, (rank_load[r], r))
+        else:
+            open_ranks -= 1
         heapq.heappush(heap, (-share, e))
 
 
@@ -142,107 +163,38 @@ def rank_loads(place: Placement) -> list[float]:
 # ----------------------------------------------------------------------------- the histogram file
 
 
-def read_expert_load(path: str, moe_layers: list[int], span: Span | None = None) -> dict[int, tuple]:
-    """Per-expert loads of each MoE layer from a histogram file (format in docs/ir.md).
+def read_expert_load(path: str, routed: dict[int, int], span: Span | None = None
+                     ) -> dict[int, tuple[float, ...]]:
+    """Per-expert loads of each MoE layer (`routed`: layer -> routed experts, MTP modules
+    as `num_layers + k`) from a histogram file, read by the runtime's one reader of the
+    format (`dsvc.runtime.expert_load.read_histogram`, docs/ir.md); its problems become a
+    `SpecError` at `span` (the spec's `expert_load` entry) or at the file."""
+    from dsvc.runtime.expert_load import HistogramError, read_histogram
+    from dsvc.runtime.inputs import InputError
 
-    The canonical form is `{"format": "dsvc-expert-load", "version": 1,
-    "layers": {"3": [...], ...}, "default": [...]}`; shorthands: one list (every
-    layer), a list of lists (the MoE layers in order), or `{"layers.3": [...]}` (also
-    with a parameter-name suffix: `{"layers.3.mlp": [...]}`).
-    Layers without an entry are absent from the result; a layer that is not one of
-    `moe_layers` (a file from another model) is an error. Raises `SpecError`.
-    """
     where = span or Span(path, 0, 0)
-    out = _parse_histogram(_load_json(path, where), path, moe_layers, where)
-    stray = sorted(set(out) - set(moe_layers))
-    if stray:
-        raise _error(f"expert load file gives layer {stray[0]}, which is not a MoE layer of this "
-                     f"model", where, f"its MoE layers (MTP modules last): {_ranges(moe_layers)}; "
-                     "is the file from another model?")
-    return out
+    try:
+        return read_histogram(path, routed)
+    except HistogramError as err:
+        raise _error(f"expert load file '{path}' {err.reason}", where,
+                     "the format is in docs/ir.md; `dsvc train` writes it as "
+                     "RUN_DIR/expert_load.json") from None
+    except InputError as err:
+        if err.line is not None:  # a JSON syntax error: point at it
+            raise _error(f"expert load file is {err.reason}", Span(path, err.line, err.col)
+                         ) from None
+        raise _error(f"cannot read expert load file '{path}': {err.reason}", where) from None
 
 
-def _ranges(layers: list[int]) -> str:
-    """[1, 2, 3, 7] -> "1-3, 7"."""
-    parts, start = [], None
-    for i, v in enumerate(layers):
-        start = v if start is None else start
-        if i + 1 == len(layers) or layers[i + 1] != v + 1:
-            parts.append(str(v) if start == v else f"{start}-{v}")
-            start = None
-    return ", ".join(parts) or "none"
-
-
-def _parse_histogram(raw, path: str, moe_layers: list[int], where: Span) -> dict[int, list]:
-    if isinstance(raw, list) and raw and all(_is_num(v) for v in raw):
-        return {layer: raw for layer in moe_layers}
-    if isinstance(raw, list) and raw and all(isinstance(h, list) for h in raw):
-        if len(raw) != len(moe_layers):
-            raise _error(f"expert load file lists {len(raw)} histograms; the model has "
-                         f"{len(moe_layers)} MoE layers (MTP included)", where)
-        return dict(zip(moe_layers, raw))
-    if isinstance(raw, dict) and raw.get("format") == LOAD_FORMAT:
-        if raw.get("version") != 1:
-            raise _error(f"expert load format version {raw.get('version')!r} is not supported "
-                         "(this dsvc reads 1)", where)
-        layers = raw.get("layers", {})
-        if not isinstance(layers, dict) or not all(str(k).isdigit() for k in layers):
-            raise _error('`layers` must map layer indices ("3") to per-expert loads', where)
-        out = {int(k): v for k, v in layers.items()}
-        if "default" in raw:
-            out = {layer: out.get(layer, raw["default"]) for layer in moe_layers} | out
-        return out
-    if isinstance(raw, dict) and raw and all(_LAYER_KEY.match(str(k)) for k in raw):
-        out = {}
-        for key, v in raw.items():
-            layer = int(_LAYER_KEY.match(str(key)).group(1))
-            if layer in out:
-                raise _error(f"expert load file gives layer {layer} twice ('{key}')", where)
-            out[layer] = v
-        return out
-    raise _error(f"'{path}' is not an expert load histogram", where,
-                 f'expected {{"format": "{LOAD_FORMAT}", "version": 1, "layers": {{"3": [...]}}}}')
-
-
-def _read_histogram(spec, override: str | None, moe_layers: list[int]):
+def _read_histogram(spec, override: str | None, routed: dict[int, int]):
     if override is not None:
         path, span = override, None
     elif spec.parallel is not None and spec.parallel.expert_load is not None:
         path = os.path.join(os.path.dirname(spec.file), spec.parallel.expert_load)
         span = spec.span("parallel.expert_load")
     else:
-        return None, "", None
-    return read_expert_load(path, moe_layers, span), path, span
-
-
-@functools.lru_cache(maxsize=8)
-def _load_json_cached(path: str, mtime: float):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _load_json(path: str, where: Span):
-    try:
-        return _load_json_cached(path, os.path.getmtime(path))
-    except OSError as exc:
-        raise _error(f"cannot read expert load file '{path}': {exc.strerror}", where) from None
-    except json.JSONDecodeError as exc:
-        raise _error(f"expert load file is not valid JSON: {exc.msg}",
-                     Span(path, exc.lineno, exc.colno)) from None
-    except UnicodeDecodeError:
-        raise _error(f"expert load file '{path}' is not UTF-8 text", where) from None
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
-
-
-def _checked(values, layer: int, routed: int, where: Span) -> tuple[float, ...]:
-    if not (isinstance(values, list) and all(_is_num(v) for v in values)) or len(values) != routed:
-        got = f"{len(values)} entries" if isinstance(values, list) else repr(values)[:40]
-        raise _error(f"expert load of layer {layer} must list {routed} non-negative numbers "
-                     f"(one per routed expert), got {got}", where)
-    return tuple(float(v) for v in values)
+        return None, ""
+    return read_expert_load(path, routed, span), path
 
 
 def _error(message: str, span: Span | None, hint: str | None = None) -> SpecError:

@@ -1,4 +1,4 @@
-"""The published bubble and activation figures (DualPipe README; REFERENCE.md), and
+"""The published bubble and activation figures (the DualPipe README), and
 when the simulated schedules meet them exactly.
 
 PP = stages per model copy; F forward chunk, B full backward chunk, W its

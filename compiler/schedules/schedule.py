@@ -82,9 +82,17 @@ class Schedule:
     def chain_of(self, stage: int) -> Chain:
         return self.chains[self._links[2][stage]]
 
+    @functools.cached_property
+    def _stages_by_device(self) -> tuple[tuple[int, ...], ...]:
+        held: list[list[int]] = [[] for _ in range(self.num_devices)]
+        for s, d in enumerate(self.stage_device):
+            if 0 <= d < len(held):  # the checker reports a stage on no device
+                held[d].append(s)
+        return tuple(tuple(stages) for stages in held)
+
     def device_stages(self, device: int) -> tuple[int, ...]:
-        """Global stage ids held by `device`, ascending."""
-        return tuple(s for s, d in enumerate(self.stage_device) if d == device)
+        """Global stage ids held by `device`, ascending (one pass over the layout, once)."""
+        return self._stages_by_device[device]
 
     def compute_actions(self, device: int) -> tuple[Action, ...]:
         """`actions[device]` without the sends and receives."""

@@ -147,14 +147,61 @@ def test_compile_refuses_a_directory_that_is_not_a_build(tmp_path, capsys):
     assert afile.read_text() == "x"
 
 
-def test_compile_replaces_a_previous_build(tmp_path):
+def test_recompile_keeps_every_user_file_and_matches_a_fresh_build(tmp_path, capsys):
+    out, fresh = tmp_path / "b", tmp_path / "fresh"
+    assert dsvc(["compile", str(W1), "-o", str(out)]) == 0
+    mine = {"notes.txt": b"precious\n", "mydata/a.bin": bytes(range(256)),
+            "mydata/deep/b.txt": b"b", "kernels/mine.py": b"# my kernel\n"}
+    for rel, data in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    (out / "train.py").write_text("edited\n")  # a generated file: dsvc's to replace
+    capsys.readouterr()
+    assert dsvc(["compile", str(W1), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "left alone" in err and "kernels/mine.py, mydata/, notes.txt" in err
+    assert "replaced train.py" in err
+    for rel, data in mine.items():  # byte for byte
+        assert (out / rel).read_bytes() == data, rel
+    assert dsvc(["compile", str(W1), "-o", str(fresh)]) == 0
+    built = {p.relative_to(fresh).as_posix(): p.read_bytes() for p in fresh.rglob("*")
+             if p.is_file()}
+    assert {rel: (out / rel).read_bytes() for rel in built} == built  # the build itself
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert leftovers == ["b", "fresh"]  # no temporary or old directory beside it
+    assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_build_directories_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert dsvc(["compile", str(W1), "-o", str(tmp_path / "b")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "b" / "kernels").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "b" / "plan.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_recompile_refuses_to_overwrite_what_dsvc_did_not_write(tmp_path, capsys):
     out = tmp_path / "b"
     assert dsvc(["compile", str(W1), "-o", str(out)]) == 0
-    (out / "stale.txt").write_text("from an older compile")
-    assert dsvc(["compile", str(W1), "-o", str(out)]) == 0
-    assert not (out / "stale.txt").exists()
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "b"]
-    assert leftovers == []  # no temporary or old directory left beside it
+    marker = json.loads((out / build_mod.BUILD_MARKER).read_text())
+    del marker["files"]["README.md"]  # as if an older dsvc had not written it
+    (out / build_mod.BUILD_MARKER).write_text(json.dumps(marker))
+    (out / "README.md").write_text("mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert dsvc(["compile", str(W1), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'README.md' exists but dsvc did not write it" in err and len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # a manifest naming a path outside the directory is refused, nothing deleted
+    (tmp_path / "victim.txt").write_text("x")
+    marker["files"]["../victim.txt"] = "0" * 64
+    (out / build_mod.BUILD_MARKER).write_text(json.dumps(marker))
+    assert dsvc(["compile", str(W1), "-o", str(out)]) == 2
+    assert (tmp_path / "victim.txt").read_text() == "x"
 
 
 def _spec_copy(tmp_path, name: str, edit=lambda text: text) -> pathlib.Path:

@@ -42,6 +42,11 @@ def test_v3_with_its_hidden_size():
     assert close(r.value("decode.tpot_s"), 15.11e-3)
     assert close(r.value("decode.tokens_per_s"), 66.2)
     assert r.value("decode.experts_per_token") == 9
+    # bytes per token and MoE layer (docs/report.md): the paper's (1 + 2) x 9 x 7168, and
+    # what dsvc's runtime sends with the shared expert local: 8 x (7168 + 56 x 4 + 2 x 7168)
+    assert r.value("decode.a2a_bytes_per_token_layer") == 193_536
+    assert r.value("decode.a2a_bytes_per_token_layer_runtime") == 173_824
+    assert r.value("model.kv_cache_bytes_per_token_mtp") == 1_152
 
 
 def test_papers_rounded_hidden_gives_its_numbers():

@@ -40,7 +40,7 @@ def test_mla_shapes_match_the_reference_config():
     assert shapes == {"wq_a": (7168, 1536), "wq_b": (1536, 24576), "wkv_a": (7168, 576),
                       "wkv_b": (512, 32768), "wo": (16384, 7168)}
     params = sum(i * o for i, o in shapes.values()) + M.mla_norm_params(7168, 1536, 512)
-    assert params == 187_114_496  # ~187.1M per layer (REFERENCE.md)
+    assert params == 187_114_496  # ~187.1M per layer (DeepSeek-V3's config)
 
 
 def test_mla_without_q_lora_has_one_plain_q_projection():

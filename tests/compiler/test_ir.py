@@ -79,7 +79,7 @@ def test_mla_layer_ops_and_shapes(v3):
 def test_attention_params_per_layer_match_reference(v3):
     g = lower(v3)
     attn = sum(op.param_count for op in _ops(g, layer=5) if ".attn" in op.name or "attn_norm" in op.name)
-    assert abs(attn - 187.1e6) / 187.1e6 < 1e-3  # REFERENCE.md: ~187.1M per layer
+    assert abs(attn - 187.1e6) / 187.1e6 < 1e-3  # DeepSeek-V3's config: ~187.1M per layer
 
 
 def test_lowering_matches_report_params_and_flops():

@@ -180,8 +180,8 @@ def test_expert_load_file_end_to_end(tmp_path, tiny_spec):
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
-    ('{"format": "dsvc-expert-load", "version": 2}', "version 2 is not supported"),
-    ('{"format": "dsvc-expert-load", "version": 1, "layers": {"1": [1, 2]}}', "must list 8"),
+    ('{"format": "dsvc-expert-load", "version": 2}', "version 2, which this dsvc does not read"),
+    ('{"format": "dsvc-expert-load", "version": 1, "layers": {"1": [1, 2]}}', "2 entries; it must list 8"),
     ('[[1, 1, 1, 1, 1, 1, 1, 1]]', "lists 1 histograms; the model has 4 MoE layers"),
     ('{"hello": 1}', "is not an expert load histogram"),
     # layer 0 is tiny's dense layer: a file from another model
@@ -193,7 +193,7 @@ def test_bad_expert_load_files_are_spec_errors(tmp_path, tiny_spec, content, mes
     with pytest.raises(dsl.SpecError, match=message) as info:
         run_until(tiny_spec, "place_experts", expert_load=str(path))
     if "not a MoE layer" in message:
-        assert "its MoE layers (MTP modules last): 1-4" in info.value.diagnostics[0].hint
+        assert "its MoE layers, MTP modules last: 1-4" in info.value.diagnostics[0].message
 
 
 # ----------------------------------------------------------------------------- purity

@@ -147,3 +147,32 @@ def test_report_imports_neither_torch_nor_pydantic():
                           check=False)
     assert done.returncode == 0, done.stderr
     assert "memory per GPU" in done.stdout
+
+
+def test_published_json_schema_is_current_and_every_example_validates():
+    """docs/report.schema.json is generated from the report's tables (pydantic); every example's
+    `--json` document validates, and a document missing a required key does not."""
+    import pydantic
+
+    from dsvc.compiler.report_schema import json_schema, validate_report
+    from tests import golden
+
+    schema = json_schema()
+    path = ROOT / "docs" / "report.schema.json"
+    if golden.UPDATE:
+        path.write_text(json.dumps(schema, indent=1, sort_keys=True) + "\n")
+
+    def essentials(s: dict) -> dict:  # what a consumer relies on, not pydantic's wording
+        parts = {"": s, **s.get("$defs", {})}
+        return {name: (sorted(d.get("properties", {})), sorted(d.get("required", [])),
+                       d.get("additionalProperties")) for name, d in parts.items()}
+
+    published = json.loads(path.read_text())
+    assert essentials(published) == essentials(schema), (
+        "docs/report.schema.json is stale: rerun with --update-golden")
+    for spec in ALL_SPECS:
+        validate_report(report_json(build_report(dsl.load(ROOT / spec))))
+    doc = report_json(build_report(dsl.load(EXAMPLES / "tiny.dsv")))
+    del doc["step"]["mfu"]
+    with pytest.raises(pydantic.ValidationError, match="step.mfu"):
+        validate_report(doc)

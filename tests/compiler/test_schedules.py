@@ -93,7 +93,7 @@ def test_activations_in_flight(kind, pp):
     for n in microbatch_counts(kind, pp):
         result = simulate_uniform(build_schedule(kind, pp, n), 1, 2, 1)
         assert max(result.activations_in_flight) == published_activations(kind, pp)
-        if kind == "1f1b":  # device i holds PP - i micro-batches (REFERENCE.md)
+        if kind == "1f1b":  # device i holds PP - i micro-batches (the DualPipe README)
             assert result.activations_in_flight == tuple(pp - i for i in range(pp))
 
 

@@ -34,7 +34,7 @@ def test_deepseek_v3_step_figures_hang_together():
     assert (r.kind, r.overlap, r.num_microbatches, r.world) == ("dualpipe", "dual_microbatch",
                                                                  120, 2048)
     rtol, _ = tol("simulate_flops_reference")
-    assert math.isclose(r.flops_per_token, 250.4e9, rel_tol=rtol)  # REFERENCE.md
+    assert math.isclose(r.flops_per_token, 250.4e9, rel_tol=rtol)  # the DeepSeek-V3 report's 250 GFLOPs
     assert r.flops_per_token_noncausal > r.flops_per_token
     assert r.tokens_per_step == 15360 * 4096
     srtol, _satol = tol("simulate_float_sum")
@@ -43,7 +43,7 @@ def test_deepseek_v3_step_figures_hang_together():
     assert math.isclose(r.tokens_per_day, r.tokens_per_step / r.step_time_s * 86400, rel_tol=srtol)
     assert r.step_time_s >= r.pipeline_s > 0
     assert 0 < r.bubble_fraction < 1
-    # DualPipe holds PP + 1 micro-batch stages at most (REFERENCE.md), and bytes to match
+    # DualPipe holds PP + 1 micro-batch stages at most (the DualPipe README), and bytes to match
     assert max(r.activations_in_flight) == 17
     assert all(b > 0 for b in r.peak_activation_bytes)
     for d in range(16):  # busy = compute + exposed; idle = the rest of the pipeline phase

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 from dsvc.dsl.diagnostics import SpecError
 
@@ -22,7 +23,7 @@ def assert_valid_diagnostics(err: SpecError, texts: dict[str, str]) -> None:
         text = texts.get(s.file)
         if text is None:
             text = pathlib.Path(s.file).read_text(encoding="utf-8", errors="replace")
-        lines = text.split("\n")
+        lines = re.split(r"\r\n|\r|\n", text)  # line breaks as the lexer counts them
         assert 1 <= s.line <= len(lines), (d.render(), len(lines))
         assert 1 <= s.col <= len(lines[s.line - 1]) + 1, d.render()
         d.render()  # renders without raising

@@ -85,7 +85,7 @@ def test_all_errors_reported_at_once(monkeypatch):
 
 
 @pytest.mark.parametrize("case, needles", [
-    # The DESIGN.md rules, with the numbers a user needs to fix them.
+    # The rules of docs/language.md, with the numbers a user needs to fix them.
     ("dualpipe_odd_ranks", ["DualPipe needs an even number of pipeline ranks, got 1"]),
     ("dualpipe_micro_batches", ["DualPipe over 4 ranks needs an even number of at least 8 "
                                 "micro-batches; global_batch gives 7",

@@ -179,3 +179,20 @@ def reference_steps(raw: dict, steps: int, num_microbatches: int = 1) -> list:
         metrics = ref.step()
         records.append((metrics, {n: p.grad.detach().clone() for n, p in ref.named_parameters()}))
     return records
+
+
+def decode_jobs(rank: int, jobs: list[dict]) -> list:
+    """Each decoding job (runtime/serve.py) on a spawned world: a job of `ep` processes
+    runs on every block of `ep` consecutive ranks (each its own process group); rank 0's
+    results (None elsewhere)."""
+    import torch.distributed as dist
+
+    from dsvc.runtime.serve import run_job
+
+    world = dist.get_world_size()
+    out = []
+    for job in jobs:
+        ep = job["ep"]
+        blocks = [dist.new_group(list(range(b, b + ep))) for b in range(0, world, ep)]
+        out.append(run_job(job, rank % ep, ep, blocks[rank // ep]))
+    return out

@@ -56,6 +56,20 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         ckpt.load(path, {"w": torch.zeros(1000)}, META)
 
 
+def test_a_record_that_is_not_a_regular_file_is_refused_not_read(tmp_path):
+    path = ckpt.save(str(tmp_path), 1, {"w": torch.ones(4)}, META)
+    record = os.path.join(path, ckpt.META)
+    os.remove(record)
+    os.mkfifo(record)  # open() for reading would wait for a writer forever
+    with pytest.raises(ckpt.CheckpointError, match=r"unreadable \(is a FIFO"):
+        ckpt.read_meta(path)
+    os.remove(record)
+    with open(record, "w") as f:
+        f.write('{"step": ' + "9" * 5000 + "}")  # past the JSON integer limit
+    with pytest.raises(ckpt.CheckpointError, match="a JSON integer of 5000 digits"):
+        ckpt.read_meta(path)
+
+
 @pytest.mark.slow
 def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""

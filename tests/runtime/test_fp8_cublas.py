@@ -1,7 +1,7 @@
 """runtime/fp8_cublas.py without a GPU: the tensors handed to torch._scaled_mm.
 
 A fake `_scaled_mm` captures every call, asserts the layout torch 2.11 accepted on an
-H200 (REFERENCE.md) within the sizes it was measured at (M and N multiples of 16, Kt
+H200 (bench/RESULTS.md) within the sizes it was measured at (M and N multiples of 16, Kt
 a multiple of 4, so that the 128x128 scales' row stride is also cuBLAS's round_up(Kt, 4)),
 runs the arguments through torch's own `_scaled_mm` shape checks on fake CUDA tensors,
 and multiplies them the way cuBLAS reads them, so the padded results must equal the
@@ -22,7 +22,7 @@ FP8 = torch.float8_e4m3fn
 
 
 def assert_documented_layout(mat1, mat2, scale_a, scale_b) -> str:
-    """Assert REFERENCE.md's layout; returns "block" (128x128 b scales) or "rows" (1x128)."""
+    """Assert the layout bench/RESULTS.md records; returns "block" (128x128 b scales) or "rows" (1x128)."""
     m, k = mat1.shape
     n = mat2.shape[1]
     kt = k // 128

@@ -95,3 +95,26 @@ def test_depth_counts_brackets_outside_strings_only():
     assert inputs.parse_json(at_limit, "x") is not None
     with pytest.raises(InputError, match="nested 65 deep"):
         inputs.parse_json("[" + at_limit + "]", "x")
+
+
+def test_writable_directories_are_probed_without_a_trace(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    inputs.check_writable_dir(tmp_path / "new" / "run")  # creatable: fine
+    inputs.check_writable_dir(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # the probe is gone, nothing created
+    with pytest.raises(InputError, match="afile' is a file, not a directory"):
+        inputs.check_writable_dir(tmp_path / "afile" / "run")
+    with pytest.raises(InputError, match="it is a file, not a directory"):
+        inputs.check_writable_dir(tmp_path / "afile")
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(InputError, match="cannot create files in '/proc"):
+            inputs.check_writable_dir("/proc/self/run")
+
+
+def test_json_syntax_errors_carry_their_position():
+    with pytest.raises(InputError) as info:
+        inputs.parse_json('{"a": [1,\n  oops]}', "x.json")
+    assert (info.value.line, info.value.col) == (2, 3)
+    with pytest.raises(InputError) as info:
+        inputs.parse_json("[" * 100 + "]" * 100, "x.json")
+    assert info.value.line is None  # a limit, not a place in the text

@@ -34,7 +34,8 @@ def test_load_plan_from_file(tmp_path):
 def test_bad_json_and_missing_file_are_clear(tmp_path):
     bad = tmp_path / "plan.json"
     bad.write_text('{"version": 1,,}')
-    with pytest.raises(PlanError, match=r"plan.json: not valid JSON at line 1, column \d+"):
+    with pytest.raises(PlanError, match=r"cannot read the plan: .*plan.json: not valid "
+                                        r"JSON at line 1, column \d+"):
         load_plan(bad)
     with pytest.raises(PlanError, match="cannot read the plan"):
         load_plan(tmp_path / "missing.json")
