@@ -138,7 +138,13 @@ def triton_launch_hook(tally: Tally, counter: OpCounter):
             return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
         counter.paused += 1  # the interpreter's own tensor copies are no kernel's traffic
         try:
-            tensors = [t for t in _tensors((args, kwargs)) if t.numel()]
+            # a tensor passed twice (a placeholder for an output the launch skips) is one
+            seen, tensors = set(), []
+            for t in _tensors((args, kwargs)):
+                key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+                if t.numel() and key not in seen:
+                    seen.add(key)
+                    tensors.append(t)
             before = [_bits(t) for t in tensors]
             out = real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
             read = written = 0
