@@ -11,18 +11,25 @@ Triton kernels (under TRITON_INTERPRET=1 on a CPU):
 
 Everything is counted from the run itself, not from the IR:
 - a Triton launch (a hook on the interpreter's launch): one launch; every tensor it
-  receives is read, or written when its contents differ after the launch;
+  receives is read, or written when its contents differ after the launch (a tensor
+  passed twice counts once);
 - a torch op (a TorchDispatchMode): one launch, its tensor inputs read and outputs
   written; views, allocations without a fill and metadata ops launch nothing on a GPU
-  and are skipped, as are the interpreter's own torch calls inside a Triton launch.
+  and are skipped, as are the interpreter's own torch calls inside a Triton launch;
+- the GEMMs and the weight quantiser, which both runs call alike and which the
+  interpreter takes most of an hour for at the bench spec's widths, run by the torch
+  reference (`--interpret-all`: by the kernels), each call counted as its one launch
+  with the tensors it receives and returns;
+- the attention core as the two fused kernels it is on a GPU (forward, backward),
+  counted apart (`--with-core` folds it in): both runs have the same core.
 
-On a GPU the attention core is one fused kernel, but on a CPU SDPA runs as torch's CPU
-kernels; both runs have the same core, so it is counted apart (`--with-core` folds it
-in) and the ratios are of the work around it. Prints per-token launches and bytes
-(forward + backward) and the after/before ratios; exit 1 if launches are not at most
-half, or bytes not at least 30% lower.
+Launches are per forward + backward of the layer; bytes per token are the slope
+between T and 2T tokens, (bytes(2T) - bytes(T)) / T, so the weights' traffic, fixed
+per micro-batch, cancels. Prints both runs, the after/before ratios and the kernels
+moving the most bytes; exit 1 unless launches are at most half and bytes per token at
+least 30% lower.
 
-    python bench/fusion_cpu.py [--spec FILE] [--tokens 64] [--json OUT]
+    python bench/fusion_cpu.py [--spec FILE] [--tokens T] [--json OUT] [--interpret-all]
 """
 
 from __future__ import annotations
@@ -165,31 +172,48 @@ def triton_launch_hook(tally: Tally, counter: OpCounter):
         InterpretedFunction.run = real_run
 
 
+# kernels both runs launch alike, run by the torch reference unless --interpret-all
+BY_REFERENCE = ("quantize_weight", "gemm", "grouped_gemm", "grouped_gemm_wgrad")
+
+
 @contextlib.contextmanager
-def weights_by_reference(namespaces, tally: Tally, counter: OpCounter):
-    """The weight quantiser through the torch reference (bit for bit the kernel's values,
-    docs/kernels.md) instead of the interpreter, which takes minutes per MoE layer's
-    experts; counted as the one launch it is, reading the weight and writing the fp8
-    blocks and scales it returns. Both runs quantise the same weights the same way."""
+def by_reference(namespaces, tally: Tally, counter: OpCounter):
+    """The weight quantiser and the GEMMs through the torch reference instead of the
+    interpreter, which takes most of an hour per MoE layer for them at the bench spec's
+    widths. Each call is still counted as the one launch it is, reading the tensors it
+    receives and writing the ones it returns. Both runs make the same calls (the same
+    weights, the same GEMM shapes), so the comparison is of the work around them."""
     from dsvc.runtime import fp8_torch
 
-    def quantize_weight(w, block=fp8_torch.TILE, ue8m0=False):
-        counter.paused += 1
-        try:
-            q, s = fp8_torch.quantize_weight(w, block, ue8m0)
-        finally:
-            counter.paused -= 1
-        tally.add("triton._quant_weight_kernel", _nbytes(w), _nbytes(q) + _nbytes(s))
-        return q, s
+    def stand_in(name):
+        ref = getattr(fp8_torch, name)
 
-    real = [ns.quantize_weight for ns in namespaces]
+        def call(*args, **kwargs):
+            counter.paused += 1
+            try:
+                out = ref(*args, **kwargs)
+            finally:
+                counter.paused -= 1
+            seen, read = set(), 0
+            for t in _tensors((args, kwargs)):
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    read += _nbytes(t)
+            tally.add(f"triton.{name}", read, sum(_nbytes(t) for t in _tensors(out)))
+            return out
+
+        return call
+
+    real = [{n: getattr(ns, n) for n in BY_REFERENCE} for ns in namespaces]
     for ns in namespaces:
-        ns.quantize_weight = quantize_weight
+        for n in BY_REFERENCE:
+            setattr(ns, n, stand_in(n))
     try:
         yield
     finally:
-        for ns, fn in zip(namespaces, real):
-            ns.quantize_weight = fn
+        for ns, fns in zip(namespaces, real):
+            for n, fn in fns.items():
+                setattr(ns, n, fn)
 
 
 @contextlib.contextmanager
@@ -285,7 +309,7 @@ def setup(spec_path: pathlib.Path, workdir: pathlib.Path):
     return block, P.load_program(workdir / "program.py"), plan, layer
 
 
-def measure(block, x, dy, kernels, interpret_weights: bool) -> Tally:
+def measure(block, x, dy, kernels, interpret_all: bool) -> Tally:
     """One forward and backward of `block`, every launch counted."""
     tally = Tally()
     block.zero_grad(set_to_none=True)
@@ -293,12 +317,10 @@ def measure(block, x, dy, kernels, interpret_weights: bool) -> Tally:
     counter = OpCounter(tally)
     # the eager modules call the kernel module, the program its runtime's namespace
     namespaces = [kernels] + ([block.program[1].ops] if block.program is not None else [])
-    weights = (
-        contextlib.nullcontext()
-        if interpret_weights
-        else weights_by_reference(namespaces, tally, counter)
+    reference = (
+        contextlib.nullcontext() if interpret_all else by_reference(namespaces, tally, counter)
     )
-    with triton_launch_hook(tally, counter), weights, fused_core(tally, counter), counter:
+    with triton_launch_hook(tally, counter), reference, fused_core(tally, counter), counter:
         y = block(xi)
         (y.float() * dy).sum().backward()
     return tally
@@ -320,9 +342,10 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--with-core", action="store_true", help="count the attention core too")
     ap.add_argument(
-        "--interpret-weights",
+        "--interpret-all",
         action="store_true",
-        help="run the weight quantiser in the interpreter too (minutes)",
+        help="run the GEMMs and the weight quantiser in the interpreter too (hours at the "
+        "bench spec's widths)",
     )
     ap.add_argument("--top", type=int, default=12, help="kernels listed per run")
     ap.add_argument("--json", type=pathlib.Path)
@@ -347,8 +370,7 @@ def main(argv=None) -> int:
                     print("fusion_cpu: the program does not cover this block", file=sys.stderr)
                     return 1
             runs[label] = [
-                measure(block, x[:, :n], dy[:, :n], kernels, args.interpret_weights)
-                for n in (t, 2 * t)
+                measure(block, x[:, :n], dy[:, :n], kernels, args.interpret_all) for n in (t, 2 * t)
             ]
     keep = (lambda n: True) if args.with_core else (lambda n: not _is_core(n))
     print(
