@@ -23,6 +23,9 @@ Everything is counted from the run itself, not from the IR:
 - the attention core as the two fused kernels it is on a GPU (forward, backward),
   counted apart (`--with-core` folds it in): both runs have the same core.
 
+Also measured: the bytes the forward leaves for the backward (every tensor autograd
+saves, and those custom Functions keep on their ctx; parameters excluded), per token.
+
 Launches are per forward + backward of the layer; bytes per token are the slope
 between T and 2T tokens, (bytes(2T) - bytes(T)) / T, so the weights' traffic, fixed
 per micro-batch, cancels. Prints both runs, the after/before ratios and the kernels
@@ -100,6 +103,7 @@ class Tally:
         self.launches = collections.Counter()
         self.read = collections.Counter()
         self.written = collections.Counter()
+        self.saved = 0  # bytes kept for backward after the forward
 
     def add(self, name: str, read: int, written: int) -> None:
         self.launches[name] += 1
@@ -320,10 +324,50 @@ def measure(block, x, dy, kernels, interpret_all: bool) -> Tally:
     reference = (
         contextlib.nullcontext() if interpret_all else by_reference(namespaces, tally, counter)
     )
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        _keep(t, saved, params)
+        return t
+
     with triton_launch_hook(tally, counter), reference, fused_core(tally, counter), counter:
-        y = block(xi)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = block(xi)
+        _ctx_tensors(y.grad_fn, saved, params)
+        tally.saved = sum(saved.values())
         (y.float() * dy).sum().backward()
     return tally
+
+
+def _keep(t, saved: dict, params: set) -> None:
+    """Count a tensor kept for backward by its storage (views of one storage count once;
+    the parameters, alive anyway, not at all)."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+        return
+    st = t.untyped_storage()
+    if st.data_ptr() not in params:
+        saved[st.data_ptr()] = st.nbytes()
+
+
+def _ctx_tensors(root, saved: dict, params: set) -> None:
+    """Tensors custom autograd Functions keep as attributes of their ctx (beside
+    save_for_backward), one object deep: a generated chunk's route, an eager one's state."""
+    seen, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        todo.extend(fn for fn, _ in node.next_functions)
+        for value in getattr(node, "__dict__", {}).values():
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            for item in items:
+                for t in _tensors(item):
+                    _keep(t, saved, params)
+                if not isinstance(item, (torch.Tensor, torch.nn.Module)):
+                    for t in _tensors(list(getattr(item, "__dict__", {}).values())):
+                        _keep(t, saved, params)
 
 
 def _is_core(name: str) -> bool:
@@ -382,7 +426,10 @@ def main(argv=None) -> int:
         "launches: per forward + backward of the layer at T; bytes per token: the slope "
         f"(bytes at {2 * t} - bytes at {t}) / {t}, so the weights' fixed traffic cancels"
     )
-    print(f"{'':18}{'launches':>10}{'read B/tok':>12}{'written B/tok':>15}{'total B/tok':>13}")
+    print(
+        f"{'':18}{'launches':>10}{'read B/tok':>12}{'written B/tok':>15}{'total B/tok':>13}"
+        f"{'saved for bwd B/tok':>21}"
+    )
     result = {}
     for label, (one, two) in runs.items():
         a, b = one.totals(keep), two.totals(keep)
@@ -394,17 +441,20 @@ def main(argv=None) -> int:
             "core": one.totals(_is_core),
         }
         row["bytes_per_token"] = row["read_per_token"] + row["written_per_token"]
+        row["saved_per_token"] = (two.saved - one.saved) / t
         result[label] = row
         print(
             f"{label:18}{row['launches']:>10}{row['read_per_token']:>12.0f}"
             f"{row['written_per_token']:>15.0f}{row['bytes_per_token']:>13.0f}"
+            f"{row['saved_per_token']:>21.0f}"
         )
     b, a = result["before (eager)"], result["after (program)"]
     launch_ratio = a["launches"] / b["launches"]
     byte_ratio = a["bytes_per_token"] / b["bytes_per_token"]
+    saved_ratio = a["saved_per_token"] / b["saved_per_token"]
     print(
         f"after / before: launches {launch_ratio:.3f}, bytes per token {byte_ratio:.3f} "
-        f"(goal: launches <= 0.5, bytes <= 0.7)"
+        f"(goal: launches <= 0.5, bytes <= 0.7); saved for backward {saved_ratio:.3f}"
     )
     for label, (one, two) in runs.items():
         names = sorted(
@@ -424,6 +474,7 @@ def main(argv=None) -> int:
             "runs": result,
             "launch_ratio": launch_ratio,
             "byte_ratio": byte_ratio,
+            "saved_ratio": saved_ratio,
             "ok": ok,
         }
         args.json.write_text(json.dumps(out, indent=1) + "\n")
