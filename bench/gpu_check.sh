@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The pending GPU checks (bench/RESULTS.md) as one device call, in order of priority,
-# each under its own time limit, every output kept under $OUT.
+# The pending GPU checks, first device call (issue 16's headline figures), in order of
+# priority, each step under its own time limit, every output kept under $OUT (at most
+# 8 files come back: this call writes 6). The second call is bench/gpu_check2.sh.
 #
 # Prepare on the CPU machine (the GPU image has no lark or pydantic, so it cannot
 # compile a spec; the kernel bench renders its own module with jinja2 alone):
@@ -8,27 +9,37 @@
 # then call the device tool with
 #   command: bash bench/gpu_check.sh    carry: [".gpu_build"]    timeout_s: 560
 # and paste the tables into bench/RESULTS.md with the card and the date.
+#
+# Step limits add up to 525 s (+ ~10 s of start-up), inside one 560 s call:
+#   1. environment                                                    5 s
+#   2. trainer: FP8 generated program / FP8 eager / BF16 / BF16 compiled  300 s
+#   3. memory by category at the peak, FP8 generated and eager        130 s
+#   4. which fused SDPA kernel MLA's 192/128 head dims get             90 s
 set -u
 OUT=${OUT:-/tmp/dsvc_gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv \
+BUILD=.gpu_build/bench_1b
+timeout 5 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv \
     2>&1 | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     2>&1 | tee -a "$OUT/gpu.txt"
-# 1. kernels (issue 6): correctness, then GEMMs, quantisers, grouped GEMMs; autotuned
-timeout 310 "$PY" bench/kernels_gpu.py 2>&1 | tee "$OUT/kernels_gpu.txt"
-# 2. the compiled ~1.1B trainer, FP8 with the generated kernels against BF16 eager
-if [ -d .gpu_build/bench_1b ]; then
-    timeout 140 "$PY" bench/trainer_gpu.py --build .gpu_build/bench_1b \
-        --json "$OUT/trainer_gpu.json" 2>&1 | tee "$OUT/trainer_gpu.txt"
-else
-    echo "no .gpu_build/bench_1b: trainer bench skipped (see the top of this script)" \
-        | tee "$OUT/trainer_gpu.txt"
+date -u +"date %Y-%m-%d %H:%M UTC" | tee -a "$OUT/gpu.txt"
+if [ ! -d "$BUILD" ]; then
+    echo "no $BUILD: compile it first (see the top of this script)" | tee -a "$OUT/gpu.txt"
+    exit 1
 fi
-# 3. dual micro-batch overlap in the GPU-bound setting the first run had no time for
-timeout 60 "$PY" bench/overlap_gpu.py --batch 4 --repeat 1,16 2>&1 | tee "$OUT/overlap_gpu.txt"
-# 4. bf16 routed experts: grouped GEMMs against the per-expert loop, and no host sync
-timeout 40 "$PY" bench/moe_gpu.py 2>&1 | tee "$OUT/moe_gpu.txt"
+# 2. the compiled ~1.1B trainer: the generated program (fused kernels) against the FP8
+#    eager modules, BF16 eager and BF16 under regional torch.compile, same weights and
+#    batches; tokens/s, MFU, peak memory. bf16-compile last: its compile time is the
+#    step most likely to run out.
+timeout 300 "$PY" bench/trainer_gpu.py --build "$BUILD" --steps 4 --warmup 2 \
+    --modes fp8,fp8-eager,bf16,bf16-compile --json "$OUT/trainer_gpu.json" \
+    2>&1 | tee "$OUT/trainer_gpu.txt"
+# 3. the 56 GB peak explained: bytes by category at the allocator's peak, per mode
+timeout 130 "$PY" bench/memory_gpu.py --build "$BUILD" --modes fp8,fp8-eager --steps 2 \
+    2>&1 | tee "$OUT/memory_gpu.txt"
+# 4. the attention core's kernel for MLA's unequal q/k and v head dimensions
+timeout 90 "$PY" bench/attention_gpu.py 2>&1 | tee "$OUT/attention_gpu.txt"

@@ -9,9 +9,14 @@ Trains the ~1.1B-parameter DeepSeek-V3-like model of tests/train_specs/bench_1b.
 depth 1; 8 sequences of 2048 tokens per step) through the build directory's own
 runtime, in the same process, twice from the same initial weights and batches:
 
-- fp8:  the spec's precision (FP8 e4m3 linears and expert GEMMs, 1x128 / 128x128
-        scales) with the build's generated Triton kernels (`runtime.fp8.use_kernels`);
-- bf16: the same model with every linear in BF16 (torch matmuls), eager.
+- fp8:          the spec's precision (FP8 e4m3 linears and expert GEMMs, 1x128 / 128x128
+                scales), the decoder blocks running the build's generated stage program
+                (program.py: the fused kernels of kernels/fp8_kernels.py, docs/program.md);
+- fp8-eager:    the same FP8 numerics through the runtime's eager modules (the generated
+                GEMM and quantiser kernels, every other op unfused);
+- bf16:         the same model with every linear in BF16 (torch matmuls), eager;
+- bf16-compile: bf16 with every decoder block under torch.compile (regional, one
+                compiled region per block, as torch recommends for repeated layers).
 
 For each it prints the median step time, tokens/s, model TFLOP/s, MFU and peak
 memory. Model FLOPs per token follow the DeepSeek-V3 report's convention (docs/report.md) (6 x matmul
@@ -39,6 +44,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPEC = ROOT / "tests" / "train_specs" / "bench_1b.dsv"
 SMOKE_SPEC = ROOT / "tests" / "train_specs" / "kernels1.dsv"
 # dense peaks (TFLOP/s) by device name: (bf16, fp8)
+MODES = ("fp8", "fp8-eager", "bf16", "bf16-compile")
 PEAKS = {"H200": (989.0, 1979.0), "H100": (989.0, 1979.0), "H800": (989.0, 1979.0)}
 
 
@@ -48,7 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--spec", default=str(SPEC), help="spec to compile when --build is not given")
     p.add_argument("--steps", type=int, default=6, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel compiles)")
-    p.add_argument("--modes", default="fp8,bf16", help="comma-separated: fp8, bf16")
+    p.add_argument(
+        "--modes",
+        default="fp8,fp8-eager,bf16,bf16-compile",
+        help=f"comma-separated, of: {', '.join(MODES)}",
+    )
     p.add_argument(
         "--autotune",
         action="store_true",
@@ -124,27 +134,54 @@ def bf16_precision(raw: dict) -> dict:
     return prec
 
 
-def run_mode(build: str, raw: dict, mode: str, device, args) -> dict:
-    import torch
-
+def make_trainer(build: str, raw: dict, mode: str, device):
+    """(trainer, plan, what the blocks run) for one mode, from the build's own runtime."""
     from dsvc_runtime import fp8
     from dsvc_runtime.mesh import build_mesh
     from dsvc_runtime.plan import parse_plan
     from dsvc_runtime.trainer import Trainer
 
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     r = copy.deepcopy(raw)
-    if mode == "bf16":
+    if mode.startswith("bf16"):
         r["precision"] = bf16_precision(raw)
         fp8.use_kernels(None)
     else:
         r["precision"]["fp8_backend"] = "triton"
         fp8.use_kernels(os.path.join(build, "kernels", "fp8_kernels.py"))
     plan = parse_plan(r, os.path.join(build, "plan.json"))
+    trainer = Trainer(plan, build_mesh(plan, device))
+    blocks = ""
+    if mode == "fp8":
+        from dsvc_runtime import program
+
+        prog = program.load_program(os.path.join(build, "program.py"))
+        attached, total = program.attach_program(trainer.modules, prog, plan, "triton")
+        if not attached:
+            raise RuntimeError(
+                f"the generated program runs none of the {total} blocks: "
+                f"{program.program_mismatch(prog, plan)}"
+            )
+        blocks = f"{attached} of {total} blocks generated"
+    elif mode == "bf16-compile":
+        from dsvc_runtime.model import Block
+
+        compiled = [m for mod in trainer.modules for m in mod.modules() if isinstance(m, Block)]
+        for blk in compiled:
+            blk.compile()
+        blocks = f"{len(compiled)} blocks compiled"
+    return trainer, plan, blocks
+
+
+def run_mode(build: str, raw: dict, mode: str, device, args) -> dict:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    trainer = Trainer(plan, build_mesh(plan, device))
+    trainer, plan, blocks = make_trainer(build, raw, mode, device)
     setup_s = time.perf_counter() - t0
     losses, times = [], []
     for i in range(args.warmup + args.steps):
@@ -161,6 +198,7 @@ def run_mode(build: str, raw: dict, mode: str, device, args) -> dict:
     tokens = plan.train.global_batch * plan.train.seq_len
     out = {
         "mode": mode,
+        "blocks": blocks,
         "setup_s": setup_s,
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
@@ -243,18 +281,27 @@ def _print_table(results: list[dict], fpt: float, peak: float | None) -> None:
         tflops = fpt * r["tokens_per_s"] / 1e12
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
         mem = f"{r['peak_mem_gb']:.1f}" if "peak_mem_gb" in r else "n/a"
+        label = f"{r['mode']} ({r['blocks']})" if r.get("blocks") else r["mode"]
         print(
-            f"| {r['mode']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {tflops:.1f} | "
+            f"| {label} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {tflops:.1f} | "
             f"{mfu} | {mem} | {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} |"
         )
     ok = {r["mode"]: r for r in results if "error" not in r}
-    if "fp8" in ok and "bf16" in ok:
-        speed = ok["fp8"]["tokens_per_s"] / ok["bf16"]["tokens_per_s"]
-        first = ok["fp8"]["losses"][0] / ok["bf16"]["losses"][0] - 1
-        print(
-            f"\nfp8 / bf16 tokens/s: {speed:.2f}x; first-step loss fp8 vs bf16: {first:+.2e} "
-            f"(relative)"
-        )
+    print()
+    for a, b in (
+        ("fp8", "bf16"),
+        ("fp8", "bf16-compile"),
+        ("fp8", "fp8-eager"),
+        ("fp8-eager", "bf16"),
+        ("bf16-compile", "bf16"),
+    ):
+        if a in ok and b in ok:
+            speed = ok[a]["tokens_per_s"] / ok[b]["tokens_per_s"]
+            first = ok[a]["losses"][0] / ok[b]["losses"][0] - 1
+            mem = ""
+            if "peak_mem_gb" in ok[a] and "peak_mem_gb" in ok[b]:
+                mem = f"; peak memory {ok[a]['peak_mem_gb'] / ok[b]['peak_mem_gb']:.2f}x"
+            print(f"{a} / {b} tokens/s: {speed:.2f}x; first-step loss {first:+.2e} (relative){mem}")
     if peak:
         print(f"MFU against the dense BF16 peak of {peak:.0f} TFLOP/s for both modes")
 

@@ -20,6 +20,7 @@ from dsvc.compiler.codegen.emit_build import emit_build
 from dsvc.compiler.codegen.emit_plan import emit_plan
 from dsvc.compiler.debug import debug_level
 from dsvc.compiler.passes.assign_precision import assign_precision
+from dsvc.compiler.passes.fuse import fuse
 from dsvc.compiler.passes.insert_comm import insert_comm
 from dsvc.compiler.passes.lower import lower
 from dsvc.compiler.passes.partition_stages import partition_stages
@@ -44,6 +45,8 @@ PASSES: tuple[Pass, ...] = (
          "Spec -> op graph of one micro-batch (sympy shapes in T, FLOPs, bytes)"),
     Pass("assign_precision", lambda spec, g, o: assign_precision(g),
          "formats per the policy; quantize/cast ops; FP8 tiles"),
+    Pass("fuse", lambda spec, g, o: fuse(g),
+         "memory-bound work of each block grouped into kernels (bytes per group)"),
     Pass("partition_stages", lambda spec, g, o: partition_stages(g),
          "every op on one pipeline stage, balanced by cost"),
     Pass("place_experts", lambda spec, g, o: place_experts(g, expert_load=o.get("expert_load")),
@@ -61,7 +64,7 @@ PASSES: tuple[Pass, ...] = (
 )
 
 # Passes whose result is an op graph worth printing (`dsvc inspect --after`).
-GRAPH_PASSES = ("lower", "assign_precision", "partition_stages", "place_experts", "insert_comm")
+GRAPH_PASSES = ("lower", "assign_precision", "fuse", "partition_stages", "place_experts", "insert_comm")
 # The passes that need cluster, parallel and train blocks.
 TRAINING_PASSES = ("emit_plan", "emit_build")
 

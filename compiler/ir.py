@@ -179,6 +179,34 @@ class Placement:
 
 
 @dataclasses.dataclass(frozen=True)
+class FusionGroup:
+    """Memory-bound work the `fuse` pass puts in one kernel (docs/ir.md).
+
+    `ops` are the member ops; a composite op (routed experts, shared experts) takes part
+    through its named `part`. `kernel` and `backward` name the functions of the
+    generated kernel module that run it; the byte counts (per micro-batch, sympy in T)
+    are what the fused kernels read and write, forward and backward, and `unfused_*`
+    what the member ops move one by one (each reading its inputs and writing its
+    outputs), so the pass's saving can be read off the IR.
+    """
+
+    name: str
+    kind: str
+    ops: tuple[str, ...]
+    layer: int | None
+    kernel: str
+    backward: str
+    reads: Any
+    writes: Any
+    bwd_reads: Any
+    bwd_writes: Any
+    unfused_reads: Any
+    unfused_writes: Any
+    part: str = ""
+    what: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Partition:
     """The partition: parts per copy, stages, and the cost model's figures."""
 
@@ -198,7 +226,8 @@ class Partition:
 class Graph:
     """The IR: op graph plus what the passes decided.
 
-    Set by the passes, in order (None before): `partition` (partition_stages), `schedule`
+    Set by the passes, in order (None before): `fusion` (fuse: a tuple of `FusionGroup`),
+    `partition` (partition_stages), `schedule`
     (schedule: a `compiler.schedules.Schedule`), `simulation` (simulate: a
     `passes.simulate.StepResult`, None without cluster, parallel and train blocks),
     `plan` (emit_plan: a `dsvc.runtime.plan.Plan`), `files` (emit_build: a build
@@ -212,6 +241,7 @@ class Graph:
         self.g = nxg if nxg is not None else nx.DiGraph()
         self.passes = passes
         self.partition = partition
+        self.fusion: tuple[FusionGroup, ...] | None = None
         self.schedule: Any = None
         self.simulation: Any = None
         self.plan: Any = None

@@ -70,6 +70,9 @@ def format_text(graph: Graph, keep: set[str] | None = None) -> str:
             lines.append("")
             lines.append(f"stage {op.stage}  ({_stage_where(graph, op.stage)}):")
         lines += _op_lines(graph, op)
+    if graph.fusion:
+        lines.append("")
+        lines += _fusion_lines(graph, keep)
     if graph.partition is not None:
         lines.append("")
         lines += _pipeline_lines(graph)
@@ -146,6 +149,25 @@ def _fmt_attr(v) -> str:
     if isinstance(v, (sympy.Basic, int, float)):
         return fmt_expr(v)
     return str(v)
+
+
+def _fusion_lines(graph: Graph, keep: set[str] | None) -> list[str]:
+    """The `fuse` pass's groups: member ops, kernels, bytes fused and one op at a time."""
+    groups = [g for g in graph.fusion if keep is None or all(o in keep for o in g.ops)]
+    fused = sum(graph.num(g.reads + g.writes + g.bwd_reads + g.bwd_writes) for g in groups)
+    unfused = sum(graph.num(g.unfused_reads + g.unfused_writes) for g in groups)
+    ratio = f"{fused / unfused:.3f}" if unfused else "n/a"
+    out = [f"fusion: {len(groups)} group(s); bytes per micro-batch (T = {graph.tokens}), forward + "
+           f"backward: fused {fused:.6g}, ops one by one {unfused:.6g} (ratio {ratio})"]
+    for g in groups:
+        part = f" ({g.part})" if g.part else ""
+        out.append(f"  {g.name}: {g.kind}{part} <- {', '.join(g.ops)}")
+        out.append(f"      kernels {g.kernel} / {g.backward}; reads {fmt_expr(g.reads)} B, "
+                   f"writes {fmt_expr(g.writes)} B; backward reads {fmt_expr(g.bwd_reads)} B, "
+                   f"writes {fmt_expr(g.bwd_writes)} B; one by one {fmt_expr(g.unfused_reads)} B "
+                   f"read, {fmt_expr(g.unfused_writes)} B written")
+        out.append(f"      {g.what}")
+    return out
 
 
 def _pipeline_lines(graph: Graph) -> list[str]:

@@ -19,8 +19,10 @@ the compiled per-rank lists itself, on torch's P2P primitives:
   consumer.
 - Backward: `B` is autograd from the stage output; `I` / `W` are torch's
   zero-bubble split (`stage_backward_input` / `stage_backward_weight`, the
-  functions torch's own schedules use). A stage fed token ids has no input
-  gradient: its `I` does nothing and its `W` runs the whole backward (as torch).
+  functions torch's own schedules use), or, for blocks running the build's
+  generated program, the chunks' own split (`I` queues each chunk's weight
+  half, `W` runs the queue: runtime/program.py). A stage fed token ids has no
+  input gradient: its `I` does nothing and its `W` runs the whole backward (as torch).
 - Pairs: with `schedule.overlap` the two halves interleave at their
   all-to-alls (`overlap.OverlapSession`); without it, forward then backward.
   Both record an event log of the pair (`overlap_log`, last step).
@@ -52,6 +54,12 @@ from .layers import dtype_of
 from .model import StageModule
 from .overlap import OverlapSession
 from .plan import Plan, Stage
+from .program import defer_weight_grads, run_weight_grads
+
+
+def _runs_program(module) -> bool:
+    """Whether a stage's blocks run a generated program (runtime/program.py)."""
+    return any(getattr(b, "program", None) is not None for b in module.modules())
 
 _COMMS = tuple(sorted(COMM_KINDS))
 
@@ -258,7 +266,14 @@ class ActionExecutor:
             else:
                 torch.autograd.backward([out], grads)
             return
-        if split:
+        if split and _runs_program(slot.module):
+            # generated chunks split themselves: their weight halves wait in a queue
+            key = (slot.stage.index, m)
+            with defer_weight_grads(key):
+                torch.autograd.backward([out], grads)
+            slot.pending_w[m] = ("program", key)
+            grad_x = leaf.grad
+        elif split:
             from torch.distributed.pipelining._backward import stage_backward_input
 
             dx, groups = stage_backward_input([out], grads, [leaf], slot.module.parameters())
@@ -281,6 +296,8 @@ class ActionExecutor:
         what = slot.pending_w.pop(m)
         if what[0] == "full":
             torch.autograd.backward([what[1]], what[2])
+        elif what[0] == "program":
+            run_weight_grads(what[1])
         else:
             from torch.distributed.pipelining._backward import stage_backward_weight
 

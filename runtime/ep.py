@@ -258,11 +258,16 @@ class ExpertComm:
             y_TD = self._run_one_hop(x_TD, idx_TK, w_TK, in_mlp_chunk, tag)
         return (y_TD, out[0]) if local is not None else y_TD
 
-    def _run_one_hop(self, x_TD, idx_TK, w_TK, experts: ExpertFn, tag: str) -> torch.Tensor:
-        t, k = idx_TK.shape
+    def route_slots(self, idx_TK: torch.Tensor) -> Route:
+        """The one-hop route of slots (token, k) to their experts' ranks, ordered by
+        (destination rank, local expert); the counts are exchanged here."""
         slot_e = idx_TK.reshape(-1)
         owner, local = self._maps(idx_TK.device)
-        route = Route(owner[slot_e], local[slot_e], self.ep_size, self.num_local, self.group, self)
+        return Route(owner[slot_e], local[slot_e], self.ep_size, self.num_local, self.group, self)
+
+    def _run_one_hop(self, x_TD, idx_TK, w_TK, experts: ExpertFn, tag: str) -> torch.Tensor:
+        t, k = idx_TK.shape
+        route = self.route_slots(idx_TK)
         x_slots = x_TD.repeat_interleave(k, dim=0)
         x_local = route.send(
             x_slots, self.dispatch_wire, self.combine_dtype, self.ue8m0, f"{tag}.dispatch"

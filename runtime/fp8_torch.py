@@ -193,12 +193,25 @@ def gemm(
     b_s: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
     tile: int = TILE,
+    *,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out (M, N) = dequant(a) @ dequant(b)^T in fp32, cast to out_dtype; scales of
-    1 x tile (a, and b's rows for wgrad) or tile x tile (b's weight blocks)."""
+    1 x tile (a, and b's rows for wgrad) or tile x tile (b's weight blocks). The
+    epilogue then adds bias (N,) and residual (M, N), each rounded to out_dtype as the
+    separate adds it replaces would be (so a fused program keeps the eager codes)."""
     a_f = dequantize_act(a, a_s, tile)
     b_f = dequantize_b(b, b_s, tile)
-    return (a_f @ b_f.t()).to(out_dtype)
+    return _epilogue(a_f @ b_f.t(), bias, residual, out_dtype)
+
+
+def _epilogue(acc, bias, residual, out_dtype):
+    y = acc.to(out_dtype)
+    for add in (bias, residual):
+        if add is not None:
+            y = (y.to(torch.float32) + add.to(out_dtype).to(torch.float32)).to(out_dtype)
+    return y
 
 
 def expert_rows(offsets: torch.Tensor):
@@ -249,9 +262,16 @@ def grouped_gemm(
     offsets: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
     tile: int = TILE,
+    *,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-expert out[rows of e] = a[rows of e] @ b[e]^T; rows past offsets[-1] are zero."""
-    return grouped_gemm_by_expert(gemm, a, a_s, b, b_s, offsets, out_dtype, tile)
+    """Per-expert out[rows of e] = a[rows of e] @ b[e]^T (+ residual[rows of e], added as
+    `gemm`'s epilogue does); rows past offsets[-1] are zero."""
+    out = grouped_gemm_by_expert(gemm, a, a_s, b, b_s, offsets, out_dtype, tile)
+    if residual is not None:
+        end = int(offsets[-1]) if offsets.numel() else 0
+        out[:end] = _epilogue(out[:end], None, residual[:end], out_dtype)
+    return out
 
 
 def grouped_gemm_wgrad(
@@ -272,9 +292,16 @@ def grouped_gemm_wgrad(
 
 
 def swiglu_quant(
-    gate: torch.Tensor, up: torch.Tensor, tile: int = TILE, ue8m0: bool = False
+    gate: torch.Tensor, up: torch.Tensor, tile: int = TILE, ue8m0: bool = False, *,
+    round_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """silu(gate) * up in fp32, quantised in 1 x tile tiles -> (h_fp8, s)."""
+    """silu(gate) * up in fp32, quantised in 1 x tile tiles -> (h_fp8, s).
+
+    round_dtype: silu(gate) and the product are each rounded to it first, as two separate
+    ops in that dtype would (the eager dense FFN's), so the codes are theirs."""
     g = gate.to(torch.float32)
-    h = g * torch.sigmoid(g) * up.to(torch.float32)
+    if round_dtype is None:
+        return quantize_act(g * torch.sigmoid(g) * up.to(torch.float32), tile, ue8m0)
+    silu = torch.nn.functional.silu(g).to(round_dtype).to(torch.float32)
+    h = (silu * up.to(round_dtype).to(torch.float32)).to(round_dtype)
     return quantize_act(h, tile, ue8m0)

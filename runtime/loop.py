@@ -47,6 +47,9 @@ def parse_args(argv):
                    help="start from a Hugging Face DeepSeek-V3 checkpoint (safetensors, FP8 with "
                    "weight_scale_inv included) instead of random weights; every rank loads its "
                    "own stages and experts (ignored when --resume finds a checkpoint)")
+    p.add_argument("--program", choices=("generated", "eager"), default="generated",
+                   help="decoder blocks: this build's generated stage program (program.py, "
+                   "fused kernels) or the runtime's eager modules (the reference)")
     p.add_argument("--backend", choices=("torch", "triton"),
                    help="FP8 GEMMs: torch emulation or this build's generated Triton kernels "
                    "(default: triton with CUDA, torch on CPU)")
@@ -216,6 +219,7 @@ def _run(build_dir: str, args) -> int:
 
         fp8.use_kernels(os.path.join(build_dir, "kernels", "fp8_kernels.py"))
     trainer = _build_trainer(plan, init_hf)
+    program_note = _attach_program(trainer, plan, build_dir, args.program)
     if start_path is not None:
         same_world = meta.get("world_size") == world
         fmt = meta.get("checkpoint_format", 1)
@@ -234,7 +238,7 @@ def _run(build_dir: str, args) -> int:
         return 0
     rank = _rank()
     console = Console(run_dir, steps, trainer.step_index, enabled=rank == 0)
-    console.header(_describe(plan, raw, steps))
+    console.header(_describe(plan, raw, steps) + program_note)
     loads = meta.get("expert_load") if start_path is not None else None
     _train(trainer, plan, steps, console, ckpt_root, expected, args.checkpoint_every, loads, raw)
     console.summary()
@@ -273,6 +277,27 @@ def _checkpoint_to_resume(ckpt_root: str, resume: bool, expected: dict):
     meta = ckpt.read_meta(path)
     ckpt.check_compatible(meta, expected, path)
     return path, meta
+
+
+def _attach_program(trainer, plan, build_dir: str, which: str) -> str:
+    """Run the build's generated program in this rank's blocks (`--program generated`);
+    returns how the header describes the blocks. A build without program.py (compiled by
+    an older dsvc) and a plan whose precision the program was not generated for (--fp32)
+    keep the eager modules, and the header says why."""
+    from . import program
+
+    if which == "eager":
+        return "; blocks eager (--program eager)"
+    path = os.path.join(build_dir, "program.py")
+    if not os.path.exists(path):
+        return "; blocks eager (no program.py in the build: recompile for the generated program)"
+    prog = program.load_program(path)
+    why = program.program_mismatch(prog, plan)
+    if why is not None:
+        return f"; blocks eager ({why})"
+    attached, total = program.attach_program(trainer.modules, prog, plan,
+                                             plan.precision.fp8_backend)
+    return f"; {attached} of {total} blocks run the generated program"
 
 
 def _build_trainer(plan, init_hf: str | None = None):

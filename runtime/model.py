@@ -49,6 +49,8 @@ class Block(nn.Module):
         attn, ffn = m.attention[spec.attention], m.ffn[spec.ffn]
         self.recompute = plan.train.recompute
         sel = self.recompute == "selective"
+        self.kind = (spec.attention, spec.ffn)  # the generated program's key for this block
+        self.program = None  # (block function, ProgramRuntime) once a program is attached
         self.input_layernorm = RMSNorm(m.hidden, m.norm_eps, norm, act, sel)
         self.self_attn = build_attention(m, attn, prec, self.recompute)
         self.post_attention_layernorm = RMSNorm(m.hidden, m.norm_eps, norm, act, sel)
@@ -78,6 +80,9 @@ class Block(nn.Module):
         return replayed(run, x_BSD)
 
     def _layer(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        if self.program is not None:  # the build's generated program (runtime/program.py)
+            fn, rt = self.program
+            return fn(rt, self, x_BSD)
         h = x_BSD + self.self_attn(self.input_layernorm(x_BSD))
         return h + self.mlp(self.post_attention_layernorm(h))
 

@@ -203,9 +203,6 @@ class MoE(nn.Module):
         b, s, d = x_BSD.shape
         x_TD = x_BSD.reshape(-1, d)
         w_TK, idx_TK, scores_TE = self.gate(x_TD)
-        if not self.replaying:
-            with torch.no_grad():
-                self.load_E += count_ids(idx_TK, self.ffn.routed)
         if self.ffn.shared:
             # the shared experts run beside the routed ones, inside the MLP chunk (overlap)
             y_TD, shared_TD = self.comm.run(
@@ -215,6 +212,14 @@ class MoE(nn.Module):
         else:
             y_TD = self.comm.run(x_TD, idx_TK, w_TK, self.experts, self.tag)
         out = y_TD.to(self.act_dtype).view(b, s, d)
+        return self.record(out, count_ids(idx_TK, self.ffn.routed), scores_TE, idx_TK, b, s)
+
+    def record(self, out, counts_E, scores_TE, idx_TK, b: int, s: int):
+        """What a MoE layer records beside its output (here and in a generated program's
+        blocks): tokens per expert, and the sequence-wise balance loss attached to `out`."""
+        if not self.replaying:  # a full recompute's replay counts nothing twice
+            with torch.no_grad():
+                self.load_E += counts_E.to(self.load_E.dtype)
         if self.ffn.seq_aux_loss > 0 and torch.is_grad_enabled():
             aux = sequence_aux_loss(scores_TE.view(b, s, -1), idx_TK.view(b, s, -1), self.ffn)
             if not self.replaying:

@@ -18,7 +18,8 @@ import sys
 
 import pytest
 
-from dsvc.runtime import fp8, fp8_triton
+from dsvc.runtime import fp8, fp8_triton, fused_torch
+from dsvc.runtime.fused_torch import FUSED_PROTOCOL
 from tests.test_train_support import SPECS, child_env, compile_spec, losses, train_here
 from tests.tolerances import tol
 
@@ -46,8 +47,9 @@ def test_generated_triton_kernels_match_torch_emulation(kernels1_build, tmp_path
 
         return wrapper
 
-    for name in fp8_triton.PROTOCOL:
-        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    for name in (*fp8_triton.PROTOCOL, *FUSED_PROTOCOL):
+        if hasattr(module, name):  # a build carries the kernels of its graph's groups only
+            monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
     registered = []
     monkeypatch.setattr(fp8_triton, "_registered", None)  # restored after the test
     real_use = fp8.use_kernels
@@ -67,14 +69,15 @@ def test_generated_triton_kernels_match_torch_emulation(kernels1_build, tmp_path
     )
     assert [str(p) for p in registered] == [str(kernel_file)]
     assert fp8_triton._registered is module
-    # forward, dgrad and wgrad GEMMs of the dense and the routed-expert linears all ran here
+    # forward, dgrad and wgrad GEMMs of the dense and the routed-expert linears all ran here,
+    # and every fused kernel of the block's groups (the generated program runs the block)
     for name in (
-        "quantize_act",
         "quantize_weight",
         "gemm",
         "grouped_gemm",
         "grouped_gemm_wgrad",
         "swiglu_quant",
+        *(n for n in FUSED_PROTOCOL if not n.startswith("gqa")),
     ):
         assert calls.get(name, 0) > 0, f"{name} was never called: {calls}"
 
@@ -108,8 +111,10 @@ def _record_tiles(monkeypatch, namespace, seen: dict[str, set]):
     each call received, by function name."""
     import inspect
 
-    for name in fp8_triton.PROTOCOL:
-        fn = getattr(namespace, name)
+    for name in (*fp8_triton.PROTOCOL, *FUSED_PROTOCOL):
+        fn = getattr(namespace, name, None)
+        if fn is None or not {"tile", "block"} & set(inspect.signature(fn).parameters):
+            continue  # a kernel the build leaves out, or a fused op without tiles
         sig = inspect.signature(fn)
 
         def wrapper(*args, _fn=fn, _sig=sig, _name=name, **kwargs):
@@ -136,11 +141,15 @@ def test_the_plans_tile_reaches_every_quantisation_and_gemm(tmp_path, monkeypatc
     seen = {"triton": {}, "torch": {}}
     _record_tiles(monkeypatch, module, seen["triton"])
     _record_tiles(monkeypatch, fp8.resolve_backend("torch"), seen["torch"])
+    _record_tiles(monkeypatch, fused_torch, seen["torch"])
     for backend in ("triton", "torch"):
         run = ["--run-dir", str(tmp_path / backend), "--steps", "3", "--backend", backend]
         assert train_here(build, *run) == 0
-    used = {"quantize_act", "quantize_act_both", "quantize_act_t_grouped", "quantize_weight",
-            "gemm", "grouped_gemm", "grouped_gemm_wgrad", "swiglu_quant"}
+    # the generated program's block: its fused ops and GEMMs; the eager MTP projection: the
+    # plain quantisers
+    used = {"quantize_act_both", "quantize_weight", "gemm", "grouped_gemm",
+            "grouped_gemm_wgrad", "swiglu_quant", "rmsnorm_quant", "rmsnorm_bwd",
+            "mla_rope_qkv_bwd", "quantize_bhsd", "swiglu_bwd_quant", "quantize_grouped"}
     for backend, calls in seen.items():
         assert used <= set(calls), (backend, sorted(calls))
         assert all(tiles == {64} for tiles in calls.values()), (backend, calls)

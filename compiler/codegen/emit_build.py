@@ -22,8 +22,9 @@ import tempfile
 from dsvc import __version__
 from dsvc import runtime as runtime_package
 from dsvc.compiler.codegen.build_tree import BUILD_MARKER
-from dsvc.compiler.codegen.kernels import GemmShape, KernelConfig, render_kernels
+from dsvc.compiler.codegen.kernels import FUSED_KINDS, GemmShape, KernelConfig, render_kernels
 from dsvc.compiler.codegen.launch_lines import launch_for
+from dsvc.compiler.codegen.program import render_program
 from dsvc.compiler.codegen.render import comment_safe, render_generated, render_template
 from dsvc.compiler.report import render_text, report_of
 from dsvc.compiler.schedules import draw_timeline
@@ -44,6 +45,8 @@ def emit_build(graph):
     files["plan.json"] = (json.dumps(dump_plan(graph.plan), indent=1, sort_keys=True) + "\n").encode()
     files["kernels/fp8_kernels.py"] = render_kernels(_kernel_config(spec, graph, passes)).encode()
     files["kernels/__init__.py"] = b""
+    files["program.py"] = render_program(graph, spec_file=_spec_file(spec),
+                                         span=_line_span(spec, "model"), passes=passes).encode()
     p, t = spec.parallel, spec.train
     files["train.py"] = render_generated(
         "train.py.jinja", span=_line_span(spec, "train"), model_name=spec.model.name,
@@ -87,20 +90,6 @@ def _gemm_shapes(graph):
     return tuple(seen[key] for key in sorted(seen))
 
 
-def _kernel_config(spec, graph):
-    from dsvc.compiler.codegen.kernels import KernelConfig
-
-    lin = spec.precision.linear
-    return KernelConfig(
-        act_tile=lin.act_tile[1], weight_block=tuple(lin.weight_block),
-        promote_every=lin.promote_every, scale_format=lin.scales,
-        out_dtype="fp32" if spec.precision.default == "fp32" else "bf16",
-        gemms=_gemm_shapes(graph), title=f"model {spec.model.name}",
-        spec_file=_spec_file(spec), span=_line_span(spec, "precision"),
-        passes=tuple(graph.passes),
-    )
-
-
 def _kernel_config(spec, graph, passes) -> KernelConfig:
     lin = spec.precision.linear
     return KernelConfig(
@@ -108,6 +97,7 @@ def _kernel_config(spec, graph, passes) -> KernelConfig:
         promote_every=lin.promote_every, scale_format=lin.scales,
         out_dtype="fp32" if spec.precision.default == "fp32" else "bf16",
         gemms=_gemm_shapes(graph), title=f"model {spec.model.name}",
+        fused=tuple(sorted({g.kind for g in graph.fusion or ()} & set(FUSED_KINDS))),
         spec_file=_spec_file(spec), span=_line_span(spec, "precision"), passes=passes,
     )
 

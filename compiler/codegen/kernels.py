@@ -7,8 +7,8 @@ config of each GEMM is chosen here (`pick_tile_config`): on a CPU (interpreter) 
 kernels are launched with it, on a GPU it is the fallback and triton.autotune
 searches `gpu_autotune_configs()`.
 
-`python -m dsvc.compiler.codegen.kernels PATH` writes a module for no particular spec (no
-GEMM table), which tests and benches render where they have no build.
+`python -m dsvc.compiler.codegen.kernels PATH` writes the generic module (no GEMM table,
+every fused kernel), which tests and benches render where they have no build.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from .render import pyrepr, render_generated
 
 FP8_MAX = 448.0
+# the fuse pass's group kinds that have kernels (compiler/passes/fuse.py); gemm_residual
+# is the GEMM's own epilogue
+FUSED_KINDS = ("gqa_rope", "mla_rope_qkv", "moe_combine", "quant_bhsd", "rmsnorm_quant",
+               "router_topk", "swiglu_quant")
 AMAX_FLOOR = 1e-30  # must equal runtime/fp8_torch.AMAX_FLOOR (a test checks)
 OUT_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 SCALE_FORMATS = ("fp32", "ue8m0")
@@ -78,6 +82,8 @@ class KernelConfig:
     out_dtype: str = "bf16"
     gemms: tuple[GemmShape, ...] = ()
     title: str = "generic shapes"
+    # the fuse pass's group kinds whose kernels the module carries (runtime/fused_torch.py)
+    fused: tuple[str, ...] = ()
     spec_file: str | None = None
     span: tuple[int, int] | None = None
     passes: tuple[str, ...] = ()
@@ -103,6 +109,9 @@ def check_kernel_config(config: KernelConfig) -> None:
         problems.append(f"scale_format {config.scale_format!r} is not one of {SCALE_FORMATS}")
     if config.out_dtype not in OUT_DTYPES:
         problems.append(f"out_dtype {config.out_dtype!r} is not one of {tuple(OUT_DTYPES)}")
+    unknown = sorted(set(config.fused) - set(FUSED_KINDS))
+    if unknown:
+        problems.append(f"fused kinds {unknown} are not among {FUSED_KINDS}")
     if not _TITLE.match(config.title):
         problems.append(f"title {config.title!r} may only contain letters, digits, '_.- '")
     seen = set()
@@ -225,6 +234,7 @@ def render_kernels(config: KernelConfig = KernelConfig()) -> str:
         "gpu_gemm_configs": [c.as_call() for c in gpu_autotune_configs(config)],
         "quant": {"cpu": pyrepr(_quant_config(32, 4)), "gpu": pyrepr(_quant_config(64, 4))},
         "gpu_quant_configs": [pyrepr(c) for c in quant_gpu],
+        "fused": sorted(config.fused),
     }
     tile_summary = {
         "act": f"1x{config.act_tile}",
@@ -233,6 +243,8 @@ def render_kernels(config: KernelConfig = KernelConfig()) -> str:
         "scales": config.scale_format,
         "gemms": len(config.gemms),
     }
+    if config.fused:
+        tile_summary["fused"] = ",".join(sorted(config.fused))
     return render_generated(
         "fp8_kernels.py.jinja",
         spec_file=config.spec_file,
@@ -246,7 +258,7 @@ def render_kernels(config: KernelConfig = KernelConfig()) -> str:
 def generic_config() -> KernelConfig:
     """A kernel module for no particular spec (DeepSeek-V3's recipe, no GEMM table): what
     tests and benches render where they have no build."""
-    return dataclasses.replace(KernelConfig(), title="generic shapes")
+    return dataclasses.replace(KernelConfig(), title="generic shapes", fused=FUSED_KINDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -282,7 +282,8 @@ class _Builder:
                     wgrad=rf, params=rk * rn, names=(pname + ".gate.weight",),
                     component="router", routed=f.routed,
                     weights=((rk, rn, 1),), score=f.score, top_k=k, groups=f.groups,
-                    top_groups=f.top_groups, route_scale=f.route_scale, balance=f.balance,
+                    top_groups=f.top_groups, route_scale=f.route_scale, renormalize=f.renormalize,
+                    balance=f.balance,
                     buffers=(pname + ".gate.e_score_correction_bias",) if f.balance == "bias" else ())
         ew = _swiglu_weights(hd, f.intermediate, f.routed)
         e = k * _swiglu_flops(hd, f.intermediate)  # top_k experts per token

@@ -30,7 +30,7 @@ from tests.golden import check_golden
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "tiny.dsv"
 W1 = ROOT / "tests" / "train_specs" / "w1.dsv"
-GENERATED = ("train.py", "kernels/fp8_kernels.py")
+GENERATED = ("train.py", "kernels/fp8_kernels.py", "program.py")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,19 @@ def test_readme_launches_per_node_and_on_one_machine(tiny_files):
 def test_golden_train(tiny_files):
     assert "model.py" not in tiny_files  # the runtime's modules run; nothing repeats them
     check_golden("build/tiny_train.py.txt", tiny_files["train.py"].decode())
+
+
+def test_golden_program(tiny_files):
+    """The generated stage program: both block kinds of the tiny model, from its graph."""
+    check_golden("build/tiny_program.py.txt", tiny_files["program.py"].decode())
+
+
+def test_kernel_module_carries_the_graphs_fused_kernels(tiny_files):
+    text = tiny_files["kernels/fp8_kernels.py"].decode()
+    for kernel in ("_rmsnorm_quant_kernel", "_mla_rope_qkv_bwd_kernel", "_router_topk_kernel",
+                   "_moe_combine_kernel", "_swiglu_bwd_quant_kernel", "_quant_bhsd_kernel"):
+        assert f"def {kernel}(" in text, kernel
+    assert "def _gqa_rope_kernel(" not in text  # no GQA block in the tiny model
 
 
 @pytest.mark.parametrize("name", GENERATED)
@@ -103,6 +116,7 @@ def test_build_directory_contents(tmp_path):
         "report.md",
         "schedule.png",
         "kernels/fp8_kernels.py",
+        "program.py",
         "dsvc_runtime/loop.py",
         build_mod.BUILD_MARKER,
     ):

@@ -15,6 +15,7 @@ import pytest
 
 from dsvc.compiler.codegen import render
 from dsvc.compiler.codegen.kernels import (
+    FUSED_KINDS,
     GemmShape,
     KernelConfig,
     check_kernel_config,
@@ -53,9 +54,11 @@ def test_rendering_is_deterministic_and_order_independent():
     assert render_kernels(shuffled) == first
 
 
-@pytest.mark.parametrize("scale_format", ["fp32", "ue8m0"])
-def test_generated_code_parses_and_is_formatted(tmp_path, scale_format):
-    text = render_kernels(dataclasses.replace(TINY, scale_format=scale_format))
+@pytest.mark.parametrize("scale_format,fused", [("fp32", ()), ("ue8m0", ()),
+                                                 ("fp32", FUSED_KINDS), ("fp32", ("router_topk",)),
+                                                 ("fp32", ("moe_combine", "gqa_rope"))])
+def test_generated_code_parses_and_is_formatted(tmp_path, scale_format, fused):
+    text = render_kernels(dataclasses.replace(TINY, scale_format=scale_format, fused=fused))
     tree = ast.parse(text)
     defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     assert {"quantize_act", "gemm", "grouped_gemm", "swiglu_quant"} <= defined
@@ -70,6 +73,24 @@ def test_generated_code_parses_and_is_formatted(tmp_path, scale_format):
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_module_carries_the_kernels_of_its_graphs_fusion_groups_only():
+    """One kernel (forward and backward) per kind of fusion group the spec's graph has."""
+    def defs(kinds):
+        tree = ast.parse(render_kernels(dataclasses.replace(TINY, fused=kinds)))
+        return {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+    plain, routing = defs(()), defs(("router_topk",))
+    assert not any(name.startswith("_router") or name == "rmsnorm_quant" for name in plain)
+    assert {"_router_topk_kernel", "_router_bwd_kernel", "router_topk", "router_bwd"} <= routing
+    assert "_rmsnorm_quant_kernel" not in routing and "rmsnorm_quant" not in routing
+    everything = defs(FUSED_KINDS)
+    from dsvc.runtime.fused_torch import FUSED_PROTOCOL
+
+    assert set(FUSED_PROTOCOL) <= everything
+    with pytest.raises(ValueError, match="fused kinds"):
+        render_kernels(dataclasses.replace(TINY, fused=("nonsense",)))
 
 
 def test_gemm_table_has_forward_and_dgrad_shapes_with_their_configs():

@@ -9,9 +9,7 @@ should do it too so that test order cannot matter).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import pathlib
 import sys
 
 import torch
@@ -28,42 +26,11 @@ from hypothesis import strategies as st
 
 from dsvc.runtime import fp8
 from dsvc.runtime import fp8_torch as ref
+from tests.runtime.triton_helpers import OnDevice, load_kernels, on_dev
+from tests.runtime.triton_helpers import bits_equal as _bits_equal
 from tests.tolerances import tol
 
 triton = pytest.importorskip("triton")
-
-def load_kernels(path: pathlib.Path, name: str):
-    """Import a kernel module from `path` afresh (its @jit functions bind to this process's mode)."""
-    if DEVICE == "cpu" and type(triton.language.standard.max).__name__ != "InterpretedFunction":
-        pytest.fail(
-            "triton was imported before TRITON_INTERPRET=1 was set; run this file on its own "
-            "or set TRITON_INTERPRET=1 in the environment"
-        )
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-class OnDevice:
-    """A kernel module whose functions get their tensor arguments moved to DEVICE."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __getattr__(self, name):
-        attr = getattr(self.module, name)
-        if not callable(attr) or isinstance(attr, type):
-            return attr
-
-        def call(*args, **kwargs):
-            args = [on_dev(a) if isinstance(a, torch.Tensor) else a for a in args]
-            kwargs = {k: on_dev(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-            return attr(*args, **kwargs)
-
-        return call
-
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
@@ -84,18 +51,6 @@ def tiny_kernels(tmp_path_factory):
     path = tmp_path_factory.mktemp("kernels") / "fp8_kernels.py"
     path.write_text(render_kernels(config), encoding="utf-8")
     return OnDevice(load_kernels(path, "_dsvc_test_fp8_tiny"))
-
-
-def on_dev(*tensors):
-    moved = tuple(t.to(DEVICE) for t in tensors)
-    return moved if len(moved) > 1 else moved[0]
-
-
-def _bits_equal(a, b):
-    a, b = a.cpu(), b.cpu()
-    if a.dtype == torch.float8_e4m3fn:
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 def _close(actual, expected, name):
