@@ -6,7 +6,7 @@ Triton kernels (under TRITON_INTERPRET=1 on a CPU):
 
 - before: the runtime's eager modules (each quantisation, norm, RoPE, SwiGLU, routing
   step and residual add its own kernel or torch op);
-- after: the build's generated stage program (compiler/codegen/program.py from the graph
+- after: the build's generated stage program (compiler/codegen/stage_program.py from the graph
   after the `fuse` pass), whose fusion groups are one Triton kernel each.
 
 Everything is counted from the run itself, not from the IR:
@@ -278,7 +278,7 @@ def setup(spec_path: pathlib.Path, workdir: pathlib.Path):
     program and the rendered kernel module (every fused kernel)."""
     from dsvc import dsl
     from dsvc.compiler.codegen.kernels import generic_config, render_kernels
-    from dsvc.compiler.codegen.program import render_program
+    from dsvc.compiler.codegen.stage_program import render_program
     from dsvc.compiler.driver import build_plan, run_until
     from dsvc.runtime import fp8
     from dsvc.runtime import program as P

@@ -24,8 +24,8 @@ from dsvc import runtime as runtime_package
 from dsvc.compiler.codegen.build_tree import BUILD_MARKER
 from dsvc.compiler.codegen.kernels import FUSED_KINDS, GemmShape, KernelConfig, render_kernels
 from dsvc.compiler.codegen.launch_lines import launch_for
-from dsvc.compiler.codegen.program import render_program
 from dsvc.compiler.codegen.render import comment_safe, render_generated, render_template
+from dsvc.compiler.codegen.stage_program import render_program
 from dsvc.compiler.report import render_text, report_of
 from dsvc.compiler.schedules import draw_timeline
 from dsvc.dsl.diagnostics import Diagnostic, SpecError

@@ -1,7 +1,7 @@
 """The generated stage program against the runtime's eager modules (the reference).
 
 Each block kind is run twice from the same weights and inputs, eagerly and by the
-program a build would carry (compiler/codegen/program.py from the graph after `fuse`),
+program a build would carry (compiler/codegen/stage_program.py from the graph after `fuse`),
 and the outputs, the input gradient and every parameter gradient are compared
 (tests/tolerances.py). Covered: the tiny example's blocks, the 1.1B bench spec's first
 two layers (MLA + dense, MLA + MoE), and small specs for the other template branches
@@ -24,7 +24,7 @@ import contextlib
 import pytest
 
 from dsvc import dsl
-from dsvc.compiler.codegen.program import render_program
+from dsvc.compiler.codegen.stage_program import render_program
 from dsvc.compiler.driver import build_plan, run_until
 from dsvc.runtime import program as P
 from dsvc.runtime.init import init_parameters
@@ -250,7 +250,7 @@ def test_a_program_of_another_interface_is_refused(tmp_path):
 
 
 def test_program_api_versions_agree():
-    from dsvc.compiler.codegen import program as emitter
+    from dsvc.compiler.codegen import stage_program as emitter
 
     assert emitter.PROGRAM_API == P.PROGRAM_API
 
