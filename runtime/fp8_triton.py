@@ -9,12 +9,11 @@ OUT.py` writes one for no particular spec) and register it.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import pathlib
-import sys
 import types
+
+from .generated import import_generated
 
 # Functions a kernel module must define (the backend protocol shared with fp8_torch).
 PROTOCOL = (
@@ -39,18 +38,7 @@ def load_kernel_module(path: str | os.PathLike) -> types.ModuleType:
     path = pathlib.Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"generated kernel module {path} does not exist")
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    name = f"_dsvc_fp8_kernels_{digest}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[name]
-        raise
+    module = import_generated(path, "_dsvc_fp8_kernels_")
     check_kernel_module(module)
     return module
 

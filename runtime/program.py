@@ -27,11 +27,8 @@ keeps the eager modules (`program_mismatch` says why).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
 import os
 import pathlib
-import sys
 import threading
 import types
 
@@ -40,6 +37,7 @@ import torch.nn.functional as F
 
 from . import fp8_torch, fused_torch
 from .fp8_triton import PROTOCOL
+from .generated import forget, import_generated
 
 PROGRAM_API = 1  # the interface between generated programs and this module
 
@@ -295,20 +293,10 @@ def load_program(path: str | os.PathLike) -> types.ModuleType:
     path = pathlib.Path(path).resolve()
     if not path.is_file():
         raise ProgramError(f"no generated program at {path}; recompile the spec")
-    name = "_dsvc_program_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[name]
-        raise
+    module = import_generated(path, "_dsvc_program_")
     api = getattr(module, "PROGRAM_API", None)
     if api != PROGRAM_API:
-        del sys.modules[name]
+        forget(module)
         raise ProgramError(f"{path} was generated for program interface {api}, this runtime "
                            f"runs {PROGRAM_API}; recompile the spec with this dsvc")
     return module
