@@ -26,7 +26,7 @@ import pytest
 
 from tests import golden
 from tests.test_train_support import EXAMPLES, ROOT, child_env, compile_spec, losses, torchrun
-from tests.tolerances import tol
+from tests.tolerances import LOSS_GOLDEN_EARLY_STEPS, tol
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +56,16 @@ def check_loss_golden(mode: str, run_losses: dict[int, float]) -> None:
     want, got = expected["losses"], record["losses"]
     first_rtol = tol("loss_golden_first_step")[0]
     assert got[0] == pytest.approx(want[0], rel=first_rtol), (got[0], want[0])
-    rtol = tol(f"loss_golden_{mode}")[0]
+    early, rtol_early, rtol = (LOSS_GOLDEN_EARLY_STEPS[mode], tol(f"loss_golden_{mode}_early")[0],
+                               tol(f"loss_golden_{mode}")[0])
     off = [
-        (step, g, w) for step, (g, w) in enumerate(zip(got, want), 1) if abs(g - w) > rtol * abs(w)
+        (step, g, w)
+        for step, (g, w) in enumerate(zip(got, want), 1)
+        if abs(g - w) > (rtol_early if step <= early else rtol) * abs(w)
     ]
     assert not off, (
-        f"steps off golden/loss/tiny_{mode}.json by more than {rtol:g} (step, got, want): {off}"
+        f"steps off golden/loss/tiny_{mode}.json by more than {rtol_early:g} (steps 2-{early}) "
+        f"or {rtol:g} (later) (step, got, want): {off}"
     )
     # the curve falls (a frozen or diverging model fails this whatever the goldens say)
     first, last = sum(got[:5]) / 5, sum(got[-5:]) / 5

@@ -39,19 +39,26 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "fp8_triton_vs_torch_loss": (1e-3, 0.0),
     # the tiny example's golden loss curves (tests/test_train_tiny.py) on another machine or
     # torch release. Within one environment a rerun is bit for bit (the resume tests hold
-    # that); across environments float summation order differs (SIMD width, kernel choice).
-    # Measured with this repository's goldens (torch 2.14.1, AVX2) rerun under
-    # ATEN_CPU_CAPABILITY=default (scalar kernels), max over the 20 steps. Step 1 is the
-    # initialised model's forward on the first batch: measured 1.7e-8 (fp32), 4.4e-6 (FP8);
-    # a different init, batch or loss weighting moves it by > 1e-3.
+    # that); across environments float summation order differs (SIMD width, kernel choice)
+    # and training amplifies it: the drift is tiny for the first steps and then grows
+    # chaotically (a near-tied routed-expert choice flips and the curve steps aside). So the
+    # early steps are held tightly and the later ones loosely, by the largest spread
+    # measured between the goldens (torch 2.14.1 on an AVX2 machine) and reruns on an
+    # AVX-512 machine (torch 2.13.0 and 2.14.1, ATEN_CPU_CAPABILITY default, avx2, native).
+    # Step 1 is the initialised model's forward on the first batch: measured 1.7e-8 (fp32),
+    # 4.4e-6 (FP8); a different init, batch or loss weighting moves it by > 1e-3.
     "loss_golden_first_step": (1e-4, 0.0),
-    # every step, FP32: the drift grows as training amplifies rounding; measured 3.7e-4
-    "loss_golden_fp32": (2e-3, 0.0),
-    # every step, FP8 emulation: a value an ulp off can round to a neighbouring e4m3 code
-    # (2**-4 relative) and near-tied router choices flip, so the drift grows faster; measured
-    # 1.2e-2 (step 19). A wrong learning rate, schedule or loss term moves the curve by
-    # more than this within 20 steps, and the first step catches forward numerics tightly.
-    "loss_golden_fp8": (3e-2, 0.0),
+    # FP32, steps 2 to LOSS_GOLDEN_EARLY_STEPS["fp32"]: measured 4.8e-7 (step 9). A learning
+    # rate 10% off moves step 2 by 2.0e-4; a wrong schedule or loss term by more.
+    "loss_golden_fp32_early": (1e-5, 0.0),
+    # FP32, the later steps: measured 2.7e-3 (step 19, a routing flip; steps 11-18 within 2.5e-4)
+    "loss_golden_fp32": (1e-2, 0.0),
+    # FP8 emulation, steps 2 to LOSS_GOLDEN_EARLY_STEPS["fp8"]: a value an ulp off can round
+    # to a neighbouring e4m3 code (2**-4 relative), so the drift starts sooner; measured 3.0e-4
+    "loss_golden_fp8_early": (2e-3, 0.0),
+    # FP8, the later steps: measured 3.0e-2 (step 19). The FP8 curve's checks are its first
+    # step (forward numerics) and that it falls; the optimizer is held by the FP32 curve.
+    "loss_golden_fp8": (6e-2, 0.0),
     # ... and both curves must fall: the mean of the last 5 of 20 steps at least this
     # fraction below the mean of the first 5 (the goldens fall by 9-10%)
     "loss_golden_min_drop": (0.05, 0.0),
@@ -118,6 +125,10 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     # (one decimal printed there)
     "simulate_flops_reference": (1e-3, 0.0),
 }
+
+
+# the last step each curve's early tolerance covers (see the loss_golden_* entries)
+LOSS_GOLDEN_EARLY_STEPS = {"fp32": 10, "fp8": 4}
 
 
 def tol(name: str) -> tuple[float, float]:
