@@ -71,7 +71,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def compile_build(spec: str, out: str) -> str:
+def compile_build(spec: str, out: str, overrides=()) -> str:
+    """Compile `spec` (with `key=value` overrides) into `out` unless it is already built."""
     try:
         from dsvc import dsl
         from dsvc.compiler.codegen.build import build_cached
@@ -80,7 +81,7 @@ def compile_build(spec: str, out: str) -> str:
             f"trainer_gpu: cannot compile {spec} here ({err}); compile it where dsvc is "
             "installed (dsvc compile SPEC -o DIR) and pass --build DIR"
         )
-    build_cached(dsl.load(spec), out)
+    build_cached(dsl.load(spec, overrides), out)
     return out
 
 

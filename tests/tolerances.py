@@ -59,6 +59,10 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     # FP8, the later steps: measured 3.0e-2 (step 19). The FP8 curve's checks are its first
     # step (forward numerics) and that it falls; the optimizer is held by the FP32 curve.
     "loss_golden_fp8": (6e-2, 0.0),
+    # bench/fp8_loss_gpu.py's smoke run: the first loss of FP8 and BF16 training from the same
+    # weights and batch (kernels1.dsv, 2 x 16 byte tokens); the two precisions round the
+    # forward differently, measured 4.2e-4, while another batch moves it by > 1e-2
+    "fp8_vs_bf16_first_loss": (2e-3, 0.0),
     # ... and both curves must fall: the mean of the last 5 of 20 steps at least this
     # fraction below the mean of the first 5 (the goldens fall by 9-10%)
     "loss_golden_min_drop": (0.05, 0.0),

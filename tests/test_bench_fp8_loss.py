@@ -1,0 +1,56 @@
+"""bench/fp8_loss_gpu.py's own machinery, on a CPU: the natural-text token file it builds,
+the plan it trains, and its three runs end to end at a size a test can afford."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.bench_scripts import load_bench
+from tests.tolerances import tol
+
+
+def test_stdlib_tokens_are_text_bytes_with_document_ends(tmp_path):
+    bench = load_bench("fp8_loss_gpu")
+    path = tmp_path / "t.bin"
+    assert bench.stdlib_tokens(str(path), 200_000) == 200_000
+    ids = np.fromfile(path, dtype=np.uint16)
+    assert ids.size == 200_000 and ids.max() == bench.BYTE_EOS  # documents end in the EOS id
+    text = bytes(int(i) for i in ids[:4000] if i < 256).decode("utf-8", errors="strict")
+    assert "def " in text or "import " in text  # Python sources, as text
+
+
+def test_the_plan_reads_the_text_and_stretches_its_schedule():
+    bench = load_bench("fp8_loss_gpu")
+    raw = {"model": {"vocab": 320}, "train": {
+        "data": {"kind": "synthetic"},
+        "lr_schedule": {"kind": "warmup_cosine", "warmup_steps": 5, "total_steps": 20}}}
+    r = bench.with_text(raw, "x.bin", 30)
+    assert r["train"]["data"] == {"kind": "tokens", "path": os.path.abspath("x.bin"),
+                                  "dtype": "uint16"}
+    assert r["train"]["lr_schedule"] == {"kind": "warmup_cosine", "warmup_steps": 3,
+                                         "total_steps": 30}
+    assert raw["train"]["data"] == {"kind": "synthetic"}  # the input is left alone
+
+
+def test_cpu_smoke_runs_the_three_trainings(tmp_path, capsys):
+    bench = load_bench("fp8_loss_gpu")
+    out = tmp_path / "r.json"
+    assert bench.main(["--cpu-smoke", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    runs = {r["run"]: r for r in rec["results"]}
+    assert list(runs) == ["fp8", "bf16", "bf16-other"]
+    assert runs["fp8"]["blocks"].endswith("blocks generated")  # the generated program ran
+    # same initial weights and batches: FP8 and BF16 start within FP8's rounding; the other
+    # data order starts elsewhere
+    first = {k: r["curve"][0] for k, r in runs.items()}
+    rtol = tol("fp8_vs_bf16_first_loss")[0]
+    assert abs(first["fp8"] / first["bf16"] - 1) < rtol < abs(first["bf16-other"] / first["bf16"] - 1)
+    assert rec["gap"] == runs["fp8"]["held_out"] / runs["bf16"]["held_out"] - 1
+    assert "noise floor" in capsys.readouterr().out
