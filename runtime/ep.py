@@ -124,8 +124,10 @@ class Route:
             recv_counts = comm.transport.start([send_counts], ones, ones, group).wait()[0]
         else:
             recv_counts = send_counts
-        self.send_splits = send_counts.sum(1).tolist()
-        self.recv_splits = recv_counts.sum(1).tolist()
+        # the one host read of a dispatch: all_to_all_single takes its splits as Python ints
+        self.send_splits, self.recv_splits = torch.stack(
+            (send_counts.sum(1), recv_counts.sum(1))
+        ).tolist()
         self.counts = recv_counts.sum(0)  # rows per bucket after arrival
         # arrival order is (source, bucket); make it (bucket, source) for the grouped GEMM
         lengths = recv_counts.t().reshape(-1)
