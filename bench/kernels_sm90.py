@@ -152,6 +152,7 @@ def fused_rows(module):
         stride_dm=inter, stride_di=1, stride_qm=inter, stride_sm=1, stride_sk=M,
         stride_qtk=M, stride_stk=1, stride_stm=inter, NUM_EXPERTS=1, STEPS=0, TILE=128,
         ALIGN=16, GROUPED=False, ROUND=True, UE8M0=False, OUT=tl.bfloat16,
+        PART=module.SWIGLU_BWD_PART,
     )  # fmt: skip
     return [
         (f"rmsnorm_quant (BLOCK_M {bm}, 1x128)", module._rmsnorm_quant_kernel, norm, 4),
