@@ -211,7 +211,8 @@ class ExpertComm:
         self.two_hop = placement.two_hop and group is not None and node_size > 0
         self.node_size, self.inter_group, self.intra_group = node_size, inter_group, intra_group
 
-    def _maps(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def expert_maps(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(owner EP rank, index among the owner's experts) of every expert, on `device`."""
         if self.owner.device != device:
             self.owner, self.local_index = self.owner.to(device), self.local_index.to(device)
         return self.owner, self.local_index
@@ -264,7 +265,7 @@ class ExpertComm:
         """The one-hop route of slots (token, k) to their experts' ranks, ordered by
         (destination rank, local expert); the counts are exchanged here."""
         slot_e = idx_TK.reshape(-1)
-        owner, local = self._maps(idx_TK.device)
+        owner, local = self.expert_maps(idx_TK.device)
         return Route(owner[slot_e], local[slot_e], self.ep_size, self.num_local, self.group, self)
 
     def _run_one_hop(self, x_TD, idx_TK, w_TK, experts: ExpertFn, tag: str) -> torch.Tensor:
@@ -282,7 +283,7 @@ class ExpertComm:
         t = idx_TK.shape[0]
         g = self.node_size
         num_nodes = self.ep_size // g
-        owner, local = self._maps(idx_TK.device)
+        owner, local = self.expert_maps(idx_TK.device)
         node_TK = owner[idx_TK] // g
         # hop 1: one copy of a token per destination node, to the same local index there
         hit_TN = torch.zeros(t, num_nodes, dtype=torch.bool, device=idx_TK.device)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fp8_torch, fused_torch
+from .ep import Route
 from .fp8_triton import PROTOCOL
 from .generated import forget, import_generated
 
@@ -263,6 +264,12 @@ class ProgramRuntime:
         return tuple(route.comm.exchange(ins, route.send_splits, route.recv_splits, route.group,
                                          role, label))
 
+    def two_hop(self, comm, idx_TK, w_TK, tensors, tag: str):
+        """DeepSeek-V3's node-then-GPU dispatch of this rank's tokens (`TwoHop`): returns
+        the route and `tensors` (rows by token) arrived at their experts by local expert."""
+        hop = TwoHop(self, comm, idx_TK, w_TK)
+        return hop, hop.dispatch(tensors, tag)
+
     # -- the attention core (kept in its plan dtype; torch picks the fused SDPA kernel)
     @staticmethod
     def attention(q_BHSd, k_BHSd, v_BHSd, scale: float, core_dtype, out_dtype):
@@ -271,6 +278,114 @@ class ProgramRuntime:
             is_causal=True, scale=scale,
         )  # fmt: skip
         return out.to(out_dtype)
+
+
+class TwoHop:
+    """The two-hop route of the generated expert chunk, as `ep.ExpertComm` runs it eagerly:
+    a token crosses to each node holding one of its experts once (hop 1, to the rank with
+    its own local index there), and that forwarding rank sends the copy on to the owners
+    of the token's experts in the node (hop 2); the replies are weighted by the gates and
+    summed per copy on the forwarding rank, so one row per (token, node) crosses back.
+
+    Every rank is at once a source (its tokens), a forwarding rank (copies arrived by hop
+    1) and an expert owner (rows arrived by hop 2). The chunk sees what one-hop routes
+    give it: rows by local expert (`counts`), and for the combine a layout `moe_combine`
+    and `moe_dispatch_bwd` read as they read one-hop slots: `pos` (T, nodes) holds the row
+    of each (token, node) copy's reply (a zero row where the token reaches no expert on
+    that node) and the copies' weights are 1, the gates having been applied at the
+    forwarding rank. The gate gradient is taken there too and travels back with the
+    input gradient."""
+
+    two_hop = True
+    moves = True
+
+    def __init__(self, rt, comm, idx_TK, w_TK):
+        if comm.group is None:
+            raise RuntimeError("two-hop expert routing needs the EP process groups: build the "
+                               "stage through runtime.trainer.Trainer")
+        self.rt, self.comm = rt, comm
+        t, k = idx_TK.shape
+        g = comm.node_size
+        nodes = comm.ep_size // g
+        owner, local = comm.expert_maps(idx_TK.device)
+        node_TK = owner[idx_TK] // g
+        hit_TN = torch.zeros(t, nodes, dtype=torch.bool, device=idx_TK.device)
+        hit_TN.scatter_(1, node_TK, True)
+        copy_tok, copy_node = hit_TN.nonzero(as_tuple=True)
+        self.hop1 = Route(copy_node, torch.zeros_like(copy_node), nodes, 1, comm.inter_group,
+                          comm)
+        order1 = self.hop1.order
+        on_node_CK = node_TK.index_select(0, copy_tok) == copy_node.unsqueeze(1)
+        self.src1 = copy_tok.index_select(0, order1)  # each copy's token, in hop 1's order
+        self.on_node1 = on_node_CK.index_select(0, order1)
+        idx_C, w_C = idx_TK.index_select(0, self.src1), w_TK.index_select(0, self.src1)
+        self.slot_e = torch.where(self.on_node1, idx_C, torch.full_like(idx_C, -1))
+        self.slot_w = torch.where(self.on_node1, w_C, torch.zeros_like(w_C)).float()
+        c = copy_tok.numel()
+        self.pos = torch.full((t, nodes), c, dtype=torch.long, device=idx_TK.device)
+        self.pos[copy_tok, copy_node] = self.hop1.inv_order
+        self.weights = torch.ones(t, nodes, dtype=torch.float32, device=idx_TK.device)
+        self.tokens, self.top_k = t, k
+
+    def dispatch(self, tensors, tag: str):
+        """Rows by token (fp8 codes, scales or bf16) to the owners of their experts."""
+        rt, comm = self.rt, self.comm
+        first = [rt.rows_of(x, self.src1) for x in tensors]
+        *at_fwd, e_fwd, w_fwd = rt.send_rows(self.hop1, (*first, self.slot_e, self.slot_w), tag)
+        # hop 2: each valid slot of an arrived copy to its expert's owner in this node
+        c_idx, k_idx = (e_fwd >= 0).nonzero(as_tuple=True)
+        slot = e_fwd[c_idx, k_idx]
+        owner, local = comm.expert_maps(e_fwd.device)
+        g = comm.node_size
+        self.hop2 = Route(owner[slot] % g, local[slot], g, comm.num_local, comm.intra_group,
+                          comm)
+        order2 = self.hop2.order
+        self.copy2 = c_idx.index_select(0, order2)  # each hop-2 slot's copy, in hop 2's order
+        self.slot2 = k_idx.index_select(0, order2)
+        self.w2 = w_fwd[self.copy2, self.slot2]
+        self.copies_in = e_fwd.shape[0]
+        self.counts = self.hop2.counts
+        second = [rt.rows_of(x, self.copy2) for x in at_fwd]
+        return rt.send_rows(self.hop2, second, tag)
+
+    def combine(self, y, tag: str):
+        """The experts' rows back: weighted and summed per copy on the forwarding rank, one
+        row per copy home; returns (rows, weights, pos) for `moe_combine`."""
+        rt = self.rt
+        (y_slot,) = rt.return_rows(self.hop2, (y,), tag)
+        self.y_slot = y_slot  # for the gate gradient, where the gates were applied
+        yd = y_slot.dtype
+        weighted = (y_slot.float() * self.w2.to(yd).float().unsqueeze(1)).to(yd)
+        y_copy = weighted.new_zeros(self.copies_in, y.shape[1]).index_add(0, self.copy2, weighted)
+        (y_back,) = rt.return_rows(self.hop1, (y_copy,), tag)
+        return torch.cat((y_back, y_back.new_zeros(1, y.shape[1]))), self.weights, self.pos
+
+    def combine_backward(self, dout, tag: str):
+        """dout (T, D) in the combine dtype to the experts' owners, each slot's rows scaled
+        by its gate there; the gates' gradient is kept for `dispatch_backward`."""
+        rt = self.rt
+        (dy_copy,) = rt.send_rows(self.hop1, (rt.rows_of(dout, self.src1),), tag, backward=True)
+        dy = dy_copy.index_select(0, self.copy2)
+        yd = self.y_slot.dtype
+        dw2 = (dy.to(yd).float() * self.y_slot.float()).to(yd).float().sum(-1).to(yd).float()
+        self.dw_fwd = torch.zeros(self.copies_in, self.top_k, dtype=torch.float32,
+                                  device=dy.device)
+        self.dw_fwd[self.copy2, self.slot2] = dw2
+        dy_slot = (dy.float() * self.w2.to(dy.dtype).float().unsqueeze(1)).to(dy.dtype)
+        (dy_arr,) = rt.send_rows(self.hop2, (dy_slot,), tag, backward=True)
+        return dy_arr
+
+    def dispatch_backward(self, dx, tag: str):
+        """The experts' input gradients (rows by local expert) home: summed per copy on the
+        forwarding rank, one row per copy back with the gates' gradient; returns (rows for
+        `moe_dispatch_bwd` with `pos`, the gate gradient (T, top_k) fp32)."""
+        rt = self.rt
+        (dx_slot,) = rt.return_rows(self.hop2, (dx,), tag, backward=True)
+        dx_copy = dx_slot.new_zeros(self.copies_in, dx.shape[1]).index_add(0, self.copy2, dx_slot)
+        dx_back, dw_back = rt.return_rows(self.hop1, (dx_copy, self.dw_fwd), tag, backward=True)
+        dw = torch.zeros(self.tokens, self.top_k, dtype=torch.float32, device=dw_back.device)
+        dw.index_add_(0, self.src1, torch.where(self.on_node1, dw_back, 0.0))
+        return torch.cat((dx_back, dx_back.new_zeros(1, dx.shape[1]))), dw
 
 
 def _epilogue(out32, bias, residual, out_dtype):
@@ -327,13 +442,11 @@ def program_mismatch(program, plan) -> str | None:
 
 def attach_program(modules, program, plan, backend) -> tuple[int, int]:
     """Make every Block of `modules` whose kind `program` covers run it; returns (blocks
-    attached, blocks in all). A MoE block whose experts are dispatched in two hops (EP
-    across nodes) keeps its eager module: the program's expert chunk exchanges in one.
+    attached, blocks in all).
 
     `backend` is the plan's FP8 backend (name or kernel module). Nothing is attached
     when `program_mismatch` finds a reason."""
     from .layers import dtype_of
-    from .moe import MoE
 
     blocks = [b for mod in modules for b in _blocks(mod)]
     if program_mismatch(program, plan) is not None:
@@ -344,7 +457,7 @@ def attach_program(modules, program, plan, backend) -> tuple[int, int]:
     count = 0
     for block in blocks:
         fn = program.BLOCKS.get(block.kind)
-        if fn is None or (isinstance(block.mlp, MoE) and block.mlp.comm.two_hop):
+        if fn is None:
             continue
         block.program = (fn, rt)
         count += 1

@@ -196,3 +196,35 @@ def decode_jobs(rank: int, jobs: list[dict]) -> list:
         blocks = [dist.new_group(list(range(b, b + ep))) for b in range(0, world, ep)]
         out.append(run_job(job, rank % ep, ep, blocks[rank // ep]))
     return out
+
+
+def program_block(rank: int, raw: dict, program_path: str, block: str, seed: int) -> dict:
+    """One block of a trainer's stage run eagerly and by the generated program, from the
+    same weights and this rank's input: the outputs, input gradient and the block's
+    parameter gradients of each (expert-parallel exchanges included)."""
+    from dsvc.runtime import program as P
+    from dsvc.runtime.plan import parse_plan
+    from dsvc.runtime.trainer import Trainer
+
+    plan = parse_plan(raw)
+    trainer = Trainer(plan)
+    (module,) = trainer.modules
+    blk = module.get_submodule(block)
+    gen = torch.Generator().manual_seed(seed + rank)
+    x = torch.randn(2, 16, plan.model.hidden, generator=gen).to(torch.bfloat16)
+    dy = torch.randn(2, 16, plan.model.hidden, generator=gen)
+
+    def run() -> dict:
+        module.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = blk(xi)
+        (y.float() * dy).sum().backward()
+        grads = {n: p.grad.clone() for n, p in blk.named_parameters() if p.grad is not None}
+        return {"y": y.detach(), "dx": xi.grad, **grads}
+
+    P.detach_program(trainer.modules)
+    eager = run()
+    attached, _ = P.attach_program(trainer.modules, P.load_program(program_path), plan, "torch")
+    generated = run()
+    return {"eager": eager, "program": generated, "runs_program": blk.program is not None,
+            "two_hop": blk.mlp.comm.two_hop, "moves": blk.mlp.comm.ep_size > 1}

@@ -226,18 +226,42 @@ def test_a_plan_of_another_precision_keeps_the_eager_modules(tiny):
     assert all(getattr(m, "program", None) is None for m in model.modules())
 
 
-def test_two_hop_moe_blocks_keep_their_eager_module(tiny):
-    prog, plan, model = tiny
-    moe = model.get_submodule("layers.1.mlp")
-    moe.comm.two_hop = True
-    try:
-        attached, total = P.attach_program([model], prog, plan, "torch")
-        assert model.get_submodule("layers.1").program is None
-        assert model.get_submodule("layers.0").program is not None
-        assert (attached, total) == (1, 5)  # the MoE layers share one ExpertComm here
-    finally:
-        moe.comm.two_hop = False
-        P.detach_program([model])
+# EP 4 over two "nodes" of two processes (gloo): the expert chunk's exchanges, one hop
+# (every slot straight to its expert's rank) and two (node, then GPU), against the eager
+# modules' own exchanges
+EP_CASES = {
+    "one_hop": ("parallel.two_hop=false",),
+    "two_hop": ("parallel.two_hop=true",),  # a token's top group: one node, two ranks
+    "two_hop_both_nodes": ("parallel.two_hop=true", "model.ffn.moe.top_groups=2"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(EP_CASES))
+def ep_blocks(request, tmp_path_factory):
+    from dsvc.runtime.launch import spawn
+    from tests.runtime._workers import program_block
+
+    overrides = ("parallel.pipeline=1", "parallel.expert=4", "cluster.nodes=2",
+                 "cluster.gpus_per_node=2", *EP_CASES[request.param])
+    with contextlib.chdir(ROOT):
+        spec = dsl.load("examples/tiny.dsv", overrides)
+    graph = run_until(spec, "fuse")
+    path = tmp_path_factory.mktemp("ep") / "program.py"
+    path.write_text(render_program(graph, spec_file="x.dsv", span=None, passes=graph.passes))
+    results = spawn(program_block, 4, (build_plan(spec), str(path), "layers.1", 0),
+                    timeout_s=300)
+    return request.param, results
+
+
+@pytest.mark.slow
+def test_expert_parallel_blocks_equal_the_eager_modules(ep_blocks):
+    case, results = ep_blocks
+    for res in results:
+        assert res["runs_program"] and res["moves"] and res["two_hop"] == case.startswith("two")
+        eager, gen = res["eager"], res["program"]
+        assert set(gen) == set(eager), "the program must give a gradient to every parameter"
+        worst = {name: _rel(gen[name], eager[name]) for name in eager}
+        assert max(worst.values()) <= tol("program_expert_parallel_vs_eager")[0], worst
 
 
 def test_a_program_of_another_interface_is_refused(tmp_path):
