@@ -9,6 +9,7 @@ byte for byte what it was.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -194,6 +195,31 @@ def test_dsvc_train_checks_the_token_file_before_compiling(tmp_path, capsys):
     assert f"small.dsv:{_line_of(small, 'data = synthetic')}:" in err
     assert f"token file not found: {spec_dir / 'missing.bin'}" in err
     assert not build.exists() and not (tmp_path / "run").exists()
+
+
+def test_dsvc_train_overrides_are_checked_before_compiling(tmp_path, capsys):
+    build, run = tmp_path / "build", tmp_path / "run"
+    argv = ["train", str(SPECS / "w1.dsv"), "--build-dir", str(build), "--run-dir", str(run)]
+    assert dsvc([*argv, "--set", "train.sed=1"]) == 1
+    err = capsys.readouterr().err
+    assert "--set:1:1: error: unknown key 'sed' in `train`" in err and "did you mean `seed`" in err
+    assert not build.exists() and not run.exists()
+
+
+def test_dsvc_train_passes_overrides_and_the_program_choice_on(tmp_path, monkeypatch, capsys):
+    """--set reaches the compiled plan (and the build's hash), --program the trainer."""
+    import subprocess as sp
+
+    launched = []
+    monkeypatch.setattr(sp, "run", lambda cmd, **kw: launched.append(cmd) or sp.CompletedProcess(
+        cmd, 3))
+    build = tmp_path / "build"
+    argv = ["train", str(SPECS / "w1.dsv"), "--build-dir", str(build), "--run-dir",
+            str(tmp_path / "run"), "--set", "train.seed=7", "--program", "eager"]
+    assert dsvc(argv) == 3
+    (cmd,) = launched
+    assert cmd[-2:] == ["--program", "eager"]
+    assert json.loads((build / "plan.json").read_text())["train"]["seed"] == 7
 
 
 def _line_of(text: str, needle: str) -> int:

@@ -1,4 +1,4 @@
-"""`dsvc train SPEC [--steps N] [--run-dir DIR] [--resume] [--init-hf DIR]`: compile, launch.
+"""`dsvc train SPEC [--steps N] [--run-dir DIR] [--resume] [--init-hf DIR] [--set K=V]`: compile, launch.
 
 The build is cached by the spec's content hash (sources and includes) and the
 dsvc toolchain that compiled it, so a second run of the same spec compiles
@@ -13,6 +13,8 @@ RUN_DIR/metrics.jsonl into RUN_DIR/loss.png.
 from __future__ import annotations
 
 import os
+
+from dsvc.compiler.cli import add_set_argument, load_spec
 
 
 def add_arguments(p) -> None:
@@ -29,6 +31,10 @@ def add_arguments(p) -> None:
                    "(default: $DSVC_CACHE or ~/.cache/dsvc, by spec hash)")
     p.add_argument("--init-hf", metavar="DIR", help="start from a Hugging Face DeepSeek-V3 "
                    "checkpoint (docs/hf.md): every rank loads its own stages and experts")
+    p.add_argument("--program", choices=("generated", "eager"),
+                   help="decoder blocks: the build's generated stage program (the default) or "
+                   "the runtime's eager modules, the reference")
+    add_set_argument(p)
 
 
 def cache_root() -> str:
@@ -86,15 +92,12 @@ def run(args) -> int:
     import subprocess
     import sys
 
-    from dsvc import dsl
     from dsvc.compiler.cli import UsageError
     from dsvc.compiler.codegen.build import build_cached
 
     if args.steps is not None and args.steps < 1:
         raise UsageError("--steps must be at least 1")
-    spec, warnings = dsl.load_with_warnings(args.spec)
-    for w in warnings:
-        print(w.render(), file=sys.stderr)
+    spec = load_spec(args.spec, args.set)
     if spec.train is None or spec.parallel is None or spec.cluster is None:
         missing = [b for b in ("cluster", "parallel", "train") if getattr(spec, b) is None]
         raise UsageError(f"{args.spec} has no {', '.join(missing)} block: nothing to train")
@@ -120,6 +123,8 @@ def run(args) -> int:
         cmd.append("--resume")
     if args.fp32:
         cmd.append("--fp32")
+    if args.program is not None:
+        cmd += ["--program", args.program]
     if data_path is not None:
         cmd += ["--data", data_path]
     if args.init_hf is not None:
