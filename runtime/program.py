@@ -270,6 +270,17 @@ class ProgramRuntime:
         hop = TwoHop(self, comm, idx_TK, w_TK)
         return hop, hop.dispatch(tensors, tag)
 
+    # -- selective recomputation (the plan's train.recompute)
+    @staticmethod
+    def replayed(fn, *args):
+        """`fn(*args)` keeping for the backward only its inputs and the attention core's
+        outputs, the rest recomputed when the backward reaches it (as the eager MLA's
+        selective recomputation; runtime/layers.py `replayed`)."""
+        from .attention import is_attention_core
+        from .layers import replayed
+
+        return replayed(fn, *args, keep=is_attention_core)
+
     # -- the attention core (kept in its plan dtype; torch picks the fused SDPA kernel)
     @staticmethod
     def attention(q_BHSd, k_BHSd, v_BHSd, scale: float, core_dtype, out_dtype):
@@ -419,9 +430,10 @@ def load_program(path: str | os.PathLike) -> types.ModuleType:
 
 def program_mismatch(program, plan) -> str | None:
     """Why `program` cannot run `plan` (None: it can): the precision it was generated
-    for must be the plan's (a `--fp32` run keeps the eager modules), and selective
-    recomputation runs in the eager modules (full recomputation replays a block, program
-    or not)."""
+    for must be the plan's (a `--fp32` run keeps the eager modules). Recomputation runs
+    in either: full replays a block, program or not; selective replays the generated MLA
+    chunk up to the attention core (its other chunks keep FP8 codes and the inputs the
+    eager modules keep under selective)."""
     want = program.PRECISION
     prec = plan.precision
     have = {"default": prec.default, "norm": prec.kept["norm"],
@@ -433,10 +445,6 @@ def program_mismatch(program, plan) -> str | None:
     if diff:
         return ("the plan's precision differs from the one the program was generated for "
                 f"({', '.join(diff)})")
-    if plan.train.recompute == "selective":
-        # its fused kernels keep their own tensors for the backward; selective
-        # recomputation (which tensors to drop and replay) is the eager modules'
-        return "recompute = selective runs in the eager modules"
     return None
 
 
