@@ -31,6 +31,7 @@ import os
 import pathlib
 import threading
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,8 @@ class ProgramRuntime:
 
     def __init__(self, ops, tile: int, ue8m0: bool, act_dtype: torch.dtype):
         self.ops, self.tile, self.ue8m0, self.act = ops, tile, ue8m0, act_dtype
+        # id(parameter) -> (a weak reference to it, its version, (w_fp8, scales)): qweight
+        self._qweights: dict = {}
 
     # -- running a chunk
     def apply(self, chunk, module, *inputs):
@@ -170,8 +173,26 @@ class ProgramRuntime:
 
     # -- FP8 GEMMs (the plan's backend) and their epilogues
     def qweight(self, w):
-        """(w_fp8, scales) of a weight in tile x tile blocks."""
-        return self.ops.quantize_weight(w, self.tile, self.ue8m0)
+        """(w_fp8, scales) of a weight in tile x tile blocks. A parameter is quantised once
+        per value: every micro-batch of a step, and a recomputation's replay, share one
+        FP8 copy (which their backwards keep) instead of each quantising and keeping its
+        own. The parameter's version counter moves with every in-place update (the
+        optimizer's step, a checkpoint or Hugging Face load), and a moved one is quantised
+        anew; `release_weights` drops the copies once a step's backward is done."""
+        if not isinstance(w, torch.nn.Parameter):
+            return self.ops.quantize_weight(w, self.tile, self.ue8m0)
+        key = (w._version, w.data_ptr(), w.dtype, w.shape)
+        hit = self._qweights.get(id(w))
+        if hit is not None and hit[0]() is w and hit[1] == key:
+            return hit[2]
+        out = self.ops.quantize_weight(w, self.tile, self.ue8m0)
+        self._qweights[id(w)] = (weakref.ref(w), key, out)
+        return out
+
+    def release_weights(self) -> None:
+        """Drop the FP8 weight copies (the backwards that kept them are done): the memory is
+        free for the optimizer step, and the next forward quantises the updated weights."""
+        self._qweights.clear()
 
     def gemm(self, a, a_s, w, out_dtype=None, *, bias=None, residual=None):
         """a (M, K) fp8 @ w^T with w = (w_fp8 (N, K), scales); bias (N,) and residual
@@ -470,6 +491,14 @@ def attach_program(modules, program, plan, backend) -> tuple[int, int]:
         block.program = (fn, rt)
         count += 1
     return count, len(blocks)
+
+
+def release_weights(modules) -> None:
+    """Drop the generated blocks' FP8 weight copies (`ProgramRuntime.release_weights`): the
+    trainer calls it after a step's backward, before the optimizer runs."""
+    for rt in {id(b.program[1]): b.program[1] for mod in modules for b in _blocks(mod)
+               if b.program is not None}.values():
+        rt.release_weights()
 
 
 def detach_program(modules) -> None:

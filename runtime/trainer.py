@@ -21,7 +21,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import expert_load
+from . import expert_load, program
 from .data import Sharder, make_data
 from .ep import ExpertComm
 from .init import init_parameters
@@ -188,6 +188,7 @@ class Trainer:
         tokens, labels = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         self.optimizer.zero_grad()
         self.executor.run(tokens, labels)
+        program.release_weights(self.modules)  # the FP8 weight copies the step's blocks shared
         lr = lr_at(self.step_index, self.plan.train.optimizer.lr, self.plan.train.lr_schedule)
         grad_norm = self.optimizer.step(lr, keep_grads=self.keep_grads)
         loads = self._update_router_bias()

@@ -226,6 +226,50 @@ def test_a_plan_of_another_precision_keeps_the_eager_modules(tiny):
     assert all(getattr(m, "program", None) is None for m in model.modules())
 
 
+def test_weights_are_quantised_once_per_value(tiny):
+    """Micro-batches share one FP8 copy of each weight; an in-place update (the optimizer's)
+    is seen at once; release_weights drops the copies."""
+    prog, plan, model = tiny
+    P.attach_program([model], prog, plan, "torch")
+    try:
+        blk = model.get_submodule("layers.1")
+        rt = blk.program[1]
+        calls = []
+        quantize = rt.ops.quantize_weight
+        rt.ops.quantize_weight = lambda w, *a, **k: calls.append(w) or quantize(w, *a, **k)
+        x = torch.randn(2, 16, plan.model.hidden).to(torch.bfloat16)
+        dy = torch.randn(2, 16, plan.model.hidden)
+        for _ in range(2):  # two micro-batches of a step
+            _run_block(model, "layers.1", x, dy)
+        fp8_weights = {id(w) for w in calls}
+        assert len(calls) == len(fp8_weights) > 3  # each weight quantised once, not twice
+        w = blk.self_attn.o_proj.weight
+        with torch.no_grad():
+            w.mul_(1.5)  # an optimizer step's in-place update
+        updated = _run_block(model, "layers.1", x, dy)
+        assert calls[-1] is w and len(calls) == len(fp8_weights) + 1
+        P.detach_program([model])
+        eager = _run_block(model, "layers.1", x, dy)
+        assert _rel(updated["y"], eager["y"]) <= tol("program_vs_eager")[0]
+        P.release_weights([model])  # detached: nothing to release, and no error
+        P.attach_program([model], prog, plan, "torch")
+        rt = model.get_submodule("layers.1").program[1]
+        quantize = rt.ops.quantize_weight
+        rt.ops.quantize_weight = lambda w, *a, **k: calls.append(w) or quantize(w, *a, **k)
+        calls.clear()
+        _run_block(model, "layers.1", x, dy)
+        _run_block(model, "layers.1", x, dy)
+        assert len(calls) == len(fp8_weights)
+        P.release_weights([model])  # a step's backward done: the next forward quantises anew
+        _run_block(model, "layers.1", x, dy)
+        assert len(calls) == 2 * len(fp8_weights)
+    finally:
+        rt.ops.quantize_weight = quantize
+        P.detach_program([model])
+        with torch.no_grad():
+            w.div_(1.5)
+
+
 def _saved_bytes(model, block_name, x) -> int:
     """Bytes a block's forward leaves for its backward (saved tensors; parameters and the
     input excluded)."""
