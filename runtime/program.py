@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-import threading
 import types
 import weakref
 
@@ -72,14 +71,19 @@ def program_ops(backend) -> types.SimpleNamespace:
 
 # ----------------------------------------------------------------------------- deferral
 
-_DEFER = threading.local()  # the key whose weight gradients are being queued, per thread
+# The key whose weight gradients are being queued: one per process, not per thread, since
+# autograd runs the backward of a GPU tensor's nodes on its device's worker thread, not on
+# the thread that called backward (a thread-local key set there would never be seen, and
+# every weight gradient would run at once). One backward runs at a time: under dual
+# micro-batch overlap the helper thread only runs forwards.
+_DEFER = types.SimpleNamespace(key=None)
 _QUEUED: dict = {}  # key -> [(params, chunk, p, wstate)]
 
 
 @contextlib.contextmanager
 def defer_weight_grads(key):
     """Within: chunks queue their weight-gradient half under `key` instead of running it."""
-    prev = getattr(_DEFER, "key", None)
+    prev = _DEFER.key
     _DEFER.key = key
     try:
         yield
@@ -144,7 +148,7 @@ class Chunk(torch.autograd.Function):
         saved = [None if hole else next(it) for hole in ctx.holes]
         chunk, p = ctx.chunk, ctx.p
         dinputs, wstate = chunk.backward_input(p.rt, p, saved, ctx.extra, *grads)
-        key = getattr(_DEFER, "key", None)
+        key = _DEFER.key
         if key is not None:
             _QUEUED.setdefault(key, []).append((ctx.params, chunk, p, wstate))
             dparams = (None,) * len(ctx.params)
@@ -364,6 +368,7 @@ class TwoHop:
         rt, comm = self.rt, self.comm
         first = [rt.rows_of(x, self.src1) for x in tensors]
         *at_fwd, e_fwd, w_fwd = rt.send_rows(self.hop1, (*first, self.slot_e, self.slot_w), tag)
+        self.slot_e = self.slot_w = None  # sent: nothing on the route outlives its use
         # hop 2: each valid slot of an arrived copy to its expert's owner in this node
         c_idx, k_idx = (e_fwd >= 0).nonzero(as_tuple=True)
         slot = e_fwd[c_idx, k_idx]
@@ -382,24 +387,28 @@ class TwoHop:
 
     def combine(self, y, tag: str):
         """The experts' rows back: weighted and summed per copy on the forwarding rank, one
-        row per copy home; returns (rows, weights, pos) for `moe_combine`."""
+        row per copy home; returns (rows, weights, pos) for `moe_combine`, and the slots'
+        rows at the forwarding rank, which the gates' gradient reads (the chunk saves them:
+        anything kept on this route would escape recomputation's bookkeeping)."""
         rt = self.rt
         (y_slot,) = rt.return_rows(self.hop2, (y,), tag)
-        self.y_slot = y_slot  # for the gate gradient, where the gates were applied
         yd = y_slot.dtype
         weighted = (y_slot.float() * self.w2.to(yd).float().unsqueeze(1)).to(yd)
         y_copy = weighted.new_zeros(self.copies_in, y.shape[1]).index_add(0, self.copy2, weighted)
         (y_back,) = rt.return_rows(self.hop1, (y_copy,), tag)
-        return torch.cat((y_back, y_back.new_zeros(1, y.shape[1]))), self.weights, self.pos
+        rows = torch.cat((y_back, y_back.new_zeros(1, y.shape[1])))
+        weights, self.weights = self.weights, None
+        return rows, weights, self.pos, y_slot
 
-    def combine_backward(self, dout, tag: str):
+    def combine_backward(self, dout, y_slot, tag: str):
         """dout (T, D) in the combine dtype to the experts' owners, each slot's rows scaled
-        by its gate there; the gates' gradient is kept for `dispatch_backward`."""
+        by its gate there; the gates' gradient (from `y_slot`, `combine`'s) is kept for
+        `dispatch_backward`."""
         rt = self.rt
         (dy_copy,) = rt.send_rows(self.hop1, (rt.rows_of(dout, self.src1),), tag, backward=True)
         dy = dy_copy.index_select(0, self.copy2)
-        yd = self.y_slot.dtype
-        dw2 = (dy.to(yd).float() * self.y_slot.float()).to(yd).float().sum(-1).to(yd).float()
+        yd = y_slot.dtype
+        dw2 = (dy.to(yd).float() * y_slot.float()).to(yd).float().sum(-1).to(yd).float()
         self.dw_fwd = torch.zeros(self.copies_in, self.top_k, dtype=torch.float32,
                                   device=dy.device)
         self.dw_fwd[self.copy2, self.slot2] = dw2
@@ -415,6 +424,7 @@ class TwoHop:
         (dx_slot,) = rt.return_rows(self.hop2, (dx,), tag, backward=True)
         dx_copy = dx_slot.new_zeros(self.copies_in, dx.shape[1]).index_add(0, self.copy2, dx_slot)
         dx_back, dw_back = rt.return_rows(self.hop1, (dx_copy, self.dw_fwd), tag, backward=True)
+        self.dw_fwd = None
         dw = torch.zeros(self.tokens, self.top_k, dtype=torch.float32, device=dw_back.device)
         dw.index_add_(0, self.src1, torch.where(self.on_node1, dw_back, 0.0))
         return torch.cat((dx_back, dx_back.new_zeros(1, dx.shape[1]))), dw

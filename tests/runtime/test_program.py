@@ -214,6 +214,29 @@ def test_weight_gradients_wait_for_their_w_action(tiny):
         P.detach_program([model])
 
 
+def test_weight_gradients_wait_when_autograd_runs_the_backward_on_another_thread(tiny):
+    """On a GPU autograd runs a CUDA node's backward on the device's worker thread, not on
+    the thread that entered defer_weight_grads: the deferral must hold there too."""
+    import threading
+
+    prog, plan, model = tiny
+    P.attach_program([model], prog, plan, "torch")
+    try:
+        blk = model.get_submodule("layers.1")
+        model.zero_grad(set_to_none=True)
+        y = blk(torch.randn(1, 16, plan.model.hidden).to(torch.bfloat16).requires_grad_(True))
+        with P.defer_weight_grads(("stage", 1)):
+            worker = threading.Thread(target=lambda: y.float().sum().backward())
+            worker.start()
+            worker.join()
+        assert blk.self_attn.o_proj.weight.grad is None
+        assert P.pending_weight_grads() == [("stage", 1)]
+        assert P.run_weight_grads(("stage", 1))
+        assert blk.self_attn.o_proj.weight.grad is not None
+    finally:
+        P.detach_program([model])
+
+
 def test_a_plan_of_another_precision_keeps_the_eager_modules(tiny):
     prog, plan, model = tiny
     from dsvc.runtime.plan import dump_plan
