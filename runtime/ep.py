@@ -279,19 +279,39 @@ class ExpertComm:
         y_slots_TKD = route.back(y_local, self.combine_dtype, f"{tag}.combine").view(t, k, -1)
         return (y_slots_TKD * w_TK.unsqueeze(-1).to(y_slots_TKD.dtype)).sum(1)
 
-    def _run_two_hop(self, x_TD, idx_TK, w_TK, experts: ExpertFn, tag: str) -> torch.Tensor:
+    def node_copies(self, idx_TK: torch.Tensor):
+        """Hop 1 of the two-hop route: one copy of a token per node holding one of its
+        experts, to the rank with this rank's local index there. Returns (the hop-1 Route of
+        the copies, each copy's token, its node, on_node (copies, k): whether slot k's
+        expert lives on the copy's node)."""
         t = idx_TK.shape[0]
         g = self.node_size
         num_nodes = self.ep_size // g
-        owner, local = self.expert_maps(idx_TK.device)
+        owner, _ = self.expert_maps(idx_TK.device)
         node_TK = owner[idx_TK] // g
-        # hop 1: one copy of a token per destination node, to the same local index there
         hit_TN = torch.zeros(t, num_nodes, dtype=torch.bool, device=idx_TK.device)
         hit_TN.scatter_(1, node_TK, True)
         copy_tok, copy_node = hit_TN.nonzero(as_tuple=True)
         hop1 = Route(copy_node, torch.zeros_like(copy_node), num_nodes, 1, self.inter_group, self)
+        on_node_CK = node_TK.index_select(0, copy_tok) == copy_node.unsqueeze(1)
+        return hop1, copy_tok, copy_node, on_node_CK
+
+    def node_slots(self, e_fwd: torch.Tensor):
+        """Hop 2: each valid slot (expert id >= 0) of the copies that arrived here by hop 1,
+        to its expert's owner inside this node. Returns (the hop-2 Route, each slot's copy,
+        its k)."""
+        c_idx, k_idx = (e_fwd >= 0).nonzero(as_tuple=True)
+        slot_e = e_fwd[c_idx, k_idx]
+        owner, local = self.expert_maps(e_fwd.device)
+        g = self.node_size
+        hop2 = Route(owner[slot_e] % g, local[slot_e], g, self.num_local, self.intra_group, self)
+        return hop2, c_idx, k_idx
+
+    def _run_two_hop(self, x_TD, idx_TK, w_TK, experts: ExpertFn, tag: str) -> torch.Tensor:
+        t = idx_TK.shape[0]
+        # hop 1: one copy of a token per destination node, to the same local index there
+        hop1, copy_tok, _, on_node_CK = self.node_copies(idx_TK)
         dispatch, combine = f"{tag}.dispatch", f"{tag}.combine"
-        on_node_CK = node_TK[copy_tok] == copy_node.unsqueeze(1)
         slot_expert_CK = torch.where(
             on_node_CK, idx_TK[copy_tok], torch.full_like(idx_TK[copy_tok], -1)
         )
@@ -304,9 +324,7 @@ class ExpertComm:
         e_fwd = hop1.send(slot_expert_CK, label=dispatch)
         w_fwd = hop1.send(slot_w_CK, "fp32", torch.float32, label=dispatch)
         # hop 2: inside the node, each valid slot of a received copy to its expert's owner
-        c_idx, k_idx = (e_fwd >= 0).nonzero(as_tuple=True)
-        slot_e = e_fwd[c_idx, k_idx]
-        hop2 = Route(owner[slot_e] % g, local[slot_e], g, self.num_local, self.intra_group, self)
+        hop2, c_idx, k_idx = self.node_slots(e_fwd)
         x_local = hop2.send(
             x_fwd.index_select(0, c_idx), self.dispatch_wire, self.combine_dtype, self.ue8m0,
             dispatch,

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from . import fp8_torch, fused_torch
-from .ep import Route
 from .fp8_triton import PROTOCOL
 from .generated import forget, import_generated
 
@@ -332,32 +331,20 @@ class TwoHop:
     forwarding rank. The gate gradient is taken there too and travels back with the
     input gradient."""
 
-    two_hop = True
     moves = True
 
     def __init__(self, rt, comm, idx_TK, w_TK):
-        if comm.group is None:
-            raise RuntimeError("two-hop expert routing needs the EP process groups: build the "
-                               "stage through runtime.trainer.Trainer")
         self.rt, self.comm = rt, comm
         t, k = idx_TK.shape
-        g = comm.node_size
-        nodes = comm.ep_size // g
-        owner, local = comm.expert_maps(idx_TK.device)
-        node_TK = owner[idx_TK] // g
-        hit_TN = torch.zeros(t, nodes, dtype=torch.bool, device=idx_TK.device)
-        hit_TN.scatter_(1, node_TK, True)
-        copy_tok, copy_node = hit_TN.nonzero(as_tuple=True)
-        self.hop1 = Route(copy_node, torch.zeros_like(copy_node), nodes, 1, comm.inter_group,
-                          comm)
+        self.hop1, copy_tok, copy_node, on_node_CK = comm.node_copies(idx_TK)
         order1 = self.hop1.order
-        on_node_CK = node_TK.index_select(0, copy_tok) == copy_node.unsqueeze(1)
         self.src1 = copy_tok.index_select(0, order1)  # each copy's token, in hop 1's order
         self.on_node1 = on_node_CK.index_select(0, order1)
         idx_C, w_C = idx_TK.index_select(0, self.src1), w_TK.index_select(0, self.src1)
         self.slot_e = torch.where(self.on_node1, idx_C, torch.full_like(idx_C, -1))
         self.slot_w = torch.where(self.on_node1, w_C, torch.zeros_like(w_C)).float()
         c = copy_tok.numel()
+        nodes = comm.ep_size // comm.node_size
         self.pos = torch.full((t, nodes), c, dtype=torch.long, device=idx_TK.device)
         self.pos[copy_tok, copy_node] = self.hop1.inv_order
         self.weights = torch.ones(t, nodes, dtype=torch.float32, device=idx_TK.device)
@@ -365,17 +352,12 @@ class TwoHop:
 
     def dispatch(self, tensors, tag: str):
         """Rows by token (fp8 codes, scales or bf16) to the owners of their experts."""
-        rt, comm = self.rt, self.comm
+        rt = self.rt
         first = [rt.rows_of(x, self.src1) for x in tensors]
         *at_fwd, e_fwd, w_fwd = rt.send_rows(self.hop1, (*first, self.slot_e, self.slot_w), tag)
         self.slot_e = self.slot_w = None  # sent: nothing on the route outlives its use
         # hop 2: each valid slot of an arrived copy to its expert's owner in this node
-        c_idx, k_idx = (e_fwd >= 0).nonzero(as_tuple=True)
-        slot = e_fwd[c_idx, k_idx]
-        owner, local = comm.expert_maps(e_fwd.device)
-        g = comm.node_size
-        self.hop2 = Route(owner[slot] % g, local[slot], g, comm.num_local, comm.intra_group,
-                          comm)
+        self.hop2, c_idx, k_idx = self.comm.node_slots(e_fwd)
         order2 = self.hop2.order
         self.copy2 = c_idx.index_select(0, order2)  # each hop-2 slot's copy, in hop 2's order
         self.slot2 = k_idx.index_select(0, order2)
