@@ -15,22 +15,9 @@
 #   2. trainer: FP8 generated program / FP8 eager / BF16 / BF16 compiled  300 s
 #   3. memory by category at the peak, FP8 generated and eager        130 s
 #   4. which fused SDPA kernel MLA's 192/128 head dims get             90 s
-set -u
-OUT=${OUT:-/tmp/dsvc_gpu_check}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/gpu_env.sh" dsvc_gpu_check
 BUILD=.gpu_build/bench_1b
-timeout 5 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv \
-    2>&1 | tee "$OUT/gpu.txt"
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    2>&1 | tee -a "$OUT/gpu.txt"
-date -u +"date %Y-%m-%d %H:%M UTC" | tee -a "$OUT/gpu.txt"
-if [ ! -d "$BUILD" ]; then
-    echo "no $BUILD: compile it first (see the top of this script)" | tee -a "$OUT/gpu.txt"
-    exit 1
-fi
+need_build "$BUILD"
 # 2. the compiled ~1.1B trainer: the generated program (fused kernels) against the FP8
 #    eager modules, BF16 eager and BF16 under regional torch.compile, same weights and
 #    batches; tokens/s, MFU, peak memory. bf16-compile last: its compile time is the

@@ -12,17 +12,7 @@
 #      GEMMs against cuBLAS block-scaled columns (autotuned)                 330 s
 #   3. dual micro-batch overlap, GPU-bound (4 sequences, 1x and 16x volume)  120 s
 #   4. bf16 routed experts: grouped GEMMs against the per-expert loop         80 s
-set -u
-OUT=${OUT:-/tmp/dsvc_gpu_check2}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-cd "$(dirname "$0")/.."
-timeout 5 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv \
-    2>&1 | tee "$OUT/gpu.txt"
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    2>&1 | tee -a "$OUT/gpu.txt"
-date -u +"date %Y-%m-%d %H:%M UTC" | tee -a "$OUT/gpu.txt"
+. "$(dirname "$0")/gpu_env.sh" dsvc_gpu_check2
 timeout 330 "$PY" bench/kernels_gpu.py 2>&1 | tee "$OUT/kernels_gpu.txt"
 timeout 120 "$PY" bench/overlap_gpu.py --batch 4 --repeat 1,16 2>&1 | tee "$OUT/overlap_gpu.txt"
 timeout 80 "$PY" bench/moe_gpu.py 2>&1 | tee "$OUT/moe_gpu.txt"

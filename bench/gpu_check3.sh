@@ -14,15 +14,8 @@
 #   1. environment                                                            5 s
 #   2. three runs of 200 steps (8 x 2048 tokens each; ~0.4-0.5 s a step on an H200
 #      in bench/RESULTS.md) and their held-out losses                       540 s
-set -u
-OUT=${OUT:-/tmp/dsvc_gpu_check3}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/gpu_env.sh" dsvc_gpu_check3
 BUILD=.gpu_build/bench_1b
-timeout 5 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv \
-    2>&1 | tee "$OUT/gpu.txt"
-date -u +"date %Y-%m-%d %H:%M UTC" | tee -a "$OUT/gpu.txt"
+need_build "$BUILD"
 timeout 540 "$PY" bench/fp8_loss_gpu.py --build "$BUILD" --steps 200 --json "$OUT/fp8_loss.json" \
     2>&1 | tee "$OUT/fp8_loss.txt"
