@@ -26,6 +26,7 @@ from dsvc.compiler.driver import build_plan, build_report
 from dsvc.compiler.report import report_json
 from dsvc.runtime.plan import parse_plan
 from tests.conftest import EXAMPLES, ROOT
+from tests.saved_bytes import saved_bytes
 
 BENCH_1B = ROOT / "tests" / "train_specs" / "bench_1b.dsv"
 ACTIVATION_BOUND = 0.10  # the bound on activation bytes against the runtime's
@@ -107,19 +108,8 @@ def _saved_by_runtime(spec) -> int:
     model = build_full_model(plan)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    held = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in held:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
     tokens = torch.randint(0, plan.model.vocab, (plan.train.micro_batch, plan.train.seq_len))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, tokens)
-    return sum(saved.values())
+    return saved_bytes(lambda: model(tokens, tokens), (*model.parameters(), *model.buffers()))
 
 
 def _saved_by_graph(spec) -> float:

@@ -214,17 +214,21 @@ def program_block(rank: int, raw: dict, program_path: str, block: str, seed: int
     x = torch.randn(2, 16, plan.model.hidden, generator=gen).to(torch.bfloat16)
     dy = torch.randn(2, 16, plan.model.hidden, generator=gen)
 
-    def run() -> dict:
-        module.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        y = blk(xi)
-        (y.float() * dy).sum().backward()
-        grads = {n: p.grad.clone() for n, p in blk.named_parameters() if p.grad is not None}
-        return {"y": y.detach(), "dx": xi.grad, **grads}
-
     P.detach_program(trainer.modules)
-    eager = run()
-    attached, _ = P.attach_program(trainer.modules, P.load_program(program_path), plan, "torch")
-    generated = run()
+    eager = run_block(module, block, x, dy)
+    P.attach_program(trainer.modules, P.load_program(program_path), plan, "torch")
+    generated = run_block(module, block, x, dy)
     return {"eager": eager, "program": generated, "runs_program": blk.program is not None,
             "two_hop": blk.mlp.comm.two_hop, "moves": blk.mlp.comm.ep_size > 1}
+
+
+def run_block(model, block_name: str, x, dy) -> dict:
+    """Forward and backward of one block of `model` on input x with output gradient dy:
+    its output, input gradient and parameter gradients by name."""
+    model.zero_grad(set_to_none=True)
+    blk = model.get_submodule(block_name)
+    xi = x.clone().requires_grad_(True)
+    y = blk(xi)
+    (y.float() * dy).sum().backward()
+    grads = {n: p.grad.clone() for n, p in blk.named_parameters() if p.grad is not None}
+    return {"y": y.detach(), "dx": xi.grad, **grads}

@@ -32,6 +32,8 @@ from dsvc.runtime.loop import fp32_precision
 from dsvc.runtime.model import build_full_model
 from dsvc.runtime.plan import parse_plan
 from tests.conftest import EXAMPLES, ROOT
+from tests.runtime._workers import program_block, run_block
+from tests.saved_bytes import saved_bytes
 from tests.tolerances import tol
 
 SPECS = ROOT / "tests" / "train_specs"
@@ -110,27 +112,17 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _run_block(model, block_name, x, dy):
-    model.zero_grad(set_to_none=True)
-    blk = model.get_submodule(block_name)
-    xi = x.clone().requires_grad_(True)
-    y = blk(xi)
-    (y.float() * dy).sum().backward()
-    grads = {n: p.grad.clone() for n, p in blk.named_parameters() if p.grad is not None}
-    return {"y": y.detach(), "dx": xi.grad, **grads}
-
-
 def _compare(prog, plan, model, block_name, backend, tol_name, seq=16, batch=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, seq, plan.model.hidden, generator=gen).to(torch.bfloat16)
     dy = torch.randn(batch, seq, plan.model.hidden, generator=gen)
     P.detach_program([model])
-    eager = _run_block(model, block_name, x, dy)
+    eager = run_block(model, block_name, x, dy)
     attached, _ = P.attach_program([model], prog, plan, backend)
     assert attached > 0
     assert model.get_submodule(block_name).program is not None
     try:
-        gen_ = _run_block(model, block_name, x, dy)
+        gen_ = run_block(model, block_name, x, dy)
     finally:
         P.detach_program([model])
     assert set(gen_) == set(eager), "the program must give a gradient to every parameter"
@@ -197,7 +189,7 @@ def test_weight_gradients_wait_for_their_w_action(tiny):
     try:
         blk = model.get_submodule("layers.1")
         x = torch.randn(1, 16, plan.model.hidden).to(torch.bfloat16)
-        full = _run_block(model, "layers.1", x, torch.ones(1, 16, plan.model.hidden))
+        full = run_block(model, "layers.1", x, torch.ones(1, 16, plan.model.hidden))
         model.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
         y = blk(xi)
@@ -253,63 +245,53 @@ def test_weights_are_quantised_once_per_value(tiny):
     """Micro-batches share one FP8 copy of each weight; an in-place update (the optimizer's)
     is seen at once; release_weights drops the copies."""
     prog, plan, model = tiny
-    P.attach_program([model], prog, plan, "torch")
+    calls = []
+
+    def attach_counting():
+        """Attach the program, its weight quantiser recording each weight it quantises."""
+        P.attach_program([model], prog, plan, "torch")
+        ops = model.get_submodule("layers.1").program[1].ops
+        quantize = ops.quantize_weight
+        ops.quantize_weight = lambda w, *a, **k: calls.append(w) or quantize(w, *a, **k)
+
+    blk = model.get_submodule("layers.1")
+    w = blk.self_attn.o_proj.weight
+    before = w.detach().clone()  # the module fixture's weights, restored exactly after
+    attach_counting()
     try:
-        blk = model.get_submodule("layers.1")
-        rt = blk.program[1]
-        calls = []
-        quantize = rt.ops.quantize_weight
-        rt.ops.quantize_weight = lambda w, *a, **k: calls.append(w) or quantize(w, *a, **k)
         x = torch.randn(2, 16, plan.model.hidden).to(torch.bfloat16)
         dy = torch.randn(2, 16, plan.model.hidden)
         for _ in range(2):  # two micro-batches of a step
-            _run_block(model, "layers.1", x, dy)
-        fp8_weights = {id(w) for w in calls}
+            run_block(model, "layers.1", x, dy)
+        fp8_weights = {id(t) for t in calls}
         assert len(calls) == len(fp8_weights) > 3  # each weight quantised once, not twice
-        w = blk.self_attn.o_proj.weight
         with torch.no_grad():
             w.mul_(1.5)  # an optimizer step's in-place update
-        updated = _run_block(model, "layers.1", x, dy)
+        updated = run_block(model, "layers.1", x, dy)
         assert calls[-1] is w and len(calls) == len(fp8_weights) + 1
         P.detach_program([model])
-        eager = _run_block(model, "layers.1", x, dy)
+        eager = run_block(model, "layers.1", x, dy)
         assert _rel(updated["y"], eager["y"]) <= tol("program_vs_eager")[0]
         P.release_weights([model])  # detached: nothing to release, and no error
-        P.attach_program([model], prog, plan, "torch")
-        rt = model.get_submodule("layers.1").program[1]
-        quantize = rt.ops.quantize_weight
-        rt.ops.quantize_weight = lambda w, *a, **k: calls.append(w) or quantize(w, *a, **k)
+        attach_counting()
         calls.clear()
-        _run_block(model, "layers.1", x, dy)
-        _run_block(model, "layers.1", x, dy)
+        run_block(model, "layers.1", x, dy)
+        run_block(model, "layers.1", x, dy)
         assert len(calls) == len(fp8_weights)
         P.release_weights([model])  # a step's backward done: the next forward quantises anew
-        _run_block(model, "layers.1", x, dy)
+        run_block(model, "layers.1", x, dy)
         assert len(calls) == 2 * len(fp8_weights)
     finally:
-        rt.ops.quantize_weight = quantize
-        P.detach_program([model])
+        P.detach_program([model])  # (each attach builds its own ops namespace)
         with torch.no_grad():
-            w.div_(1.5)
+            w.copy_(before)
 
 
 def _saved_bytes(model, block_name, x) -> int:
-    """Bytes a block's forward leaves for its backward (saved tensors; parameters and the
-    input excluded)."""
+    """Bytes a block's forward leaves for its backward (parameters and the input excluded)."""
     blk = model.get_submodule(block_name)
-    params = {p.untyped_storage().data_ptr() for p in blk.parameters()}
     xi = x.clone().requires_grad_(True)
-    seen: dict = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params and ptr != xi.untyped_storage().data_ptr():
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        blk(xi)
-    return sum(seen.values())
+    return saved_bytes(lambda: blk(xi), (*blk.parameters(), xi))
 
 
 @pytest.mark.parametrize("block", ["layers.0", "layers.1"])
@@ -349,7 +331,6 @@ EP_CASES = {
 @pytest.fixture(scope="module", params=sorted(EP_CASES))
 def ep_blocks(request, tmp_path_factory):
     from dsvc.runtime.launch import spawn
-    from tests.runtime._workers import program_block
 
     overrides = ("parallel.pipeline=1", "parallel.expert=4", "cluster.nodes=2",
                  "cluster.gpus_per_node=2", *EP_CASES[request.param])

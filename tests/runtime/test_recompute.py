@@ -16,6 +16,7 @@ import torch
 from dsvc.runtime.plan import parse_plan
 from dsvc.runtime.tiny import tiny_plan
 from dsvc.runtime.trainer import Trainer
+from tests.saved_bytes import saved_bytes
 
 MODES = ("none", "selective", "full")
 
@@ -54,15 +55,7 @@ def _saved_bytes(mode: str) -> int:
     plan = _plan(mode, "fp8")
     model = build_full_model(plan)
     tokens = torch.randint(0, plan.model.vocab, (2, plan.train.seq_len))
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, tokens)
-    return sum(storages.values())
+    return saved_bytes(lambda: model(tokens, tokens))
 
 
 def test_recomputation_keeps_less_for_the_backward():
