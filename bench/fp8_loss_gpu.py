@@ -14,9 +14,8 @@ runtime's initialisation is seeded by parameter name):
               the noise floor, what changing nothing but the batches does to the loss.
 
 The text is natural, never the synthetic rule data (whose loss heads to zero and says
-nothing): the Python standard library's own sources as UTF-8 bytes (the byte tokenizer
-of `dsvc tokenize`, documents shuffled with seed 0), built here unless `--tokens` names
-a byte-token file. The learning-rate schedule is stretched over --steps.
+nothing): the Python standard library's own sources as UTF-8 bytes, written here by
+`dsvc tokenize --tokenizer bytes --shuffle 0` unless `--tokens` names a byte-token file. The learning-rate schedule is stretched over --steps.
 
 After training, each model's language-model loss is measured on the same held-out
 sequences (a stretch of the file no run trained on), so the three differ only by what
@@ -32,7 +31,6 @@ import argparse
 import copy
 import json
 import os
-import random
 import statistics
 import sys
 import sysconfig
@@ -43,7 +41,7 @@ import numpy as np
 import source_tree  # noqa: F401  (dsvc from this tree, installed or not)
 from trainer_gpu import SMOKE_SPEC, compile_build, make_trainer
 
-from dsvc.compiler.tokenizer import BYTE_EOS, BYTE_VOCAB, ByteTokenizer
+from dsvc.compiler.tokenizer import BYTE_VOCAB
 
 CLAIM = 0.0025  # FP8's loss within 0.25% of BF16's (the DeepSeek-V3 report)
 RUNS = (("fp8", "fp8", 0), ("bf16", "bf16", 0), ("bf16-other", "bf16", 1))
@@ -61,28 +59,20 @@ def parse_args(argv=None):
 
 
 def stdlib_tokens(path: str, count: int) -> int:
-    """Write `count` byte tokens of this interpreter's standard library sources to `path`
-    (uint16, documents shuffled with seed 0, each ended by the byte tokenizer's end id);
-    returns how many were written (fewer when the library is smaller)."""
-    root = sysconfig.get_paths()["stdlib"]
-    files = []
-    for base, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in ("test", "tests", "site-packages", "idlelib"))
-        files += [os.path.join(base, n) for n in sorted(names) if n.endswith(".py")]
-    random.Random(0).shuffle(files)
-    tok, out, total = ByteTokenizer(), [], 0
-    for name in files:
-        try:
-            with open(name, encoding="utf-8") as f:
-                ids = tok.encode(f.read()) + [BYTE_EOS]
-        except (OSError, UnicodeDecodeError):
-            continue
-        out.append(np.asarray(ids, dtype=np.uint16))
-        total += len(ids)
-        if total >= count:
-            break
-    np.concatenate(out)[:count].tofile(path)
-    return min(total, count)
+    """Write up to `count` byte tokens of this interpreter's standard library sources to
+    `path` with `dsvc tokenize` (documents shuffled with seed 0, each ended by the byte
+    tokenizer's end id; the tests left out); returns how many it wrote."""
+    from dsvc.compiler.cli import main as dsvc
+    from dsvc.compiler.tokenizer import record_path
+
+    argv = ["tokenize", sysconfig.get_paths()["stdlib"], "-o", path, "--tokenizer", "bytes",
+            "--glob", "*.py", "--shuffle", "0", "--max-tokens", str(count)]
+    for skip in ("test", "tests", "site-packages", "idlelib"):
+        argv += ["--exclude", skip]
+    if dsvc(argv) != 0:
+        raise SystemExit(f"fp8_loss_gpu: dsvc tokenize could not write {path}")
+    with open(record_path(path)) as f:
+        return json.load(f)["tokens"]
 
 
 def with_text(raw: dict, tokens: str, steps: int) -> dict:

@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from dsvc.compiler.tokenizer import BYTE_EOS
 from tests.bench_scripts import load_bench
 from tests.tolerances import tol
 
@@ -21,7 +22,7 @@ def test_stdlib_tokens_are_text_bytes_with_document_ends(tmp_path):
     path = tmp_path / "t.bin"
     assert bench.stdlib_tokens(str(path), 200_000) == 200_000
     ids = np.fromfile(path, dtype=np.uint16)
-    assert ids.size == 200_000 and ids.max() == bench.BYTE_EOS  # documents end in the EOS id
+    assert ids.size == 200_000 and ids.max() == BYTE_EOS  # documents end in the EOS id
     text = bytes(int(i) for i in ids[:4000] if i < 256).decode("utf-8", errors="strict")
     assert "def " in text or "import " in text  # Python sources, as text
 
