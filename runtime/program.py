@@ -347,7 +347,6 @@ class TwoHop:
         nodes = comm.ep_size // comm.node_size
         self.pos = torch.full((t, nodes), c, dtype=torch.long, device=idx_TK.device)
         self.pos[copy_tok, copy_node] = self.hop1.inv_order
-        self.weights = torch.ones(t, nodes, dtype=torch.float32, device=idx_TK.device)
         self.tokens, self.top_k = t, k
 
     def dispatch(self, tensors, tag: str):
@@ -379,7 +378,7 @@ class TwoHop:
         y_copy = weighted.new_zeros(self.copies_in, y.shape[1]).index_add(0, self.copy2, weighted)
         (y_back,) = rt.return_rows(self.hop1, (y_copy,), tag)
         rows = torch.cat((y_back, y_back.new_zeros(1, y.shape[1])))
-        weights, self.weights = self.weights, None
+        weights = torch.ones(self.pos.shape, dtype=torch.float32, device=self.pos.device)
         return rows, weights, self.pos, y_slot
 
     def combine_backward(self, dout, y_slot, tag: str):
