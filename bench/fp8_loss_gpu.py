@@ -15,7 +15,8 @@ runtime's initialisation is seeded by parameter name):
 
 The text is natural, never the synthetic rule data (whose loss heads to zero and says
 nothing): the Python standard library's own sources as UTF-8 bytes, written here by
-`dsvc tokenize --tokenizer bytes --shuffle 0` unless `--tokens` names a byte-token file. The learning-rate schedule is stretched over --steps.
+`dsvc tokenize --tokenizer bytes --shuffle 0` unless `--tokens` names a byte-token file.
+The learning-rate schedule is stretched over --steps.
 
 After training, each model's language-model loss is measured on the same held-out
 sequences (a stretch of the file no run trained on), so the three differ only by what
