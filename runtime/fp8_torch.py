@@ -293,15 +293,22 @@ def grouped_gemm_wgrad(
 
 def swiglu_quant(
     gate: torch.Tensor, up: torch.Tensor, tile: int = TILE, ue8m0: bool = False, *,
-    round_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    round_dtype: torch.dtype | None = None, keep_inputs: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """silu(gate) * up in fp32, quantised in 1 x tile tiles -> (h_fp8, s).
 
     round_dtype: silu(gate) and the product are each rounded to it first, as two separate
-    ops in that dtype would (the eager dense FFN's), so the codes are theirs."""
+    ops in that dtype would (the eager dense FFN's), so the codes are theirs.
+    keep_inputs: gate and up quantised in 1 x tile tiles too, for the backward to keep in
+    place of them (DeepSeek-V3's FP8 cache of SwiGLU's inputs) -> (h_fp8, s, gate_fp8,
+    gate_s, up_fp8, up_s)."""
     g = gate.to(torch.float32)
     if round_dtype is None:
-        return quantize_act(g * torch.sigmoid(g) * up.to(torch.float32), tile, ue8m0)
-    silu = torch.nn.functional.silu(g).to(round_dtype).to(torch.float32)
-    h = (silu * up.to(round_dtype).to(torch.float32)).to(round_dtype)
-    return quantize_act(h, tile, ue8m0)
+        out = quantize_act(g * torch.sigmoid(g) * up.to(torch.float32), tile, ue8m0)
+    else:
+        silu = torch.nn.functional.silu(g).to(round_dtype).to(torch.float32)
+        h = (silu * up.to(round_dtype).to(torch.float32)).to(round_dtype)
+        out = quantize_act(h, tile, ue8m0)
+    if keep_inputs:
+        out = (*out, *quantize_act(gate, tile, ue8m0), *quantize_act(up, tile, ue8m0))
+    return out

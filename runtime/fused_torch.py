@@ -207,10 +207,12 @@ def quantize_bhsd(o, tile=TILE, ue8m0=False, *, rows=True, cols=False):
 
 
 def swiglu_bwd_quant(gate, up, dh, tile=TILE, ue8m0=False, *, offsets=None,
-                     out_dtype=torch.bfloat16, round_dtype=None):
+                     out_dtype=torch.bfloat16, round_dtype=None, gate_s=None, up_s=None):
     """Backward of h = silu(gate) up, quantised for the GEMMs on both sides.
 
-    gate, up (M, I); dh (M, I). dgate and dup rounded to `out_dtype`, each quantised in
+    gate, up (M, I); dh (M, I). gate_s, up_s: gate and up are the FP8 codes of
+    `swiglu_quant(keep_inputs=True)` with these 1 x tile scales, read as their fp32
+    products (code x scale). dgate and dup rounded to `out_dtype`, each quantised in
     rows (their dgrad) and token tiles (their wgrad); h recomputed and quantised in token
     tiles (the wgrad of the projection it fed). Token tiles are grouped by expert when
     `offsets` is given (quantize_act_t_grouped's layout). round_dtype: the forward's
@@ -218,6 +220,8 @@ def swiglu_bwd_quant(gate, up, dh, tile=TILE, ue8m0=False, *, offsets=None,
     separate ops of the eager dense FFN round them (swiglu_quant's `round_dtype`).
     -> (dg q, s, qt, st, du q, s, qt, st, ht, hts).
     """
+    if gate_s is not None:
+        gate, up = dequantize_act(gate, gate_s, tile), dequantize_act(up, up_s, tile)
     g, u, d = gate.float(), up.float(), dh.float()
     sig = torch.sigmoid(g)
     silu = g * sig

@@ -92,6 +92,11 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     # than torch's fp32 matmul, so a bf16 output an ulp away can flip an FP8 code downstream;
     # measured 1.6e-3 (worst weight gradient of the tiny model's blocks)
     "program_triton_vs_eager": (1e-2, 0.0),
+    # the program keeping SwiGLU's inputs as FP8 1 x 128 tiles (cache_fp8_activations)
+    # against keeping them in bf16: the forward is bit for bit, the gradients carry one more
+    # e4m3 rounding of g and u (3.6% rms relative each); measured 4.9e-2 (worst
+    # gradient of tiny's dense and MoE blocks)
+    "program_fp8_swiglu_cache": (0.1, 0.0),
     # runtime, one rank: RoPE, norms and attention vs straightforward torch formulas
     "runtime_layer": (1e-5, 1e-6),
     # dsvc report vs published figures (issue 3): DeepSeek-V3 total params, training FLOPs

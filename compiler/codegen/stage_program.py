@@ -85,7 +85,8 @@ def _kind(graph, key, prefix, ops, groups, layer_text) -> dict:
     core = ops["attn.core"]
     ctx = {"attention": att_name, "ffn": ffn_name, "name": name, "cls": _cls(name),
            "layers": layer_text, "title": f"{att_name} + {ffn_name}", "eager": "",
-           "tile": pol.linear.act_tile[1], "eps": repr(float(ops["attn_norm"].attr("eps")))}
+           "tile": pol.linear.act_tile[1], "eps": repr(float(ops["attn_norm"].attr("eps"))),
+           "cache_swiglu": bool(pol.cache_fp8_activations)}
     rope = ops["attn.rope"]
     if core.attr("kv_heads") is None:  # MLA
         heads = core.attr("heads")

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from dsvc.runtime import fp8_torch as F8
 from dsvc.runtime import fused_torch as R
-from tests.runtime.triton_helpers import OnDevice, load_kernels
+from tests.runtime.triton_helpers import OnDevice, bits_equal, load_kernels
 from tests.tolerances import tol
 
 pytest.importorskip("triton")
@@ -194,6 +194,46 @@ def test_swiglu_backward_quantised_both_ways(kernels, grouped, round_act):
         assert torch.equal(got[3].cpu(), want[3])
 
 
+@pytest.mark.parametrize("round_act", [False, True])
+def test_swiglu_quant_keeps_its_inputs_as_fp8_tiles(kernels, round_act):
+    g, u = _rand(90, 200, seed=35, scale=3.0), _rand(90, 200, seed=36)
+    rd = torch.bfloat16 if round_act else None
+    got = kernels.swiglu_quant(g, u, round_dtype=rd, keep_inputs=True)
+    want = F8.swiglu_quant(g, u, round_dtype=rd, keep_inputs=True)
+    assert len(got) == len(want) == 6
+    _all_outputs(got, want, ["h", "s", "g", "s", "u", "s"])
+    plain = kernels.swiglu_quant(g, u, round_dtype=rd)  # h's codes do not depend on keeping
+    assert bits_equal(got[0].cpu(), plain[0].cpu()) and torch.equal(got[1], plain[1])
+    assert bits_equal(got[2].cpu(), F8.quantize_act(g)[0])  # g's own tiles, bit for bit
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("round_act", [False, True])
+def test_swiglu_backward_reads_fp8_inputs(kernels, grouped, round_act):
+    m, i = 150, 200
+    g, u, dh = _rand(m, i, seed=37, scale=3.0), _rand(m, i, seed=38), _rand(m, i, seed=39)
+    (gq, gs), (uq, us) = F8.quantize_act(g), F8.quantize_act(u)
+    kw = dict(offsets=torch.tensor([10, 10, 50, 150]) if grouped else None,
+              round_dtype=torch.bfloat16 if round_act else None, gate_s=gs, up_s=us)
+    got = kernels.swiglu_bwd_quant(gq, uq, dh, **kw)
+    want = R.swiglu_bwd_quant(gq, uq, dh, **kw)
+    names = ["dg", "s", "dgt", "st", "du", "s", "dut", "st", "ht", "hts"]
+    _all_outputs(got, want, names)
+    # the same as the backward from the dequantised values, which is what it reads
+    deq = {k: v for k, v in kw.items() if k not in ("gate_s", "up_s")}
+    _all_outputs(got, R.swiglu_bwd_quant(F8.dequantize_act(gq, gs), F8.dequantize_act(uq, us),
+                                         dh, **deq), names)
+
+
+def test_swiglu_backward_refuses_half_an_fp8_pair(kernels):
+    g = _rand(8, 128, seed=40)
+    gq, gs = F8.quantize_act(g)
+    with pytest.raises(TypeError, match="gate must be float8_e4m3fn"):
+        kernels.swiglu_bwd_quant(g, g, g, gate_s=gs, up_s=gs)
+    with pytest.raises(ValueError, match="up_s without gate_s"):
+        kernels.swiglu_bwd_quant(g, g, g, up_s=gs)
+
+
 # ----------------------------------------------------------------------------- routing
 
 
@@ -297,15 +337,18 @@ def test_rmsnorm_forward_and_backward_on_random_shapes(kernels, m, k, cols, seed
 
 @settings(max_examples=5, deadline=None)
 @given(sizes=st.lists(st.integers(0, 60), min_size=1, max_size=5), i=st.integers(1, 200),
-       seed=st.integers(0, 99))
-def test_grouped_swiglu_backward_on_random_routings(kernels, sizes, i, seed):
+       seed=st.integers(0, 99), fp8_in=st.booleans())
+def test_grouped_swiglu_backward_on_random_routings(kernels, sizes, i, seed, fp8_in):
     m = sum(sizes)
     if m == 0:
         return
     offsets = torch.tensor(sizes).cumsum(0)
     g, u, dh = _rand(m, i, seed=seed), _rand(m, i, seed=seed + 1), _rand(m, i, seed=seed + 2)
-    got = kernels.swiglu_bwd_quant(g, u, dh, offsets=offsets)
-    want = R.swiglu_bwd_quant(g, u, dh, offsets=offsets)
+    kw = {"offsets": offsets}
+    if fp8_in:  # the inputs as swiglu_quant(keep_inputs=True) keeps them
+        _, _, g, kw["gate_s"], u, kw["up_s"] = F8.swiglu_quant(g, u, keep_inputs=True)
+    got = kernels.swiglu_bwd_quant(g, u, dh, **kw)
+    want = R.swiglu_bwd_quant(g, u, dh, **kw)
     _all_outputs(got, want, ["dg", "s", "dgt", "st", "du", "s", "dut", "st", "ht", "hts"])
 
 

@@ -6,8 +6,10 @@ and the outputs, the input gradient and every parameter gradient are compared
 (tests/tolerances.py). Covered: the tiny example's blocks, the 1.1B bench spec's first
 two layers (MLA + dense, MLA + MoE), and small specs for the other template branches
 (MLA without q_lora, GQA with q/k/v biases, softmax routing without groups or shared
-experts, 1 x 64 tiles). Then the chunks' zero-bubble split, the precision check and the
-fallback to eager.
+experts, 1 x 64 tiles). The eager modules keep SwiGLU's inputs in bf16, so the programs
+compared with them are generated with `cache_fp8_activations = false` (`BF16_CACHE`); the
+FP8 cache of the default is compared with that program. Then the chunks' zero-bubble
+split, the precision check and the fallback to eager.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from tests.saved_bytes import saved_bytes
 from tests.tolerances import tol
 
 SPECS = ROOT / "tests" / "train_specs"
+# SwiGLU's inputs kept in bf16 for the backward, as the eager modules keep them
+BF16_CACHE = ("precision.cache_fp8_activations=false",)
 
 TAIL = """
 cluster one {
@@ -63,6 +67,7 @@ precision p {{
   keep {{ bf16 = [embedding, head, router, attention_core], fp32 = [norm] }}
   dispatch = fp8_e4m3
   combine = bf16
+  cache_fp8_activations = {cache}
 }}
 """
 
@@ -137,7 +142,7 @@ def _compare(prog, plan, model, block_name, backend, tol_name, seq=16, batch=2, 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     with contextlib.chdir(ROOT):
-        spec = dsl.load("examples/tiny.dsv")
+        spec = dsl.load("examples/tiny.dsv", BF16_CACHE)
     return _setup(spec, tmp_path_factory.mktemp("tiny"))
 
 
@@ -149,7 +154,7 @@ def test_tiny_blocks_equal_the_eager_modules(tiny, block):
 
 
 def test_bench_spec_first_layers_equal_the_eager_modules(tmp_path):
-    prog, plan, model = _setup(dsl.load(SPECS / "bench_1b.dsv"), tmp_path)
+    prog, plan, model = _setup(dsl.load(SPECS / "bench_1b.dsv", BF16_CACHE), tmp_path)
     for block in ("layers.0", "layers.1"):  # MLA + dense, MLA + MoE at the bench's width
         _compare(prog, plan, model, block, "torch", "program_vs_eager", seq=8, batch=1)
 
@@ -160,7 +165,8 @@ def test_bench_spec_first_layers_equal_the_eager_modules(tmp_path):
 def test_other_block_kinds_equal_the_eager_modules(tmp_path, text, blocks, tile, pad):
     """Ragged widths (pad = true: the eager Linear pads K with zeros, the fused kernels take
     it as it is, and the two agree) and another tile."""
-    spec = dsl.loads(text + PRECISION.format(tile=tile, pad=pad) + TAIL, filename="t.dsv")
+    spec = dsl.loads(text + PRECISION.format(tile=tile, pad=pad, cache="false") + TAIL,
+                     filename="t.dsv")
     prog, plan, model = _setup(spec, tmp_path)
     for block in blocks:
         _compare(prog, plan, model, block, "torch", "program_vs_eager")
@@ -176,6 +182,50 @@ def test_tiny_blocks_on_the_generated_triton_kernels(tiny, tmp_path):
     prog, plan, model = tiny
     for block in ("layers.0", "layers.1"):
         _compare(prog, plan, model, block, kernels, "program_triton_vs_eager", seq=16, batch=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_fp8_cache(tmp_path_factory):
+    """The tiny example's program as its spec asks: SwiGLU's inputs kept in FP8."""
+    with contextlib.chdir(ROOT):
+        spec = dsl.load("examples/tiny.dsv")
+    assert spec.precision.cache_fp8_activations
+    return _setup(spec, tmp_path_factory.mktemp("tiny_fp8_cache"))
+
+
+@pytest.mark.parametrize("block", ["layers.0", "layers.1"])
+def test_swiglu_inputs_kept_in_fp8(tiny, tiny_fp8_cache, block):
+    """cache_fp8_activations (DeepSeek-V3's FP8 cache of SwiGLU's inputs): the forward is the
+    bf16-cache program's bit for bit, the backward reads g and u as FP8 1 x 128 tiles, so
+    the gradients move by FP8 rounding only, and the bytes kept for the backward fall by
+    exactly g's and u's: 2 bytes an element in bf16 against 1 plus a 4-byte scale a tile."""
+    prog16, plan, model = tiny
+    prog8, plan8, model8 = tiny_fp8_cache
+    model8.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, plan.model.hidden, generator=gen).to(torch.bfloat16)
+    dy = torch.randn(2, 16, plan.model.hidden, generator=gen)
+    runs, kept = {}, {}
+    for name, (prog, pl, mod) in {"bf16": tiny, "fp8": tiny_fp8_cache}.items():
+        P.attach_program([mod], prog, pl, "torch")
+        try:
+            runs[name] = run_block(mod, block, x, dy)
+            kept[name] = _saved_bytes(mod, block, x)
+        finally:
+            P.detach_program([mod])
+    assert torch.equal(runs["fp8"]["y"], runs["bf16"]["y"])
+    worst = {k: _rel(runs["fp8"][k], runs["bf16"][k]) for k in runs["bf16"] if k != "y"}
+    assert 0 < max(worst.values()) <= tol("program_fp8_swiglu_cache")[0], worst
+    m, t = plan.model, x.shape[0] * x.shape[1]
+    if block == "layers.0":
+        widths = [(t, m.ffn["dense"].intermediate)]
+    else:
+        moe = m.ffn["moe"]
+        shared = moe.shared * (moe.shared_intermediate or moe.intermediate)
+        widths = [(t * moe.top_k, moe.intermediate), (t, shared)]
+    elems = sum(2 * rows * w for rows, w in widths)  # g and u
+    tiles = sum(2 * rows * -(-w // 128) for rows, w in widths)
+    assert kept["bf16"] - kept["fp8"] == 2 * elems - (elems + 4 * tiles)
 
 
 # ----------------------------------------------------------------------------- the chunks
@@ -301,7 +351,7 @@ def test_selective_recomputation_runs_the_program(tmp_path, block):
     up-projections: the same values as the eager modules under selective, fewer bytes kept
     than the program without recomputation."""
     with contextlib.chdir(ROOT):
-        spec = dsl.load("examples/tiny.dsv", ("train.recompute=selective",))
+        spec = dsl.load("examples/tiny.dsv", ("train.recompute=selective", *BF16_CACHE))
     prog, plan, model = _setup(spec, tmp_path)
     assert plan.train.recompute == "selective" and P.program_mismatch(prog, plan) is None
     _compare(prog, plan, model, block, "torch", "program_vs_eager")
@@ -333,7 +383,7 @@ def ep_blocks(request, tmp_path_factory):
     from dsvc.runtime.launch import spawn
 
     overrides = ("parallel.pipeline=1", "parallel.expert=4", "cluster.nodes=2",
-                 "cluster.gpus_per_node=2", *EP_CASES[request.param])
+                 "cluster.gpus_per_node=2", *BF16_CACHE, *EP_CASES[request.param])
     with contextlib.chdir(ROOT):
         spec = dsl.load("examples/tiny.dsv", overrides)
     graph = run_until(spec, "fuse")
