@@ -292,6 +292,8 @@ def quantiser_rows(kernels, soft, torch, sizes):
         ("quantize_act_both 1x128 + 128x1", 4 * n_x + 2 * scales,
          functools.partial(kernels.quantize_act_both, x)),
         ("swiglu_quant", 5 * n_x + scales, functools.partial(kernels.swiglu_quant, x, g)),
+        ("swiglu_quant, g and u kept in FP8", 7 * n_x + 3 * scales,
+         functools.partial(kernels.swiglu_quant, x, g, keep_inputs=True)),
         ("quantize_weight 128x128 (fp32 in)", 5 * w.numel(),
          functools.partial(kernels.quantize_weight, w)),
     )  # fmt: skip
@@ -302,7 +304,8 @@ def quantiser_rows(kernels, soft, torch, sizes):
     for name, nbytes, run in rows:
         tbs = nbytes / bench_ms(run) / 1e9
         twin = getattr(soft, run.func.__name__) if soft is not None else None
-        slow = nbytes / bench_ms(functools.partial(twin, *run.args)) / 1e9 if twin else math.nan
+        slow = nbytes / bench_ms(functools.partial(twin, *run.args, **run.keywords)) / 1e9 \
+            if twin else math.nan
         print(f"| {name} | {tbs:.2f} | {tbs / copy:.0%} | {slow:.2f} | {tbs / slow:.2f}x |")
     print("target: quantisers >= 80% of copy (integer rounding: the interpreter's path, "
           "DSVC_FP8_SOFT_ROUND=1)")  # fmt: skip
