@@ -206,12 +206,21 @@ class Precision:
     keep: dict[str, Dtype] = dataclasses.field(default_factory=dict)  # component -> dtype
     dispatch: Dtype = "bf16"
     combine: Dtype = "bf16"
-    # Activations saved for backward by FP8 linears are cached in FP8 (+ scales).
+    # The generated program keeps SwiGLU's inputs for the backward in FP8 (+ scales).
     cache_fp8_activations: bool = True
 
     def dtype_of(self, component: str) -> str:
         """The compute/storage dtype of a non-linear component."""
         return self.keep.get(component, self.default)
+
+    def compute_dtype(self, component: str) -> str:
+        """The format a GEMM of `component` computes in: the linear format for the model's
+        linears (`linear`, `mtp_projection`), else its kept dtype, `default` when not kept:
+        the runtime runs the router, the output head and the attention core outside FP8
+        whatever the policy (its plan keeps them, runtime/plan.py KEPT_COMPONENTS)."""
+        if component in ("linear", "mtp_projection") and component not in self.keep:
+            return self.linear.format
+        return self.dtype_of(component)
 
 
 # ----------------------------------------------------------------------------- cluster

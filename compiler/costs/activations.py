@@ -47,11 +47,7 @@ NORM_RSTD_BYTES = 4  # RMSNorm's reciprocal RMS per token, fp32
 
 def storage_dtype(component: str, precision) -> str:
     """The dtype a component's weights compute in (kept components keep theirs)."""
-    if component in precision.keep:
-        return precision.keep[component]
-    if component in ("linear", "router", "head", "mtp_projection"):
-        return precision.linear.format
-    return precision.default
+    return precision.compute_dtype(component)
 
 
 class Kept:

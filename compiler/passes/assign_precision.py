@@ -1,8 +1,9 @@
 """Pass `assign_precision`: every op gets its format from the precision policy.
 
-GEMM-like ops (linears, the router, routed and shared experts, the attention
-core) compute in the policy's linear format unless their component is kept
-(`keep bf16 { head, router, attention_core }`, `keep fp32 { norm }`). Where a
+GEMM-like ops compute in the policy's linear format (linears, routed and shared
+experts, the MTP projection) unless their component is kept (`keep bf16 { ... }`);
+the router, the output head and the attention core compute in their kept dtype, the
+default one when not kept, as the runtime runs them (`Precision.compute_dtype`). Where a
 GEMM needs its activation in another format than its producer makes, a
 conversion op is inserted on that edge:
 
@@ -57,10 +58,9 @@ def assign_precision(graph: Graph) -> Graph:
 
 def _format(op: Op, pol) -> tuple[str, bool]:
     comp = op.attr("component")
-    if comp in pol.keep:
-        return pol.keep[comp], False
-    if op.kind in GEMM_KINDS and comp != "attention_core":
-        return pol.linear.format, pol.linear.is_fp8
+    if op.kind in GEMM_KINDS:
+        fmt = pol.compute_dtype(comp or "linear")
+        return fmt, fmt == pol.linear.format and pol.linear.is_fp8
     if comp is not None and comp != "linear":
         return pol.dtype_of(comp), False
     return op.dtype, False

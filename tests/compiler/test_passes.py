@@ -120,6 +120,26 @@ def test_precision_conversions_follow_the_policy():
     assert g32.op("L1.attn.o_proj").dtype == "fp32"
 
 
+def test_the_router_and_head_compute_outside_fp8_when_not_kept(tmp_path):
+    """The runtime runs the router and the output head in their kept dtype, `default` when
+    the policy does not keep them (runtime/plan.py KEPT_COMPONENTS), whatever the linear
+    format: the IR says so too, and the generated program renders (an FP8 router made it
+    fail with an internal error)."""
+    from dsvc.compiler.codegen.stage_program import render_program
+
+    text = (EXAMPLES / "tiny.dsv").read_text()
+    kept = "keep { bf16 = [embedding, head, router, attention_core], fp32 = [norm] }"
+    assert kept in text
+    path = EXAMPLES / "tiny.dsv"
+    spec = dsl.loads(text.replace(kept, "keep { bf16 = [embedding], fp32 = [norm] }"),
+                     str(path))
+    g = run_until(spec, "fuse")
+    assert g.op("L1.moe.router").dtype == "bf16" and g.op("head").dtype == "bf16"
+    assert g.op("L1.attn.q_down").dtype == "fp8_e4m3"
+    src = render_program(g, spec_file="t.dsv", span=None, passes=g.passes)
+    assert "p.router.to(torch.bfloat16)" in src
+
+
 # ----------------------------------------------------------------------------- partition
 
 
