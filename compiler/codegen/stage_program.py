@@ -5,9 +5,10 @@ block's ops and fusion groups: dimensions from the ops' tensors and attributes (
 from the spec), the routing constants from the router op, the epsilon from the norms,
 the formats from `assign_precision`'s marks, the group names for the code's comments.
 A kind the program cannot express yet (a linear that is not FP8, a norm not kept in
-fp32) is listed with the reason and runs the eager modules; the build says so and the
-runtime reports it. K padding (`pad`) needs nothing: the fused kernels and GEMMs take
-ragged K, and zero padding changes no scale and no product.
+fp32: `eager_reason`, which the memory model reads too) is listed with the reason and
+runs the eager modules; the build says so and the runtime reports it. K padding (`pad`)
+needs nothing: the fused kernels and GEMMs take ragged K, and zero padding changes no
+scale and no product.
 """
 
 from __future__ import annotations
@@ -126,7 +127,10 @@ def _kind(graph, key, prefix, ops, groups, layer_text) -> dict:
             "router_dtype": _torch_dtype(router.dtype)}
         linears += ["moe.experts"] + (["moe.shared"] if shared is not None else [])
     ctx["roles"] = sorted({ops[n].attr("role") for n in linears})
-    ctx["eager"] = _unsupported(graph, ops, linears, norms)
+    ctx["eager"] = eager_reason(pol, graph.spec.model.ffns[ffn_name])
+    assert ctx["eager"] or (all(ops[n].attr("fp8") for n in linears)
+                            and all("fusion" in ops[n].attrs for n in norms)), \
+        f"{name}: eager_reason disagrees with the IR"
     ctx["group"], ctx["groups"] = _group_names(prefix, ops, groups)
     return ctx
 
@@ -135,20 +139,26 @@ def _torch_dtype(name: str) -> str:
     return {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[name]
 
 
-def _unsupported(graph, ops, linears, norms) -> str:
-    """Why the program cannot run this kind ("" when it can)."""
-    pol = graph.spec.precision
-    for n in linears:
-        fp8 = ops[n].attr("fp8")
-        if not fp8:
-            return f"{ops[n].name} computes in {ops[n].dtype}, not FP8"
-    if pol.keep.get("norm", "fp32") != "fp32":
-        return "norms are kept in " + pol.keep["norm"] + ", the fused norms compute in fp32"
-    if pol.default not in ("bf16", "fp32"):
-        return f"activations in {pol.default}"
-    missing = [n for n in norms if "fusion" not in ops[n].attrs]
-    if missing:
-        return f"{ops[missing[0]].name} has no fusion group"
+def eager_reason(precision, ffn=None) -> str:
+    """Why the program cannot run a block under `precision` ("" when it can), the block's
+    FFN definition `ffn` given (without it, the policy's reasons only). The one rule for
+    what the program covers: `render_program` leaves such kinds to the eager modules, and
+    the memory model (`compiler.costs.activations`) charges what the code that runs keeps.
+    A MoE without shared experts under a dispatch that is not FP8 gives its ffn norm no
+    FP8 consumer at the token's rank (the router keeps its dtype, the experts quantise
+    after the dispatch), so `fuse` leaves that norm unfused (`_kind` asserts the IR
+    agrees)."""
+    lin = precision.linear
+    if not lin.is_fp8:
+        return f"every linear computes in {lin.format}, not FP8"
+    norm = precision.keep.get("norm", "fp32")
+    if norm != "fp32":
+        return f"norms are kept in {norm}, the fused norms compute in fp32"
+    if precision.default not in ("bf16", "fp32"):
+        return f"activations in {precision.default}"
+    if ffn is not None and ffn.kind == "moe" and not ffn.shared \
+            and not precision.dispatch.startswith("fp8"):
+        return f"the ffn norm has no fusion group (no shared experts, {precision.dispatch} dispatch)"
     return ""
 
 

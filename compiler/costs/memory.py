@@ -15,9 +15,15 @@ tensors by tests/compiler/test_memory_runtime.py):
   two fp32 masks (weight decay, gradient-norm counting); ZeRO 0, 2 and 3 as their
   definitions say (the runtime runs ZeRO-1 only);
 * routed experts split over EP ranks (E / EP experts per MoE layer per GPU);
-* activations: what autograd keeps for the backward, per micro-batch
-  (`compiler.costs.activations`), times the micro-batches each stage holds at peak
-  (`layout`); the hottest EP rank's routed rows scale with the expert-load imbalance;
+* activations: what autograd keeps for the backward, per micro-batch, as the code
+  that runs keeps it (`compiler.costs.activations`: the generated program in the block
+  kinds it covers, the eager modules elsewhere), times the micro-batches each stage
+  holds at peak (`layout`); the hottest EP rank's routed rows scale with the
+  expert-load imbalance. Plus, once per device, the program's FP8 weight copies: one
+  per parameter per step, shared by every micro-batch in flight and held until the
+  step's backward is done (`ProgramRuntime.qweight`), so not multiplied by them (an
+  eager FP8 linear re-makes its copy per micro-batch, which the per-micro-batch bytes
+  hold);
 * buffers: dispatch/combine of one micro-batch (two under dual micro-batch
   overlap), RoPE tables (fp32 cos and sin per attention module);
 * transients: the largest temporary the step allocates beside all that (the loss's
@@ -30,6 +36,8 @@ and allocator fragmentation, which the formulas do not model.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from dsvc.dsl.spec import DTYPE_BYTES
 
@@ -55,29 +63,36 @@ def linear_weight_bytes(lin: Linear, precision):
     return lin.count * per_copy
 
 
-def activation_bytes(piece: Piece, kept: Kept, T, S, local=1) -> tuple:
+def activation_bytes(piece: Piece, kept: Kept, T, S, local=1,
+                     program: bool | None = None) -> tuple:
     """(bytes, routed-row bytes) one piece keeps for the backward per micro-batch of T
     tokens (sequence length S; `local` routed experts on this rank): the sum of its ops'
-    saved tensors (`activations.Kept`). The routed rows scale with the load imbalance."""
+    saved tensors (`activations.Kept`). The routed rows scale with the load imbalance.
+    `program`: whether the generated program runs the piece's block (by default, as
+    `Kept.runs_program` says for an FFN's own definition, or for the policy alone for an
+    attention piece); the embedding, head and MTP parts always run eagerly."""
     g = piece.dims
-    if piece.kind in ("mla", "gqa") and kept.full:  # the layer keeps its input only
-        return kept.layer_input(T, g["d"]), 0
-    if piece.kind in ("dense", "moe") and kept.full:
-        return 0, 0
-    if piece.kind == "mla":
-        return ssum(kept.mla(T, S, g).values()), 0
-    if piece.kind == "gqa":
-        return ssum(kept.gqa(T, S, g).values()), 0
-    if piece.kind == "dense":
-        return ssum(kept.dense(T, g).values()), 0
-    if piece.kind == "moe":
-        parts, rows = kept.moe(T, g, local)
+    if program is None:
+        program = kept.runs_program(piece.spec if piece.kind in ("dense", "moe") else None)
+    if piece.kind in ("mla", "gqa"):
+        return ssum(kept.attention(piece.kind, T, S, g, program).values()), 0
+    if piece.kind in ("dense", "moe"):
+        parts, rows = kept.ffn(piece.kind, T, g, local, program)
         return ssum(parts.values()), rows
     if piece.kind == "head":
         return ssum(kept.head(T, g["d"], g["V"]).values()), 0
     if piece.kind == "mtp":  # its own parts and its pass through the shared head
         return ssum(kept.mtp(T, g["d"]).values()) + ssum(kept.head(T, g["d"], g["V"]).values()), 0
     return ssum(kept.embedding(T).values()), 0
+
+
+def weight_copy_bytes(piece: Piece, precision, EP=1):
+    """The FP8 copies of a piece's weights the generated program makes once per step and
+    shares between micro-batches (`ProgramRuntime.qweight`; `EP` ranks share the routed
+    experts): its FP8 linears' bytes in their compute format, scales included."""
+    return ssum(linear_weight_bytes(lin, precision) / (EP if lin.expert else 1)
+                for lin in piece.linears
+                if storage_dtype(lin.component, precision).startswith("fp8"))
 
 
 def dispatch_element_bytes(precision):
@@ -124,26 +139,67 @@ class MemoryModel:
         self.spec, self.q, self.costs, self.pd, self.f = spec, q, costs, pd, imbalance
         recompute = spec.train.recompute if spec.train is not None else "none"
         self.kept = Kept(spec.precision, recompute, GPU)
+        # the block kinds the generated program runs (MTP blocks are the last layer's kind)
+        self.program = {k.key: self.kept.runs_program(k.ffn.spec) for k in costs.kinds}
+        runs: dict[str, set] = {}  # piece key -> how its blocks run it (True: the program)
+        for k in costs.kinds:
+            for p in (k.attention, k.ffn):
+                runs.setdefault(p.key, set()).add(self.program[k.key])
         pieces = [*costs.attentions.values(), *costs.ffns.values(), costs.embedding, costs.head]
         if costs.mtp is not None:
             pieces.append(costs.mtp)
         self.sym: dict[str, dict] = {}
+        self.acts: dict[tuple[str, bool], dict] = {}
         for p in pieces:
             tag = p.key.split(".")[-1]
-            local = p.dims["E"] / pd.EP if p.kind == "moe" else 1
-            act, act_e = activation_bytes(p, self.kept, pd.T, costs.S, local)
             pe = p.expert_params
             self.sym[p.key] = {
                 "P": costs.params_of.get(p.key) or q.let(q.fresh(f"P_{tag}"), p.params),
                 "Pe": q.let(q.fresh(f"Pe_{tag}"), pe, f"routed-expert params of {tag}")
                 if pe else 0,
-                "A": q.let(q.fresh(f"A_{tag}"), act,
-                           f"activation bytes per micro-batch of {tag} ({recompute} recompute)")
-                if act else 0,
-                "Ae": q.let(q.fresh(f"Ae_{tag}"), act_e,
-                            f"routed-row activation bytes per micro-batch of {tag}")
-                if act_e else 0,
             }
+            for program in sorted(runs.get(p.key, {False})):
+                self.acts[p.key, program] = self._kept_symbols(p, tag, program, recompute)
+
+    def _kept_symbols(self, p: Piece, tag: str, program: bool, recompute: str) -> dict:
+        """Let-symbols of what piece `p` keeps for the backward, run by the program or not:
+        per micro-batch ("A"; routed rows "Ae") and, for the program, its FP8 weight copies
+        per step ("W")."""
+        q, pd = self.q, self.pd
+        local = p.dims["E"] / pd.EP if p.kind == "moe" else 1
+        act, act_e = activation_bytes(p, self.kept, pd.T, self.costs.S, local, program)
+        copies = weight_copy_bytes(p, self.spec.precision, pd.EP) if program else 0
+        how = f"{recompute} recompute" + (", generated program" if program else "")
+        return {
+            "A": q.let(q.fresh(f"A_{tag}"), act,
+                       f"activation bytes per micro-batch of {tag} ({how})") if act else 0,
+            "Ae": q.let(q.fresh(f"Ae_{tag}"), act_e,
+                        f"routed-row activation bytes per micro-batch of {tag}")
+            if act_e else 0,
+            "W": q.let(q.fresh(f"W8_{tag}"), copies,
+                       f"FP8 weight copies of {tag}, made once per step (generated program)")
+            if copies else 0,
+        }
+
+    def kept_bytes(self, st: StageContents) -> tuple:
+        """(bytes per micro-batch, bytes per step) stage `st` keeps for the backward: its
+        blocks as their kind runs them (the program's FP8 weight copies per step, shared by
+        the micro-batches in flight), its embedding, head and MTP parts eagerly."""
+        costs, f = self.costs, self.f
+        kinds = Counter(costs.kind_of_layer[i] for i in st.layers)
+        if st.mtp and costs.mtp_block is not None:
+            kinds[costs.mtp_block.key] += st.mtp
+        per_batch = per_step = 0
+        for key, n in kinds.items():
+            kind, program = costs.kind(key), self.program[key]
+            for piece in (kind.attention, kind.ffn):
+                s = self.acts[piece.key, program]
+                per_batch = per_batch + n * (s["A"] + f * s["Ae"])
+                per_step = per_step + n * s["W"]
+        for piece, n in stage_pieces(st, costs, self.spec.model.tie_embeddings).values():
+            if piece.kind in ("embedding", "head", "mtp"):
+                per_batch = per_batch + n * self.acts[piece.key, False]["A"]
+        return per_batch, per_step
 
     def device(self, stages: tuple[StageContents, ...]) -> dict:
         """{component: bytes expression} for a device holding `stages`."""
@@ -153,10 +209,8 @@ class MemoryModel:
         dense_p = expert_p = acts = 0
         moe_k_d, attentions, heads, embedding = [], 0, 0, False
         for st in stages:
-            stage_act = 0
             for key, (piece, n) in stage_pieces(st, costs, tied).items():
                 s = self.sym[key]
-                stage_act = stage_act + n * (s["A"] + f * s["Ae"])
                 if piece.kind == "embedding":  # counted once per device, below
                     continue
                 dense_p = dense_p + n * (s["P"] - s["Pe"])
@@ -169,7 +223,8 @@ class MemoryModel:
             # head hold the embedding; stages on one device share one copy
             embedding = embedding or st.embedding or bool(st.mtp) or (tied and st.head)
             heads += 1 + st.mtp if st.head else 0
-            acts = acts + st.in_flight * stage_act
+            per_batch, per_step = self.kept_bytes(st)
+            acts = acts + st.in_flight * per_batch + per_step
         if embedding:
             dense_p = dense_p + self.sym[costs.embedding.key]["P"]
         param_b, grad_b = DTYPE_BYTES[pr.master_weights], DTYPE_BYTES[pr.grads]

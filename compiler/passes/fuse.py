@@ -13,14 +13,16 @@ the generated stage program launches (docs/program.md):
 | gqa_rope | rope on q and k | `gqa_rope` / `gqa_rope_bwd` |
 | quant_bhsd | the core output's quantize, read in (B, H, S, V) | `quantize_bhsd` |
 | gemm_residual | a projection + the residual add after it | the GEMM's epilogue |
-| swiglu_quant | SwiGLU + the down projection's quantize | `swiglu_quant` / `swiglu_bwd_quant` |
+| swiglu_quant | SwiGLU + the down projection's quantize (+ g, u in FP8, below) | `swiglu_quant` / `swiglu_bwd_quant` |
 | router_topk | scores, bias, group top-k, gate weights, counts | `router_topk` / `router_bwd` |
 | moe_combine | routed outputs weighted + shared + residual | `moe_combine` / `moe_gate_grad`, `moe_dispatch_bwd` |
 
 The backward kernels carry on the fusion: `rmsnorm_bwd` adds the residual stream's
 gradient, quantises dx for the GEMMs that read it and recomputes the normed input's
 token tiles for their wgrad; the RoPE and SwiGLU backwards write their gradients
-already quantised in both tilings.
+already quantised in both tilings. Under `precision.cache_fp8_activations` the SwiGLU
+kernel also writes its inputs g and u as FP8 tiles, which the backward reads instead of
+them in bf16.
 
 Only the blocks' ops are grouped (embedding, head and the MTP module's own norms run
 eagerly), and only under an FP8 linear policy (the kernels are built around its
@@ -253,7 +255,14 @@ class _Grouper:
         uw = writes + 2 * tokens * inter * a
         ubr = 6 * tokens * inter * a
         ubw = 3 * tokens * inter * a + 2 * (quant_bytes(tokens, inter, tile) + tt) + tt
+        if self.pol.cache_fp8_activations:  # g and u written as FP8 tiles and read back so
+            writes += 2 * quant_bytes(tokens, inter, tile)
+            bwd_reads += 2 * quant_bytes(tokens, inter, tile) - 2 * tokens * inter * a
         return reads, writes, bwd_reads, bwd_writes, ur + ubr, uw + ubw
+
+    @property
+    def _kept_note(self) -> str:
+        return "; g, u kept in FP8 for the backward" if self.pol.cache_fp8_activations else ""
 
     def _swiglu(self, act: Op) -> None:
         quants = [c for c in self._consumers(act) if c.kind == "quantize"]
@@ -264,7 +273,8 @@ class _Grouper:
         self._add(f"{act.name}+quant", "swiglu_quant", [act.name] + [q.name for q in quants],
                   act.layer, "swiglu_quant", "swiglu_bwd_quant", reads=r, writes=w,
                   bwd_reads=br, bwd_writes=bw, unfused_reads=ur, unfused_writes=uw,
-                  what=f"silu(g) u in fp32 straight into 1x{self.tile} tiles of {inter}")
+                  what=f"silu(g) u in fp32 straight into 1x{self.tile} tiles of {inter}"
+                  + self._kept_note)
 
     # -- routing
     def _router(self, router: Op) -> None:
@@ -291,7 +301,8 @@ class _Grouper:
         self._add(f"{experts.name}:swiglu", "swiglu_quant", [experts.name], experts.layer,
                   "swiglu_quant", "swiglu_bwd_quant", reads=r, writes=w, bwd_reads=br,
                   bwd_writes=bw, unfused_reads=ur, unfused_writes=uw, part="swiglu",
-                  what=f"routed experts: silu(g) u into 1x{tile} tiles; token tiles by expert")
+                  what=f"routed experts: silu(g) u into 1x{tile} tiles; token tiles by expert"
+                  + self._kept_note)
         add = next((c for c in self._consumers(experts) if c.kind == "add"), None)
         if add is None:
             return
@@ -305,7 +316,8 @@ class _Grouper:
             self._add(f"{sh.name}:swiglu", "swiglu_quant", [sh.name], sh.layer, "swiglu_quant",
                       "swiglu_bwd_quant", reads=r2, writes=w2, bwd_reads=br2, bwd_writes=bw2,
                       unfused_reads=ur2, unfused_writes=uw2, part="swiglu",
-                      what=f"shared experts: silu(g) u into 1x{tile} tiles of {si}")
+                      what=f"shared experts: silu(g) u into 1x{tile} tiles of {si}"
+                      + self._kept_note)
         reads = m * d * a + T * k * 12 + T * d * a
         writes = T * d * a
         # backward: gate grads (dout . y per slot), dy rows quantised by expert, dn summed

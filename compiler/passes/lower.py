@@ -15,8 +15,11 @@ element-wise ops count no FLOPs (their cost is memory traffic, which the
 partitioner's time model adds from their tensor sizes). Each GEMM-like op
 lists its weight matrices in `attrs["weights"]` as (in, out, copies).
 Expressions come from cached helpers, so every layer of a kind shares them.
-`saved_bytes` is what the runtime's autograd keeps of the op for its backward,
-under the spec's `train.recompute` (`compiler.costs.activations`).
+`saved_bytes` is what the runtime's autograd keeps of the op for its backward per
+micro-batch, under the spec's `train.recompute`, as the code that runs the op keeps it:
+the generated program for the decoder blocks it covers, the eager modules elsewhere
+(`compiler.costs.activations`). The program's FP8 weight copies are made once per step,
+not per micro-batch, and are not on the ops (the report charges them once per device).
 """
 
 from __future__ import annotations
@@ -198,17 +201,16 @@ class _Builder:
                        [tensor(self.dt, T, hd)], span=fspan)
 
     def block_saved(self, att, ffn) -> dict:
-        """Saved bytes of a decoder block's ops by name suffix (`compiler.costs.activations`);
-        under full recomputation only the block's input, kept by its first op."""
+        """Saved bytes of a decoder block's ops by name suffix (`compiler.costs.activations`),
+        as the generated program keeps them where it runs the block, else the eager
+        modules; under full recomputation only the block's input, kept by its first op."""
         k, g = self.kept, _dims(self.m.hidden, att, ffn)
-        if k.full:
-            return {"attn_norm": k.layer_input(T, self.m.hidden)}
-        out = k.mla(T, self.seq, g) if att.kind == "mla" else k.gqa(T, self.seq, g)
-        if ffn.kind == "dense":
-            out.update(k.dense(T, g))
-        else:
-            moe, rows = k.moe(T, g, ffn.routed // self.ep)
-            out.update(moe)
+        program = k.runs_program(ffn)
+        out = k.attention(att.kind, T, self.seq, g, program)
+        local = ffn.routed // self.ep if ffn.kind == "moe" else 1
+        parts, rows = k.ffn(ffn.kind, T, g, local, program)
+        out.update(parts)
+        if rows:
             out["experts"] = out["experts"] + rows
         return out
 

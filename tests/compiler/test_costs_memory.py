@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 from dsvc import dsl
 from dsvc.compiler.costs.activations import Kept
 from dsvc.compiler.costs.layout import StageContents, even_layout
-from dsvc.compiler.costs.memory import RESERVE_FRACTION, activation_bytes, linear_weight_bytes
+from dsvc.compiler.costs.memory import (
+    RESERVE_FRACTION,
+    activation_bytes,
+    linear_weight_bytes,
+    weight_copy_bytes,
+)
 from dsvc.compiler.costs.model_costs import Linear, build_model
 from dsvc.compiler.costs.symbols import Quantities
 from dsvc.compiler.driver import build_report
@@ -39,32 +44,82 @@ def test_fp8_weights_carry_block_scales():
 
 
 def test_saved_tensors_by_hand():
-    """DeepSeek-V3's MLA block per micro-batch of 4096 tokens, as the runtime keeps it."""
-    pr = dsl.load(EXAMPLES / "deepseek_v3.dsv").precision
-    costs = build_model(dsl.load(EXAMPLES / "deepseek_v3.dsv"), Quantities())
+    """DeepSeek-V3's blocks per micro-batch of 4096 tokens as the runtime keeps them: the
+    generated program's chunks (what runs: its policy is FP8), then the eager modules."""
+    spec = dsl.load(EXAMPLES / "deepseek_v3.dsv")
+    pr, costs = spec.precision, build_model(spec, Quantities())
     T, S, d = 4096, 4096, 7168
+    mla, moe = costs.attentions["mla"], costs.ffns["moe"]
+    assert Kept(pr).runs_program(moe.spec)
 
-    def fp8(k, n):  # input along tokens (+ fp32 scale per 1 x 128), the weight (+ blocks)
+    norm = lambda w: 2 * w * T + 4 * T  # noqa: E731 - the fused norm's input, the rstd
+    core_out = 2 * 128 * 128 * T  # (B, H, S, V) bf16, kept for o_proj's wgrad
+    none, _ = activation_bytes(mla, Kept(pr, "none"), T, S)
+    # the latent norm keeps kv_a's whole output (rope key too); the core q, k (192 per
+    # head) and v as the RoPE kernel wrote them (128), and the lse; no FP8 GEMM input
+    assert none == (norm(d) + norm(1536) + norm(576) + 2 * (2 * 128 * 192 + 128 * 128) * T
+                    + 4 * 128 * T + core_out)
+    sel, _ = activation_bytes(mla, Kept(pr, "selective"), T, S)
+    assert sel == 2 * d * T + 4 * 128 * T + core_out  # the block's input, the core's outputs
+    full, _ = activation_bytes(mla, Kept(pr, "full"), T, S)
+    assert full == 2 * d * T  # the layer's input
+
+    def fp8(rows, width):  # 1 B per element + an fp32 scale per 1 x 128
+        return rows * width + rows * -(-width // 128) * 4
+
+    parts, routed = activation_bytes(moe, Kept(pr, "none"), T, S, 4)
+    # the norm; its bf16 output, fp32 scores of 256 experts, gate weights and int64
+    # choices of 8, the balance loss's sums; per slot the bf16 expert output and two
+    # indices; the shared expert's gate and up in FP8
+    assert parts == (norm(d) + 2 * d * T + 4 * 256 * T + (4 + 8) * 8 * T + 4 * T
+                     + (2 * d + 2 * 8) * 8 * T + 2 * fp8(T, 2048))
+    # 8 rows per token: gate and up in FP8, and the FP8 rows that arrived from other ranks
+    assert routed == 2 * fp8(8 * T, 2048) + fp8(8 * T, d)
+    # one FP8 copy of each weight per step (4 of 256 experts on each of 64 EP ranks)
+    blocks = lambda n, k: n * k + -(-n // 128) * -(-k // 128) * 4  # noqa: E731
+    assert weight_copy_bytes(moe, pr, 64) == 4 * 3 * blocks(2048, d) + 3 * blocks(2048, d)
+    assert weight_copy_bytes(mla, pr) == (blocks(d, 1536) + blocks(1536, 128 * 192)
+                                          + blocks(d, 576) + blocks(512, 128 * 256)
+                                          + blocks(128 * 128, d))
+
+    def fp8_eager(k, n):  # input along tokens (+ fp32 scale per 1 x 128), the weight (+ blocks)
         return k * T + k * (T // 128) * 4 + k * n + -(-n // 128) * -(-k // 128) * 4
 
     norm = lambda w: 4 * w * T + 4 * T  # noqa: E731 - fp32 input copy, the reciprocal RMS
-    sel, _ = activation_bytes(costs.attentions["mla"], Kept(pr, "selective"), T, S)
+    sel, _ = activation_bytes(mla, Kept(pr, "selective"), T, S, program=False)
     # the input norm keeps its bf16 input; the replayed part its latents and the core's out
     # + lse; FP8 q_a, kv_a and wo keep their inputs and weights
-    assert sel == (2 * d * T + fp8(d, 1536) + fp8(d, 576) + 2 * 1536 * T + 2 * 576 * T
-                   + 2 * 128 * 128 * T + 4 * 128 * T + fp8(16384, d))
-    none, _ = activation_bytes(costs.attentions["mla"], Kept(pr, "none"), T, S)
+    assert sel == (2 * d * T + fp8_eager(d, 1536) + fp8_eager(d, 576) + 2 * 1536 * T
+                   + 2 * 576 * T + 2 * 128 * 128 * T + 4 * 128 * T + fp8_eager(16384, d))
+    none, _ = activation_bytes(mla, Kept(pr, "none"), T, S, program=False)
     # + the fp32 norm copies, q_b and kv_b, and the core's q, k (192 per head), the kv_b
     # output v is a view of (256 per head), the output and lse
-    assert none == (norm(d) + fp8(d, 1536) + fp8(d, 576) + norm(1536) + fp8(1536, 128 * 192)
-                    + norm(512) + fp8(512, 128 * 256)
+    assert none == (norm(d) + fp8_eager(d, 1536) + fp8_eager(d, 576) + norm(1536)
+                    + fp8_eager(1536, 128 * 192) + norm(512) + fp8_eager(512, 128 * 256)
                     + 2 * (2 * 128 * 192 + 128 * 256 + 128 * 128) * T + 4 * 128 * T
-                    + fp8(16384, d))
-    full, _ = activation_bytes(costs.attentions["mla"], Kept(pr, "full"), T, S)
-    assert full == 2 * d * T  # the layer's input
-    _, routed = activation_bytes(costs.ffns["moe"], Kept(pr, "none"), T, S, 4)
+                    + fp8_eager(16384, d))
+    _, routed = activation_bytes(moe, Kept(pr, "none"), T, S, 4, program=False)
     # 8 rows per token: gate and up keep them in FP8 along tokens, down keeps gate and up
     assert routed == 2 * (d * 8 * T + d * (8 * T // 128) * 4) + 2 * 2 * 2048 * 8 * T
+
+
+def test_the_fp8_swiglu_cache_shows_in_the_report():
+    """`cache_fp8_activations` keeps SwiGLU's gate and up as FP8 1 x 128 tiles (1 B an
+    element, 4 B a tile) instead of bf16: the report's activations fall by exactly that,
+    per block and micro-batch in flight. Tiny: 64 tokens, a dense FFN of 256, top-2 of
+    routed experts of 128 and a shared one of 128; 1F1B over 2 devices holds layers 0
+    (dense) and 1 with 2 micro-batches in flight, layers 2, 3 and the MTP block with 1."""
+    fp8 = build_report(dsl.load(EXAMPLES / "tiny.dsv"))
+    bf16 = build_report(dsl.load(EXAMPLES / "tiny.dsv", ["precision.cache_fp8_activations=false"]))
+    T = 64
+
+    def saving(rows, width):  # gate and up: 2 B an element against 1 B + 4 B a tile
+        return 2 * (2 * rows * width) - 2 * (rows * width + rows * -(-width // 128) * 4)
+
+    dense, moe = saving(T, 256), saving(2 * T, 128) + saving(T, 128)
+    drop = [bf16.value(f"memory.devices.{i}.activations")
+            - fp8.value(f"memory.devices.{i}.activations") for i in range(2)]
+    assert drop == [2 * (dense + moe), 3 * moe]
 
 
 def test_layouts():
