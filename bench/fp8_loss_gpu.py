@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 import source_tree  # noqa: F401  (dsvc from this tree, installed or not)
-from trainer_gpu import SMOKE_SPEC, compile_build, make_trainer
+from trainer_gpu import SMOKE_SPEC, compile_build, make_trainer, use_build_runtime
 
 from dsvc.compiler.tokenizer import BYTE_VOCAB
 
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
             args.build = compile_build(str(SPEC), str(ROOT / "build" / "bench_1b"))
         build, device = args.build, torch.device("cuda")
     build = os.path.abspath(build)
-    sys.path.insert(0, build)  # the build's own runtime copy, as its train.py would use
+    use_build_runtime(build)
     with open(os.path.join(build, "plan.json")) as f:
         raw = json.load(f)
     t = raw["train"]

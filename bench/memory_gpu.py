@@ -168,7 +168,9 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("DSVC_FP8_AUTOTUNE", "0")
     build = os.path.abspath(args.build)
-    sys.path.insert(0, build)  # the build's own runtime copy
+    import trainer_gpu  # bench/ is sys.path[0] when this script runs
+
+    trainer_gpu.use_build_runtime(build)
     with open(os.path.join(build, "plan.json")) as f:
         raw = json.load(f)
     if args.snapshot_dir:

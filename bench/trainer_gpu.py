@@ -71,6 +71,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def use_build_runtime(build: str) -> None:
+    """Make `import dsvc_runtime` load the build's own runtime copy, as its train.py would,
+    without putting the build directory on sys.path: its `kernels/` folder would shadow
+    any package of that name for the rest of the process (transformers probes one)."""
+    import importlib.util
+
+    init = os.path.join(build, "dsvc_runtime", "__init__.py")
+    loaded = sys.modules.get("dsvc_runtime")
+    if loaded is not None and os.path.abspath(loaded.__file__) == os.path.abspath(init):
+        return
+    for name in [n for n in sys.modules if n.split(".")[0] == "dsvc_runtime"]:
+        del sys.modules[name]  # another build's runtime
+    spec = importlib.util.spec_from_file_location(
+        "dsvc_runtime", init, submodule_search_locations=[os.path.dirname(init)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dsvc_runtime"] = module
+    spec.loader.exec_module(module)
+
+
 def compile_build(spec: str, out: str, overrides=()) -> str:
     """Compile `spec` (with `key=value` overrides) into `out` unless it is already built."""
     try:
@@ -234,7 +254,7 @@ def main(argv=None) -> int:
         build = args.build or compile_build(args.spec, str(ROOT / "build" / "bench_1b"))
         device = torch.device("cuda")
     build = os.path.abspath(build)
-    sys.path.insert(0, build)  # the build's own runtime copy, as its train.py would use
+    use_build_runtime(build)
     with open(os.path.join(build, "plan.json")) as f:
         raw = json.load(f)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

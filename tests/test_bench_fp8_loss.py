@@ -41,9 +41,18 @@ def test_the_plan_reads_the_text_and_stretches_its_schedule():
 
 
 def test_cpu_smoke_runs_the_three_trainings(tmp_path, capsys):
+    import importlib.util
+    import sys
+
     bench = load_bench("fp8_loss_gpu")
     out = tmp_path / "r.json"
+    path_before = list(sys.path)
     assert bench.main(["--cpu-smoke", "--json", str(out)]) == 0
+    # the build's runtime was imported without its folder on sys.path (whose kernels/
+    # would shadow any `kernels` package for the rest of the process)
+    assert sys.path == path_before and "dsvc-fp8loss" in sys.modules["dsvc_runtime"].__file__
+    found = importlib.util.find_spec("kernels")
+    assert found is None or "dsvc-fp8loss" not in str(found.origin)
     rec = json.loads(out.read_text())
     runs = {r["run"]: r for r in rec["results"]}
     assert list(runs) == ["fp8", "bf16", "bf16-other"]
