@@ -85,29 +85,32 @@ class _Shard:
         self.lo = rank * self.shard
         self.hi = self.lo + self.shard
         flat = self._flatten([p.detach().float() for _, p in self.named], padded)
-        decay = self._flatten(
-            [torch.full((p.numel(),), float(p.dim() > 1)) for _, p in self.named], padded
-        )
-        counted = self._flatten(
-            [torch.full((p.numel(),), 0.0 if n in skip_norm else 1.0) for n, p in self.named],
-            padded,
-        )
-        flat, decay, counted = flat.to(device), decay.to(device), counted.to(device)
-        self.master = flat[self.lo : self.hi].clone()
-        self.decay = decay[self.lo : self.hi].clone()
-        self.counted = counted[self.lo : self.hi].clone()
-        # whether this shard counts every element in the norm: no skipped parameter and no
-        # padding in [lo, hi), read from the layout (no device read-back; works on meta)
-        skipped, off = False, 0
-        for n, p in self.named:
-            if n in skip_norm and off < self.hi and self.lo < off + p.numel():
-                skipped = True
-            off += p.numel()
-        self.all_counted = not skipped and self.hi <= self.numel
+        self.master = flat.to(device)[self.lo : self.hi].clone()
+        # which elements of [lo, hi) weight decay updates (matrices, not 1-D norm weights)
+        # and which the gradient norm skips (a parameter another pipeline rank counts), as
+        # ranges of the shard read from the layout: no per-element masks (8 bytes a
+        # parameter), no device read-back (works on meta)
+        self.decay_spans = self._spans(lambda n, p: p.dim() > 1)
+        self.uncounted_spans = self._spans(lambda n, p: n in skip_norm)
+        self.all_counted = not self.uncounted_spans
         self.exp_avg = torch.zeros(self.shard, dtype=state_dtype, device=device)
         self.exp_avg_sq = torch.zeros(self.shard, dtype=state_dtype, device=device)
         self.padded = padded
         self.grad: torch.Tensor | None = None
+
+    def _spans(self, chosen) -> list[tuple[int, int]]:
+        """Merged [a, b) ranges, relative to the shard, of the parameters `chosen(name, p)`
+        picks, clipped to this rank's [lo, hi)."""
+        spans, off = [], 0
+        for n, p in self.named:
+            a, b = max(off, self.lo), min(off + p.numel(), self.hi)
+            if a < b and chosen(n, p):
+                if spans and spans[-1][1] == a - self.lo:
+                    spans[-1] = (spans[-1][0], b - self.lo)
+                else:
+                    spans.append((a - self.lo, b - self.lo))
+            off += p.numel()
+        return spans
 
     @staticmethod
     def _flatten(parts, padded: int) -> torch.Tensor:
@@ -207,7 +210,11 @@ class ZeroAdamW:
             s.reduce_grads()
         sumsq = torch.zeros(1, dtype=torch.float64, device=self.mesh.device)
         for s in self.shards:
-            g = s.grad if s.all_counted else s.grad * s.counted
+            g = s.grad
+            if not s.all_counted:  # the other holder of a shared parameter counts it
+                g = g.clone()
+                for a, b in s.uncounted_spans:
+                    g[a:b] = 0.0
             sumsq += torch.dot(g, s.grad).double()
         if self.mesh.distributed:
             dist.all_reduce(sumsq)
@@ -232,7 +239,9 @@ class ZeroAdamW:
                 s.exp_avg.copy_(m)
                 s.exp_avg_sq.copy_(v)
             if self.cfg.weight_decay:
-                s.master.addcmul_(s.master, s.decay, value=-lr * self.cfg.weight_decay)
+                for a, b in s.decay_spans:
+                    seg = s.master[a:b]
+                    seg.add_(seg, alpha=-lr * self.cfg.weight_decay)
             denom = v.sqrt().div_(math.sqrt(bc2)).add_(self.cfg.eps)
             s.master.addcdiv_(m, denom, value=-lr / bc1)
         for s in self.shards:

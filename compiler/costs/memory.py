@@ -11,8 +11,9 @@ tensors by tests/compiler/test_memory_runtime.py):
 * gradients: one per parameter, in that dtype;
 * the ZeRO-1 optimizer, per shard group (non-expert parameters over DP, routed
   experts over the expert-data-parallel degree DP / EP), each padded to a multiple of
-  its group: the fp32 master shard, AdamW's two moments in `optimizer_states`, and
-  two fp32 masks (weight decay, gradient-norm counting); ZeRO 0, 2 and 3 as their
+  its group: the fp32 master shard and AdamW's two moments in `optimizer_states`
+  (which elements weight decay and the gradient norm skip are ranges of the shard, no
+  per-element masks); ZeRO 0, 2 and 3 as their
   definitions say (the runtime runs ZeRO-1 only);
 * routed experts split over EP ranks (E / EP experts per MoE layer per GPU);
 * activations: what autograd keeps for the backward, per micro-batch, as the code
@@ -47,7 +48,6 @@ from .model_costs import Linear, ModelCosts, Piece
 from .symbols import Quantities, ceil_div, smax, ssum
 
 RESERVE_FRACTION = 0.05
-OPTIMIZER_MASKS = 2  # fp32 weight-decay and gradient-norm masks per shard element
 
 
 
@@ -236,7 +236,7 @@ class MemoryModel:
         shard_e = ceil_div(expert_p, pd.EDP) if z >= 1 else expert_p
         shards = shard_d + shard_e
         master = param_b * shards
-        opt = (2 * DTYPE_BYTES[pr.optimizer_states] + OPTIMIZER_MASKS * 4) * shards
+        opt = 2 * DTYPE_BYTES[pr.optimizer_states] * shards
         buffers = attentions
         if moe_k_d and self._ep_active():
             _, k, d = max(moe_k_d, key=lambda t: t[0])
@@ -274,7 +274,7 @@ def _rope_table(piece: Piece, max_seq: int):
 LABELS = {
     "weights": "parameters (fp32, as the runtime holds them)",
     "master_weights": "master weights (ZeRO shard)", "grads": "gradients",
-    "optimizer_states": "optimizer states (AdamW m, v; masks)",
+    "optimizer_states": "optimizer states (AdamW m, v)",
     "activations": "activations at peak", "buffers": "buffers (dispatch/combine, RoPE)",
     "transients": "transients (loss logits, flat grads)", "total": "total",
     "params": "  parameters on the device",

@@ -245,7 +245,7 @@ def _optimizer_time(spec, params: list[float], rates: Rates, kernels=None) -> fl
     the gradients flattened into one fp32 buffer (zeroed, concatenated, copied: ~16 B
     per parameter held), the shard scaled, its norm, the clip; AdamW on the shard with
     its moments round-tripped through fp32 (~60 B per shard element: master, moments,
-    masks, temporaries), and the gathered shard written back into the parameters (~8 B
+    temporaries), and the gathered shard written back into the parameters (~8 B
     per parameter). Else the textbook AdamW traffic on the shard."""
     from dsvc.dsl.spec import DTYPE_BYTES
 

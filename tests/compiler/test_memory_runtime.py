@@ -67,7 +67,7 @@ def _runtime_state_bytes(plan) -> list[dict]:
                             dtype_of(plan.precision.optimizer_states), mesh)
         params = sum(p.numel() * p.element_size() for _, p in dense + expert)
         state = sum(t.numel() * t.element_size() for s in opt.shards
-                    for t in (s.master, s.exp_avg, s.exp_avg_sq, s.decay, s.counted))
+                    for t in (s.master, s.exp_avg, s.exp_avg_sq))
         out.append({"weights": params, "grads": params, "optimizer": state,
                     "params": sum(p.numel() for _, p in dense + expert)})
     return out
