@@ -68,6 +68,24 @@ def test_global_norm_and_clipping():
             torch.testing.assert_close(p.data, q.data, rtol=rtol, atol=atol)
 
 
+def test_a_copy_another_rank_counts_is_left_out_of_the_norm():
+    """skip_norm (a shared parameter's second holder): its gradient still updates it, but
+    not the global norm; the shard keeps that as ranges, and no per-element mask."""
+    params = _params()
+    opt = ZeroAdamW(params, [], CFG, torch.float32, ProcessMesh(), skip_norm={"a.norm"})
+    grads = _grads(0)
+    for (_, p), g in zip(params, grads):
+        p.grad = g.clone()
+    before = params[1][1].detach().clone()
+    norm = opt.step(CFG.lr)
+    want = math.sqrt(sum(float(g.double().pow(2).sum()) for g in (grads[0], grads[2])))
+    assert norm == pytest.approx(want, rel=1e-6)  # an fp32 dot product
+    assert not torch.equal(params[1][1].detach(), before)  # updated all the same
+    # name order a.norm, a.weight, b.weight: decay on the matrices only, norm skips a.norm
+    assert opt.dense.uncounted_spans == [(0, 7)] and opt.dense.decay_spans == [(7, 57)]
+    assert not hasattr(opt.dense, "decay") and not hasattr(opt.dense, "counted")
+
+
 def test_bf16_moments_and_state_bytes():
     params = _params()
     opt = ZeroAdamW(params[:2], params[2:], CFG, torch.bfloat16, ProcessMesh())
