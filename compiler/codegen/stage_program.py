@@ -16,7 +16,6 @@ from __future__ import annotations
 from dsvc.compiler.codegen.render import render_generated
 
 PROGRAM_API = 1  # must equal runtime/program.PROGRAM_API (a test checks)
-BLOCK_NORMS = ("attn_norm", "ffn_norm", "q_norm", "kv_norm")
 
 
 def render_program(graph, *, spec_file: str | None, span, passes) -> str:
