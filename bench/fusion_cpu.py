@@ -315,6 +315,8 @@ def setup(spec_path: pathlib.Path, workdir: pathlib.Path):
 
 def measure(block, x, dy, kernels, interpret_all: bool) -> Tally:
     """One forward and backward of `block`, every launch counted."""
+    from dsvc.runtime.program import release_weights
+
     tally = Tally()
     block.zero_grad(set_to_none=True)
     xi = x.clone().requires_grad_(True)
@@ -337,10 +339,7 @@ def measure(block, x, dy, kernels, interpret_all: bool) -> Tally:
         _ctx_tensors(y.grad_fn, saved, params)
         tally.saved = sum(saved.values())
         (y.float() * dy).sum().backward()
-    if block.program is not None:  # one step's end, as the trainer's: the next run quantises
-        from dsvc.runtime.program import release_weights  # its weights again
-
-        release_weights([block])
+    release_weights([block])  # one step's end, as the trainer's: the next run quantises anew
     return tally
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import statistics
 import sys
 import tempfile
@@ -46,10 +45,10 @@ import time
 
 import source_tree  # noqa: E402,F401  (dsvc from this tree, installed or not)
 import torch
+from trainer_gpu import SMOKE_SPEC, compile_build
 
 from dsvc.runtime.overlap import CopyTransport, InFlight, OverlapSession
-
-SMOKE_SPEC = pathlib.Path(__file__).resolve().parents[1] / "tests" / "train_specs" / "kernels1.dsv"
+from dsvc.runtime.program import release_weights
 
 
 class NullTransport:
@@ -160,16 +159,8 @@ def one_pair(layer, comm, x_f, x_b, g_b, interleave: bool) -> float:
     session.run(lambda: layer(x_f), lambda: torch.autograd.backward(y_b, g_b))
     _sync(x_b.device)
     comm.session = None
-    _release(layer)
+    release_weights([layer])  # the step's end: the next pair quantises its weights anew
     return time.perf_counter() - t0
-
-
-def _release(layer) -> None:
-    """A step's end for the generated program: its FP8 weight copies dropped, as the
-    trainer drops them after each step's backward (the next pair quantises anew)."""
-    from dsvc.runtime.program import release_weights
-
-    release_weights([layer])
 
 
 def measure(layer, comm, inputs, transport, interleave: bool, iters: int) -> float:
@@ -179,16 +170,6 @@ def measure(layer, comm, inputs, transport, interleave: bool, iters: int) -> flo
     times = [one_pair(layer, comm, *inputs, interleave) for _ in range(iters)]
     layer.zero_grad(set_to_none=True)
     return statistics.median(times)
-
-
-def _compile_smoke_build() -> str:
-    """A one-layer MLA + MoE build small enough for the interpreter (needs dsvc here)."""
-    from dsvc import dsl
-    from dsvc.compiler.codegen.build import build_cached
-
-    out = tempfile.mkdtemp(prefix="dsvc-overlap-smoke")
-    build_cached(dsl.load(SMOKE_SPEC), out)
-    return out
 
 
 def main(argv=None) -> int:
@@ -208,7 +189,7 @@ def main(argv=None) -> int:
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
         if args.build is None:
-            args.build = _compile_smoke_build()
+            args.build = compile_build(str(SMOKE_SPEC), tempfile.mkdtemp(prefix="dsvc-ovl"))
         args.iters, args.repeat = 1, "1,2"
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
