@@ -360,5 +360,9 @@ class ActionExecutor:
         dist.all_reduce(flat, group=self.copy_group)
         off = 0
         for _, p in params:
-            p.grad = flat[off : off + p.numel()].view_as(p).clone()
+            summed = flat[off : off + p.numel()].view_as(p)
+            if p.grad is None:
+                p.grad = summed.clone()
+            else:  # in place: the optimizer's gradient buffer holds it
+                p.grad.copy_(summed)
             off += p.numel()

@@ -361,9 +361,9 @@ def model_logits(module, tokens_BS: torch.Tensor, mtp: bool = False):
     """Logits (B, S, V) fp32 of a stage module that holds the whole model (`build_full_model`).
 
     With `mtp=True` returns (main logits, [MTP depth-k logits (B, S, V) for k = 1..depth]),
-    taken from the module's own loss computation so they follow its MTP semantics exactly;
-    depth k's logits at position i predict token i+k+1 (valid for i < S-k). Expert-load
-    counters are left as they were."""
+    from the module's own MTP chain (`StageModule.mtp_states`, the one its loss runs), so
+    they follow its MTP semantics exactly; depth k's logits at position i predict token
+    i+k+1 (valid for i < S-k). Expert-load counters are left as they were."""
     st = module.stage
     if not (st.embedding and st.head):
         raise ValueError(
@@ -375,22 +375,11 @@ def model_logits(module, tokens_BS: torch.Tensor, mtp: bool = False):
         h = module.embed(tokens_BS)
         for layer in module.layers.values():
             h = layer(h)
+        hn = module.norm(h)
         if not mtp:
-            return module.logits(module.norm(h))
-        captured = []
-        real = module.logits
-
-        def capture(x):
-            captured.append(real(x))
-            return captured[-1]
-
-        module.logits = capture  # the instance attribute shadows the method for this call only
-        try:
-            module._loss(h, torch.roll(tokens_BS, -1, dims=1))
-        finally:
-            del module.logits
-            module.loss_log.pop()
-        return captured[0], captured[1:]
+            return module.logits(hn)
+        chain = module.mtp_states(hn, torch.roll(tokens_BS, -1, dims=1))
+        return module.logits(hn), [module.logits(prev) for _, prev, _ in chain]
     finally:
         for name, moe in moes.items():
             moe.load_E.copy_(saved[name])

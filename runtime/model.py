@@ -31,6 +31,7 @@ from torch import nn
 from .attention import build_attention
 from .ep import ExpertComm
 from .layers import Linear, RMSNorm, SwiGLU, dtype_of, replayed
+from .loss import chunked_cross_entropy
 from .moe import MoE
 from .plan import LayerSpec, LinearFormat, Plan, Stage
 
@@ -166,6 +167,23 @@ class StageModule(nn.Module):
             return F.linear(h_BSD.to(self.head_dtype), w).float()
         return self.lm_head(h_BSD).float()
 
+    def head_loss(self, h_ND: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head's logits of the normed rows `h_ND` against
+        `labels_N`, a piece of rows at a time (runtime/loss.py): what `logits` computes,
+        the weight cast to the head's dtype once per call rather than once per piece."""
+        head = self.embed_tokens if self.plan.model.tie_embeddings else self.lm_head
+        fmt = None if self.plan.model.tie_embeddings else self.lm_head.fmt.format
+        if fmt == "fp8_e4m3":  # the linear quantises its own weight: differentiate that
+            return chunked_cross_entropy(
+                lambda x, w: self.lm_head(x).float(), h_ND, labels_N, [head.weight],
+                self.plan.model.vocab,
+            )  # fmt: skip
+        dt = self.head_dtype  # both forms of `logits`: F.linear in dt, the output in fp32
+        return chunked_cross_entropy(
+            lambda x, w: F.linear(x.to(dt), w).float(), h_ND, labels_N, [head.weight.to(dt)],
+            self.plan.model.vocab,
+        )  # fmt: skip
+
     def moe_layers(self) -> dict[str, MoE]:
         """Every MoE layer of this stage by parameter-name prefix (main layers and MTP)."""
         return {name: mod for name, mod in self.named_modules() if isinstance(mod, MoE)}
@@ -182,29 +200,31 @@ class StageModule(nn.Module):
         assert labels is not None, "the head stage needs the labels"
         return self._loss(h, labels)
 
+    def mtp_states(self, hn_BSD: torch.Tensor, labels_BS: torch.Tensor):
+        """(k, depth k's normed state (B, S, D), its targets (B, S)) for k = 1..depth: MTP
+        chains from the final-normed state (as transformers, vLLM and Megatron-LM run
+        DeepSeek's released MTP weights), each depth's shared_head.norm output feeding the
+        next. Module k sees token i+k (labels[i+k-1]) and predicts token i+k+1
+        (labels[i+k]); position i is valid for i < S - k."""
+        prev = hn_BSD
+        for k, module in enumerate(self.mtp, start=1):
+            ahead = torch.roll(labels_BS, shifts=-(k - 1), dims=1)
+            prev = module.shared_head.norm(module(prev, self.embed(ahead)))
+            yield k, prev, torch.roll(labels_BS, shifts=-k, dims=1)
+
     def _loss(self, h_BSD: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         m = self.plan.model
-        # MTP chains from the final-normed state (as transformers, vLLM and Megatron-LM
-        # run DeepSeek's released MTP weights), each depth's shared_head.norm output feeding
-        # the next depth.
         hn_BSD = self.norm(h_BSD)
-        logits = self.logits(hn_BSD)
-        main = F.cross_entropy(logits.reshape(-1, m.vocab), labels_BS.reshape(-1))
+        main = self.head_loss(hn_BSD.reshape(-1, m.hidden), labels_BS.reshape(-1))
         log = {"lm": main.detach()}
         total = main
         if self.stage.mtp and m.mtp.depth:
-            prev = hn_BSD
             s = labels_BS.shape[1]
             mtp_sum = main.new_zeros(())
-            for k, module in enumerate(self.mtp, start=1):
-                # module k sees token i+k (labels[i+k-1]) and predicts token i+k+1 (labels[i+k])
-                ahead = torch.roll(labels_BS, shifts=-(k - 1), dims=1)
-                target = torch.roll(labels_BS, shifts=-k, dims=1)
+            for k, prev, target in self.mtp_states(hn_BSD, labels_BS):
                 valid = torch.arange(s, device=labels_BS.device) < s - k
-                prev = module.shared_head.norm(module(prev, self.embed(ahead)))
-                lg = self.logits(prev)
-                ce = F.cross_entropy(
-                    lg[:, valid].reshape(-1, m.vocab), target[:, valid].reshape(-1)
+                ce = self.head_loss(
+                    prev[:, valid].reshape(-1, m.hidden), target[:, valid].reshape(-1)
                 )
                 log[f"mtp{k}"] = ce.detach()
                 mtp_sum = mtp_sum + ce

@@ -3,7 +3,10 @@
 Each rank's parameters fall in two shard groups: the replicated ("dense")
 ones, sharded over the data-parallel group, and the routed experts, sharded
 over the expert-data-parallel group (the ranks holding the same experts). Per
-group the gradients are flattened in name order, reduce-scattered (averaged),
+group the parameters live in one flat buffer in name order and their gradients
+in another (each parameter and its `.grad` a view; `_Shard`), so the parameters,
+kept in fp32, are their own master weights: the gradients are reduce-scattered
+(averaged) from where backward accumulated them,
 the global norm is summed over the whole world (each element counted once),
 clipped, the AdamW step runs on this rank's shard only, and the updated
 shard is all-gathered back into the parameters. Moments are kept in the
@@ -24,7 +27,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .plan import LrSchedule, Optimizer
+from .plan import OPTIMIZER_UPDATE_PIECE, LrSchedule, Optimizer
 
 
 def lr_at(step: int, base_lr: float, sched: LrSchedule) -> float:
@@ -51,19 +54,26 @@ def _reduce_scatter(flat: torch.Tensor, shard: int, group, rank: int) -> torch.T
         return flat[rank * shard : (rank + 1) * shard]
 
 
-def _all_gather(shard: torch.Tensor, padded: int, group, size: int) -> torch.Tensor:
-    full = torch.empty(padded, device=shard.device, dtype=shard.dtype)
+def _all_gather_into(full: torch.Tensor, shard: torch.Tensor, group, size: int) -> None:
+    """Every rank's `shard` into `full` (which `shard` must not alias), in place."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             dist.all_gather_into_tensor(full, shard.contiguous(), group=group)
     except (RuntimeError, NotImplementedError):
         dist.all_gather(list(full.chunk(size)), shard.contiguous(), group=group)
-    return full
 
 
 class _Shard:
-    """One flat, padded view over a list of parameters, sharded over `group`."""
+    """One flat, padded buffer holding a list of parameters, and another their gradients,
+    sharded over `group`.
+
+    Every parameter is a view of `params` and its gradient a view of `grads` (autograd
+    accumulates into a gradient that exists in place), so the reduce-scatter reads the
+    gradients where backward left them (no flat copy), and, the parameters being kept
+    in the master dtype (fp32), this rank's master shard is `params[lo:hi]` itself: the
+    step updates the parameters in place and the all-gather writes into them. Nothing
+    here copies a whole parameter set."""
 
     def __init__(
         self,
@@ -84,18 +94,33 @@ class _Shard:
         self.shard = padded // size if size else 0
         self.lo = rank * self.shard
         self.hi = self.lo + self.shard
-        flat = self._flatten([p.detach().float() for _, p in self.named], padded)
-        self.master = flat.to(device)[self.lo : self.hi].clone()
+        self.padded = padded
+        for name, p in self.named:
+            if p.dtype != torch.float32:
+                raise TypeError(f"{name}: parameters are kept in fp32 (the master dtype)")
+        self.params = torch.zeros(padded, dtype=torch.float32, device=device)
+        self.grads = torch.zeros(padded, dtype=torch.float32, device=device)
+        self._grad_views = []
+        off = 0
+        with torch.no_grad():
+            for _, p in self.named:
+                view = self.params[off : off + p.numel()].view_as(p)
+                view.copy_(p.detach())
+                p.data = view  # the module keeps its Parameter; its storage is the buffer's
+                grad = self.grads[off : off + p.numel()].view_as(p)
+                p.grad = grad
+                self._grad_views.append(grad)
+                off += p.numel()
+        self.master = self.params[self.lo : self.hi]
         # which elements of [lo, hi) weight decay updates (matrices, not 1-D norm weights)
-        # and which the gradient norm skips (a parameter another pipeline rank counts), as
-        # ranges of the shard read from the layout: no per-element masks (8 bytes a
-        # parameter), no device read-back (works on meta)
+        # and which the gradient norm counts (not a parameter another pipeline rank
+        # counts), as ranges of the shard read from the layout: no per-element masks (8
+        # bytes a parameter), no device read-back (works on meta)
         self.decay_spans = self._spans(lambda n, p: p.dim() > 1)
         self.uncounted_spans = self._spans(lambda n, p: n in skip_norm)
-        self.all_counted = not self.uncounted_spans
+        self.counted_spans = self._spans(lambda n, p: n not in skip_norm)
         self.exp_avg = torch.zeros(self.shard, dtype=state_dtype, device=device)
         self.exp_avg_sq = torch.zeros(self.shard, dtype=state_dtype, device=device)
-        self.padded = padded
         self.grad: torch.Tensor | None = None
 
     def _spans(self, chosen) -> list[tuple[int, int]]:
@@ -122,36 +147,55 @@ class _Shard:
         return flat
 
     def state_bytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for t in (self.master, self.exp_avg, self.exp_avg_sq)
-        )
-
-    def reduce_grads(self) -> None:
-        grads = [
-            p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-            for _, p in self.named
-        ]
-        flat = self._flatten(grads, self.padded)
-        if self.size > 1:
-            self.grad = _reduce_scatter(flat, self.shard, self.group, self.rank) * self.scale
-        else:
-            self.grad = flat[self.lo : self.hi] * self.scale
-
-    def gather(self, shard: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return shard
-        return _all_gather(shard, self.padded, self.group, self.size)
+        """Bytes of optimizer state this shard allocates: the two moments (the master
+        shard is a view of the parameters)."""
+        return sum(t.numel() * t.element_size() for t in (self.exp_avg, self.exp_avg_sq))
 
     @torch.no_grad()
-    def write_back(self, full: torch.Tensor, into_grad: bool = False) -> None:
-        off = 0
-        for _, p in self.named:
-            chunk = full[off : off + p.numel()].view_as(p)
-            if into_grad:
-                p.grad = chunk.to(p.dtype).clone()
+    def zero_grad(self) -> None:
+        self.grads.zero_()
+        for (_, p), view in zip(self.named, self._grad_views):
+            p.grad = view
+
+    @torch.no_grad()
+    def _adopt_grads(self) -> None:
+        """Point every gradient back at the buffer: one something replaced (a test, a
+        caller assigning `.grad`) is copied in, a missing one is zero."""
+        for (_, p), view in zip(self.named, self._grad_views):
+            g = p.grad
+            if g is view:
+                continue
+            if g is None:
+                view.zero_()
             else:
-                p.copy_(chunk)
-            off += p.numel()
+                view.copy_(g)
+            p.grad = view
+
+    def reduce_grads(self) -> None:
+        self._adopt_grads()
+        if self.size > 1:
+            self.grad = _reduce_scatter(self.grads, self.shard, self.group, self.rank)
+            self.grad.mul_(self.scale)
+        else:
+            if self.scale != 1.0:
+                self.grads.mul_(self.scale)
+            self.grad = self.grads[self.lo : self.hi]
+
+    @torch.no_grad()
+    def keep_full_grads(self) -> None:
+        """Leave the averaged full gradients in every `.grad` (at one rank they are)."""
+        if self.size > 1:
+            _all_gather_into(self.grads, self.grad, self.group, self.size)
+
+    @torch.no_grad()
+    def gather_params(self) -> None:
+        """Every rank's updated shard into every rank's parameters, in place; the version
+        counters move as an in-place update of each parameter would move them (the
+        program's FP8 weight copies are checked against them)."""
+        if self.size > 1:  # the collective's input may not alias its output: one shard copy
+            _all_gather_into(self.params, self.master.clone(), self.group, self.size)
+        for _, p in self.named:
+            torch.autograd.graph.increment_version(p)
 
 
 class ZeroAdamW:
@@ -188,34 +232,33 @@ class ZeroAdamW:
         return self.dense, self.expert
 
     def state_bytes(self) -> int:
-        """Optimizer-state bytes this rank holds (master shard and both moments)."""
+        """Optimizer-state bytes this rank allocates (both moments; the master shard is the
+        parameters' own)."""
         return sum(s.state_bytes() for s in self.shards)
 
     def unsharded_state_bytes(self) -> int:
         """What one rank would hold for this stage without ZeRO (all experts of the layer)."""
-        per = self.dense.master.element_size() + 2 * self.dense.exp_avg.element_size()
+        per = 2 * self.dense.exp_avg.element_size()
         return (self.dense.numel + self.expert.numel * self.ep) * per
 
     def zero_grad(self) -> None:
         for s in self.shards:
-            for _, p in s.named:
-                p.grad = None
+            s.zero_grad()
 
     @torch.no_grad()
     def step(self, lr: float, keep_grads: bool = False) -> float:
         """Reduce, clip and apply one AdamW step; returns the global gradient norm
         (before clipping). `keep_grads` leaves the averaged full gradients in `.grad`."""
+        for s in self.shards:
+            s._adopt_grads()
         self._sum_shared()
         for s in self.shards:
             s.reduce_grads()
         sumsq = torch.zeros(1, dtype=torch.float64, device=self.mesh.device)
-        for s in self.shards:
-            g = s.grad
-            if not s.all_counted:  # the other holder of a shared parameter counts it
-                g = g.clone()
-                for a, b in s.uncounted_spans:
-                    g[a:b] = 0.0
-            sumsq += torch.dot(g, s.grad).double()
+        for s in self.shards:  # the other holder of a shared parameter counts it
+            for a, b in s.counted_spans:
+                g = s.grad[a:b]
+                sumsq += torch.dot(g, g).double()
         if self.mesh.distributed:
             dist.all_reduce(sumsq)
         norm = float(sumsq.sqrt())
@@ -226,29 +269,41 @@ class ZeroAdamW:
         bc1, bc2 = 1 - b1**self.steps, 1 - b2**self.steps
         for s in self.shards:
             if keep_grads:
-                s.write_back(s.gather(s.grad), into_grad=True)
+                s.keep_full_grads()
             if s.shard == 0:
                 continue
-            g = s.grad.mul_(coef) if coef != 1.0 else s.grad
-            # fp32 moments update in place; lower-precision ones round-trip through fp32
-            m = s.exp_avg if s.exp_avg.dtype == torch.float32 else s.exp_avg.float()
-            v = s.exp_avg_sq if s.exp_avg_sq.dtype == torch.float32 else s.exp_avg_sq.float()
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            if m is not s.exp_avg:
-                s.exp_avg.copy_(m)
-                s.exp_avg_sq.copy_(v)
             if self.cfg.weight_decay:
                 for a, b in s.decay_spans:
                     seg = s.master[a:b]
                     seg.add_(seg, alpha=-lr * self.cfg.weight_decay)
-            denom = v.sqrt().div_(math.sqrt(bc2)).add_(self.cfg.eps)
-            s.master.addcdiv_(m, denom, value=-lr / bc1)
+            # in pieces: lower-precision moments round-trip through fp32 a piece at a time
+            # (three fp32 temporaries of that many elements, not of the shard)
+            piece = OPTIMIZER_UPDATE_PIECE
+            for a in range(0, s.shard, piece):
+                b = min(a + piece, s.shard)
+                self._update(s, a, b, coef, lr / bc1, math.sqrt(bc2))
         for s in self.shards:
             if s.shard:
-                s.write_back(s.gather(s.master))
+                s.gather_params()
             s.grad = None
         return norm
+
+    def _update(self, s: _Shard, a: int, b: int, coef: float, step: float, bc2_root: float):
+        """AdamW's moments and update on [a, b) of shard `s`, the gradient clipped by
+        `coef` (folded into the moments' weights: the gradient itself stays unscaled)."""
+        b1, b2 = self.cfg.betas
+        g = s.grad[a:b]
+        m_st, v_st = s.exp_avg[a:b], s.exp_avg_sq[a:b]
+        m = m_st if m_st.dtype == torch.float32 else m_st.float()
+        v = v_st if v_st.dtype == torch.float32 else v_st.float()
+        m.mul_(b1).add_(g, alpha=(1 - b1) * coef)
+        v.mul_(b2).addcmul_(g, g, value=(1 - b2) * coef * coef)
+        if m is not m_st:
+            m_st.copy_(m)
+            v_st.copy_(v)
+        denom = v.sqrt_() if v is not v_st else v.sqrt()  # a temporary, or the state itself
+        denom.div_(bc2_root).add_(self.cfg.eps)
+        s.master[a:b].addcdiv_(m, denom, value=-step)
 
     def _sum_shared(self) -> None:
         for s in self.shards:

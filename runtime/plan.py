@@ -266,6 +266,18 @@ def split_layers(num_layers: int, num_stages: int) -> list[tuple[int, ...]]:
     return out
 
 
+# Sizes the runtime works in, which the compiler's memory model charges the same way
+LOSS_CHUNK_LOGITS = 1 << 25  # logits the head stage holds at once (runtime/loss.py)
+OPTIMIZER_UPDATE_PIECE = 1 << 24  # elements of a shard AdamW updates at once (optim.py)
+
+
+def loss_chunk_rows(vocab: int) -> int:
+    """Tokens per piece of the head's loss (runtime/loss.py): a piece's logits, about
+    LOSS_CHUNK_LOGITS of them, are the largest temporary of the loss, whatever the batch
+    (the compiler's memory model charges the same)."""
+    return max(1, LOSS_CHUNK_LOGITS // vocab)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertPlacement:
     per_rank: tuple[tuple[int, ...], ...] = entry("the routed expert ids of each EP rank; each "

@@ -37,7 +37,7 @@ What the eager modules save (no recomputation):
   (1 B per element + an fp32 scale per 1 x tile) and its weight quantised for this
   micro-batch (1 B per element + an fp32 scale per tile x tile block): the FP8 weight
   is re-made every forward and held until that micro-batch's backward;
-* a kept linear (router, output head in bf16): its input and a bf16 copy of its fp32
+* a kept linear (router, MTP projection in bf16): its input and a bf16 copy of its fp32
   weight, again per micro-batch;
 * the attention core: a GPU runs memory-efficient attention (MLA's query and value
   widths differ, which flash attention refuses) and keeps q, k, v (v as the view of
@@ -46,8 +46,9 @@ What the eager modules save (no recomputation):
   and its flash kernel otherwise;
 * SwiGLU: gate and up outputs and silu(gate); the routed experts' fused kernel keeps
   gate and up (and recomputes the product); the router its scores, choices and gate
-  weights; the weighted sum of expert outputs its k rows per token; the loss its
-  fp32 log-softmax; embeddings their token ids.
+  weights; the weighted sum of expert outputs its k rows per token; the head and loss,
+  run in pieces with their gradients taken in the forward, the gradients of the normed
+  rows and of the head's weight; embeddings their token ids.
 
 Recomputation (`train.recompute`, runtime/layers.py `replayed`): `selective` keeps, in
 the program, the block's input and the attention core's outputs of the MLA chunk up to
@@ -331,10 +332,15 @@ class Kept:
         return {"embed": INDEX_BYTES * T}  # the token ids
 
     def head(self, T, d, V) -> dict:
-        """Final norm, output head (a bf16 copy of its fp32 weight per micro-batch, tied or
-        not), the loss (fp32 log-softmax over the vocabulary, the labels)."""
-        return {"final_norm": self.norm(T, d), "head": self.linear(T, d, V, "head"),
-                "loss": 4 * V * T + INDEX_BYTES * T}
+        """Final norm, output head and loss. The loss runs in pieces of tokens and takes
+        its gradients as it goes (runtime/loss.py): no logits are kept, but the gradient
+        of the normed rows (activation dtype) and of the head's weight (in the head's
+        dtype; fp32 for an FP8 head, whose linear quantises the fp32 parameter), tied or
+        not."""
+        dtype = self.dtype("head")
+        weight_b = 4 if dtype.startswith("fp8") else DTYPE_BYTES[dtype]
+        return {"final_norm": self.norm(T, d), "head": 0,
+                "loss": self.a * d * T + weight_b * V * d}
 
     def mtp(self, T, d) -> dict:
         """One MTP module's own parts (its block and head are `attention`/`ffn` and `head`)."""

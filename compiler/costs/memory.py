@@ -41,11 +41,12 @@ from __future__ import annotations
 from collections import Counter
 
 from dsvc.dsl.spec import DTYPE_BYTES
+from dsvc.runtime.plan import OPTIMIZER_UPDATE_PIECE, loss_chunk_rows
 
 from .activations import GPU, Kept, storage_dtype
 from .layout import ParallelDims, StageContents
 from .model_costs import Linear, ModelCosts, Piece
-from .symbols import Quantities, ceil_div, smax, ssum
+from .symbols import Quantities, ceil_div, smax, smin, ssum
 
 RESERVE_FRACTION = 0.05
 
@@ -235,7 +236,7 @@ class MemoryModel:
         shard_d = ceil_div(dense_p, pd.DP) if z >= 1 else dense_p
         shard_e = ceil_div(expert_p, pd.EDP) if z >= 1 else expert_p
         shards = shard_d + shard_e
-        master = param_b * shards
+        master = 0  # the parameters' own shard (fp32 in one flat buffer): no copy
         opt = 2 * DTYPE_BYTES[pr.optimizer_states] * shards
         buffers = attentions
         if moe_k_d and self._ep_active():
@@ -243,7 +244,7 @@ class MemoryModel:
             copies = 2 if spec.parallel.overlap == "dual_microbatch" else 1
             per = dispatch_element_bytes(pr) + DTYPE_BYTES[pr.combine]
             buffers = buffers + copies * f * pd.T * k * d * per
-        transients = self._transients(heads, dense_p, expert_p)
+        transients = self._transients(heads, shard_d, shard_e)
         out = {"weights": weights, "master_weights": master, "grads": grads,
                "optimizer_states": opt, "activations": acts, "buffers": buffers,
                "transients": transients}
@@ -251,15 +252,28 @@ class MemoryModel:
         out["params"] = numel  # parameters on the device (not bytes; not in the total)
         return out
 
-    def _transients(self, heads, dense_p, expert_p):
-        """The largest temporary besides what the rows above hold: on a head stage the
-        loss's logits (bf16, their fp32 copy) and, in the backward, their fp32 and bf16
-        gradients; the optimizer's flat fp32 gradient buffer of its larger shard group."""
-        costs, pd = self.costs, self.pd
-        a = DTYPE_BYTES[self.spec.precision.default]
-        loss = (a + 4 + 4 + a) * pd.T * costs.V if heads else 0
-        grads = 4 * smax(dense_p, expert_p)
-        return smax(loss, grads)
+    def _transients(self, heads, shard_d, shard_e):
+        """The largest temporary besides what the rows above hold: on a head stage one
+        piece of the loss (runtime/loss.py: its logits in the head's dtype and in fp32, the
+        log-softmax and its gradient in fp32 and the head's dtype; the head's weight in its
+        format, the piece's gradient of it and their fp32 sum); the optimizer's: the
+        reduce-scattered gradient shard and the all-gather's input (over data
+        parallelism; one rank reduces in place) and its fp32 temporaries of a piece of
+        the update (runtime/optim.py)."""
+        costs, pd, pr = self.costs, self.pd, self.spec.precision
+        V, d = costs.V, costs.embedding.dims["d"]
+        head = pr.compute_dtype("head")
+        b = DTYPE_BYTES.get(head, 1)  # FP8: 1 B codes
+        rows = smin(pd.T, loss_chunk_rows(self.spec.model.vocab))
+        # the weight's copy in the head's format (none in fp32), a piece's gradient of it
+        # (fp32 for an FP8 head: the parameter's), the fp32 sum of those
+        copy, piece_grad = (0 if b == 4 else b), (4 if head.startswith("fp8") else b)
+        loss = ((2 * b + 12) * rows * V + (copy + piece_grad + 4) * V * d) if heads else 0
+        shards = shard_d + shard_e
+        dp = self.spec.parallel.data if self.spec.parallel is not None else 1
+        exchange = 2 * 4 * smax(shard_d, shard_e) if dp > 1 else 0
+        update = 3 * 4 * smin(smax(shard_d, shard_e), OPTIMIZER_UPDATE_PIECE) if shards else 0
+        return smax(loss, exchange + update)
 
     def _ep_active(self) -> bool:
         return self.spec.parallel is not None and self.spec.parallel.expert > 1
@@ -273,10 +287,10 @@ def _rope_table(piece: Piece, max_seq: int):
 
 LABELS = {
     "weights": "parameters (fp32, as the runtime holds them)",
-    "master_weights": "master weights (ZeRO shard)", "grads": "gradients",
+    "master_weights": "master weights (the parameters' shard: no copy)", "grads": "gradients",
     "optimizer_states": "optimizer states (AdamW m, v)",
     "activations": "activations at peak", "buffers": "buffers (dispatch/combine, RoPE)",
-    "transients": "transients (loss logits, flat grads)", "total": "total",
+    "transients": "transients (a loss piece, the optimizer's)", "total": "total",
     "params": "  parameters on the device",
 }
 

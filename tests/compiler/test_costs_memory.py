@@ -149,7 +149,7 @@ def test_dense_gqa_memory_by_hand():
     p0 = V * d + 16 * layer  # stage 0: embedding + layers 0..15
     shard = -(-p0 // 32)  # ZeRO-1 over 32 data-parallel ranks, padded
     assert r.value("memory.devices.0.weights") == 4 * p0  # fp32 parameters
-    assert r.value("memory.devices.0.master_weights") == 4 * shard
+    assert r.value("memory.devices.0.master_weights") == 0  # the parameters' own shard
     assert r.value("memory.devices.0.grads") == 4 * p0
     # fp32 moments (the spec's optimizer_states); no per-element masks
     assert r.value("memory.devices.0.optimizer_states") == 2 * 4 * shard
@@ -197,11 +197,13 @@ def test_v3_devices():
     assert r.value("memory.max_gpu_bytes") == max(rows)
     # the even split gives devices 3-12 four MoE layers of each copy and device 0 (and 15)
     # the embedding with three dense layers and one MoE layer a copy: the embedding's fp32
-    # weight, gradient and master copy (129280 x 7168) outweigh the MoE layers' activations
-    # (the first device is named); DualPipe's two copies mirror the devices
+    # weight and gradient (129280 x 7168; no master copy: the parameters are their own)
+    # and the loss's piece weigh less than three MoE layers' activations, so the busiest
+    # is device 3 (the first of the equal ones is named); DualPipe's copies mirror them
     acts = [r.value(f"memory.devices.{i}.activations") for i in range(16)]
-    assert r.value("memory.max_device") == 0 and max(rows) == rows[0] > rows[3] == rows[12]
-    assert acts[3] > acts[0]
+    assert r.value("memory.max_device") == 3 and max(rows) == rows[3] == rows[12] > rows[0]
+    assert acts[3] > acts[0] and r.value("memory.devices.0.weights") > r.value(
+        "memory.devices.3.weights")
     assert rows == rows[::-1]
     # DualPipe holds two stages' parameters: device 5 has 4 layers of each copy, all MoE
     layer = 187_114_496 + 11_320_171_520 - 256 * 3 * 7168 * 2048 + 4 * 3 * 7168 * 2048

@@ -66,8 +66,12 @@ def _runtime_state_bytes(plan) -> list[dict]:
             opt = ZeroAdamW(dense, expert, plan.train.optimizer,
                             dtype_of(plan.precision.optimizer_states), mesh)
         params = sum(p.numel() * p.element_size() for _, p in dense + expert)
+        # the master shard is a view of the parameters' buffer (test_optim holds that on a
+        # CPU): the optimizer allocates the two moments
         state = sum(t.numel() * t.element_size() for s in opt.shards
-                    for t in (s.master, s.exp_avg, s.exp_avg_sq))
+                    for t in (s.exp_avg, s.exp_avg_sq))
+        assert all(s.master.numel() == s.shard and s.params.numel() == s.padded
+                   for s in opt.shards)
         out.append({"weights": params, "grads": params, "optimizer": state,
                     "params": sum(p.numel() for _, p in dense + expert)})
     return out

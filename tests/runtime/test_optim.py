@@ -90,12 +90,56 @@ def test_bf16_moments_and_state_bytes():
     params = _params()
     opt = ZeroAdamW(params[:2], params[2:], CFG, torch.bfloat16, ProcessMesh())
     numel = sum(p.numel() for _, p in params)
-    assert opt.state_bytes() == numel * (4 + 2 + 2)
+    assert opt.state_bytes() == numel * (2 + 2)  # the master shard is the parameters
     assert opt.unsharded_state_bytes() == opt.state_bytes()
     for (_, p), g in zip(params, _grads(0)):
         p.grad = g
     opt.step(1e-3)
     assert opt.dense.exp_avg.dtype == torch.bfloat16 and opt.dense.exp_avg.abs().sum() > 0
+
+
+def test_parameters_and_gradients_live_in_one_buffer_each():
+    """Each parameter and its gradient are views of the shard's two flat buffers, the
+    master shard is the parameters' own storage, backward accumulates into the buffer
+    and the step updates the parameters in place (no whole-set copy anywhere)."""
+    params = _params()
+    values = [p.detach().clone() for _, p in params]
+    opt = ZeroAdamW(params, [], CFG, torch.float32, ProcessMesh())
+    s = opt.dense
+    base, end = s.params.data_ptr(), s.params.data_ptr() + s.params.nbytes
+    for (_, p), v in zip(params, values):
+        assert base <= p.data_ptr() < end and torch.equal(p.detach(), v)
+        assert s.grads.data_ptr() <= p.grad.data_ptr() < s.grads.data_ptr() + s.grads.nbytes
+    assert s.master.data_ptr() == base
+    weight, norm = params[0][1], params[1][1]  # "a.weight" (5, 7), "a.norm" (7,)
+    (weight @ norm).sum().backward()  # buffer order by name: a.norm [0, 7), a.weight [7, 42)
+    assert torch.equal(s.grads[7:42].view(5, 7), norm.detach().expand(5, 7))
+    version, before = norm._version, norm.detach().clone()
+    opt.step(CFG.lr)
+    assert norm.data_ptr() == base and not torch.equal(norm.detach(), before)
+    assert norm._version > version  # the program's FP8 weight copies check this counter
+    opt.zero_grad()
+    assert s.grads.abs().sum() == 0 and all(p.grad is not None for _, p in params)
+
+
+def test_pieces_of_the_update_give_the_same_bits(monkeypatch):
+    """The update runs OPTIMIZER_UPDATE_PIECE elements at a time (bf16 moments round-trip
+    through fp32 per piece); pieces of 4 elements give the one-piece result bit for bit."""
+    import dsvc.runtime.optim as optim
+
+    clip = Optimizer(**{**CFG.__dict__, "grad_clip": 0.5})
+    results = []
+    for piece in (1 << 24, 4):
+        monkeypatch.setattr(optim, "OPTIMIZER_UPDATE_PIECE", piece)
+        params = _params()
+        opt = ZeroAdamW(params, [], clip, torch.bfloat16, ProcessMesh())
+        for step in range(3):
+            for (_, p), g in zip(params, _grads(step)):
+                p.grad = g.clone()  # a caller's own gradient tensor is copied in
+            opt.step(CFG.lr, keep_grads=True)
+            assert torch.equal(params[1][1].grad, _grads(step)[1])  # a.norm, unclipped
+        results.append(torch.cat([p.detach().reshape(-1) for _, p in params]))
+    assert torch.equal(results[0], results[1])
 
 
 def test_lr_schedules():
