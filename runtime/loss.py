@@ -8,9 +8,9 @@ largest temporary of a step. `chunked_cross_entropy` runs the head and the loss 
 while a piece's logits exist, its backward too: the gradient of the summed loss with
 respect to the piece's hidden rows and to the head's parameters, accumulated over the
 pieces (in fp32, kept in the parameter's dtype). Its own backward then only scales them
-by the incoming gradient, so no logits are kept and none are recomputed (the head's GEMM runs once forward and twice
-backward, as it would unsplit). What the head does inside is the caller's (`logits`,
-any linear format: bf16, FP8, a tied embedding): this module sees a function of the
+by the incoming gradient: no logits are kept and none are recomputed (the head's three
+GEMMs per piece all run in the forward). What the head does inside is the caller's
+(`logits`: a bf16 or fp32 linear, a tied embedding): this module sees a function of the
 hidden rows and the parameters it reads.
 """
 
@@ -26,7 +26,7 @@ class _PiecewiseLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, rows, h_ND, labels_N, *params):
         total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
-        grad_h = torch.empty_like(h_ND)
+        grad_h = torch.empty_like(h_ND) if h_ND.requires_grad else None
         grad_p = [None] * len(params)
         wants = [p.requires_grad for p in params]
         for a in range(0, h_ND.shape[0], rows):
@@ -39,7 +39,7 @@ class _PiecewiseLoss(torch.autograd.Function):
                 inputs += [p for p, w in zip(params, wants) if w]
                 grads = list(torch.autograd.grad(loss, inputs)) if inputs else []
             total += loss.detach()
-            if h_ND.requires_grad:
+            if grad_h is not None:
                 grad_h[a : a + rows] = grads.pop(0)
             for i, w in enumerate(wants):
                 if w:
@@ -47,7 +47,7 @@ class _PiecewiseLoss(torch.autograd.Function):
                     grad_p[i] = g.float() if grad_p[i] is None else grad_p[i].add_(g)
         # kept in each parameter's dtype: what autograd would round the gradient to anyway
         kept = [None if g is None else g.to(p.dtype) for g, p in zip(grad_p, params)]
-        ctx.save_for_backward(grad_h if h_ND.requires_grad else None, *kept)
+        ctx.save_for_backward(grad_h, *kept)
         return total
 
     @staticmethod

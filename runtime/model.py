@@ -161,28 +161,23 @@ class StageModule(nn.Module):
         w = self.embed_tokens.weight.to(self.embed_dtype)
         return F.embedding(tokens_BS, w).to(self.act_dtype)
 
+    def _head(self):
+        """The output head as (f, params), logits (fp32) = f(h, *params): its weight (the
+        embedding's when tied) cast once to the head's kept dtype (bf16 or fp32: a plan
+        keeps the head out of FP8), which is what f reads and differentiates."""
+        head = self.embed_tokens if self.plan.model.tie_embeddings else self.lm_head
+        dt = self.head_dtype
+        return (lambda x, w: F.linear(x.to(dt), w).float()), [head.weight.to(dt)]
+
     def logits(self, h_BSD: torch.Tensor) -> torch.Tensor:
-        if self.plan.model.tie_embeddings:
-            w = self.embed_tokens.weight.to(self.head_dtype)
-            return F.linear(h_BSD.to(self.head_dtype), w).float()
-        return self.lm_head(h_BSD).float()
+        f, params = self._head()
+        return f(h_BSD, *params)
 
     def head_loss(self, h_ND: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the head's logits of the normed rows `h_ND` against
-        `labels_N`, a piece of rows at a time (runtime/loss.py): what `logits` computes,
-        the weight cast to the head's dtype once per call rather than once per piece."""
-        head = self.embed_tokens if self.plan.model.tie_embeddings else self.lm_head
-        fmt = None if self.plan.model.tie_embeddings else self.lm_head.fmt.format
-        if fmt == "fp8_e4m3":  # the linear quantises its own weight: differentiate that
-            return chunked_cross_entropy(
-                lambda x, w: self.lm_head(x).float(), h_ND, labels_N, [head.weight],
-                self.plan.model.vocab,
-            )  # fmt: skip
-        dt = self.head_dtype  # both forms of `logits`: F.linear in dt, the output in fp32
-        return chunked_cross_entropy(
-            lambda x, w: F.linear(x.to(dt), w).float(), h_ND, labels_N, [head.weight.to(dt)],
-            self.plan.model.vocab,
-        )  # fmt: skip
+        `labels_N`, a piece of rows at a time (runtime/loss.py)."""
+        f, params = self._head()
+        return chunked_cross_entropy(f, h_ND, labels_N, params, self.plan.model.vocab)
 
     def moe_layers(self) -> dict[str, MoE]:
         """Every MoE layer of this stage by parameter-name prefix (main layers and MTP)."""

@@ -117,7 +117,6 @@ class _Shard:
         # counts), as ranges of the shard read from the layout: no per-element masks (8
         # bytes a parameter), no device read-back (works on meta)
         self.decay_spans = self._spans(lambda n, p: p.dim() > 1)
-        self.uncounted_spans = self._spans(lambda n, p: n in skip_norm)
         self.counted_spans = self._spans(lambda n, p: n not in skip_norm)
         self.exp_avg = torch.zeros(self.shard, dtype=state_dtype, device=device)
         self.exp_avg_sq = torch.zeros(self.shard, dtype=state_dtype, device=device)
@@ -172,7 +171,8 @@ class _Shard:
             p.grad = view
 
     def reduce_grads(self) -> None:
-        self._adopt_grads()
+        """Average the gradient buffer over the group; this rank's shard of it in `grad`
+        (the step has pointed every `.grad` back at the buffer first)."""
         if self.size > 1:
             self.grad = _reduce_scatter(self.grads, self.shard, self.group, self.rank)
             self.grad.mul_(self.scale)

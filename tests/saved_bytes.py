@@ -1,12 +1,12 @@
 """What autograd keeps for the backward: `saved_bytes(run, exclude)`.
 
 Counts the distinct storages of the tensors saved while `run()` runs (saved-tensor
-hooks) and still alive when it returns (its result held: the graph from it), leaving
-out those of `exclude` (parameters,
-buffers, an input the caller holds anyway): a graph a Function builds and frees inside
-its own forward (the loss's pieces, runtime/loss.py) keeps nothing. Tensors a custom
-autograd Function keeps on its ctx outside save_for_backward are not seen
-(bench/fusion_cpu.py also counts those).
+hooks) and still alive when it returns, its result held (the graph from it holds what
+the backward needs), leaving out those of `exclude` (parameters, buffers, an input the
+caller holds anyway): a graph a Function builds and frees inside its own forward (the
+loss's pieces, runtime/loss.py) keeps nothing. Tensors a custom autograd Function keeps
+on its ctx outside save_for_backward are not seen (bench/fusion_cpu.py also counts
+those).
 """
 
 from __future__ import annotations

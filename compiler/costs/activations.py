@@ -76,6 +76,13 @@ def storage_dtype(component: str, precision) -> str:
     return precision.compute_dtype(component)
 
 
+def head_weight_bytes(precision) -> int:
+    """Bytes per element of the output head's weight as the loss casts it and keeps its
+    gradient (runtime/model.py `_head`, runtime/loss.py): the head's compute dtype, which
+    a plan keeps out of FP8."""
+    return DTYPE_BYTES[storage_dtype("head", precision)]
+
+
 class Kept:
     """The saved-tensor formulas of one spec's precision and recomputation, on a device kind.
 
@@ -335,12 +342,9 @@ class Kept:
         """Final norm, output head and loss. The loss runs in pieces of tokens and takes
         its gradients as it goes (runtime/loss.py): no logits are kept, but the gradient
         of the normed rows (activation dtype) and of the head's weight (in the head's
-        dtype; fp32 for an FP8 head, whose linear quantises the fp32 parameter), tied or
-        not."""
-        dtype = self.dtype("head")
-        weight_b = 4 if dtype.startswith("fp8") else DTYPE_BYTES[dtype]
+        dtype), tied or not."""
         return {"final_norm": self.norm(T, d), "head": 0,
-                "loss": self.a * d * T + weight_b * V * d}
+                "loss": self.a * d * T + head_weight_bytes(self.p) * V * d}
 
     def mtp(self, T, d) -> dict:
         """One MTP module's own parts (its block and head are `attention`/`ffn` and `head`)."""

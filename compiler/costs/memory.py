@@ -5,16 +5,16 @@ runtime allocates them (runtime/model.py, runtime/optim.py; held to the runtime'
 tensors by tests/compiler/test_memory_runtime.py):
 
 * weights: every stage module's parameters in the master dtype (fp32): the runtime
-  keeps one fp32 copy as its parameters and quantises (FP8) or casts (bf16) per use;
-  a stage holding the MTP modules keeps its own embedding copy (they share it), a
-  tied head the embedding;
-* gradients: one per parameter, in that dtype;
+  keeps one fp32 copy as its parameters, in one flat buffer per shard group, and
+  quantises (FP8) or casts (bf16) per use; a stage holding the MTP modules keeps its
+  own embedding copy (they share it), a tied head the embedding;
+* gradients: one per parameter, in that dtype (a second flat buffer);
 * the ZeRO-1 optimizer, per shard group (non-expert parameters over DP, routed
   experts over the expert-data-parallel degree DP / EP), each padded to a multiple of
-  its group: the fp32 master shard and AdamW's two moments in `optimizer_states`
-  (which elements weight decay and the gradient norm skip are ranges of the shard, no
-  per-element masks); ZeRO 0, 2 and 3 as their
-  definitions say (the runtime runs ZeRO-1 only);
+  its group: AdamW's two moments in `optimizer_states`; the master shard is the
+  parameters' own (the `master_weights` row is 0); which elements weight decay and the
+  gradient norm skip are ranges of the shard, no per-element masks; ZeRO 0, 2 and 3 as
+  their definitions say (the runtime runs ZeRO-1 only);
 * routed experts split over EP ranks (E / EP experts per MoE layer per GPU);
 * activations: what autograd keeps for the backward, per micro-batch, as the code
   that runs keeps it (`compiler.costs.activations`: the generated program in the block
@@ -27,9 +27,9 @@ tensors by tests/compiler/test_memory_runtime.py):
   hold);
 * buffers: dispatch/combine of one micro-batch (two under dual micro-batch
   overlap), RoPE tables (fp32 cos and sin per attention module);
-* transients: the largest temporary the step allocates beside all that (the loss's
-  fp32 logits and their gradient on the head stage, the optimizer's flat gradient
-  buffer, an FP8 weight gradient in fp32): what a GPU's allocator adds to the peak.
+* transients: the largest temporary the step allocates beside all that (one piece of
+  the loss on the head stage, the optimizer's exchange and update pieces; `_transients`):
+  what a GPU's allocator adds to the peak.
 
 A device fits when its total is at most (1 - RESERVE_FRACTION) of the GPU's
 memory: the reserve stands for the CUDA context, NCCL buffers, cuBLAS workspaces
@@ -43,7 +43,7 @@ from collections import Counter
 from dsvc.dsl.spec import DTYPE_BYTES
 from dsvc.runtime.plan import OPTIMIZER_UPDATE_PIECE, loss_chunk_rows
 
-from .activations import GPU, Kept, storage_dtype
+from .activations import GPU, Kept, head_weight_bytes, storage_dtype
 from .layout import ParallelDims, StageContents
 from .model_costs import Linear, ModelCosts, Piece
 from .symbols import Quantities, ceil_div, smax, smin, ssum
@@ -260,19 +260,16 @@ class MemoryModel:
         reduce-scattered gradient shard and the all-gather's input (over data
         parallelism; one rank reduces in place) and its fp32 temporaries of a piece of
         the update (runtime/optim.py)."""
-        costs, pd, pr = self.costs, self.pd, self.spec.precision
+        costs, pd = self.costs, self.pd
         V, d = costs.V, costs.embedding.dims["d"]
-        head = pr.compute_dtype("head")
-        b = DTYPE_BYTES.get(head, 1)  # FP8: 1 B codes
+        b = head_weight_bytes(self.spec.precision)
         rows = smin(pd.T, loss_chunk_rows(self.spec.model.vocab))
-        # the weight's copy in the head's format (none in fp32), a piece's gradient of it
-        # (fp32 for an FP8 head: the parameter's), the fp32 sum of those
-        copy, piece_grad = (0 if b == 4 else b), (4 if head.startswith("fp8") else b)
-        loss = ((2 * b + 12) * rows * V + (copy + piece_grad + 4) * V * d) if heads else 0
-        shards = shard_d + shard_e
+        # the weight's cast (none in fp32), a piece's gradient of it, their fp32 sum
+        copy = 0 if b == 4 else b
+        loss = ((2 * b + 12) * rows * V + (copy + b + 4) * V * d) if heads else 0
         dp = self.spec.parallel.data if self.spec.parallel is not None else 1
         exchange = 2 * 4 * smax(shard_d, shard_e) if dp > 1 else 0
-        update = 3 * 4 * smin(smax(shard_d, shard_e), OPTIMIZER_UPDATE_PIECE) if shards else 0
+        update = 3 * 4 * smin(smax(shard_d, shard_e), OPTIMIZER_UPDATE_PIECE)
         return smax(loss, exchange + update)
 
     def _ep_active(self) -> bool:

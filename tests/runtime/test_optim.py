@@ -82,7 +82,7 @@ def test_a_copy_another_rank_counts_is_left_out_of_the_norm():
     assert norm == pytest.approx(want, rel=1e-6)  # an fp32 dot product
     assert not torch.equal(params[1][1].detach(), before)  # updated all the same
     # name order a.norm, a.weight, b.weight: decay on the matrices only, norm skips a.norm
-    assert opt.dense.uncounted_spans == [(0, 7)] and opt.dense.decay_spans == [(7, 57)]
+    assert opt.dense.counted_spans == [(7, 57)] and opt.dense.decay_spans == [(7, 57)]
     assert not hasattr(opt.dense, "decay") and not hasattr(opt.dense, "counted")
 
 
