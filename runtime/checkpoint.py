@@ -134,7 +134,7 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-KNOWN_FORMATS = (1, 2)  # train_state.FORMAT and the formats before it that still load
+KNOWN_FORMATS = (1, 2, 3)  # train_state.FORMAT and the formats before it that still load
 
 
 def check_compatible(meta: dict, expected: dict, path: str) -> None:

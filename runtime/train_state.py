@@ -5,15 +5,18 @@ Keys (global, the same whichever rank writes them):
 - `model.<name>`: parameters and buffers (router biases) by model name; replicated
   copies are written once. Routed experts, stacked per EP rank, get `.ep<k>`.
 - `optim.pp<p>.dense.<part>` and `optim.pp<p>.expert[.ep<k>].<part>` for part in
-  master / exp_avg / exp_avg_sq: the ZeRO-1 state of pipeline rank p's replicated
+  exp_avg / exp_avg_sq: the ZeRO-1 state of pipeline rank p's replicated
   parameters and of its routed experts, each a flat vector (the group's parameters in
   name order) written as a DTensor sharded over the data-parallel (expert-data-
   parallel) ranks exactly as ZeRO-1 holds it (under DualPipe, p is the lower rank of
   the pair holding the same two stages). Every rank writes only its own shard,
   in the state's own dtype (bf16 moments stay bf16); nothing is gathered. At load,
   DCP reads each rank's slice of the vector for whatever data-parallel degree the
-  run now has. (Format 1 checkpoints, one full fp32 tensor per parameter gathered at
-  save time, `optim.<part>.<name>`, still load.)
+  run now has. The master weights are not written: the parameters, kept in fp32, are
+  their own master (runtime/optim.py), so `model.<name>` is the master. (Format 2
+  checkpoints, which also wrote a `master` part identical to the parameters, and format
+  1, one full fp32 tensor per parameter gathered at save time, `optim.<part>.<name>`,
+  still load.)
 - `trainer.step`, `trainer.optimizer_steps`; `rng.rank<r>` (restored only when the
   world size is unchanged: another world has other ranks).
 
@@ -35,8 +38,14 @@ import torch.distributed as dist
 from .plan import Model
 from .schema import SchemaError, read, to_json
 
-FORMAT = 2  # dsvc.json `checkpoint_format`; 1 (absent): per-parameter optimizer state
-PARTS = ("master", "exp_avg", "exp_avg_sq")
+FORMAT = 3  # dsvc.json `checkpoint_format`; 1 (absent): per-parameter optimizer state
+PARTS = ("exp_avg", "exp_avg_sq")  # the ZeRO-1 vectors a checkpoint of FORMAT holds
+
+
+def parts(fmt: int) -> tuple[str, ...]:
+    """The optimizer parts a checkpoint of format `fmt` holds: formats 1 and 2 also wrote
+    the master weights, which now are the parameters themselves."""
+    return PARTS if fmt == FORMAT else ("master", *PARTS)
 
 
 def _expert_names(trainer) -> set[str]:
@@ -161,10 +170,10 @@ def _flat(shard, local: torch.Tensor, mesh):
 def template_for_load(trainer, with_rng: bool, fmt: int = FORMAT) -> dict:
     """Tensors of the right shapes for dcp.load to fill, for this rank's current layout
     (`fmt`: the checkpoint's format, from its record)."""
-    if fmt == FORMAT:
+    if fmt in (2, FORMAT):
         state = {k: torch.empty_like(v) for k, v in _model_shapes(trainer).items()}
         for key, shard, mesh in _flat_groups(trainer):
-            for part in PARTS:
+            for part in parts(fmt):
                 local = torch.empty_like(getattr(shard, part)[: _owned(shard)])
                 state[f"{key}.{part}"] = _flat(shard, local, mesh)
     elif fmt == 1:
@@ -194,7 +203,7 @@ def _shapes_v1(trainer) -> dict:
     out = _model_shapes(trainer)
     for shard in trainer.optimizer.shards:
         for name, p in shard.named:
-            for part in PARTS:
+            for part in parts(1):
                 out[f"optim.{part}.{_key(trainer, name)}"] = torch.empty(p.shape, dtype=torch.float32)
     return out
 
@@ -207,9 +216,9 @@ def apply_loaded(trainer, state: dict, with_rng: bool, fmt: int = FORMAT) -> Non
             key = f"model.{_key(trainer, name)}"
             if key in state:
                 t.copy_(state[key].to(t.dtype))
-    if fmt == FORMAT:
+    if fmt in (2, FORMAT):  # format 2's master equals the parameters: copied all the same
         for key, shard, _ in _flat_groups(trainer):
-            for part in PARTS:
+            for part in parts(fmt):
                 loaded = state[f"{key}.{part}"]
                 local = loaded.to_local() if hasattr(loaded, "to_local") else loaded
                 dst = getattr(shard, part)
@@ -217,7 +226,7 @@ def apply_loaded(trainer, state: dict, with_rng: bool, fmt: int = FORMAT) -> Non
                 dst[: _owned(shard)].copy_(local)
     elif fmt == 1:  # full per-parameter tensors, sliced to this rank's shard
         for shard in trainer.optimizer.shards:
-            for part in PARTS:
+            for part in parts(fmt):
                 pieces = [state[f"optim.{part}.{_key(trainer, name)}"].reshape(-1).float()
                           for name, _ in shard.named]  # fmt: skip
                 flat = shard._flatten(pieces, shard.padded).to(getattr(shard, part).device)

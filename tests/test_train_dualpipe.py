@@ -102,5 +102,5 @@ def test_dualpipe_with_data_parallel_shards_resumes_bitwise(tmp_path):
     assert {k.rsplit(".", 1)[0] for k in optim} == {
         "optim.pp0.dense", "optim.pp0.expert.ep0", "optim.pp0.expert.ep1"
     }  # fmt: skip
-    dense = optim["optim.pp0.dense.master"]
+    dense = optim["optim.pp0.dense.exp_avg"]
     assert len(dense.chunks) == 2 and sum(c.sizes[0] for c in dense.chunks) == dense.size[0]

@@ -170,11 +170,14 @@ def test_optimizer_state_is_written_as_each_ranks_shard(w2_run):
     import torch.distributed.checkpoint as dcp
 
     path = ckpt.step_dir(str(w2_run / "checkpoints"), 2)
-    assert ckpt.read_meta(path)["checkpoint_format"] == train_state.FORMAT == 2
+    assert ckpt.read_meta(path)["checkpoint_format"] == train_state.FORMAT == 3
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     optim = {k: v for k, v in meta.items() if k.startswith("optim.")}
     assert {k.rsplit(".", 1)[0] for k in optim} == {"optim.pp0.dense", "optim.pp0.expert"}
-    assert {k.rsplit(".", 1)[1] for k in optim} == set(train_state.PARTS)
+    # the moments only: the master weights are the parameters (`model.*`), written once
+    assert {k.rsplit(".", 1)[1] for k in optim} == set(train_state.PARTS) == {
+        "exp_avg", "exp_avg_sq"
+    }  # fmt: skip
     for key, entry in optim.items():
         (numel,) = entry.size
         chunks = sorted((c.offsets[0], c.sizes[0]) for c in entry.chunks)
@@ -207,7 +210,7 @@ def test_format_1_checkpoints_still_resume(builds, tmp_path, monkeypatch):
         for shard in trainer.optimizer.shards:
             off = 0
             for name, p in shard.named:
-                for part in train_state.PARTS:
+                for part in train_state.parts(1):
                     flat = getattr(shard, part).float()
                     key = f"optim.{part}.{train_state._key(trainer, name)}"
                     out[key] = flat[off : off + p.numel()].view_as(p).clone()
@@ -227,6 +230,39 @@ def test_format_1_checkpoints_still_resume(builds, tmp_path, monkeypatch):
     assert train_here(builds["w1"], "--run-dir", str(stopped), "--fp32", "--steps", "4",
                       "--resume") == 0  # fmt: skip
     assert {s: losses(stopped)[s] for s in (3, 4)} == {s: losses(whole)[s] for s in (3, 4)}
+
+
+def test_format_2_checkpoints_still_resume(builds, tmp_path, monkeypatch):
+    # Format 2 also wrote each ZeRO-1 group's master vector (the parameters' bits). Such a
+    # checkpoint, its master perturbed so that reading it shows, resumes from its master:
+    # step 3's loss moves with it, and unperturbed it resumes to the unstopped run's bits.
+    save_v3 = train_state.state_for_save
+
+    def save_v2(trainer, shift=0.0):
+        out = save_v3(trainer)
+        for key, shard, mesh in train_state._flat_groups(trainer):
+            master = shard.master[: train_state._owned(shard)] + shift
+            out[f"{key}.master"] = train_state._flat(shard, master, mesh)
+        return out
+
+    def stop_at_2(run, shift):
+        with monkeypatch.context() as m:
+            m.setattr(train_state, "state_for_save", lambda t: save_v2(t, shift))
+            args = ("--run-dir", str(run), "--fp32", "--steps", "2", "--checkpoint-every", "2")
+            assert train_here(builds["w1"], *args) == 0
+        record = pathlib.Path(ckpt.latest(str(run / "checkpoints"))) / ckpt.META
+        meta = json.loads(record.read_text())
+        assert meta["checkpoint_format"] == 3
+        record.write_text(json.dumps(dict(meta, checkpoint_format=2)))
+        assert train_here(builds["w1"], "--run-dir", str(run), "--fp32", "--steps", "4",
+                          "--resume") == 0  # fmt: skip
+        return losses(run)
+
+    whole = tmp_path / "whole"
+    assert train_here(builds["w1"], "--run-dir", str(whole), "--fp32", "--steps", "4") == 0
+    same, shifted = stop_at_2(tmp_path / "same", 0.0), stop_at_2(tmp_path / "shifted", 0.01)
+    assert {s: same[s] for s in (3, 4)} == {s: losses(whole)[s] for s in (3, 4)}
+    assert shifted[3] != same[3]
 
 
 def test_a_checkpoint_of_a_newer_format_is_refused(builds, tmp_path, capsys):

@@ -132,6 +132,27 @@ def test_tied_embeddings_round_trip(tmp_path):
     )
 
 
+def test_a_load_after_the_optimizer_is_built_reaches_its_master(tmp_path):
+    """docs/hf.md: the optimizer's master shard is the parameters' storage, so a load
+    after it is built updates the master it steps (nothing stale to copy again)."""
+    from dsvc.runtime.mesh import ProcessMesh
+    from dsvc.runtime.optim import ZeroAdamW
+    from tests.runtime.test_optim import CFG
+
+    plan = make_plan()
+    src = build_full_model(plan)
+    init_parameters(src, 0, plan.model.init_std)
+    out = export_hf_checkpoint(src, plan, tmp_path / "src", dtype="fp32")
+    dst = build_full_model(plan)
+    init_parameters(dst, 1, plan.model.init_std)
+    opt = ZeroAdamW(list(dst.named_parameters()), [], CFG, torch.float32, ProcessMesh())
+    base = opt.dense.params.data_ptr()
+    load_hf_checkpoint(out, dst, plan)
+    assert opt.dense.params.data_ptr() == base
+    want = torch.cat([p.detach().reshape(-1) for _, p in sorted(src.named_parameters())])
+    assert torch.equal(opt.dense.master[: want.numel()], want)
+
+
 def test_sharded_export_and_a_rank_reads_only_its_part(case, tmp_path):
     rt, _ = case.load()
     out = export_hf_checkpoint(
