@@ -109,9 +109,10 @@ def memory_bound_rows(module):
     )  # fmt: skip
     swiglu = dict(
         g=Ptr("bf16"), u=Ptr("bf16"), q=Ptr("fp8e4nv"), s=Ptr("fp32"), gq=Ptr("fp8e4nv"),
-        gsc=Ptr("fp32"), uq=Ptr("fp8e4nv"), usc=Ptr("fp32"), M=M, N=K,
+        gsc=Ptr("fp32"), uq=Ptr("fp8e4nv"), usc=Ptr("fp32"), w=Ptr("fp32"), M=M, N=K,
         stride_gm=K, stride_gn=1, stride_um=K, stride_un=1, stride_qm=K, stride_sm=1,
         stride_sn=M, BLOCK_M=bm, TILE=128, UE8M0=False, ROUND=False, KEEP=False,
+        WEIGHTED=False,
     )  # fmt: skip
     dequant = dict(
         q=Ptr("fp8e4nv"), s=Ptr("fp32"), out=Ptr("bf16"), M=M, K=K, stride_qm=K,
@@ -129,6 +130,9 @@ def memory_bound_rows(module):
          bm * 128, 5 + scale),
         (f"swiglu_quant, g and u kept in FP8 (BLOCK_M {bm})", module._swiglu_quant_kernel,
          {**swiglu, "KEEP": True}, warps, bm * 128, 7 + 3 * scale),
+        (f"swiglu_quant, FP8 g and u, gate-weighted rows (BLOCK_M {bm})",
+         module._swiglu_quant_kernel, {**swiglu, "KEEP": True, "WEIGHTED": True}, warps,
+         bm * 128, 7 + 3 * scale + 4 / 128),
         (f"dequantize_act (BLOCK_M {bm})", module._dequant_act_kernel, dequant, warps,
          bm * 128, 3 + scale),
     ]  # fmt: skip
@@ -149,22 +153,26 @@ def fused_rows(module):
     )  # fmt: skip
     swiglu = dict(
         g=Ptr("bf16"), u=Ptr("bf16"), dh=Ptr("bf16"), gsc=Ptr("fp32"), usc=Ptr("fp32"),
-        offsets=Ptr("fp32"),
+        w=Ptr("fp32"), dwp=Ptr("fp32"), offsets=Ptr("fp32"),
         **{n: Ptr("fp8e4nv") for n in ("dgq", "dgt", "duq", "dut", "ht")},
         **{n: Ptr("fp32") for n in ("dgs", "dgts", "dus", "duts", "hts")},
         M=M, I=inter, stride_gm=inter, stride_gi=1, stride_um=inter, stride_ui=1,
         stride_dm=inter, stride_di=1, stride_qm=inter, stride_sm=1, stride_sk=M,
         stride_qtk=M, stride_stk=1, stride_stm=inter, stride_cm=inter // 128, stride_ck=1,
         NUM_EXPERTS=1, STEPS=0, TILE=128, ALIGN=16, GROUPED=False, ROUND=True, UE8M0=False,
-        OUT=tl.bfloat16, PART=module.SWIGLU_BWD_PART, FP8_IN=False,
+        OUT=tl.bfloat16, PART=module.SWIGLU_BWD_PART, FP8_IN=False, WEIGHTED=False,
     )  # fmt: skip
     fp8_in = {**swiglu, "g": Ptr("fp8e4nv"), "u": Ptr("fp8e4nv"), "FP8_IN": True}
+    # the routed experts' launch: fp32 dh from the grouped dgrad, the gates applied
+    routed = {**fp8_in, "dh": Ptr("fp32"), "ROUND": False, "WEIGHTED": True}
     return [
         (f"rmsnorm_quant (BLOCK_M {bm}, 1x128)", module._rmsnorm_quant_kernel, norm, 4),
         ("swiglu_bwd_quant (128 x 128, both tilings)", module._swiglu_bwd_quant_kernel,
          swiglu, module.SWIGLU_BWD_WARPS),
         ("swiglu_bwd_quant, FP8 g and u (128 x 128, both tilings)",
          module._swiglu_bwd_quant_kernel, fp8_in, module.SWIGLU_BWD_WARPS),
+        ("swiglu_bwd_quant, routed: FP8 g and u, gate-weighted, gate gradient",
+         module._swiglu_bwd_quant_kernel, routed, module.SWIGLU_BWD_WARPS),
     ]  # fmt: skip
 
 

@@ -294,6 +294,7 @@ def grouped_gemm_wgrad(
 def swiglu_quant(
     gate: torch.Tensor, up: torch.Tensor, tile: int = TILE, ue8m0: bool = False, *,
     round_dtype: torch.dtype | None = None, keep_inputs: bool = False,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """silu(gate) * up in fp32, quantised in 1 x tile tiles -> (h_fp8, s).
 
@@ -301,10 +302,17 @@ def swiglu_quant(
     ops in that dtype would (the eager dense FFN's), so the codes are theirs.
     keep_inputs: gate and up quantised in 1 x tile tiles too, for the backward to keep in
     place of them (DeepSeek-V3's FP8 cache of SwiGLU's inputs) -> (h_fp8, s, gate_fp8,
-    gate_s, up_fp8, up_s)."""
+    gate_s, up_fp8, up_s).
+    row_scale (M,) fp32: each row's product times it before quantising (a routed slot's
+    gate weight, applied on the expert's side; not with round_dtype)."""
     g = gate.to(torch.float32)
+    if row_scale is not None and round_dtype is not None:
+        raise ValueError("row_scale is for the routed experts' fp32 product, not round_dtype")
     if round_dtype is None:
-        out = quantize_act(g * torch.sigmoid(g) * up.to(torch.float32), tile, ue8m0)
+        h = g * torch.sigmoid(g) * up.to(torch.float32)
+        if row_scale is not None:
+            h = h * row_scale.to(torch.float32).reshape(-1, 1)
+        out = quantize_act(h, tile, ue8m0)
     else:
         silu = torch.nn.functional.silu(g).to(round_dtype).to(torch.float32)
         h = (silu * up.to(round_dtype).to(torch.float32)).to(round_dtype)

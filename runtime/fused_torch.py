@@ -46,7 +46,6 @@ FUSED_PROTOCOL = (
     "router_topk",
     "router_bwd",
     "moe_combine",
-    "moe_gate_grad",
     "moe_dispatch_bwd",
     "quantize_grouped",
 )
@@ -207,7 +206,8 @@ def quantize_bhsd(o, tile=TILE, ue8m0=False, *, rows=True, cols=False):
 
 
 def swiglu_bwd_quant(gate, up, dh, tile=TILE, ue8m0=False, *, offsets=None,
-                     out_dtype=torch.bfloat16, round_dtype=None, gate_s=None, up_s=None):
+                     out_dtype=torch.bfloat16, round_dtype=None, gate_s=None, up_s=None,
+                     row_scale=None):
     """Backward of h = silu(gate) up, quantised for the GEMMs on both sides.
 
     gate, up (M, I); dh (M, I). gate_s, up_s: gate and up are the FP8 codes of
@@ -219,12 +219,23 @@ def swiglu_bwd_quant(gate, up, dh, tile=TILE, ue8m0=False, *, offsets=None,
     silu(gate) and product, and the backward's two products, each rounded to it as the
     separate ops of the eager dense FFN round them (swiglu_quant's `round_dtype`).
     -> (dg q, s, qt, st, du q, s, qt, st, ht, hts).
+    row_scale (M,) fp32: the forward was h' = w h (swiglu_quant's `row_scale`, a routed
+    slot's gate w) and dh is h''s gradient: dg, du are those of w dh, ht quantises h'
+    (the down projection's input), and a last output is each row's gate gradient
+    sum_i dh h (fp32, M): -> (..., ht, hts, dw). Not with round_dtype.
     """
+    if row_scale is not None and round_dtype is not None:
+        raise ValueError("row_scale is for the routed experts' fp32 product, not round_dtype")
     if gate_s is not None:
         gate, up = dequantize_act(gate, gate_s, tile), dequantize_act(up, up_s, tile)
     g, u, d = gate.float(), up.float(), dh.float()
     sig = torch.sigmoid(g)
     silu = g * sig
+    dw = None
+    if row_scale is not None:
+        w = row_scale.float().reshape(-1, 1)
+        dw = (d * (silu * u)).sum(-1)
+        d = d * w
     if round_dtype is None:
         dg = (d * u * sig * (1 + g * (1 - sig))).to(out_dtype)
         du = (d * silu).to(out_dtype)
@@ -237,6 +248,8 @@ def swiglu_bwd_quant(gate, up, dh, tile=TILE, ue8m0=False, *, offsets=None,
         du = (d * silu).to(rd).to(out_dtype)
         dg = (dsilu * sig * (1 + g * (1 - sig))).to(rd).to(out_dtype)
         h = (silu * u).to(rd)
+    if row_scale is not None:
+        h = h * w
 
     def both(y):
         q, s = quantize_act(y, tile, ue8m0)
@@ -246,7 +259,8 @@ def swiglu_bwd_quant(gate, up, dh, tile=TILE, ue8m0=False, *, offsets=None,
 
     ht = quantize_act_t(h, tile, ue8m0) if offsets is None else quantize_act_t_grouped(
         h, offsets, tile, ue8m0)
-    return (*both(dg), *both(du), *ht)
+    out = (*both(dg), *both(du), *ht)
+    return out if dw is None else (*out, dw)
 
 
 # ----------------------------------------------------------------------------- routing
@@ -301,30 +315,20 @@ def router_bwd(dw, idx, scores, dscores=None, *, score, renormalize, route_scale
 # ----------------------------------------------------------------------------- MoE combine
 
 
-def moe_combine(res, y, w, pos, shared=None, *, out_dtype=torch.bfloat16):
-    """The MoE layer's output: res + (sum_k w[t, k] y[pos[t, k]] + shared).
+def moe_combine(res, y, pos, shared=None, *, out_dtype=torch.bfloat16):
+    """The MoE layer's output: res + (sum_k y[pos[t, k]] + shared).
 
     res (T, D) the residual stream, y (M, D) the routed experts' outputs in the route's
-    slot order, w (T, k) fp32 gate weights, pos (T, k) the row of y holding slot (t, k),
-    shared (T, D) the shared experts' output (or None). Rounded where the eager layer's
-    separate ops round (each gate weight and weighted term to the dtype of y, their sum,
-    the shared add, the residual add), so the codes the next layer quantises are the
-    eager model's.
+    slot order, already weighted by their gates (the experts apply them inside SwiGLU),
+    pos (T, k) the row of y holding slot (t, k), shared (T, D) the shared experts' output
+    (or None). Rounded as separate ops would round: the slots' sum (in fp32) to y's
+    dtype, the shared add, the residual add.
     """
     yd = y.dtype
-    terms = (y[pos].float() * w.to(yd).unsqueeze(-1).float()).to(yd)
-    mlp = terms.float().sum(1).to(yd)
+    mlp = y[pos].float().sum(1).to(yd)
     if shared is not None:
         mlp = (mlp.float() + shared.to(yd).float()).to(yd)
     return (res.float() + mlp.to(out_dtype).float()).to(out_dtype)
-
-
-def moe_gate_grad(dout, y, pos):
-    """d w[t, k] = <dout[t], y[pos[t, k]]>: the gate weights' gradient, each product and
-    the sum rounded to the dtype of y as `moe_combine`'s eager ops do; fp32 out."""
-    yd = y.dtype
-    return (dout.to(yd).unsqueeze(1).float() * y[pos].float()).to(yd).float().sum(-1).to(
-        yd).float()
 
 
 def moe_dispatch_bwd(dx, pos, extras=(), *, out_dtype=torch.bfloat16):
@@ -342,14 +346,13 @@ def moe_dispatch_bwd(dx, pos, extras=(), *, out_dtype=torch.bfloat16):
 
 
 def quantize_grouped(x, offsets, tile=TILE, ue8m0=False, *, index=None, div=1,
-                     row_scale=None, x_scales=None, rows=False, cols=True,
+                     x_scales=None, rows=False, cols=True,
                      out_dtype=torch.bfloat16):
     """Rows of a routed layout (sorted by expert, `offsets` cumulative ends), quantised.
 
     Row m is x[index[m] // div] (a gather: `index` holds slot numbers, `div` slots per
-    source row, e.g. top_k; x itself without `index`), times row_scale[index[m]] when
-    given (a slot's gate weight, rounded to `out_dtype` as the eager combine rounds it),
-    dequantised with x_scales (1 x tile) when x is fp8
+    source row, e.g. top_k; x itself without `index`), dequantised with x_scales
+    (1 x tile) when x is fp8
     (rows an FP8 dispatch delivered). Each row is rounded to `out_dtype` (what a
     separate op would have written), then quantised: rows -> (q, s) 1 x tile; cols ->
     (qt, st) in quantize_act_t_grouped's layout. -> (q, s, qt, st).
@@ -360,9 +363,6 @@ def quantize_grouped(x, offsets, tile=TILE, ue8m0=False, *, index=None, div=1,
         scales = x_scales if src_rows is None else x_scales[src_rows]
         src = dequantize_act(src, scales, tile)
     src = src.float()
-    if row_scale is not None:
-        factor = row_scale.reshape(-1) if index is None else row_scale.reshape(-1)[index]
-        src = src * factor.to(out_dtype).float().unsqueeze(-1)
     src = src.to(out_dtype)
     q = s = qt = st = None
     if rows:

@@ -255,14 +255,6 @@ class ProgramRuntime:
         return t.index_select(0, index)
 
     @staticmethod
-    def scaled_rows(x_TD, w_slot, order, top_k):
-        """Row m: x[order[m] // top_k] * w_slot[order[m]] (a slot's gate, rounded to x's
-        dtype as the eager combine rounds it, times its token), in x's dtype."""
-        src = torch.div(order, top_k, rounding_mode="floor")
-        w = w_slot.index_select(0, order).to(x_TD.dtype).float().unsqueeze(1)
-        return (x_TD.index_select(0, src).float() * w).to(x_TD.dtype)
-
-    @staticmethod
     def send_rows(route, tensors, tag: str, backward: bool = False):
         """Rows in the route's order to their experts' ranks, arriving by local expert
         (the dispatch; backward=True: the combine's gradient, the same way)."""
@@ -290,7 +282,8 @@ class ProgramRuntime:
 
     def two_hop(self, comm, idx_TK, w_TK, tensors, tag: str):
         """DeepSeek-V3's node-then-GPU dispatch of this rank's tokens (`TwoHop`): returns
-        the route and `tensors` (rows by token) arrived at their experts by local expert."""
+        the route and `tensors` (rows by token) arrived at their experts by local expert,
+        then the gate weight of each arrived row."""
         hop = TwoHop(self, comm, idx_TK, w_TK)
         return hop, hop.dispatch(tensors, tag)
 
@@ -319,17 +312,17 @@ class TwoHop:
     """The two-hop route of the generated expert chunk, as `ep.ExpertComm` runs it eagerly:
     a token crosses to each node holding one of its experts once (hop 1, to the rank with
     its own local index there), and that forwarding rank sends the copy on to the owners
-    of the token's experts in the node (hop 2); the replies are weighted by the gates and
-    summed per copy on the forwarding rank, so one row per (token, node) crosses back.
+    of the token's experts in the node (hop 2); the replies are summed per copy on the
+    forwarding rank, so one row per (token, node) crosses back.
 
     Every rank is at once a source (its tokens), a forwarding rank (copies arrived by hop
     1) and an expert owner (rows arrived by hop 2). The chunk sees what one-hop routes
-    give it: rows by local expert (`counts`), and for the combine a layout `moe_combine`
-    and `moe_dispatch_bwd` read as they read one-hop slots: `pos` (T, nodes) holds the row
-    of each (token, node) copy's reply (a zero row where the token reaches no expert on
-    that node) and the copies' weights are 1, the gates having been applied at the
-    forwarding rank. The gate gradient is taken there too and travels back with the
-    input gradient."""
+    give it: rows by local expert (`counts`) with each row's gate weight beside them (the
+    owner applies it inside SwiGLU, so replies come back weighted), and for the combine a
+    layout `moe_combine` and `moe_dispatch_bwd` read as they read one-hop slots: `pos`
+    (T, nodes) holds the row of each (token, node) copy's reply (a zero row where the
+    token reaches no expert on that node). Each row's gate gradient, taken by its owner,
+    travels back with the input gradient and is placed at its (token, k) at the source."""
 
     moves = True
 
@@ -350,7 +343,8 @@ class TwoHop:
         self.tokens, self.top_k = t, k
 
     def dispatch(self, tensors, tag: str):
-        """Rows by token (fp8 codes, scales or bf16) to the owners of their experts."""
+        """Rows by token (fp8 codes, scales or bf16) to the owners of their experts, and
+        the gate weight of each row as it arrived (fp32)."""
         rt = self.rt
         first = [rt.rows_of(x, self.src1) for x in tensors]
         *at_fwd, e_fwd, w_fwd = rt.send_rows(self.hop1, (*first, self.slot_e, self.slot_w), tag)
@@ -360,52 +354,41 @@ class TwoHop:
         order2 = self.hop2.order
         self.copy2 = c_idx.index_select(0, order2)  # each hop-2 slot's copy, in hop 2's order
         self.slot2 = k_idx.index_select(0, order2)
-        self.w2 = w_fwd[self.copy2, self.slot2]
         self.copies_in = e_fwd.shape[0]
         self.counts = self.hop2.counts
         second = [rt.rows_of(x, self.copy2) for x in at_fwd]
-        return rt.send_rows(self.hop2, second, tag)
+        return rt.send_rows(self.hop2, (*second, w_fwd[self.copy2, self.slot2]), tag)
 
     def combine(self, y, tag: str):
-        """The experts' rows back: weighted and summed per copy on the forwarding rank, one
-        row per copy home; returns (rows, weights, pos) for `moe_combine`, and the slots'
-        rows at the forwarding rank, which the gates' gradient reads (the chunk saves them:
-        anything kept on this route would escape recomputation's bookkeeping)."""
+        """The experts' rows (weighted by their owners) back: summed per copy on the
+        forwarding rank, one row per copy home; returns (rows, pos) for `moe_combine`."""
         rt = self.rt
         (y_slot,) = rt.return_rows(self.hop2, (y,), tag)
-        yd = y_slot.dtype
-        weighted = (y_slot.float() * self.w2.to(yd).float().unsqueeze(1)).to(yd)
-        y_copy = weighted.new_zeros(self.copies_in, y.shape[1]).index_add(0, self.copy2, weighted)
+        y_copy = y_slot.new_zeros(self.copies_in, y.shape[1]).index_add(0, self.copy2, y_slot)
         (y_back,) = rt.return_rows(self.hop1, (y_copy,), tag)
-        rows = torch.cat((y_back, y_back.new_zeros(1, y.shape[1])))
-        weights = torch.ones(self.pos.shape, dtype=torch.float32, device=self.pos.device)
-        return rows, weights, self.pos, y_slot
+        return torch.cat((y_back, y_back.new_zeros(1, y.shape[1]))), self.pos
 
-    def combine_backward(self, dout, y_slot, tag: str):
-        """dout (T, D) in the combine dtype to the experts' owners, each slot's rows scaled
-        by its gate there; the gates' gradient (from `y_slot`, `combine`'s) is kept for
-        `dispatch_backward`."""
+    def combine_backward(self, dout, tag: str):
+        """dout (T, D) in the combine dtype to the experts' owners, a row per slot (each
+        copy's row to every slot it was forwarded to; unscaled: the owner's SwiGLU
+        backward applies the gate)."""
         rt = self.rt
         (dy_copy,) = rt.send_rows(self.hop1, (rt.rows_of(dout, self.src1),), tag, backward=True)
-        dy = dy_copy.index_select(0, self.copy2)
-        yd = y_slot.dtype
-        dw2 = (dy.to(yd).float() * y_slot.float()).to(yd).float().sum(-1).to(yd).float()
-        self.dw_fwd = torch.zeros(self.copies_in, self.top_k, dtype=torch.float32,
-                                  device=dy.device)
-        self.dw_fwd[self.copy2, self.slot2] = dw2
-        dy_slot = (dy.float() * self.w2.to(dy.dtype).float().unsqueeze(1)).to(dy.dtype)
-        (dy_arr,) = rt.send_rows(self.hop2, (dy_slot,), tag, backward=True)
+        (dy_arr,) = rt.send_rows(self.hop2, (dy_copy.index_select(0, self.copy2),), tag,
+                                 backward=True)  # fmt: skip
         return dy_arr
 
-    def dispatch_backward(self, dx, tag: str):
-        """The experts' input gradients (rows by local expert) home: summed per copy on the
-        forwarding rank, one row per copy back with the gates' gradient; returns (rows for
-        `moe_dispatch_bwd` with `pos`, the gate gradient (T, top_k) fp32)."""
+    def dispatch_backward(self, dx, dw_rows, tag: str):
+        """The experts' input gradients (rows by local expert) and their rows' gate
+        gradients home: summed per copy on the forwarding rank, one row per copy back
+        with its slots' gate gradients; returns (rows for `moe_dispatch_bwd` with `pos`,
+        the gate gradient (T, top_k) fp32)."""
         rt = self.rt
-        (dx_slot,) = rt.return_rows(self.hop2, (dx,), tag, backward=True)
+        dx_slot, dw_slot = rt.return_rows(self.hop2, (dx, dw_rows), tag, backward=True)
         dx_copy = dx_slot.new_zeros(self.copies_in, dx.shape[1]).index_add(0, self.copy2, dx_slot)
-        dx_back, dw_back = rt.return_rows(self.hop1, (dx_copy, self.dw_fwd), tag, backward=True)
-        self.dw_fwd = None
+        dw_fwd = torch.zeros(self.copies_in, self.top_k, dtype=torch.float32, device=dx.device)
+        dw_fwd[self.copy2, self.slot2] = dw_slot
+        dx_back, dw_back = rt.return_rows(self.hop1, (dx_copy, dw_fwd), tag, backward=True)
         dw = torch.zeros(self.tokens, self.top_k, dtype=torch.float32, device=dw_back.device)
         dw.index_add_(0, self.src1, torch.where(self.on_node1, dw_back, 0.0))
         return torch.cat((dx_back, dx_back.new_zeros(1, dx.shape[1]))), dw

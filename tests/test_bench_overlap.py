@@ -55,11 +55,13 @@ def test_the_program_layer_exchanges_through_the_benchs_transport(bench_layer):
         grads[interleave] = {n: p.grad.clone() for n, p in layer.named_parameters()
                              if p.grad is not None}
         # Y's forward (untimed) and X's: the counts, the rows' dispatch (FP8 codes and
-        # scales), the combine (bf16, one row per slot); Y's backward: the combine's and
-        # the dispatch's gradients
+        # scales, and each slot's fp32 gate weight, which the expert applies), the combine
+        # (bf16, one row per slot); Y's backward: the combine's and the dispatch's
+        # gradients (the latter with each slot's gate gradient)
         t, d, k = shape[0] * shape[1], shape[2], 2
         assert len(sizes) == 2 * 3 + 2, sizes
-        assert sizes[1] == t * k * (d + 4 * d // 128) and sizes[2] == t * k * d * 2, sizes
+        assert sizes[1] == t * k * (d + 4 * d // 128 + 4) and sizes[2] == t * k * d * 2, sizes
+        assert sorted(sizes[-2:]) == [t * k * d * 2, t * k * (d * 2 + 4)], sizes
     assert grads[False].keys() == grads[True].keys() and grads[False]
     for name, g in grads[False].items():
         assert torch.equal(g, grads[True][name]), name  # interleaving changes no value

@@ -25,8 +25,9 @@ What the generated program's chunks save (each chunk's `saved`, no recomputation
   fp32 scale per tile (`precision.cache_fp8_activations`, the default) or in the
   activation dtype;
 * the MoE chunk: the norm's output (the router's input and the experts' wgrad's), the
-  router's scores, choices and gate weights, the expert rows the gates multiplied, each
-  slot's token and position; with experts on other EP ranks, the FP8 rows that arrived.
+  router's scores and choices, each slot's token and position, each routed row's gate
+  weight (applied inside SwiGLU: no expert output is kept for the gates' gradient);
+  with experts on other EP ranks, the FP8 rows that arrived.
 
 What the eager modules save (no recomputation):
 
@@ -68,6 +69,7 @@ GPU, CPU = "gpu", "cpu"
 INDEX_BYTES = 8  # int64 token ids, expert choices, sort orders
 SCALE_BYTES = 4  # FP8 scales are fp32 in the runtime (ue8m0 rounds their value, not their type)
 LSE_BYTES = 4  # log-sum-exp per head and token, fp32
+GATE_BYTES = 4  # a routed slot's gate weight, fp32
 NORM_RSTD_BYTES = 4  # RMSNorm's reciprocal RMS per token, fp32
 
 
@@ -318,18 +320,19 @@ class Kept:
 
     def program_moe(self, T, g, local) -> tuple[dict, object]:
         """({op: bytes}, routed-row bytes) of one MoE block in the program. Per token: the
-        norm's output, the router's fp32 scores and gate weights, its choices, the balance
-        loss's sums; per slot (k a token): the expert output the gate multiplied (combine
-        dtype), the slot's token and position (one hop; DeepSeek-V3's two hops keep about
-        as much). Per received row: gate and up, and where the experts are split over EP
-        ranks (`local` < E), the FP8 rows that arrived."""
+        norm's output, the router's fp32 scores, its choices, the balance loss's sums; per
+        slot (k a token): its token and position (one hop; DeepSeek-V3's two hops keep
+        about as much). Per received row: its gate weight (fp32: the expert applies it
+        inside SwiGLU, so no expert output is kept for the gates' gradient), gate and up,
+        and where the experts are split over EP ranks (`local` < E), the FP8 rows that
+        arrived."""
         d, E, k, d_e = g["d"], g["E"], g["k"], g["d_e"]
         out = {"ffn_norm": self.fused_norm(T, d),
-               "router": self.a * d * T + 4 * E * T + (4 + INDEX_BYTES) * k * T + 4 * T,
-               "experts": (DTYPE_BYTES[self.p.combine] * d + 2 * INDEX_BYTES) * k * T}
+               "router": self.a * d * T + 4 * E * T + INDEX_BYTES * k * T + 4 * T,
+               "experts": 2 * INDEX_BYTES * k * T}
         if g["E_s"]:
             out["shared"] = self.swiglu_inputs(T, g["E_s"] * g["d_s"])
-        rows = self.swiglu_inputs(k * T, d_e)
+        rows = self.swiglu_inputs(k * T, d_e) + GATE_BYTES * k * T
         if local != E:
             rows = rows + self.fp8_rows(k * T, d)
         return out, rows

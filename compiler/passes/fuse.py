@@ -15,12 +15,15 @@ the generated stage program launches (docs/program.md):
 | gemm_residual | a projection + the residual add after it | the GEMM's epilogue |
 | swiglu_quant | SwiGLU + the down projection's quantize (+ g, u in FP8, below) | `swiglu_quant` / `swiglu_bwd_quant` |
 | router_topk | scores, bias, group top-k, gate weights, counts | `router_topk` / `router_bwd` |
-| moe_combine | routed outputs weighted + shared + residual | `moe_combine` / `moe_gate_grad`, `moe_dispatch_bwd` |
+| moe_combine | routed outputs (weighted by their experts) + shared + residual | `moe_combine` / `moe_dispatch_bwd` |
 
 The backward kernels carry on the fusion: `rmsnorm_bwd` adds the residual stream's
 gradient, quantises dx for the GEMMs that read it and recomputes the normed input's
 token tiles for their wgrad; the RoPE and SwiGLU backwards write their gradients
-already quantised in both tilings. Under `precision.cache_fp8_activations` the SwiGLU
+already quantised in both tilings. The routed experts' SwiGLU multiplies each row by its
+slot's gate weight (DeepSeek-V3's layout) and its backward takes the gates' gradient
+beside its own, so the combine only sums and nothing of the experts' outputs is kept
+for the backward. Under `precision.cache_fp8_activations` the SwiGLU
 kernel also writes its inputs g and u as FP8 tiles, which the backward reads instead of
 them in bf16.
 
@@ -243,6 +246,9 @@ class _Grouper:
 
     # -- SwiGLU -> quantize
     def _swiglu_bytes(self, inter, tokens, grouped: bool, experts: int = 0):
+        """Bytes of a SwiGLU group; `grouped` (routed experts): token tiles by expert, and
+        each row weighted by its gate, whose gradient the backward writes (a part per
+        column tile, summed)."""
         a, tile = self.a, self.tile
         reads = 2 * tokens * inter * a
         writes = quant_bytes(tokens, inter, tile)
@@ -258,6 +264,11 @@ class _Grouper:
         if self.pol.cache_fp8_activations:  # g and u written as FP8 tiles and read back so
             writes += 2 * quant_bytes(tokens, inter, tile)
             bwd_reads += 2 * quant_bytes(tokens, inter, tile) - 2 * tokens * inter * a
+        if grouped:  # the gates read; their gradient's parts written, read and summed
+            parts = 4 * tokens * math.ceil(inter / tile)
+            reads += 4 * tokens
+            bwd_reads += 4 * tokens + parts
+            bwd_writes += parts + 4 * tokens
         return reads, writes, bwd_reads, bwd_writes, ur + ubr, uw + ubw
 
     @property
@@ -301,8 +312,8 @@ class _Grouper:
         self._add(f"{experts.name}:swiglu", "swiglu_quant", [experts.name], experts.layer,
                   "swiglu_quant", "swiglu_bwd_quant", reads=r, writes=w, bwd_reads=br,
                   bwd_writes=bw, unfused_reads=ur, unfused_writes=uw, part="swiglu",
-                  what=f"routed experts: silu(g) u into 1x{tile} tiles; token tiles by expert"
-                  + self._kept_note)
+                  what=f"routed experts: silu(g) u times the gate into 1x{tile} tiles; token "
+                  "tiles by expert; the gates' gradient" + self._kept_note)
         add = next((c for c in self._consumers(experts) if c.kind == "add"), None)
         if add is None:
             return
@@ -320,19 +331,19 @@ class _Grouper:
                       + self._kept_note)
         reads = m * d * a + T * k * 12 + T * d * a
         writes = T * d * a
-        # backward: gate grads (dout . y per slot), dy rows quantised by expert, dn summed
-        bwd_reads = T * d * a + m * d * a + T * k * 12 + m * d * a + 2 * T * d * a
-        bwd_writes = T * k * 4 + quant_bytes(m, d, tile) + m * d + 4 * d * (
-            _tiles(m, tile) + place) + T * d * a
+        # backward: dout's rows quantised by expert (unscaled: the experts' SwiGLU applies
+        # the gates and takes their gradient), dn summed
+        bwd_reads = T * k * 8 + m * d * a + 2 * T * d * a
+        bwd_writes = quant_bytes(m, d, tile) + m * d + 4 * d * (_tiles(m, tile) + place) + T * d * a
         # eager: K copies of each row, the weighted product and its sum, two adds
         ur = 3 * m * d * a + 3 * T * d * a
         uw = 2 * m * d * a + 2 * T * d * a
         ubr = 4 * m * d * a + 2 * T * d * a
         ubw = 3 * m * d * a + T * k * 4 + 2 * T * d * a + quant_bytes(m, d, tile, both=True)
         self._add(f"{experts.name.rsplit('.', 1)[0]}.combine", "moe_combine", members,
-                  experts.layer, "moe_combine", "moe_gate_grad+moe_dispatch_bwd", reads=reads,
+                  experts.layer, "moe_combine", "moe_dispatch_bwd", reads=reads,
                   writes=writes, bwd_reads=bwd_reads, bwd_writes=bwd_writes,
                   unfused_reads=ur + ubr, unfused_writes=uw + ubw, part="combine",
-                  what=("routed outputs weighted by their gates + the residual"
+                  what=("routed outputs (weighted by their experts) + the residual"
                         + (" (shared experts added in their down GEMM's epilogue)" if shared
                            else "")))

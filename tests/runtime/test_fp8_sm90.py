@@ -77,7 +77,8 @@ def test_the_cast_path_saves_the_integer_rounding(sm90):
             rows[cells[0].split(" (")[0]] = (float(cells[2]), float(cells[3]))
     assert set(rows) == {"quantize_act 1x128", "quantize_act_both 1x128 + 128x1",
                          "quantize_weight 128x128", "swiglu_quant",
-                         "swiglu_quant, g and u kept in FP8"}, rows  # fmt: skip
+                         "swiglu_quant, g and u kept in FP8",
+                         "swiglu_quant, FP8 g and u, gate-weighted rows"}, rows  # fmt: skip
     for name, (cast, integer) in rows.items():
         # what a GPU runs is well under the interpreter's integer rounding (~12 per value)
         assert integer - cast >= 8, (name, cast, integer)

@@ -225,6 +225,47 @@ def test_swiglu_backward_reads_fp8_inputs(kernels, grouped, round_act):
                                          dh, **deq), names)
 
 
+@pytest.mark.parametrize("fp8_in", [False, True])
+def test_swiglu_weighted_by_the_gates_forward_and_backward(kernels, fp8_in):
+    # routed experts apply their slot's gate inside SwiGLU (h' = w h): the forward's codes,
+    # and a backward giving the gradients of w dh, h' in token tiles and the gate gradient
+    m, i = 150, 200
+    g, u, dh = _rand(m, i, seed=44, scale=3.0), _rand(m, i, seed=45), _rand(m, i, seed=46)
+    w = torch.rand(m, generator=torch.Generator().manual_seed(47)) + 0.05
+    _same_fp8(kernels.swiglu_quant(g, u, row_scale=w), F8.swiglu_quant(g, u, row_scale=w), "h'")
+    kw = {"offsets": torch.tensor([10, 10, 50, 150])}
+    if fp8_in:
+        _, _, g, kw["gate_s"], u, kw["up_s"] = F8.swiglu_quant(g, u, keep_inputs=True)
+    got = kernels.swiglu_bwd_quant(g, u, dh, row_scale=w, **kw)
+    want = R.swiglu_bwd_quant(g, u, dh, row_scale=w, **kw)
+    names = ["dg", "s", "dgt", "st", "du", "s", "dut", "st", "ht", "hts", "dw"]
+    assert len(got) == len(want) == 11
+    _all_outputs(got, want, names)
+    # the reference against autograd: d/dw and the inputs' gradients of <dh, w silu(g) u>
+    gf = F8.dequantize_act(g, kw["gate_s"]) if fp8_in else g.float()
+    uf = F8.dequantize_act(u, kw["up_s"]) if fp8_in else u.float()
+    gf, uf, wf = gf.clone().requires_grad_(), uf.clone().requires_grad_(), w.clone().requires_grad_()
+    (dh.float() * torch.nn.functional.silu(gf) * uf * wf[:, None]).sum().backward()
+    _same(want[10], wf.grad, "dw vs autograd", "fused_fp32")
+    plain = R.swiglu_bwd_quant(g, u, (dh.float() * w[:, None]), **kw)  # = the gradient of w dh
+    _all_outputs(want[:8], plain[:8], names[:8])
+    _same_fp8(want[:2], F8.quantize_act(gf.grad.to(torch.bfloat16)), "dg vs autograd")
+    _same_fp8(want[4:6], F8.quantize_act(uf.grad.to(torch.bfloat16)), "du vs autograd")
+
+
+def test_swiglu_weights_are_for_the_unrounded_product_only(kernels):
+    g = _rand(8, 128, seed=48)
+    w = torch.ones(8)
+    for impl in (kernels.swiglu_quant, F8.swiglu_quant):
+        with pytest.raises(ValueError, match="row_scale"):
+            impl(g, g, round_dtype=torch.bfloat16, row_scale=w)
+    for impl in (kernels.swiglu_bwd_quant, R.swiglu_bwd_quant):
+        with pytest.raises(ValueError, match="row_scale"):
+            impl(g, g, g, round_dtype=torch.bfloat16, row_scale=w)
+    with pytest.raises(ValueError, match="row_scale must have shape"):
+        kernels.swiglu_quant(g, g, row_scale=torch.ones(7))
+
+
 def test_swiglu_backward_refuses_half_an_fp8_pair(kernels):
     g = _rand(8, 128, seed=40)
     gq, gs = F8.quantize_act(g)
@@ -275,12 +316,13 @@ def _routed(t=80, k=3, d=160, seed=50):
             torch.rand(t, k, generator=gen), pos)
 
 
-def test_moe_combine_gate_gradient_and_dispatch_backward(kernels):
+def test_moe_combine_and_dispatch_backward(kernels):
     y, res, shared, w, pos = _routed()
     for sh in (shared, None):
-        _same(kernels.moe_combine(res, y, w, pos, sh), R.moe_combine(res, y, w, pos, sh), "out")
-    dout = _rand(*res.shape, seed=55)
-    _same(kernels.moe_gate_grad(dout, y, pos), R.moe_gate_grad(dout, y, pos), "dw", "fused_fp32")
+        _same(kernels.moe_combine(res, y, pos, sh), R.moe_combine(res, y, pos, sh), "out")
+    # the rows come weighted (by the experts): a plain sum of a token's slots
+    _same(R.moe_combine(res, y, pos, shared), res.float() + y[pos].float().sum(1) + shared.float(),
+          "res + sum of the slots + shared")
     for extras in ((), (shared,), (shared, res)):
         _same(kernels.moe_dispatch_bwd(y, pos, extras), R.moe_dispatch_bwd(y, pos, extras), "dn")
 
@@ -290,8 +332,7 @@ def test_grouped_quantiser_gathers_scales_and_requantises(kernels):
     m, k = y.shape[0], pos.shape[1]
     order = pos.view(-1).argsort()
     offsets = torch.tensor([0, 30, 30, 100, 200, m])  # an empty expert first, one in the middle
-    cases = [(y, {}), (res, dict(index=order, div=k)),
-             (res, dict(index=order, div=k, row_scale=w.view(-1), rows=True))]
+    cases = [(y, {}), (res, dict(index=order, div=k)), (res, dict(index=order, div=k, rows=True))]
     for x, kw in cases:
         got = kernels.quantize_grouped(x, offsets, **kw)
         want = R.quantize_grouped(x, offsets, **kw)
@@ -337,19 +378,22 @@ def test_rmsnorm_forward_and_backward_on_random_shapes(kernels, m, k, cols, seed
 
 @settings(max_examples=5, deadline=None)
 @given(sizes=st.lists(st.integers(0, 60), min_size=1, max_size=5), i=st.integers(1, 200),
-       seed=st.integers(0, 99), fp8_in=st.booleans())
-def test_grouped_swiglu_backward_on_random_routings(kernels, sizes, i, seed, fp8_in):
+       seed=st.integers(0, 99), fp8_in=st.booleans(), weighted=st.booleans())
+def test_grouped_swiglu_backward_on_random_routings(kernels, sizes, i, seed, fp8_in, weighted):
     m = sum(sizes)
     if m == 0:
         return
     offsets = torch.tensor(sizes).cumsum(0)
     g, u, dh = _rand(m, i, seed=seed), _rand(m, i, seed=seed + 1), _rand(m, i, seed=seed + 2)
     kw = {"offsets": offsets}
+    if weighted:  # the routed experts' gates, applied inside SwiGLU
+        kw["row_scale"] = torch.rand(m, generator=torch.Generator().manual_seed(seed + 3))
     if fp8_in:  # the inputs as swiglu_quant(keep_inputs=True) keeps them
         _, _, g, kw["gate_s"], u, kw["up_s"] = F8.swiglu_quant(g, u, keep_inputs=True)
     got = kernels.swiglu_bwd_quant(g, u, dh, **kw)
     want = R.swiglu_bwd_quant(g, u, dh, **kw)
-    _all_outputs(got, want, ["dg", "s", "dgt", "st", "du", "s", "dut", "st", "ht", "hts"])
+    names = ["dg", "s", "dgt", "st", "du", "s", "dut", "st", "ht", "hts"]
+    _all_outputs(got, want, names + (["dw"] if weighted else []))
 
 
 @settings(max_examples=5, deadline=None)
