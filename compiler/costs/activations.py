@@ -24,8 +24,9 @@ What the generated program's chunks save (each chunk's `saved`, no recomputation
 * SwiGLU (dense, shared and routed experts): gate and up, as FP8 1 x tile codes with an
   fp32 scale per tile (`precision.cache_fp8_activations`, the default) or in the
   activation dtype;
-* the MoE chunk: the norm's output (the router's input and the experts' wgrad's), the
-  router's scores and choices, each slot's token and position, each routed row's gate
+* the MoE chunk: the norm's input (kept by the chunk before it; the norm's output, the
+  router's and the experts' wgrad's input, is rebuilt from it), the router's scores and
+  choices, each slot's token and position, each routed row's gate
   weight (applied inside SwiGLU: no expert output is kept for the gates' gradient);
   with experts on other EP ranks, the FP8 rows that arrived.
 
@@ -320,15 +321,16 @@ class Kept:
 
     def program_moe(self, T, g, local) -> tuple[dict, object]:
         """({op: bytes}, routed-row bytes) of one MoE block in the program. Per token: the
-        norm's output, the router's fp32 scores, its choices, the balance loss's sums; per
-        slot (k a token): its token and position (one hop; DeepSeek-V3's two hops keep
-        about as much). Per received row: its gate weight (fp32: the expert applies it
-        inside SwiGLU, so no expert output is kept for the gates' gradient), gate and up,
-        and where the experts are split over EP ranks (`local` < E), the FP8 rows that
-        arrived."""
+        norm's input and rstd (the norm's output is rebuilt from them for the weight
+        gradients, not kept), the router's fp32 scores, its choices, the balance loss's
+        sums; per slot (k a token): its token and position (one hop; DeepSeek-V3's two
+        hops keep about as much). Per received row: its gate weight (fp32: the expert
+        applies it inside SwiGLU, so no expert output is kept for the gates' gradient),
+        gate and up, and where the experts are split over EP ranks (`local` < E), the
+        FP8 rows that arrived."""
         d, E, k, d_e = g["d"], g["E"], g["k"], g["d_e"]
         out = {"ffn_norm": self.fused_norm(T, d),
-               "router": self.a * d * T + 4 * E * T + INDEX_BYTES * k * T + 4 * T,
+               "router": 4 * E * T + INDEX_BYTES * k * T + 4 * T,
                "experts": 2 * INDEX_BYTES * k * T}
         if g["E_s"]:
             out["shared"] = self.swiglu_inputs(T, g["E_s"] * g["d_s"])

@@ -68,9 +68,10 @@ def test_saved_tensors_by_hand():
         return rows * width + rows * -(-width // 128) * 4
 
     parts, routed = activation_bytes(moe, Kept(pr, "none"), T, S, 4)
-    # the norm; its bf16 output, fp32 scores of 256 experts, int64 choices of 8, the
-    # balance loss's sums; per slot two indices; the shared expert's gate and up in FP8
-    assert parts == (norm(d) + 2 * d * T + 4 * 256 * T + 8 * 8 * T + 4 * T
+    # the norm (its input: its bf16 output is rebuilt from it, not kept), fp32 scores of
+    # 256 experts, int64 choices of 8, the balance loss's sums; per slot two indices; the
+    # shared expert's gate and up in FP8
+    assert parts == (norm(d) + 4 * 256 * T + 8 * 8 * T + 4 * T
                      + 2 * 8 * 8 * T + 2 * fp8(T, 2048))
     # 8 rows per token: gate and up in FP8, the gate weight (fp32: the experts apply it,
     # so none of their outputs is kept), and the FP8 rows that arrived from other ranks
