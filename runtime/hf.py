@@ -18,7 +18,8 @@ stages and, of the routed experts, only those its EP rank holds
 `weight_scale_inv` of 128x128 block scales, DeepSeek-V3's release format) are
 dequantised to the parameters' dtype on load; export can write that format too.
 
-Load before the optimizer is built: `ZeroAdamW` keeps its own fp32 master copy.
+A load may come before or after the optimizer is built: it copies into the parameters
+in place, and `ZeroAdamW`'s master shards are those parameters.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from . import fp8_torch, fused_torch
 from .fp8_triton import PROTOCOL
 from .generated import forget, import_generated
 
-PROGRAM_API = 1  # the interface between generated programs and this module
+PROGRAM_API = 2  # the interface between generated programs and this module
 
 _EPILOGUE_BACKENDS = ("torch", "triton")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dsvc.compiler.codegen.render import render_generated
 
-PROGRAM_API = 1  # must equal runtime/program.PROGRAM_API (a test checks)
+PROGRAM_API = 2  # must equal runtime/program.PROGRAM_API (a test checks)
 
 
 def render_program(graph, *, spec_file: str | None, span, passes) -> str:

@@ -321,7 +321,7 @@ class Kept:
 
     def program_moe(self, T, g, local) -> tuple[dict, object]:
         """({op: bytes}, routed-row bytes) of one MoE block in the program. Per token: the
-        norm's input and rstd (the norm's output is rebuilt from them for the weight
+        norm's input and rstd (the norm's output is rebuilt from the input for the weight
         gradients, not kept), the router's fp32 scores, its choices, the balance loss's
         sums; per slot (k a token): its token and position (one hop; DeepSeek-V3's two
         hops keep about as much). Per received row: its gate weight (fp32: the expert

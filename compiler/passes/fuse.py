@@ -329,7 +329,7 @@ class _Grouper:
                       unfused_reads=ur2, unfused_writes=uw2, part="swiglu",
                       what=f"shared experts: silu(g) u into 1x{tile} tiles of {si}"
                       + self._kept_note)
-        reads = m * d * a + T * k * 12 + T * d * a
+        reads = m * d * a + T * k * 8 + T * d * a  # the rows, their positions, the residual
         writes = T * d * a
         # backward: dout's rows quantised by expert (unscaled: the experts' SwiGLU applies
         # the gates and takes their gradient), dn summed
