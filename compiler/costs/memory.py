@@ -257,9 +257,9 @@ class MemoryModel:
         piece of the loss (runtime/loss.py: its logits in the head's dtype and in fp32, the
         log-softmax and its gradient in fp32 and the head's dtype; the head's weight in its
         format, the piece's gradient of it and their fp32 sum); the optimizer's: the
-        reduce-scattered gradient shard and the all-gather's input (over data
-        parallelism; one rank reduces in place) and its fp32 temporaries of a piece of
-        the update (runtime/optim.py)."""
+        reduce-scattered gradient shard and the all-gather's input of each group sharded
+        over more than one rank (one rank reduces in place) and its fp32 temporaries of a
+        piece of the update (runtime/optim.py)."""
         costs, pd = self.costs, self.pd
         V, d = costs.V, costs.embedding.dims["d"]
         b = head_weight_bytes(self.spec.precision)
@@ -267,8 +267,12 @@ class MemoryModel:
         # the weight's cast (none in fp32), a piece's gradient of it, their fp32 sum
         copy = 0 if b == 4 else b
         loss = ((2 * b + 12) * rows * V + (copy + b + 4) * V * d) if heads else 0
-        dp = self.spec.parallel.data if self.spec.parallel is not None else 1
-        exchange = 2 * 4 * smax(shard_d, shard_e) if dp > 1 else 0
+        # a group of one rank (the experts when EP spans the data-parallel ranks) neither
+        # reduce-scatters nor all-gathers: it steps its buffer in place
+        par = self.spec.parallel
+        dp = par.data if par is not None else 1
+        edp = max(1, dp // par.expert) if par is not None else 1
+        exchange = 2 * 4 * smax(shard_d if dp > 1 else 0, shard_e if edp > 1 else 0)
         update = 3 * 4 * smin(smax(shard_d, shard_e), OPTIMIZER_UPDATE_PIECE)
         return smax(loss, exchange + update)
 

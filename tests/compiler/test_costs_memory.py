@@ -294,3 +294,22 @@ def test_adding_a_layer_adds_exactly_one_layer(att, hidden, n_dense, n_moe, rout
     assert b.value("model.params_total") - a.value("model.params_total") == layer
     kv = a.value("model.kv_cache_bytes_per_token")
     assert b.value("model.kv_cache_bytes_per_token") - kv == kv // (n_dense + n_moe)
+
+
+def test_transients_charge_the_exchange_of_sharded_groups_only():
+    # runtime/optim.py: a ZeRO-1 group sharded over n > 1 ranks allocates its reduce-
+    # scattered shard and the all-gather's input (fp32 each) during the step; a group of
+    # one rank steps its buffer in place. DeepSeek-V3's experts at EP 64: over 2,048 GPUs
+    # (DP 128) each expert is held by EDP = 2 ranks, over 1,024 (DP 64) by one
+    from dsvc.runtime.plan import OPTIMIZER_UPDATE_PIECE
+
+    update = 3 * 4 * OPTIMIZER_UPDATE_PIECE  # fp32 temporaries of one piece of the update
+    for nodes, edp in ((256, 2), (128, 1)):
+        r = build_report(dsl.load(EXAMPLES / "deepseek_v3.dsv", (f"cluster.nodes={nodes}",)))
+        dev = 5  # MoE layers only: no loss piece
+        shards = r.value(f"memory.devices.{dev}.optimizer_states") / (2 * 2)  # bf16 m, v
+        exchange = r.value(f"memory.devices.{dev}.transients") - update
+        if edp > 1:  # the experts' half shard (nearly all of the device's) both ways
+            assert 0.95 * 8 * shards < exchange <= 8 * shards
+        else:  # only the dense group's 1/64 shard (2% of the device's shards)
+            assert 0 < exchange < 0.05 * 8 * shards
