@@ -5,12 +5,14 @@ card; the roofline of `simulate_costs.op_times` elsewhere), summed per unit
 (embedding, each kind of decoder layer, head, MTP module) of a graph lowered once per
 (micro-batch size, recomputation); the units dealt to stages evenly; per device the
 micro-batches through its stages times each stage's forward, backward and the expert
-all-to-all it cannot hide (all of it without overlap, what outlasts the compute with
-it); the published bubble of the schedule with the slowest stage's chunk times; the
-data-parallel reduce-scatter, all-gather and optimizer step of the device's
-parameters. It ignores what only the event simulation sees (where exposed
-communication falls, P2P latency, the balancer's cuts), which is why the best
-estimates are then simulated in full.
+all-to-all it cannot hide (all of it without overlap; with dual micro-batch overlap,
+what outlasts the compute, and the compute it slows: the simulator runs a chunk that
+starts while an all-to-all is in flight on the SMs the communication kernels leave,
+so as much compute as the all-to-all lasts is charged at that rate); the published
+bubble of the schedule with the slowest stage's chunk times; the data-parallel
+reduce-scatter, all-gather and optimizer step of the device's parameters. It ignores
+what only the event simulation sees (where exposed communication falls, P2P latency,
+the balancer's cuts), which is why the best estimates are then simulated in full.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class Estimator:
 
         self.spec, self.kernels = spec, kernel_model(spec)
         self.rates = Rates.of(spec.cluster.gpu)
+        k = self.kernels
+        # compute time while communication kernels hold SMs, relative to all SMs
+        self.contended = k.sms / k.contended_sms if k is not None else 1.0
         self._units: dict = {}
         self._graphs: dict = {}  # (micro-batch size, recompute) -> the lowered graph
         self._splits: dict = {}  # (units, schedule, stages) -> layers per stage
@@ -171,7 +176,11 @@ class Estimator:
             b = sum(u.dgrad + u.wgrad for u in us)
             w = sum(u.wgrad for u in us)
             a2a = comm * sum(u.moe for u in us)
-            exposed = max(0.0, a2a - (f + b)) if overlap else a2a
+            if overlap:  # compute beside an all-to-all in flight runs on the SMs it leaves
+                slowed = (f + b) + min(f + b, a2a) * (self.contended - 1.0)
+                exposed = max(a2a, slowed) - (f + b)
+            else:
+                exposed = a2a
             params = sum(u.params + u.expert_params / max(1, c.expert) for u in us)
             stages.append((f, b, w, exposed, params))
         micro = spec.train.global_batch // (data * c.micro_batch)
