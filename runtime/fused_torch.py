@@ -352,10 +352,9 @@ def quantize_grouped(x, offsets, tile=TILE, ue8m0=False, *, index=None, div=1,
 
     Row m is x[index[m] // div] (a gather: `index` holds slot numbers, `div` slots per
     source row, e.g. top_k; x itself without `index`), dequantised with x_scales
-    (1 x tile) when x is fp8
-    (rows an FP8 dispatch delivered). Each row is rounded to `out_dtype` (what a
-    separate op would have written), then quantised: rows -> (q, s) 1 x tile; cols ->
-    (qt, st) in quantize_act_t_grouped's layout. -> (q, s, qt, st).
+    (1 x tile) when x is fp8 (rows an FP8 dispatch delivered). Each row is rounded to
+    `out_dtype` (what a separate op would have written), then quantised: rows -> (q, s)
+    1 x tile; cols -> (qt, st) in quantize_act_t_grouped's layout. -> (q, s, qt, st).
     """
     src_rows = None if index is None else torch.div(index, div, rounding_mode="floor")
     src = x if src_rows is None else x[src_rows]

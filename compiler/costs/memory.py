@@ -270,8 +270,7 @@ class MemoryModel:
         # a group of one rank (the experts when EP spans the data-parallel ranks) neither
         # reduce-scatters nor all-gathers: it steps its buffer in place
         par = self.spec.parallel
-        dp = par.data if par is not None else 1
-        edp = max(1, dp // par.expert) if par is not None else 1
+        dp, edp = (par.data, par.expert_data) if par is not None else (1, 1)
         exchange = 2 * 4 * smax(shard_d if dp > 1 else 0, shard_e if edp > 1 else 0)
         update = 3 * 4 * smin(smax(shard_d, shard_e), OPTIMIZER_UPDATE_PIECE)
         return smax(loss, exchange + update)

@@ -163,14 +163,18 @@ def test_tiny_blocks_equal_the_eager_modules(tiny, block):
         assert worst["y"] == 0.0 and worst["dx"] == 0.0  # bit for bit, not only close
 
 
-def _errors_against_fp32(prog, plan, model, block, seed):
-    """{name: (eager FP8 error, program error)}, each relative to the block in fp32."""
+def _fp32_plan(plan):
+    """`plan` with every linear in fp32 (the `--fp32` reference precision)."""
     from dsvc.runtime.plan import dump_plan
 
     raw = dump_plan(plan)
     raw["precision"] = fp32_precision()
-    ref_model = build_full_model(parse_plan(raw))
-    ref_model.load_state_dict(model.state_dict())
+    return parse_plan(raw)
+
+
+def _errors_against_fp32(prog, plan, model, ref_model, block, seed):
+    """{name: (eager FP8 error, program error)}, each relative to `ref_model` (the same
+    weights under `_fp32_plan`)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 16, plan.model.hidden, generator=gen).to(torch.bfloat16)
     dy = torch.randn(2, 16, plan.model.hidden, generator=gen)
@@ -198,10 +202,12 @@ def test_moe_blocks_are_as_accurate_as_the_eager_modules(tiny, tmp_path, case):
                          filename="t.dsv")
         (prog, plan, model), blocks = _setup(spec, tmp_path), ["layers.1"]
     ratio = tol("program_moe_vs_fp32_ratio")[0]
+    ref_model = build_full_model(_fp32_plan(plan))
+    ref_model.load_state_dict(model.state_dict())
     for block in blocks:
         assert _is_moe(model, block)
         for seed in (0, 1):
-            errs = _errors_against_fp32(prog, plan, model, block, seed)
+            errs = _errors_against_fp32(prog, plan, model, ref_model, block, seed)
             assert all(e > 0 for e, _ in errs.values() if e is not None)
             worse = {k: g / e for k, (e, g) in errs.items() if g > ratio * e}
             assert not worse, (block, seed, worse)
@@ -335,11 +341,7 @@ def test_weight_gradients_wait_when_autograd_runs_the_backward_on_another_thread
 
 def test_a_plan_of_another_precision_keeps_the_eager_modules(tiny):
     prog, plan, model = tiny
-    from dsvc.runtime.plan import dump_plan
-
-    raw = dump_plan(plan)
-    raw["precision"] = fp32_precision()
-    plan32 = parse_plan(raw)
+    plan32 = _fp32_plan(plan)
     assert "precision differs" in P.program_mismatch(prog, plan32)
     assert P.attach_program([model], prog, plan32, "torch") == (0, 5)
     assert all(getattr(m, "program", None) is None for m in model.modules())
