@@ -49,6 +49,7 @@ class _Topology:
         self.spec = spec
         self.ep = p.expert if p is not None else 1
         self.data = p.data if p is not None else 1
+        self.expert_data = p.expert_data if p is not None else 1  # each expert's replicas
         self.zero = p.zero if p is not None else 1
         self.two_hop = p.two_hop if p is not None else True
         self.gpn = c.gpus_per_node if c is not None else max(self.ep, 1)
@@ -184,7 +185,7 @@ def _insert_collectives(g: Graph, topo: _Topology) -> None:
         elif op.param_count:
             dense[op.stage] += op.param_count
     grad_b, w_b = DTYPE_BYTES[pol.grads], DTYPE_BYTES[pol.default]
-    ep, edp = topo.ep, max(1, topo.data // max(topo.ep, 1))
+    ep, edp = topo.ep, topo.expert_data
     for p in range(pipe.parts):
         ops = []
         if topo.data > 1:
