@@ -28,6 +28,7 @@ Without CUDA (and without --cpu-smoke) it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -202,11 +203,19 @@ def check_correctness(kernels, ref, cublas, torch, sizes):
     m_big = 4 * sizes.tokens[0] + 3 if dev == "cuda" else m
     xb = torch.randn(m_big, k, device=dev).to(torch.bfloat16)
     ab, ab_s = ref.quantize_act(xb)
-    got_p = _forced_persistent(kernels, ab, ab_s, wq, ws, torch)
-    err = _rel_err(got_p, ref.gemm(ab, ab_s, wq, ws, torch.float32))
+    want_b = ref.gemm(ab, ab_s, wq, ws, torch.float32)
+    got_p = _forced_gemm(kernels, ab, ab_s, wq, ws, torch, sm_count=8, PERSISTENT=True)
+    err = _rel_err(got_p, want_b)
     print(f"correctness: generated gemm, persistent, bf16 out: relative error {err:.1e} "
           f"(limit {GPU_BF16_REL:g})")  # fmt: skip
     failures += [] if err <= GPU_BF16_REL else ["persistent gemm"]
+    if dev == "cuda":  # warp-specialised (Hopper's pass; the interpreter ignores it)
+        ws_cfg = next(c for c in kernels.GPU_GEMM_CONFIGS if c.get("WS"))
+        got_w = _forced_gemm(kernels, ab, ab_s, wq, ws, torch, **ws_cfg)
+        err = _rel_err(got_w, want_b)
+        print(f"correctness: generated gemm, warp-specialised, bf16 out: relative error "
+              f"{err:.1e} (limit {GPU_BF16_REL:g})")  # fmt: skip
+        failures += [] if err <= GPU_BF16_REL else ["warp-specialised gemm"]
     offsets = torch.tensor([m // 3, m // 3, m - 1], device=dev, dtype=torch.int32)
     we, wes = ref.quantize_weight(torch.randn(3, n, k, device=dev))
     got = kernels.grouped_gemm(a, a_s, we, wes, offsets, torch.float32)
@@ -231,29 +240,39 @@ def check_correctness(kernels, ref, cublas, torch, sizes):
     return have_cublas
 
 
-def _forced_persistent(kernels, a, a_s, w, w_s, torch):
+@contextlib.contextmanager
+def _forced(kernels, sm_count=None, **config):
+    """The plain GEMM launched with the compiler's config changed by `config` (PERSISTENT,
+    WS), not autotuned; `sm_count` pretends the device has that many SMs."""
     saved = (kernels.GEMM_TABLE, dict(kernels.DEFAULT_GEMM_CONFIG), kernels._autotuning,
              kernels._sm_count)  # fmt: skip
     try:
         kernels.GEMM_TABLE = {}
         for device in ("cpu", "gpu"):
-            cfg = dict(kernels.DEFAULT_GEMM_CONFIG[device], PERSISTENT=True)
-            kernels.DEFAULT_GEMM_CONFIG[device] = cfg
+            kernels.DEFAULT_GEMM_CONFIG[device] = dict(kernels.DEFAULT_GEMM_CONFIG[device], **config)
         kernels._autotuning = lambda t: False
-        kernels._sm_count = lambda device: 8
+        if sm_count is not None:
+            kernels._sm_count = lambda device: sm_count
+        yield
+    finally:
+        kernels.GEMM_TABLE, defaults, kernels._autotuning, kernels._sm_count = saved
+        kernels.DEFAULT_GEMM_CONFIG.update(defaults)
+
+
+def _forced_gemm(kernels, a, a_s, w, w_s, torch, sm_count=None, **config):
+    """c = a @ w^T in bf16 (a TMA-stored epilogue) under `_forced`."""
+    with _forced(kernels, sm_count, **config):
         c = torch.empty((a.shape[0], w.shape[0]), dtype=torch.bfloat16, device=a.device)
         kernels._launch_gemm(a, a_s, w, w_s, c, False, split_k=1)
         return c
-    finally:
-        kernels.GEMM_TABLE, config, kernels._autotuning, kernels._sm_count = saved
-        kernels.DEFAULT_GEMM_CONFIG.update(config)
 
 
 def gemm_rows(kernels, torch, sizes, have_cublas):
     print("\n## GEMMs (TFLOP/s)\n")
-    print("| M | N | K | split K | generated | cuBLAS FP8 block | cuBLAS BF16 | gen/cuBLAS FP8 "
-          "| gen/BF16 | gen/DeepSeek ref (RESULTS reference) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| M | N | K | split K | generated | warp-specialised | cuBLAS FP8 block | cuBLAS BF16 "
+          "| gen/cuBLAS FP8 | gen/BF16 | gen/DeepSeek ref (RESULTS reference) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    ws_cfg = next(c for c in kernels.GPU_GEMM_CONFIGS if c.get("WS"))
     ratios = {m: ([], []) for m in sizes.tokens}
     for m in sizes.tokens:
         for (n, k), (_, _, deepseek) in sizes.shapes.items():
@@ -264,11 +283,13 @@ def gemm_rows(kernels, torch, sizes, have_cublas):
             flops = 2 * m * n * k
             run = functools.partial(kernels.gemm, a, a_s, wq, ws, torch.bfloat16)
             gen = flops / bench_ms(run) / 1e9
+            with _forced(kernels, **ws_cfg):  # the first WS candidate alone (split K kept)
+                wsp = flops / bench_ms(run) / 1e9
             bf16 = flops / bench_ms(functools.partial(torch.matmul, x, w.t())) / 1e9
             cub = flops / bench_ms(cublas_call(a, a_s, wq, ws)) / 1e9 if have_cublas else math.nan
             vs_ref = f"{gen / deepseek:.2f}x" if m == 4096 else "-"
             split = kernels._pick_split_k(m, n, k, x.device)
-            print(f"| {m} | {n} | {k} | {split} | {gen:.0f} | {cub:.0f} | {bf16:.0f} "
+            print(f"| {m} | {n} | {k} | {split} | {gen:.0f} | {wsp:.0f} | {cub:.0f} | {bf16:.0f} "
                   f"| {gen / cub:.2f} | {gen / bf16:.2f} | {vs_ref} |")  # fmt: skip
             ratios[m][0].append(gen / cub)
             ratios[m][1].append(gen / deepseek)

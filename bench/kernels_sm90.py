@@ -198,7 +198,9 @@ def _gemm_args(m, n, k, cfg, *, split_k=1, rowwise=False):
     c_desc = split_k == 1
     return dict(
         a=Desc("fp8e4nv", (bm, bk)), a_s=Ptr("fp32"), b=Desc("fp8e4nv", (bn, bk)),
-        b_s=Ptr("fp32"), c=Desc("bf16", (bm, bn)) if c_desc else Ptr("fp32"), M=m, N=n, K=k,
+        b_s=Ptr("fp32"), c=Desc("bf16", (bm, bn)) if c_desc else Ptr("fp32"),
+        a_base=Ptr("fp8e4nv"), b_base=Ptr("fp8e4nv"), c_base=Ptr("bf16" if c_desc else "fp32"),
+        WS=cfg.get("WS", False), M=m, N=n, K=k,
         stride_am=k, stride_ak=1, stride_asm=1, stride_ask=m, stride_bn=k, stride_bk=1,
         stride_bsn=-(-k // 128), stride_bsk=1, stride_cs=m * n if split_k > 1 else 0,
         stride_cm=n, stride_cn=1, M_BUCKET=m, B_ROWWISE=rowwise, USE_TMA=True, C_DESC=c_desc,
@@ -236,14 +238,15 @@ def _wgrad_args(cfg, experts=32, m=4096, n=4096, k=7168):
 
 def _cfg_label(cfg) -> str:
     label = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
-    return label + (" persistent" if cfg["PERSISTENT"] else "")
+    return label + (" persistent" if cfg["PERSISTENT"] else "") + (" ws" if cfg.get("WS") else "")
 
 
 def gemm_rows(module, quick):
     """(kernel label, config label, kernel, args, warps, stages) per GEMM compilation."""
     configs = module.GPU_GEMM_CONFIGS
-    if quick:  # the first config, and the first persistent one
-        configs = [configs[0], next(c for c in configs if c["PERSISTENT"])]
+    if quick:  # the first config, the first persistent one and the first warp-specialised
+        configs = [configs[0], next(c for c in configs if c["PERSISTENT"]),
+                   next(c for c in configs if c.get("WS"))]  # fmt: skip
     rows = []
     for cfg in configs:
         warps, stages = cfg["num_warps"], cfg["num_stages"]
@@ -255,6 +258,8 @@ def gemm_rows(module, quick):
         rows.append(("gemm wgrad 7168x2048, K = 4096 tokens, row scales", label,
                      module._gemm_kernel, _gemm_args(7168, 2048, 4096, cfg, rowwise=True),
                      warps, stages))  # fmt: skip
+        if cfg.get("WS"):
+            continue  # warp specialisation is the plain GEMM's alone (the host skips it)
         rows.append(("grouped 32 experts 4096x7168, TMA", label, module._grouped_gemm_kernel,
                      _grouped_args(cfg), warps, stages))  # fmt: skip
         rows.append(("grouped wgrad 32 experts, TMA", label, module._grouped_wgrad_kernel,
@@ -272,6 +277,10 @@ def _wgmma_summary(out: Compiled) -> str:
     count = out.ptx.count("wgmma.mma_async")
     mmas, groups = wgmma_groups(out.sass)
     serial = " (serialised by ptxas)" if out.ptxas_notes else ""
+    if "setmaxnreg" in out.ptx:  # warp-specialised: a loading warpgroup, MMA warpgroups
+        regs = sorted({int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
+                                                   out.ptx)})  # fmt: skip
+        tma += f", warp-specialised (setmaxnreg {'/'.join(map(str, regs))})"
     return (f"{count} wgmma, waits for {'/'.join(waits) or '-'} in flight, {tma}; SASS: "
             f"{mmas} MMAs in {groups} groups{serial}")  # fmt: skip
 
@@ -354,6 +363,8 @@ def main(argv=None) -> int:
             failures.append(f"{label} {cfg_label}: spills {out.spill_bytes} bytes")
         if "wgmma.mma_async" not in out.ptx:
             failures.append(f"{label} {cfg_label}: no wgmma in the PTX")
+        if kargs.get("WS") and "setmaxnreg" not in out.ptx:
+            failures.append(f"{label} {cfg_label}: not warp-specialised (no setmaxnreg)")
         for code, what in out.ptxas_notes:
             failures.append(f"{label} {cfg_label}: ptxas {code}: {what}")
     if failures:

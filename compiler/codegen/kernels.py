@@ -52,12 +52,19 @@ class TileConfig:
     num_warps: int
     num_stages: int
     persistent: bool = False  # one program per SM walking the tiles (plain GEMMs only)
+    # warp-specialised (plain GEMMs on Hopper, TMA): a producer warp loads, two consumer
+    # warpgroups each run half the tile's rows, so one's promotion overlaps the other's MMA
+    warp_specialize: bool = False
 
     def as_call(self) -> str:
         """The config as generated code: a call of the module's `_tile` helper."""
-        fields = dataclasses.astuple(self)[:-1]
+        fields = dataclasses.astuple(self)[:-2]
         text = ", ".join(str(int(v)) for v in fields)
-        return f"_tile({text}, persistent=True)" if self.persistent else f"_tile({text})"
+        if self.persistent:
+            text += ", persistent=True"
+        if self.warp_specialize:
+            text += ", ws=True"
+        return f"_tile({text})"
 
     def as_dict(self) -> dict:
         return {
@@ -66,6 +73,7 @@ class TileConfig:
             "BLOCK_K": self.block_k,
             "GROUP_M": self.group_m,
             "PERSISTENT": self.persistent,
+            "WS": self.warp_specialize,
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
         }
@@ -167,6 +175,11 @@ def gpu_autotune_configs(config: KernelConfig = KernelConfig()) -> list[TileConf
     # persistent: the next tile's operands are fetched during this tile's epilogue (few
     # K-steps per tile, e.g. K = 512, make the epilogue a large share of each tile)
     configs += [TileConfig(128, wn, tile, 8, 8, stages, True) for stages in (3, 4)]
+    # warp-specialised (triton's Hopper pass; 4 warps per consumer group, 384 threads in
+    # all): each K-step's fp32 promotion in one consumer warpgroup runs while the other's
+    # wgmma does, which a plain tl.dot loop cannot express (its every wgmma is waited for
+    # before the scale FMAs). sm_90 compile: 232 registers per consumer thread, no spills.
+    configs += [TileConfig(128, wn, tile, 8, 4, stages, warp_specialize=True) for stages in (3, 4)]
     return configs
 
 

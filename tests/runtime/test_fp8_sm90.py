@@ -69,6 +69,20 @@ def test_mmas_of_a_k_step_share_one_wait(sm90):
     assert "serialised" not in sm90.stdout
 
 
+def test_warp_specialised_configs_compile_to_two_consumer_warpgroups(sm90):
+    # the WS configs (plain GEMM and the dense wgrad) are split by triton's Hopper pass:
+    # setmaxnreg in the PTX, two groups of MMAs per K-step (one per consumer warpgroup),
+    # no spills; the others are not split
+    rows = [line for line in sm90.stdout.splitlines() if "wgmma" in line]
+    ws = [row for row in rows if row.split("|")[2].strip().endswith(" ws")]
+    assert len(ws) >= 2, sm90.stdout
+    for row in ws:
+        assert "warp-specialised (setmaxnreg" in row, row
+        assert "8 MMAs in 2 groups" in row, row
+        assert row.split("|")[4].strip() == "0", row
+    assert not any("warp-specialised" in row for row in rows if row not in ws)
+
+
 def test_the_cast_path_saves_the_integer_rounding(sm90):
     rows = {}
     for line in sm90.stdout.splitlines():

@@ -233,6 +233,34 @@ def test_persistent_programs_walk_every_tile(kernels, monkeypatch, use_tma):
         _close(c, want, "fp8_gemm_fp32_out")
 
 
+def test_warp_specialised_programs_make_their_own_descriptors(kernels, monkeypatch):
+    # WS configs (Hopper) load through descriptors the kernel makes from the base pointers
+    # (the interpreter runs their indexing; the warp specialisation itself is a GPU
+    # compile's, bench/kernels_sm90.py): plain and split-K, a TMA-stored bf16 output, and
+    # the dense wgrad's row scales
+    if kernels.TensorDescriptor is None:
+        pytest.skip("this triton has no host tensor descriptors")
+    module = kernels.module
+    for device in ("cpu", "gpu"):
+        cfg = dict(module.DEFAULT_GEMM_CONFIG[device], WS=True)
+        monkeypatch.setitem(module.DEFAULT_GEMM_CONFIG, device, cfg)
+    monkeypatch.setattr(module, "_autotuning", lambda t: False)
+    a, a_s, b, b_s = _gemm_case(70, 200, 272, seed=25)
+    want = ref.gemm(a, a_s, b, b_s, torch.float32)
+    for split_k, out_dtype, name in ((1, torch.float32, "fp8_gemm_fp32_out"),
+                                     (1, torch.bfloat16, "fp8_gemm_bf16_out"),
+                                     (2, torch.float32, "fp8_gemm_fp32_out")):  # fmt: skip
+        c = on_dev(torch.full((70, 200), float("nan"), dtype=out_dtype))
+        module._launch_gemm(*on_dev(a, a_s, b, b_s), c, False, use_tma=True, split_k=split_k)
+        _close(c.float(), want, name)
+    # row scales on both operands (dW = dY^T X from token tiles)
+    dyt, dyt_s = ref.quantize_act(_normal(96, 256, seed=26))
+    xt, xt_s = ref.quantize_act(_normal(80, 256, seed=27))
+    c = on_dev(torch.full((96, 80), float("nan")))
+    module._launch_gemm(*on_dev(dyt, dyt_s, xt, xt_s), c, True, use_tma=True)
+    _close(c, ref.gemm(dyt, dyt_s, xt, xt_s, torch.float32), "fp8_gemm_fp32_out")
+
+
 def test_split_k_is_chosen_only_when_tiles_leave_sms_idle(kernels, monkeypatch):
     module = kernels.module
     monkeypatch.setattr(module, "_sm_count", lambda device: 132)
