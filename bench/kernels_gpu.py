@@ -209,6 +209,8 @@ def check_correctness(kernels, ref, cublas, torch, sizes):
     print(f"correctness: generated gemm, persistent, bf16 out: relative error {err:.1e} "
           f"(limit {GPU_BF16_REL:g})")  # fmt: skip
     failures += [] if err <= GPU_BF16_REL else ["persistent gemm"]
+    offsets = torch.tensor([m // 3, m // 3, m - 1], device=dev, dtype=torch.int32)
+    we, wes = ref.quantize_weight(torch.randn(3, n, k, device=dev))
     if dev == "cuda":  # warp-specialised (Hopper's pass; the interpreter ignores it)
         ws_cfg = next(c for c in kernels.GPU_GEMM_CONFIGS if c.get("WS"))
         got_w = _forced_gemm(kernels, ab, ab_s, wq, ws, torch, **ws_cfg)
@@ -216,8 +218,12 @@ def check_correctness(kernels, ref, cublas, torch, sizes):
         print(f"correctness: generated gemm, warp-specialised, bf16 out: relative error "
               f"{err:.1e} (limit {GPU_BF16_REL:g})")  # fmt: skip
         failures += [] if err <= GPU_BF16_REL else ["warp-specialised gemm"]
-    offsets = torch.tensor([m // 3, m // 3, m - 1], device=dev, dtype=torch.int32)
-    we, wes = ref.quantize_weight(torch.randn(3, n, k, device=dev))
+        with _forced(kernels, **ws_cfg):
+            got_w = kernels.grouped_gemm(a, a_s, we, wes, offsets, torch.float32)
+        err = _rel_err(got_w, ref.grouped_gemm(a, a_s, we, wes, offsets, torch.float32))
+        print(f"correctness: generated grouped gemm, warp-specialised: relative error "
+              f"{err:.1e} (limit {GPU_REL:g})")  # fmt: skip
+        failures += [] if err <= GPU_REL else ["warp-specialised grouped gemm"]
     got = kernels.grouped_gemm(a, a_s, we, wes, offsets, torch.float32)
     want = ref.grouped_gemm(a, a_s, we, wes, offsets, torch.float32)
     for name, got_, args, limit in checks:
@@ -242,8 +248,8 @@ def check_correctness(kernels, ref, cublas, torch, sizes):
 
 @contextlib.contextmanager
 def _forced(kernels, sm_count=None, **config):
-    """The plain GEMM launched with the compiler's config changed by `config` (PERSISTENT,
-    WS), not autotuned; `sm_count` pretends the device has that many SMs."""
+    """The GEMMs launched with the compiler's config changed by `config` (PERSISTENT, WS),
+    not autotuned; `sm_count` pretends the device has that many SMs."""
     saved = (kernels.GEMM_TABLE, dict(kernels.DEFAULT_GEMM_CONFIG), kernels._autotuning,
              kernels._sm_count)  # fmt: skip
     try:
@@ -376,8 +382,10 @@ def backward_rows(kernels, torch, sizes, have_cublas):
 
 def grouped_rows(kernels, torch, sizes, have_cublas):
     print("\n## Grouped GEMM, uneven tokens per expert (TFLOP/s)\n")
-    print("| experts | tokens | N | K | generated | loop of cuBLAS FP8 block | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| experts | tokens | N | K | generated | warp-specialised | loop of cuBLAS FP8 block "
+          "| ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    ws_cfg = next(c for c in kernels.GPU_GEMM_CONFIGS if c.get("WS"))
     gen = torch.Generator().manual_seed(0)
     tokens = sizes.grouped_tokens
     for num_experts in (8, 32):
@@ -393,6 +401,8 @@ def grouped_rows(kernels, torch, sizes, have_cublas):
             flops = 2 * tokens * n * k
             run = functools.partial(kernels.grouped_gemm, a, a_s, we, wes, offsets)
             ours = flops / bench_ms(run) / 1e9
+            with _forced(kernels, **ws_cfg):
+                wsp = flops / bench_ms(run) / 1e9
             loop = math.nan
             if have_cublas:
                 calls = [
@@ -401,7 +411,7 @@ def grouped_rows(kernels, torch, sizes, have_cublas):
                     if e > s
                 ]
                 loop = flops / bench_ms(functools.partial(_run_all, calls)) / 1e9
-            print(f"| {num_experts} | {tokens} | {n} | {k} | {ours:.0f} | {loop:.0f} "
+            print(f"| {num_experts} | {tokens} | {n} | {k} | {ours:.0f} | {wsp:.0f} | {loop:.0f} "
                   f"| {ours / loop:.2f} |")  # fmt: skip
         # the experts' weight gradients over the same routing: dW[e] (N, K) = dY_e^T X_e
         n, k = sizes.grouped_shapes[0]
@@ -413,7 +423,8 @@ def grouped_rows(kernels, torch, sizes, have_cublas):
         )
         run = functools.partial(kernels.grouped_gemm_wgrad, dyt, dyt_s, xt, xt_s, offsets)
         wgrad = 2 * tokens * n * k / bench_ms(run) / 1e9
-        print(f"| {num_experts} | {tokens} | {n} | {k} (wgrad, K = tokens) | {wgrad:.0f} | - | - |")
+        print(f"| {num_experts} | {tokens} | {n} | {k} (wgrad, K = tokens) | {wgrad:.0f} | - | - "
+              "| - |")  # fmt: skip
     print("target: generated >= 0.8x the cuBLAS loop (token counts: Dirichlet(1), seed 0)")
 
 

@@ -214,7 +214,8 @@ def _grouped_args(cfg, experts=32, m=4096, n=4096, k=7168):
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     return dict(
         a=Desc("fp8e4nv", (bm, bk)), a_s=Ptr("fp32"), b=Desc("fp8e4nv", (bn, bk)),
-        b_s=Ptr("fp32"), c=Ptr("bf16"), offsets=Ptr("i32"), N=n, K=k, stride_am=k,
+        b_s=Ptr("fp32"), c=Ptr("bf16"), offsets=Ptr("i32"), a_base=Ptr("fp8e4nv"),
+        b_base=Ptr("fp8e4nv"), M=m, WS=cfg.get("WS", False), N=n, K=k, stride_am=k,
         stride_ak=1, stride_asm=1, stride_ask=m, stride_be=n * k, stride_bn=k, stride_bk=1,
         stride_bse=32 * 56, stride_bsn=56, stride_bsk=1, stride_cm=n, stride_cn=1,
         M_BUCKET=m, NUM_EXPERTS=experts, STEPS=(experts - 1).bit_length(), USE_TMA=True,
@@ -258,10 +259,10 @@ def gemm_rows(module, quick):
         rows.append(("gemm wgrad 7168x2048, K = 4096 tokens, row scales", label,
                      module._gemm_kernel, _gemm_args(7168, 2048, 4096, cfg, rowwise=True),
                      warps, stages))  # fmt: skip
-        if cfg.get("WS"):
-            continue  # warp specialisation is the plain GEMM's alone (the host skips it)
         rows.append(("grouped 32 experts 4096x7168, TMA", label, module._grouped_gemm_kernel,
                      _grouped_args(cfg), warps, stages))  # fmt: skip
+        if cfg.get("WS"):
+            continue  # the grouped wgrad has no warp-specialised form (the host skips it)
         rows.append(("grouped wgrad 32 experts, TMA", label, module._grouped_wgrad_kernel,
                      _wgrad_args(cfg), warps, stages))  # fmt: skip
     cfg = dict(module.DEFAULT_GEMM_CONFIG["gpu"])

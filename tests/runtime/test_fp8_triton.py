@@ -236,8 +236,8 @@ def test_persistent_programs_walk_every_tile(kernels, monkeypatch, use_tma):
 def test_warp_specialised_programs_make_their_own_descriptors(kernels, monkeypatch):
     # WS configs (Hopper) load through descriptors the kernel makes from the base pointers
     # (the interpreter runs their indexing; the warp specialisation itself is a GPU
-    # compile's, bench/kernels_sm90.py): plain and split-K, a TMA-stored bf16 output, and
-    # the dense wgrad's row scales
+    # compile's, bench/kernels_sm90.py): plain and split-K, a TMA-stored bf16 output, the
+    # dense wgrad's row scales, and the grouped GEMM (a over all rows, b over E x N)
     if kernels.TensorDescriptor is None:
         pytest.skip("this triton has no host tensor descriptors")
     module = kernels.module
@@ -259,6 +259,12 @@ def test_warp_specialised_programs_make_their_own_descriptors(kernels, monkeypat
     c = on_dev(torch.full((96, 80), float("nan")))
     module._launch_gemm(*on_dev(dyt, dyt_s, xt, xt_s), c, True, use_tma=True)
     _close(c, ref.gemm(dyt, dyt_s, xt, xt_s, torch.float32), "fp8_gemm_fp32_out")
+    offsets = on_dev(torch.tensor([30, 30, 65], dtype=torch.int32))
+    w, w_s = on_dev(*ref.quantize_weight(_normal(3, 96, 272, seed=28)))
+    a, a_s = on_dev(a, a_s)
+    got = module.grouped_gemm(a, a_s, w, w_s, offsets, torch.float32, use_tma=True)
+    want = ref.grouped_gemm(a.cpu(), a_s.cpu(), w.cpu(), w_s.cpu(), offsets.cpu(), torch.float32)
+    _close(got, want, "fp8_gemm_fp32_out")
 
 
 def test_split_k_is_chosen_only_when_tiles_leave_sms_idle(kernels, monkeypatch):
