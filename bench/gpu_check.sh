@@ -28,5 +28,6 @@ timeout 300 "$PY" bench/trainer_gpu.py --build "$BUILD" --steps 4 --warmup 2 \
 # 3. the 56 GB peak explained: bytes by category at the allocator's peak, per mode
 timeout 130 "$PY" bench/memory_gpu.py --build "$BUILD" --modes fp8,fp8-eager --steps 2 \
     2>&1 | tee "$OUT/memory_gpu.txt"
-# 4. the attention core's kernel for MLA's unequal q/k and v head dimensions
+# 4. the attention core's kernel for MLA's unequal q/k and v head dimensions (and the
+#    flash kernel on v zero-padded to the q/k width, which it would take)
 timeout 90 "$PY" bench/attention_gpu.py 2>&1 | tee "$OUT/attention_gpu.txt"
