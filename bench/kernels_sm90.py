@@ -245,9 +245,10 @@ def _cfg_label(cfg) -> str:
 def gemm_rows(module, quick):
     """(kernel label, config label, kernel, args, warps, stages) per GEMM compilation."""
     configs = module.GPU_GEMM_CONFIGS
-    if quick:  # the first config, the first persistent one and the first warp-specialised
+    if quick:  # the first config, and the first persistent, warp-specialised and both
         configs = [configs[0], next(c for c in configs if c["PERSISTENT"]),
-                   next(c for c in configs if c.get("WS"))]  # fmt: skip
+                   next(c for c in configs if c.get("WS")),
+                   next(c for c in configs if c.get("WS") and c["PERSISTENT"])]  # fmt: skip
     rows = []
     for cfg in configs:
         warps, stages = cfg["num_warps"], cfg["num_stages"]

@@ -236,8 +236,9 @@ def test_persistent_programs_walk_every_tile(kernels, monkeypatch, use_tma):
 def test_warp_specialised_programs_make_their_own_descriptors(kernels, monkeypatch):
     # WS configs (Hopper) load through descriptors the kernel makes from the base pointers
     # (the interpreter runs their indexing; the warp specialisation itself is a GPU
-    # compile's, bench/kernels_sm90.py): plain and split-K, a TMA-stored bf16 output, the
-    # dense wgrad's row scales, and the grouped GEMM (a over all rows, b over E x N)
+    # compile's, bench/kernels_sm90.py): plain, split-K and persistent, a TMA-stored bf16
+    # output, the dense wgrad's row scales, and the grouped GEMM (a over all rows, b over
+    # E x N)
     if kernels.TensorDescriptor is None:
         pytest.skip("this triton has no host tensor descriptors")
     module = kernels.module
@@ -253,6 +254,17 @@ def test_warp_specialised_programs_make_their_own_descriptors(kernels, monkeypat
         c = on_dev(torch.full((70, 200), float("nan"), dtype=out_dtype))
         module._launch_gemm(*on_dev(a, a_s, b, b_s), c, False, use_tma=True, split_k=split_k)
         _close(c.float(), want, name)
+    # persistent: two "SMs" walk the 3 x 2 tiles (the tile loop is the warp-specialised one)
+    monkeypatch.setattr(module, "_sm_count", lambda device: 2)
+    for device in ("cpu", "gpu"):
+        cfg = dict(module.DEFAULT_GEMM_CONFIG[device], PERSISTENT=True)
+        monkeypatch.setitem(module.DEFAULT_GEMM_CONFIG, device, cfg)
+    c = on_dev(torch.full((70, 200), float("nan"), dtype=torch.bfloat16))
+    module._launch_gemm(*on_dev(a, a_s, b, b_s), c, False, use_tma=True, split_k=1)
+    _close(c.float(), want, "fp8_gemm_bf16_out")
+    for device in ("cpu", "gpu"):
+        cfg = dict(module.DEFAULT_GEMM_CONFIG[device], PERSISTENT=False)
+        monkeypatch.setitem(module.DEFAULT_GEMM_CONFIG, device, cfg)
     # row scales on both operands (dW = dY^T X from token tiles)
     dyt, dyt_s = ref.quantize_act(_normal(96, 256, seed=26))
     xt, xt_s = ref.quantize_act(_normal(80, 256, seed=27))
