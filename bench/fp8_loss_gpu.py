@@ -3,6 +3,9 @@
     python bench/fp8_loss_gpu.py --build DIR [--tokens FILE] [--steps 200] [--json OUT]
     python bench/fp8_loss_gpu.py --cpu-smoke     (checks this script on a CPU: a tiny
                                                   build, the kernels under TRITON_INTERPRET=1)
+    python bench/fp8_loss_gpu.py --cpu [--spec S] [--seed N] [--runs fp8,fp8-eager,bf16]
+                                                 (the comparison itself on a CPU, at the
+                                                  size of bench/specs/loss_cpu.dsv)
 
 Three training runs of the build's model (tests/train_specs/bench_1b.dsv on a GPU), in
 this process, through the build's own runtime, from the same initial weights (the
@@ -23,7 +26,16 @@ sequences (a stretch of the file no run trained on), so the three differ only by
 training did. Printed: the loss curves' last-10% means, the held-out losses, the
 relative gap fp8 / bf16 - 1 and the noise floor bf16-other / bf16 - 1; the claim holds
 when |gap| <= 0.25% (and is only meaningful when the noise floor is below it too).
-Without CUDA (and without --cpu-smoke) it says so and exits 0.
+Without CUDA (and without --cpu-smoke or --cpu) it says so and exits 0.
+
+--cpu trains on this machine's CPU, the FP8 runs through the torch references of the
+kernels (runtime/fp8_torch.py, runtime/fused_torch.py: bit for bit the kernels' results,
+so the numerics are a GPU's), at a size a CPU affords (default bench/specs/loss_cpu.dsv).
+`--runs` may add fp8-eager: the same FP8 numerics through the eager modules (which apply
+the routed experts' gates at the combine, as the program before it applied them in
+SwiGLU), to set the program's own numerics against them; `--seed` changes the initial
+weights. One thread (the same bits whatever the core count): separate seeds or runs go
+side by side as separate processes.
 """
 
 from __future__ import annotations
@@ -45,7 +57,11 @@ from trainer_gpu import SMOKE_SPEC, compile_build, make_trainer, use_build_runti
 from dsvc.compiler.tokenizer import BYTE_VOCAB
 
 CLAIM = 0.0025  # FP8's loss within 0.25% of BF16's (the DeepSeek-V3 report)
-RUNS = (("fp8", "fp8", 0), ("bf16", "bf16", 0), ("bf16-other", "bf16", 1))
+# run name -> (trainer mode, data order: 1 reads the stretch after the first runs')
+RUNS = {"fp8": ("fp8", 0), "fp8-eager": ("fp8-eager", 0), "bf16": ("bf16", 0),
+        "bf16-other": ("bf16", 1)}  # fmt: skip
+DEFAULT_RUNS = "fp8,bf16,bf16-other"
+CPU_SPEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs", "loss_cpu.dsv")
 
 
 def parse_args(argv=None):
@@ -56,7 +72,19 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=4, help="held-out batches (global_batch each)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--cpu-smoke", action="store_true", help="check this script on a CPU")
-    return p.parse_args(argv)
+    p.add_argument("--cpu", action="store_true",
+                   help="train on the CPU, FP8 through the kernels' torch references")
+    p.add_argument("--spec", help=f"the spec --cpu compiles (default {CPU_SPEC})")
+    p.add_argument("--seed", type=int, help="initial weights' seed (default: the spec's)")
+    p.add_argument("--runs", default=DEFAULT_RUNS,
+                   help=f"comma-separated, of: {', '.join(RUNS)} (default {DEFAULT_RUNS})")
+    args = p.parse_args(argv)
+    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in args.runs if r not in RUNS]
+    if unknown or not args.runs:
+        p.error(f"--runs: unknown {', '.join(unknown) or '(none given)'}; expected of "
+                f"{', '.join(RUNS)}")
+    return args
 
 
 def stdlib_tokens(path: str, count: int) -> int:
@@ -86,7 +114,8 @@ def with_text(raw: dict, tokens: str, steps: int) -> dict:
     sched = r["train"].get("lr_schedule")
     if sched and sched.get("kind") == "warmup_cosine":
         sched["total_steps"] = steps
-        sched["warmup_steps"] = min(sched.get("warmup_steps", 0), max(steps // 10, 1))
+        sched["warmup_steps"] = min(sched.get("warmup_steps", 0), max(steps // 10, 1),
+                                    steps - 1)  # fmt: skip
     return r
 
 
@@ -116,7 +145,7 @@ def run(build: str, raw: dict, name: str, mode: str, order: int, args, device) -
     import torch
 
     t = raw["train"]
-    trainer, _plan, blocks = make_trainer(build, raw, mode, device)
+    trainer, _plan, blocks = make_trainer(build, raw, mode, device, args.backend)
     per_run = args.steps * t["global_batch"]
     if order:  # the noise floor reads the stretch after the first run's
         trainer.sharder.resume_at(0, per_run)
@@ -144,13 +173,19 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
     import torch
 
-    if not args.cpu_smoke and not torch.cuda.is_available():
+    if not (args.cpu_smoke or args.cpu) and not torch.cuda.is_available():
         print("fp8_loss_gpu: no CUDA device here; nothing to measure "
-              "(`--cpu-smoke` checks the script on a CPU)")
+              "(`--cpu-smoke` checks the script on a CPU, `--cpu` trains there)")
         return 0
     os.environ.setdefault("DSVC_FP8_AUTOTUNE", "0")
     work = tempfile.mkdtemp(prefix="dsvc-fp8loss")
-    if args.cpu_smoke:
+    args.backend = "torch" if args.cpu else "triton"
+    if args.cpu:
+        spec = args.spec or CPU_SPEC
+        build = args.build or compile_build(spec, os.path.join(work, "build"))
+        device = torch.device("cpu")
+        torch.set_num_threads(1)  # the same bits on any CPU; runs go side by side instead
+    elif args.cpu_smoke:
         args.steps, args.eval_batches = min(args.steps, 2), 1
         build = args.build or compile_build(  # room for the byte tokens' 257 ids
             str(SMOKE_SPEC), os.path.join(work, "build"), (f"model.vocab={BYTE_VOCAB}",))
@@ -176,24 +211,37 @@ def main(argv=None) -> int:
         if got < need:
             print(f"  (fewer than the {need:,} the runs read: later samples wrap around)")
     raw = with_text(raw, tokens, args.steps)
+    if args.seed is not None:
+        raw["train"]["seed"] = args.seed
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"fp8_loss_gpu: {raw['source'].get('spec')} on {name}, {args.steps} steps of "
           f"{t['global_batch']} x {t['seq_len']} tokens, torch {torch.__version__}", flush=True)
-    results = [run(build, raw, n, mode, order, args, device) for n, mode, order in RUNS]
+    results = [run(build, raw, n, *RUNS[n], args, device) for n in args.runs]
     by = {r["run"]: r for r in results}
-    gap = by["fp8"]["held_out"] / by["bf16"]["held_out"] - 1
-    floor = by["bf16-other"]["held_out"] / by["bf16"]["held_out"] - 1
     print("\n| run | blocks | train (s) | lm loss, first -> last-10% mean | held-out lm loss |")
     print("|---|---|---|---|---|")
     for r in results:
         print(f"| {r['run']} | {r['blocks'] or 'eager'} | {r['train_s']:.0f} | "
               f"{r['curve'][0]:.4f} -> {r['last_mean']:.4f} | {r['held_out']:.4f} |")
-    verdict = "holds" if abs(gap) <= CLAIM else "does not hold"
-    print(f"\nfp8 / bf16 - 1 (held out): {gap:+.3%}; noise floor bf16-other / bf16 - 1: "
-          f"{floor:+.3%}; the {CLAIM:.2%} claim {verdict} at {args.steps} steps")
+
+    def ratio(a, b):
+        return by[a]["held_out"] / by[b]["held_out"] - 1 if a in by and b in by else None
+
+    gap, floor = ratio("fp8", "bf16"), ratio("bf16-other", "bf16")
+    if gap is not None:
+        verdict = "holds" if abs(gap) <= CLAIM else "does not hold"
+        line = f"\nfp8 / bf16 - 1 (held out): {gap:+.3%}"
+        if floor is not None:
+            line += f"; noise floor bf16-other / bf16 - 1: {floor:+.3%}"
+        print(f"{line}; the {CLAIM:.2%} claim {verdict} at {args.steps} steps")
+    program = ratio("fp8", "fp8-eager")
+    if program is not None:
+        print(f"fp8 (generated program) / fp8-eager (eager modules) - 1 (held out): "
+              f"{program:+.3%}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "steps": args.steps, "gap": gap, "noise_floor": floor,
+            json.dump({"device": name, "steps": args.steps, "seed": raw["train"].get("seed"),
+                       "gap": gap, "noise_floor": floor, "program_vs_eager": program,
                        "results": results}, f, indent=1)
     return 0
 

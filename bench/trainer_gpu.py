@@ -155,8 +155,10 @@ def bf16_precision(raw: dict) -> dict:
     return prec
 
 
-def make_trainer(build: str, raw: dict, mode: str, device):
-    """(trainer, plan, what the blocks run) for one mode, from the build's own runtime."""
+def make_trainer(build: str, raw: dict, mode: str, device, backend: str = "triton"):
+    """(trainer, plan, what the blocks run) for one mode, from the build's own runtime.
+    `backend` runs the FP8 modes' ops: the build's generated kernels ("triton"), or the
+    torch references they equal bit for bit ("torch": a CPU's affordable path)."""
     from dsvc_runtime import fp8
     from dsvc_runtime.mesh import build_mesh
     from dsvc_runtime.plan import parse_plan
@@ -169,8 +171,9 @@ def make_trainer(build: str, raw: dict, mode: str, device):
         r["precision"] = bf16_precision(raw)
         fp8.use_kernels(None)
     else:
-        r["precision"]["fp8_backend"] = "triton"
-        fp8.use_kernels(os.path.join(build, "kernels", "fp8_kernels.py"))
+        r["precision"]["fp8_backend"] = backend
+        if backend == "triton":
+            fp8.use_kernels(os.path.join(build, "kernels", "fp8_kernels.py"))
     plan = parse_plan(r, os.path.join(build, "plan.json"))
     trainer = Trainer(plan, build_mesh(plan, device))
     blocks = ""
@@ -178,7 +181,7 @@ def make_trainer(build: str, raw: dict, mode: str, device):
         from dsvc_runtime import program
 
         prog = program.load_program(os.path.join(build, "program.py"))
-        attached, total = program.attach_program(trainer.modules, prog, plan, "triton")
+        attached, total = program.attach_program(trainer.modules, prog, plan, backend)
         if not attached:
             raise RuntimeError(
                 f"the generated program runs none of the {total} blocks: "

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -64,3 +65,29 @@ def test_cpu_smoke_runs_the_three_trainings(tmp_path, capsys):
     assert abs(first["fp8"] / first["bf16"] - 1) < rtol < abs(first["bf16-other"] / first["bf16"] - 1)
     assert rec["gap"] == runs["fp8"]["held_out"] / runs["bf16"]["held_out"] - 1
     assert "noise floor" in capsys.readouterr().out
+
+
+def test_cpu_mode_trains_the_program_beside_the_eager_modules(tmp_path, capsys):
+    # --cpu: FP8 through the kernels' torch references on the CPU spec, the generated
+    # program against the eager modules (same weights and batches: they start within FP8
+    # rounding of each other), the seed recorded
+    bench = load_bench("fp8_loss_gpu")
+    out = tmp_path / "r.json"
+    argv = ["--cpu", "--steps", "1", "--eval-batches", "1", "--runs", "fp8,fp8-eager",
+            "--seed", "3", "--json", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    rec = json.loads(out.read_text())
+    runs = {r["run"]: r for r in rec["results"]}
+    assert list(runs) == ["fp8", "fp8-eager"] and rec["seed"] == 3
+    assert runs["fp8"]["blocks"].endswith("blocks generated") and runs["fp8-eager"]["blocks"] == ""
+    rtol = tol("fp8_vs_bf16_first_loss")[0]
+    assert abs(runs["fp8"]["curve"][0] / runs["fp8-eager"]["curve"][0] - 1) < rtol
+    assert rec["program_vs_eager"] == runs["fp8"]["held_out"] / runs["fp8-eager"]["held_out"] - 1
+    assert rec["gap"] is None  # no bf16 run, no claim
+    assert "generated program) / fp8-eager" in capsys.readouterr().out
+
+
+def test_runs_must_be_known():
+    bench = load_bench("fp8_loss_gpu")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--runs", "fp8,fp16"])
