@@ -211,14 +211,15 @@ def check_correctness(kernels, ref, cublas, torch, sizes):
     failures += [] if err <= GPU_BF16_REL else ["persistent gemm"]
     offsets = torch.tensor([m // 3, m // 3, m - 1], device=dev, dtype=torch.int32)
     we, wes = ref.quantize_weight(torch.randn(3, n, k, device=dev))
-    if dev == "cuda":  # warp-specialised (Hopper's pass; the interpreter ignores it)
-        ws_cfg = next(c for c in kernels.GPU_GEMM_CONFIGS if c.get("WS"))
-        got_w = _forced_gemm(kernels, ab, ab_s, wq, ws, torch, **ws_cfg)
-        err = _rel_err(got_w, want_b)
-        print(f"correctness: generated gemm, warp-specialised, bf16 out: relative error "
-              f"{err:.1e} (limit {GPU_BF16_REL:g})")  # fmt: skip
-        failures += [] if err <= GPU_BF16_REL else ["warp-specialised gemm"]
-        with _forced(kernels, **ws_cfg):
+    if dev == "cuda" and _ws_here(kernels, ab, wq):  # Hopper's (the interpreter ignores it)
+        for label, cfg, sms in (("", _ws_config(kernels, False), None),
+                                (", persistent", _ws_config(kernels, True), 8)):  # fmt: skip
+            got_w = _forced_gemm(kernels, ab, ab_s, wq, ws, torch, sm_count=sms, **cfg)
+            err = _rel_err(got_w, want_b)
+            print(f"correctness: generated gemm, warp-specialised{label}, bf16 out: relative "
+                  f"error {err:.1e} (limit {GPU_BF16_REL:g})")  # fmt: skip
+            failures += [] if err <= GPU_BF16_REL else [f"warp-specialised{label} gemm"]
+        with _forced(kernels, **_ws_config(kernels, False)):
             got_w = kernels.grouped_gemm(a, a_s, we, wes, offsets, torch.float32)
         err = _rel_err(got_w, ref.grouped_gemm(a, a_s, we, wes, offsets, torch.float32))
         print(f"correctness: generated grouped gemm, warp-specialised: relative error "
@@ -253,7 +254,9 @@ def _forced(kernels, sm_count=None, **config):
     saved = (kernels.GEMM_TABLE, dict(kernels.DEFAULT_GEMM_CONFIG), kernels._autotuning,
              kernels._sm_count)  # fmt: skip
     try:
-        kernels.GEMM_TABLE = {}
+        # the table's shapes keep their static kernel (N, K constants), with the change
+        kernels.GEMM_TABLE = {shape: {d: dict(cfg, **config) for d, cfg in entry.items()}
+                              for shape, entry in kernels.GEMM_TABLE.items()}  # fmt: skip
         for device in ("cpu", "gpu"):
             kernels.DEFAULT_GEMM_CONFIG[device] = dict(kernels.DEFAULT_GEMM_CONFIG[device], **config)
         kernels._autotuning = lambda t: False
@@ -263,6 +266,17 @@ def _forced(kernels, sm_count=None, **config):
     finally:
         kernels.GEMM_TABLE, defaults, kernels._autotuning, kernels._sm_count = saved
         kernels.DEFAULT_GEMM_CONFIG.update(defaults)
+
+
+def _ws_config(kernels, persistent: bool) -> dict:
+    """The first warp-specialised config of the autotuning space, persistent or not."""
+    return next(c for c in kernels.GPU_GEMM_CONFIGS
+                if c.get("WS") and c["PERSISTENT"] == persistent)  # fmt: skip
+
+
+def _ws_here(kernels, a, b) -> bool:
+    """Whether these operands' GEMMs may run warp-specialised (TMA on Hopper)."""
+    return kernels._tma_usable(a, b) and kernels._ws_usable(a)
 
 
 def _forced_gemm(kernels, a, a_s, w, w_s, torch, sm_count=None, **config):
@@ -278,7 +292,7 @@ def gemm_rows(kernels, torch, sizes, have_cublas):
     print("| M | N | K | split K | generated | warp-specialised | cuBLAS FP8 block | cuBLAS BF16 "
           "| gen/cuBLAS FP8 | gen/BF16 | gen/DeepSeek ref (RESULTS reference) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    ws_cfg = next(c for c in kernels.GPU_GEMM_CONFIGS if c.get("WS"))
+    ws_cfg = _ws_config(kernels, False)
     ratios = {m: ([], []) for m in sizes.tokens}
     for m in sizes.tokens:
         for (n, k), (_, _, deepseek) in sizes.shapes.items():
@@ -289,8 +303,10 @@ def gemm_rows(kernels, torch, sizes, have_cublas):
             flops = 2 * m * n * k
             run = functools.partial(kernels.gemm, a, a_s, wq, ws, torch.bfloat16)
             gen = flops / bench_ms(run) / 1e9
-            with _forced(kernels, **ws_cfg):  # the first WS candidate alone (split K kept)
-                wsp = flops / bench_ms(run) / 1e9
+            wsp = math.nan  # n/a: no TMA or not Hopper
+            if _ws_here(kernels, a, wq):
+                with _forced(kernels, **ws_cfg):  # the first WS candidate alone (split K kept)
+                    wsp = flops / bench_ms(run) / 1e9
             bf16 = flops / bench_ms(functools.partial(torch.matmul, x, w.t())) / 1e9
             cub = flops / bench_ms(cublas_call(a, a_s, wq, ws)) / 1e9 if have_cublas else math.nan
             vs_ref = f"{gen / deepseek:.2f}x" if m == 4096 else "-"
@@ -385,7 +401,7 @@ def grouped_rows(kernels, torch, sizes, have_cublas):
     print("| experts | tokens | N | K | generated | warp-specialised | loop of cuBLAS FP8 block "
           "| ratio |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
-    ws_cfg = next(c for c in kernels.GPU_GEMM_CONFIGS if c.get("WS"))
+    ws_cfg = _ws_config(kernels, False)
     gen = torch.Generator().manual_seed(0)
     tokens = sizes.grouped_tokens
     for num_experts in (8, 32):
@@ -401,8 +417,10 @@ def grouped_rows(kernels, torch, sizes, have_cublas):
             flops = 2 * tokens * n * k
             run = functools.partial(kernels.grouped_gemm, a, a_s, we, wes, offsets)
             ours = flops / bench_ms(run) / 1e9
-            with _forced(kernels, **ws_cfg):
-                wsp = flops / bench_ms(run) / 1e9
+            wsp = math.nan
+            if _ws_here(kernels, a, we.view(-1, k)):
+                with _forced(kernels, **ws_cfg):
+                    wsp = flops / bench_ms(run) / 1e9
             loop = math.nan
             if have_cublas:
                 calls = [
@@ -468,9 +486,10 @@ def tuned_configs(kernels):
     print("\n## Configs chosen by triton.autotune\n")
     print("| kernel | key | config |")
     print("|---|---|---|")
-    for (name, _fixed), tuner in sorted(tuned.items(), key=lambda item: str(item[0])):
+    for (name, fixed), tuner in sorted(tuned.items(), key=lambda item: str(item[0])):
+        label = name + "".join(f", {k}={v}" for k, v in fixed)  # e.g. WS=False: no TMA
         for key, cfg in getattr(tuner, "cache", {}).items():
-            print(f"| {name} | {key} | {cfg} |")
+            print(f"| {label} | {key} | {cfg} |")
 
 
 def main(argv=None) -> int:

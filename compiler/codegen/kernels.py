@@ -52,9 +52,9 @@ class TileConfig:
     num_warps: int
     num_stages: int
     persistent: bool = False  # one program per SM walking the tiles (plain GEMMs only)
-    # warp-specialised (plain and grouped GEMMs on Hopper, TMA): a producer warp loads, two
-    # consumer warpgroups each run half the tile's rows, so one's promotion overlaps the
-    # other's MMA
+    # warp-specialised (plain and grouped GEMMs on Hopper, TMA): a producer warpgroup loads,
+    # two consumer warpgroups each run half the tile's rows, so one's promotion overlaps
+    # the other's MMA
     warp_specialize: bool = False
 
     def as_call(self) -> str:
