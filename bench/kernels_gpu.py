@@ -303,8 +303,8 @@ def gemm_rows(kernels, torch, sizes, have_cublas):
             flops = 2 * m * n * k
             run = functools.partial(kernels.gemm, a, a_s, wq, ws, torch.bfloat16)
             gen = flops / bench_ms(run) / 1e9
-            wsp = math.nan  # n/a: no TMA or not Hopper
-            if _ws_here(kernels, a, wq):
+            wsp = math.nan  # n/a: no TMA, not Hopper, or small M (each is a compile)
+            if m == max(sizes.tokens) and _ws_here(kernels, a, wq):
                 with _forced(kernels, **ws_cfg):  # the first WS candidate alone (split K kept)
                     wsp = flops / bench_ms(run) / 1e9
             bf16 = flops / bench_ms(functools.partial(torch.matmul, x, w.t())) / 1e9
