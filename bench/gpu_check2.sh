@@ -11,9 +11,10 @@
 #
 # Step limits add up to 535 s, inside one 560 s call:
 #   1. environment                                                          5 s
-#   2. kernels: correctness, quantisers against copy bandwidth, GEMMs and grouped
+#   2. kernels: correctness, quantisers against copy bandwidth, grouped GEMMs and
 #      GEMMs against cuBLAS block-scaled columns (autotuned, the warp-specialised
-#      configs among the candidates and timed alone beside)                 330 s
+#      configs among the candidates and timed alone beside; GEMMs last: their
+#      autotuning compiles the most, ~5 min on the first H200 run)         330 s
 #   3. dual micro-batch overlap, GPU-bound: one V3-shaped MLA + MoE layer as the
 #      generated program (FP8, grouped experts), 4 x 4096 tokens, 1x and 16x  120 s
 #   4. bf16 routed experts: grouped GEMMs against the per-expert loop         80 s

@@ -292,6 +292,21 @@ def test_warp_specialised_configs_are_hopper_only(kernels, monkeypatch):
     assert module._ws_usable(torch.empty(1))
 
 
+def test_autotuning_tries_warp_specialised_configs_where_k_is_not_split(kernels, monkeypatch):
+    import triton
+
+    module = kernels.module
+    monkeypatch.setattr(module, "_sm_count", lambda device: 132)
+    configs = [triton.Config(dict(c)) for c in module.GPU_GEMM_CONFIGS]
+    ws = [c for c in configs if c.kwargs.get("WS")]
+    assert ws, "the autotuning space has warp-specialised configs"
+    big = {"M": 4096, "N": 7168}  # 32 x 56 tiles: persistent ones are tried too
+    kept = module._prune_configs(configs, big, SPLIT_K=1)
+    assert all(c in kept for c in ws) and len(kept) == len(configs)
+    kept = module._prune_configs(configs, {"M": 128, "N": 2112}, SPLIT_K=7)
+    assert not any(c.kwargs.get("WS") or c.kwargs.get("PERSISTENT") for c in kept) and kept
+
+
 def test_split_k_is_chosen_only_when_tiles_leave_sms_idle(kernels, monkeypatch):
     module = kernels.module
     monkeypatch.setattr(module, "_sm_count", lambda device: 132)
