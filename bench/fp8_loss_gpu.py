@@ -52,7 +52,7 @@ import time
 
 import numpy as np
 import source_tree  # noqa: F401  (dsvc from this tree, installed or not)
-from trainer_gpu import SMOKE_SPEC, compile_build, make_trainer, use_build_runtime
+from trainer_gpu import ROOT, SMOKE_SPEC, compile_build, make_trainer, use_build_runtime
 
 from dsvc.compiler.tokenizer import BYTE_VOCAB
 
@@ -61,7 +61,7 @@ CLAIM = 0.0025  # FP8's loss within 0.25% of BF16's (the DeepSeek-V3 report)
 RUNS = {"fp8": ("fp8", 0), "fp8-eager": ("fp8-eager", 0), "bf16": ("bf16", 0),
         "bf16-other": ("bf16", 1)}  # fmt: skip
 DEFAULT_RUNS = "fp8,bf16,bf16-other"
-CPU_SPEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs", "loss_cpu.dsv")
+CPU_SPEC = ROOT / "bench" / "specs" / "loss_cpu.dsv"
 
 
 def parse_args(argv=None):
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="dsvc-fp8loss")
     args.backend = "torch" if args.cpu else "triton"
     if args.cpu:
-        spec = args.spec or CPU_SPEC
+        spec = args.spec or str(CPU_SPEC)
         build = args.build or compile_build(spec, os.path.join(work, "build"))
         device = torch.device("cpu")
         torch.set_num_threads(1)  # the same bits on any CPU; runs go side by side instead
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
     else:
         if not args.build:
-            from trainer_gpu import ROOT, SPEC
+            from trainer_gpu import SPEC
 
             args.build = compile_build(str(SPEC), str(ROOT / "build" / "bench_1b"))
         build, device = args.build, torch.device("cuda")
