@@ -23,6 +23,14 @@ import source_tree  # noqa: F401  (dsvc from this tree, installed or not)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNS = ROOT / "bench" / "trainer_measurements.json"
 TARGET = 0.15
+# the simulator's kinds of GPU time (compiler/passes/simulate_ops.py KERNEL_KINDS, and the
+# GPU's wait for the host) and which of bench/step_profile.py's kinds each one covers
+SIM_KINDS = ("fp8_gemm", "bf16_gemm", "attention", "memory", "host")
+MEASURED_AS = {
+    "FP8 GEMMs (generated)": "fp8_gemm",
+    "BF16 GEMMs (cuBLAS)": "bf16_gemm",
+    "attention core (SDPA)": "attention",
+}  # every other measured kind is memory-bound work
 # What the simulator leaves out, in the order we would look at it for a miss
 NOT_MODELLED = (
     "Triton's Python launcher (tens of microseconds per generated-kernel launch, above the "
@@ -36,17 +44,48 @@ NOT_MODELLED = (
 
 def simulate(run: dict) -> dict:
     from dsvc import dsl
-    from dsvc.compiler.driver import build_report
+    from dsvc.compiler.driver import run_until
+    from dsvc.compiler.report import report_of
 
     overrides = list(run["overrides"])
     spec = dsl.load(ROOT / run["spec"], overrides)
     if spec.cluster.gpu.name.lower() != run["gpu"]:
         overrides.append(f"cluster.gpu.name={run['gpu']}")
         spec = dsl.load(ROOT / run["spec"], overrides)
-    report = build_report(spec)
+    graph = run_until(spec, "simulate")
+    report = report_of(spec, graph)
     tokens = spec.train.global_batch * spec.train.seq_len
+    step = graph.simulation
     return {"step_s": report.value("step.time_s"), "tokens": tokens,
-            "peak_bytes": report.value("memory.max_gpu_bytes")}
+            "peak_bytes": report.value("memory.max_gpu_bytes"),
+            "by_kind": step.gpu_by_kind[0] if step is not None and step.gpu_by_kind else {}}
+
+
+def measured_by_kind(profile: dict) -> dict:
+    """A profiled step's GPU seconds (bench/step_profile.py's kinds) in the simulator's
+    kinds, its idle seconds as "host"."""
+    out = dict.fromkeys(SIM_KINDS, 0.0)
+    for kind, row in profile.get("by_kind", {}).items():
+        out[MEASURED_AS.get(kind, "memory")] += row["gpu_s"]
+    out["host"] = profile.get("gpu_idle_s", 0.0)
+    return out
+
+
+def breakdown(run: dict, sim: dict) -> list[str]:
+    """Lines of a table: the simulated step by kind of kernel beside the profiled one."""
+    profile = run.get("profile")
+    measured = measured_by_kind(profile) if profile else None
+    lines = [f"\n{run['spec']} ({run['mode']}): GPU seconds per step by kind",
+             "| kind | simulated | measured | ratio |", "|---|---|---|---|"]
+    for kind in SIM_KINDS:
+        t = sim["by_kind"].get(kind, 0.0)
+        if measured is None:
+            lines.append(f"| {kind} | {t:.4f} | not profiled | |")
+            continue
+        m = measured[kind]
+        ratio = f"{t / m:.2f}" if m > 0 else ""
+        lines.append(f"| {kind} | {t:.4f} | {m:.4f} | {ratio} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -54,7 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     runs = json.loads(RUNS.read_text())["runs"]
-    rows, misses = [], []
+    rows, misses, tables = [], [], []
     print("| spec | mode | card, date | measured step | simulated | ratio | measured peak "
           "| simulated | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -72,6 +111,8 @@ def main(argv=None) -> int:
               f"{r_peak:.2f} |")
         if abs(r_step - 1) > TARGET or abs(r_peak - 1) > TARGET:
             misses.append((run, r_step, r_peak))
+        tables.extend(breakdown(run, sim) if sim["by_kind"] else [])
+    print("\n".join(tables))
     for run, r_step, r_peak in misses:
         what = [f"step time {r_step:.2f}x"] if abs(r_step - 1) > TARGET else []
         what += [f"peak memory {r_peak:.2f}x"] if abs(r_peak - 1) > TARGET else []

@@ -1,6 +1,7 @@
 """A compiled trainer on one GPU: FP8 with the generated kernels beside BF16 eager.
 
     python bench/trainer_gpu.py [--build DIR] [--steps 6] [--warmup 2] [--autotune]
+                                [--profile fp8,bf16 [--trace-dir DIR]]
     python bench/trainer_gpu.py --cpu-smoke     (checks this script on a CPU: a tiny
                                                  build, the kernels under TRITON_INTERPRET=1)
 
@@ -19,7 +20,9 @@ runtime, in the same process, twice from the same initial weights and batches:
                 compiled region per block, as torch recommends for repeated layers).
 
 For each it prints the median step time, tokens/s, model TFLOP/s, MFU and peak
-memory. Model FLOPs per token follow the DeepSeek-V3 report's convention (docs/report.md) (6 x matmul
+memory; for each mode named by `--profile`, one more step under torch.profiler: GPU
+busy and idle time, GPU time by kind of kernel, the heaviest kernels
+(bench/step_profile.py). Model FLOPs per token follow the DeepSeek-V3 report's convention (docs/report.md) (6 x matmul
 parameters touched per token, output head included, embedding excluded, plus the
 causal attention products x 3), with the MTP module's own block and head counted
 because it trains; MFU divides by the card's dense BF16 peak (989 TFLOP/s on
@@ -65,6 +68,14 @@ def parse_args(argv=None):
         help="let triton.autotune search tile configs (slow first steps); default: "
         "launch the configs the compiler chose",
     )
+    p.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated modes (or `all`) to run one more step of under torch.profiler: "
+        "GPU busy and idle time, GPU time by kind of kernel, the heaviest kernels "
+        "(bench/step_profile.py)",
+    )
+    p.add_argument("--trace-dir", help="with --profile: also keep each mode's trace here (gzipped)")
     p.add_argument("--peak-tflops", type=float, help="dense BF16 peak for MFU (default: by name)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--cpu-smoke", action="store_true", help="check this script on a CPU")
@@ -220,6 +231,9 @@ def run_mode(build: str, raw: dict, mode: str, device, args) -> dict:
         print(f"  {mode} step {i + 1}: {dt:.3f} s, loss {metrics['loss']:.4f}", flush=True)
     step_s = statistics.median(times)
     tokens = plan.train.global_batch * plan.train.seq_len
+    profiled = None
+    if mode in _profiled_modes(args):
+        profiled = _profile(trainer, mode, build, args)
     out = {
         "mode": mode,
         "blocks": blocks,
@@ -228,10 +242,33 @@ def run_mode(build: str, raw: dict, mode: str, device, args) -> dict:
         "tokens_per_s": tokens / step_s,
         "losses": losses,
     }
+    if profiled is not None:
+        out["profile"] = profiled
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     del trainer
     return out
+
+
+def _profiled_modes(args) -> set[str]:
+    names = {m.strip() for m in args.profile.split(",") if m.strip()}
+    return set(MODES) if "all" in names else names
+
+
+def _profile(trainer, mode: str, build: str, args) -> dict:
+    """One more step under torch.profiler, summarised (and printed) by kind of kernel."""
+    import step_profile
+
+    from dsvc_runtime.fp8_triton import load_kernel_module
+
+    kernels = load_kernel_module(os.path.join(build, "kernels", "fp8_kernels.py"))
+    keep = None
+    if args.trace_dir:
+        os.makedirs(args.trace_dir, exist_ok=True)
+        keep = os.path.join(args.trace_dir, f"trace_{mode}.json.gz")
+    summary = step_profile.profile_step(trainer.step, step_profile.generated_kernels(kernels), keep)
+    print(step_profile.format_summary(mode, summary), flush=True)
+    return summary
 
 
 def main(argv=None) -> int:

@@ -55,6 +55,11 @@ class StepResult:
     peak_flops: float  # dense BF16 peak per GPU (the MFU reference)
     assumptions: tuple[str, ...]
     sim: object = dataclasses.field(repr=False, compare=False, default=None)  # SimResult
+    # per device: GPU seconds per step by kind of kernel (simulate_ops.KERNEL_KINDS, the
+    # optimizer's under "memory") and "host", the seconds its GPU waits for the host;
+    # empty without a calibrated card (bench/simulate_vs_measured.py sets it beside a
+    # profiled step, bench/step_profile.py)
+    gpu_by_kind: tuple = dataclasses.field(repr=False, compare=False, default=())
 
     @property
     def bubble_max_s(self) -> float:
@@ -138,8 +143,8 @@ def simulate_graph(graph, sched) -> StepResult:
             boundary[edge] = boundary.get(edge, 0.0) + graph.num(op.attr("bytes"))
     costs = TopologyCosts(actions, sched, profiles, p2p, boundary, topo.bandwidth)
     sim = run_schedule(sched, costs)
-    dp_busy, dp_end = _data_parallel_tail(graph, sched, sim, topo, rates, kernels,
-                                          costs.utilisation)
+    dp_busy, dp_end, optimizer = _data_parallel_tail(graph, sched, sim, topo, rates, kernels,
+                                                     costs.utilisation)
     step = max([sim.makespan] + dp_end)
     n = sched.num_devices
     flops, flops_nc = _flops_per_token(graph)
@@ -155,7 +160,28 @@ def simulate_graph(graph, sched) -> StepResult:
         tokens_per_step=spec.train.global_batch * spec.train.seq_len,
         flops_per_token=flops, flops_per_token_noncausal=flops_nc,
         world=spec.cluster.world_size, peak_flops=gpu.bf16_flops,
-        assumptions=_assumptions(spec, topo, kernels) + tuple(graph.notes), sim=sim)
+        assumptions=_assumptions(spec, topo, kernels) + tuple(graph.notes), sim=sim,
+        gpu_by_kind=_by_kind(sched, profiles, stage_part, optimizer) if kernels else ())
+
+
+def _by_kind(sched, profiles, stage_part, optimizer) -> tuple:
+    """Per device: its stages' GPU seconds by kind, per micro-batch each stage runs there
+    (its forwards in the device's actions: DualPipe splits the micro-batches between two
+    directions), with its optimizer step as memory-bound work."""
+    from dsvc.runtime.actions import FORWARD
+
+    out = []
+    for d in range(sched.num_devices):
+        kinds: dict[str, float] = {}
+        for a in sched.actions[d]:
+            for part in a.parts():
+                if part.kind != FORWARD:
+                    continue
+                for kind, t in profiles[stage_part[part.stage]].by_kind.items():
+                    kinds[kind] = kinds.get(kind, 0.0) + t
+        kinds["memory"] = kinds.get("memory", 0.0) + optimizer[d]
+        out.append(kinds)
+    return tuple(out)
 
 
 STATED_FACTORS = ("gemm_efficiency_fp8", "gemm_efficiency_bf16", "memory_efficiency")
@@ -174,7 +200,8 @@ def kernel_model(spec):
 
 def _data_parallel_tail(graph, sched, sim, topo: Topology, rates: Rates, kernels=None,
                         utilisation=None):
-    """Per device: seconds of DP collectives + optimizer, and when the last one ends.
+    """Per device: seconds of DP collectives + optimizer, when the last one ends, and the
+    optimizer's seconds alone.
 
     A collective on the network shares the link with the device's all-to-alls while its
     other stage still runs them (processor sharing, as a pipeline send does: the
@@ -198,6 +225,7 @@ def _data_parallel_tail(graph, sched, sim, topo: Topology, rates: Rates, kernels
         part_stages.setdefault(s.part, []).append(s.index)
     order = {"all_reduce": 0, "reduce_scatter": 1, "all_gather": 3}
     busy, end = [0.0] * sched.num_devices, [0.0] * sched.num_devices
+    optimizer = [0.0] * sched.num_devices
     for d in range(sched.num_devices):
         jobs = []
         for s in sorted(sched.device_stages(d), key=lambda s: (ready.get(s, 0.0), s)):
@@ -217,13 +245,15 @@ def _data_parallel_tail(graph, sched, sim, topo: Topology, rates: Rates, kernels
                     share = 1.0 - utilisation[d].get(topo.link(members), 0.0) / 2
                 jobs.append((at, s, order[kind], _ring_time(kind, op.attr("bytes"), members,
                                                            topo) / share))
-            jobs.append((at, s, 2, _optimizer_time(spec, params[part], rates, kernels)))
+            step = _optimizer_time(spec, params[part], rates, kernels)
+            optimizer[d] += step
+            jobs.append((at, s, 2, step))
         clock = 0.0
         for at, _, _, seconds in sorted(jobs):
             clock = max(clock, at) + seconds
             busy[d] += seconds
         end[d] = clock
-    return busy, end
+    return busy, end, optimizer
 
 
 def _ring_time(kind: str, nbytes: float, members: list[int], topo: Topology) -> float:

@@ -161,6 +161,7 @@ class Unit:
     comm: dict = dataclasses.field(default_factory=dict)
     fwd_c: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
     bwd_c: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
+    host_wait: float = 0.0  # of its chunks' seconds, those the GPU waits for the host
 
 
 @dataclasses.dataclass
@@ -174,6 +175,9 @@ class StageProfile:
     backward_input_s: float
     backward_weight_s: float
     comm_bytes: dict  # link -> all-to-all bytes per forward + backward
+    # GPU seconds by kind of kernel (simulate_ops.KERNEL_KINDS) over forward and backward,
+    # and "host": chunk seconds the GPU idles waiting for the host (calibrated cards only)
+    by_kind: dict = dataclasses.field(default_factory=dict)
 
 
 def stage_profiles(graph, topo: Topology, rates: Rates,
@@ -192,6 +196,7 @@ def stage_profiles(graph, topo: Topology, rates: Rates,
     pre_dispatch = _attention_side(graph, ops)
     skew = expert_skew(graph)
     saved: dict[int, float] = defaultdict(float)
+    by_kind: dict[int, dict] = defaultdict(lambda: defaultdict(float))
     chunks = _Chunks(kernels)
     coster = None
     if kernels is not None:
@@ -221,6 +226,8 @@ def stage_profiles(graph, topo: Topology, rates: Rates,
         for phase in ("fwd", "dgrad", "wgrad"):
             chunks.add(unit, (phase, part), cost.gpu[phase] * load, cost.gpu_c[phase] * load,
                        cost.host[phase])
+        for (_, kind), t in cost.by_kind.items():
+            by_kind[op.stage][kind] += t * load
     if coster is not None:
         _host_syncs(graph, units, chunks, topo, kernels, full)
     chunks.finish(units)
@@ -237,7 +244,9 @@ def stage_profiles(graph, topo: Topology, rates: Rates,
             forward_s=sum(sum(u.fwd.values()) for u in us),
             backward_input_s=sum(v for u in us for (_, gr), v in u.bwd.items() if gr == "input"),
             backward_weight_s=sum(v for u in us for (_, gr), v in u.bwd.items() if gr == "weight"),
-            comm_bytes=dict(comm))
+            comm_bytes=dict(comm), by_kind=dict(by_kind[p]))
+        if kernels is not None:
+            out[p].by_kind["host"] = sum(u.host_wait for u in us)
     return out
 
 
@@ -306,11 +315,13 @@ class _Chunks:
         """Time neither the GPU nor the host computes (a host synchronisation)."""
         self.add(unit, key, seconds, seconds, 0)
         self.host[(id(unit),) + key] += seconds
+        unit.host_wait += seconds
 
     def finish(self, units) -> None:
         for (uid, phase, part), g in self.gpu.items():
             unit, host = self.units[uid], self.host[(uid, phase, part)]
             t, t_c = max(g, host), max(self.gpu_c[(uid, phase, part)], host)
+            unit.host_wait += t - g
             if phase == "fwd":
                 unit.fwd[part] += t
                 unit.fwd_c[part] += t_c

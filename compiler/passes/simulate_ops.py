@@ -37,6 +37,10 @@ import dataclasses
 from dsvc.compiler.ir import DTYPE_BYTES, num
 
 PHASES = ("fwd", "dgrad", "wgrad")
+# What the GPU time of an op is spent in (bench/step_profile.py measures the same split):
+# the generated FP8 GEMMs (dense and grouped), cuBLAS BF16 GEMMs, the fused attention
+# core, and memory-bound kernels (quantisers, fused and element-wise kernels, copies)
+KERNEL_KINDS = ("fp8_gemm", "bf16_gemm", "attention", "memory")
 # Decoder-block ops by their name's part after the block prefix ("L3.", "mtp0."):
 # what full recomputation replays.
 BLOCK_PARTS = ("attn_norm", "attn", "attn_add", "ffn_norm", "ffn", "moe", "ffn_add")
@@ -52,11 +56,23 @@ class OpCost:
     gpu_c: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     host: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     syncs: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    by_kind: dict = dataclasses.field(default_factory=dict)  # (phase, KERNEL_KINDS) -> gpu
 
-    def add(self, phase: str, gpu: float, gpu_c: float | None = None, host: int = 0) -> None:
+    def add(self, phase: str, gpu: float, gpu_c: float | None = None, host: int = 0,
+            kind: str = "memory") -> None:
         self.gpu[phase] += gpu
         self.gpu_c[phase] += gpu if gpu_c is None else gpu_c
         self.host[phase] += host
+        self.by_kind[(phase, kind)] = self.by_kind.get((phase, kind), 0.0) + gpu
+
+    def add_replay(self, other: OpCost) -> None:
+        """`other`'s forward run again in this op's input-gradient phase (recomputation)."""
+        self.gpu["dgrad"] += other.gpu["fwd"]
+        self.gpu_c["dgrad"] += other.gpu_c["fwd"]
+        self.host["dgrad"] += other.host["fwd"]
+        for (phase, kind), t in list(other.by_kind.items()):
+            if phase == "fwd":
+                self.by_kind[("dgrad", kind)] = self.by_kind.get(("dgrad", kind), 0.0) + t
 
 
 class OpCoster:
@@ -85,15 +101,16 @@ class OpCoster:
         if "fwd" in phases:
             self._copy(cost, "fwd", m * k * (a + 2 + 2 * scales) * scale, 1, "quantize_act_both")
             self._copy(cost, "fwd", n * k * (4 + 1) * scale, 1, "quantize_weight")
-            cost.add("fwd", K.fp8_gemm(m, n, k) * scale, K.fp8_gemm(m, n, k, self.sms_c) * scale, 2)
+            cost.add("fwd", K.fp8_gemm(m, n, k) * scale, K.fp8_gemm(m, n, k, self.sms_c) * scale, 2,
+                     "fp8_gemm")
         if "dgrad" in phases:
             self._copy(cost, "dgrad", m * n * (a + 2 + 2 * scales) * scale, 1,
                        "quantize_act_both")
             cost.add("dgrad", K.fp8_gemm(m, k, n) * scale, K.fp8_gemm(m, k, n, self.sms_c) * scale,
-                     2)
+                     2, "fp8_gemm")
         if "wgrad" in phases:
             cost.add("wgrad", K.fp8_gemm(n, k, m) * scale, K.fp8_gemm(n, k, m, self.sms_c) * scale,
-                     1)
+                     1, "fp8_gemm")
             self._copy(cost, "wgrad", 12 * n * k * scale, 1)  # fp32 .grad: read, add, write
 
     def _bf16_linear(self, cost: OpCost, m, n, k, fp32: bool = False, phases=PHASES) -> None:
@@ -103,13 +120,14 @@ class OpCoster:
         if "fwd" in phases:
             if not fp32:
                 self._copy(cost, "fwd", n * k * (4 + 2), 1)  # the bf16 copy of the weight
-            cost.add("fwd", rate * K.bf16_gemm(m, n, k), rate * K.bf16_gemm(m, n, k, self.sms_c), 2)
+            cost.add("fwd", rate * K.bf16_gemm(m, n, k), rate * K.bf16_gemm(m, n, k, self.sms_c), 2,
+                     "bf16_gemm")
         if "dgrad" in phases:
             cost.add("dgrad", rate * K.bf16_gemm(m, k, n),
-                     rate * K.bf16_gemm(m, k, n, self.sms_c), 2)
+                     rate * K.bf16_gemm(m, k, n, self.sms_c), 2, "bf16_gemm")
         if "wgrad" in phases:
             cost.add("wgrad", rate * K.bf16_gemm(n, k, m),
-                     rate * K.bf16_gemm(n, k, m, self.sms_c), 1)
+                     rate * K.bf16_gemm(n, k, m, self.sms_c), 1, "bf16_gemm")
             extra = 0 if fp32 else n * k * (2 + 4)  # the gradient cast back to fp32
             self._copy(cost, "wgrad", extra + 12 * n * k, 2)
 
@@ -151,9 +169,9 @@ class OpCoster:
             self._act(c, inter)
         elif kind == "attention_core":
             c.add("fwd", self.k.attention(num(op.flops_fwd, T)),
-                  self.k.attention(num(op.flops_fwd, T), sms=self.sms_c), 3)
+                  self.k.attention(num(op.flops_fwd, T), sms=self.sms_c), 3, "attention")
             c.add("dgrad", self.k.attention(num(op.flops_dgrad, T), True),
-                  self.k.attention(num(op.flops_dgrad, T), True, self.sms_c), 3)
+                  self.k.attention(num(op.flops_dgrad, T), True, self.sms_c), 3, "attention")
         elif kind == "norm":
             self._norm(c, num(op.attr("dim"), T))
         elif kind == "rope":
@@ -248,33 +266,31 @@ class OpCoster:
             fwd = 2 * K.fp8_grouped(rows, local, inter, d) + K.fp8_grouped(rows, local, d, inter)
             fwd_c = 2 * K.fp8_grouped(rows, local, inter, d, self.sms_c) + \
                 K.fp8_grouped(rows, local, d, inter, self.sms_c)
-            c.add("fwd", fwd, fwd_c, 4)
-            c.add("dgrad", fwd, fwd_c, 4)  # dgrads: the same shapes transposed
+            c.add("fwd", fwd, fwd_c, 4, "fp8_gemm")
+            c.add("dgrad", fwd, fwd_c, 4, "fp8_gemm")  # dgrads: the same shapes transposed
             wg = 3 * K.fp8_grouped(local * inter, local, d, rows / max(local, 1))
             wg_c = 3 * K.fp8_grouped(local * inter, local, d, rows / max(local, 1), self.sms_c)
-            c.add("wgrad", wg, wg_c, 3)
+            c.add("wgrad", wg, wg_c, 3, "fp8_gemm")
         else:
             rate = 2 if op.dtype == "fp32" else 1
             gemm = rate * K.bf16_gemm(rows, inter, d) * 3
             gemm_c = rate * K.bf16_gemm(rows, inter, d, self.sms_c) * 3
-            c.add("fwd", gemm, gemm_c, 6)
-            c.add("dgrad", gemm, gemm_c, 6)
-            c.add("wgrad", gemm, gemm_c, 3)
+            c.add("fwd", gemm, gemm_c, 6, "bf16_gemm")
+            c.add("dgrad", gemm, gemm_c, 6, "bf16_gemm")
+            c.add("wgrad", gemm, gemm_c, 3, "bf16_gemm")
             self._copy(c, "fwd", 3 * local * inter * d * 6 + rows * inter * a * 5, 4)
             self._copy(c, "wgrad", 3 * local * inter * d * (6 + 12), 4)
 
     def _recompute(self, c: OpCost, op) -> None:
         if replayed(op, self.recompute):
-            c.gpu["dgrad"] += c.gpu["fwd"]
-            c.gpu_c["dgrad"] += c.gpu_c["fwd"]
-            c.host["dgrad"] += c.host["fwd"]
+            c.add_replay(c)
         elif self.recompute == "selective" and op.kind == "swiglu_ffn":
             # the shared experts' product and down projection run again
             d, inter = num(op.inputs[0].shape[-1], self.T), op.attr("intermediate")
             replay = OpCost()
             self._fp8_or_bf16(replay, op, self.T, d, inter, ("fwd",), 1)
             self._act(replay, inter)
-            c.add("dgrad", replay.gpu["fwd"], replay.gpu_c["fwd"], replay.host["fwd"])
+            c.add_replay(replay)
 
 
 def replayed(op, recompute: str) -> bool:

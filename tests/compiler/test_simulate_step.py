@@ -193,3 +193,27 @@ def test_data_parallel_collectives_ride_the_link_their_group_spans():
     assert network.dp_exposed_s > nvlink.dp_exposed_s
     for r in (nvlink, network):  # the tail is at most the busiest rank's DP work
         assert 0 < r.dp_exposed_s <= max(r.dp_comm_s) * (1 + tol("simulate_float_sum")[0])
+
+
+def test_gpu_time_by_kind_adds_up_to_the_simulated_compute():
+    """StepResult.gpu_by_kind splits each device's compute by kind of kernel (what
+    bench/step_profile.py measures on a GPU): with one device it sums to the step's
+    compute and optimizer exactly; on DeepSeek-V3's pipeline (no overlap) each device's
+    kinds exceed its compute by its optimizer step alone, within its DP tail."""
+    from dsvc.compiler.driver import run_until
+    from tests.test_train_support import ROOT
+
+    r = run_until(dsl.load(str(ROOT / "tests/train_specs/bench_1b.dsv")), "simulate").simulation
+    (kinds,) = r.gpu_by_kind
+    assert set(kinds) == {"fp8_gemm", "bf16_gemm", "attention", "memory", "host"}
+    assert all(v >= 0 for v in kinds.values()) and kinds["fp8_gemm"] > 0 and kinds["bf16_gemm"] > 0
+    assert sum(kinds.values()) == pytest.approx(r.compute_s[0] + r.dp_comm_s[0], rel=1e-9)
+    bf16 = run_until(dsl.load(str(ROOT / "tests/train_specs/bench_1b.dsv"),
+                              ["precision.linear=bf16"]), "simulate").simulation
+    assert bf16.gpu_by_kind[0].get("fp8_gemm", 0.0) == 0.0 and bf16.gpu_by_kind[0]["bf16_gemm"] > 0
+    v3 = run_until(dsl.load(str(ROOT / "examples/deepseek_v3.dsv"), ["parallel.overlap=none"]),
+                   "simulate").simulation
+    assert len(v3.gpu_by_kind) == len(v3.compute_s)
+    for d, kinds in enumerate(v3.gpu_by_kind):
+        extra = sum(kinds.values()) - v3.compute_s[d]
+        assert 0 < extra < v3.dp_comm_s[d]

@@ -1,0 +1,139 @@
+"""bench/step_profile.py: a profiled step's GPU time by kind of kernel, and its idle time."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from tests.bench_scripts import load_bench
+
+
+@pytest.fixture(scope="module")
+def sp():
+    return load_bench("step_profile")
+
+
+GENERATED = {"_gemm_kernel_static", "_grouped_wgrad_kernel", "_rmsnorm_quant_kernel"}
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("_gemm_kernel_static", "FP8 GEMMs (generated)"),
+        ("_grouped_wgrad_kernel", "FP8 GEMMs (generated)"),
+        ("_rmsnorm_quant_kernel", "fused and quantisation kernels (generated)"),
+        ("flash_fwd_kernel<Flash_fwd_kernel_traits<96, 128, 64, 4>>", "attention core (SDPA)"),
+        # memory-efficient attention names carry "cutlass": attention before GEMMs
+        ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel)",
+         "attention core (SDPA)"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7",
+         "attention core (SDPA)"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1",
+         "BF16 GEMMs (cuBLAS)"),
+        ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN", "BF16 GEMMs (cuBLAS)"),
+        ("triton_poi_fused__to_copy_add_mul_0", "torch.compile kernels"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>",
+         "torch element-wise and reductions"),
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication (NCCL)"),
+    ],
+)  # fmt: skip
+def test_kernels_are_sorted_by_kind(sp, name, kind):
+    assert sp.kernel_kind(name, GENERATED) == kind
+
+
+def _kernel(name, ts, dur, cat="kernel"):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 7}
+
+
+def test_busy_time_is_the_union_of_device_intervals(sp):
+    trace = {
+        "traceEvents": [
+            _kernel("_gemm_kernel_static", 1000.0, 300.0),
+            _kernel("_gemm_kernel_static", 1200.0, 200.0),  # overlaps the first by 100 us
+            _kernel("_rmsnorm_quant_kernel", 2000.0, 50.0),
+            _kernel("Memcpy HtoD (Pageable -> Device)", 2100.0, 10.0, "gpu_memcpy"),
+            _kernel("cudaLaunchKernel", 990.0, 5.0, "cuda_runtime"),
+            _kernel("cuLaunchKernelEx", 1190.0, 5.0, "cuda_driver"),
+            _kernel("cudaMalloc", 900.0, 5.0, "cuda_runtime"),  # not a launch
+            _kernel("aten::mm", 980.0, 40.0, "cpu_op"),
+            {"ph": "i", "cat": "kernel", "name": "marker", "ts": 5000.0},  # not a span
+        ]
+    }
+    s = sp.summarise(trace, wall_s=0.002, generated=GENERATED)
+    assert s["gpu_busy_s"] == pytest.approx((400 + 50 + 10) / 1e6)
+    assert s["gpu_idle_s"] == pytest.approx(0.002 - 460e-6)
+    assert s["kernels"] == 3 and s["device_events"] == 4 and s["host_launch_calls"] == 2
+    gemm = s["by_kind"]["FP8 GEMMs (generated)"]
+    assert gemm["events"] == 2 and gemm["gpu_s"] == pytest.approx(500e-6)
+    assert s["by_kind"]["copies and fills"]["events"] == 1
+    assert "BF16 GEMMs (cuBLAS)" not in s["by_kind"]  # kinds without events are left out
+    assert [r["name"] for r in s["top"]][:2] == ["_gemm_kernel_static", "_rmsnorm_quant_kernel"]
+    assert s["top"][0]["calls"] == 2
+    text = sp.format_summary("fp8", s)
+    assert "GPU busy 0.000 s (23%)" in text and "| FP8 GEMMs (generated) | 2 | 0.5 | 108.7% |" in text
+
+
+def test_a_host_only_step_says_so(sp, tmp_path):
+    import torch
+
+    x = torch.randn(64, 64)
+    keep = tmp_path / "trace.json.gz"
+    s = sp.profile_step(lambda: (x @ x).sum(), set(), keep=str(keep))
+    assert s["device_events"] == 0 and s["wall_s"] > 0
+    with gzip.open(keep, "rt", encoding="utf-8") as f:
+        names = {e.get("name") for e in json.load(f)["traceEvents"]}
+    assert "aten::mm" in names  # the kept trace is the profiled step's
+    assert "no GPU activity recorded" in sp.format_summary("bf16", s)
+
+
+def test_generated_kernel_names_come_from_the_module(sp, tmp_path):
+    from dsvc.compiler.codegen.kernels import generic_config, render_kernels
+    from dsvc.runtime.fp8_triton import load_kernel_module
+
+    path = tmp_path / "fp8_kernels.py"
+    path.write_text(render_kernels(generic_config()))
+    names = sp.generated_kernels(load_kernel_module(path))
+    # the autotuned GEMM (an autotuner around the JIT function), the static one, a quantiser
+    assert {"_gemm_kernel", "_gemm_kernel_static", "_quant_act_kernel"} <= names
+    assert "torch" not in names and "triton" not in names
+
+
+def test_trainer_bench_profiles_a_mode(tmp_path, capsys):
+    """bench/trainer_gpu.py --profile on the CPU smoke build: the profiled mode's summary
+    is printed and written with the results."""
+    out = tmp_path / "r.json"
+    trainer = load_bench("trainer_gpu")
+    rc = trainer.main(["--cpu-smoke", "--modes", "bf16", "--profile", "bf16", "--json", str(out)])
+    assert rc == 0
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["profile"]["wall_s"] > 0 and res["profile"]["device_events"] == 0
+    assert "bf16: one step under the profiler" in capsys.readouterr().out
+
+
+def test_simulate_vs_measured_sets_a_profile_beside_the_model():
+    """A run with a profiled step gets the simulator's GPU time by kind beside the
+    measured one (the measured kinds folded into the model's four, idle as host)."""
+    bench = load_bench("simulate_vs_measured")
+    profile = {
+        "gpu_idle_s": 0.1,
+        "by_kind": {
+            "FP8 GEMMs (generated)": {"events": 10, "gpu_s": 0.05},
+            "fused and quantisation kernels (generated)": {"events": 10, "gpu_s": 0.02},
+            "torch element-wise and reductions": {"events": 5, "gpu_s": 0.01},
+            "attention core (SDPA)": {"events": 2, "gpu_s": 0.04},
+        },
+    }
+    measured = bench.measured_by_kind(profile)
+    assert measured == pytest.approx(
+        {"fp8_gemm": 0.05, "bf16_gemm": 0.0, "attention": 0.04, "memory": 0.03, "host": 0.1}
+    )
+    sim = {"by_kind": {"fp8_gemm": 0.1, "attention": 0.02, "memory": 0.03, "host": 0.0}}
+    run = {"spec": "s.dsv", "mode": "fp8", "profile": profile}
+    lines = bench.breakdown(run, sim)
+    assert "| fp8_gemm | 0.1000 | 0.0500 | 2.00 |" in lines
+    assert "| bf16_gemm | 0.0000 | 0.0000 |  |" in lines  # nothing measured: no ratio
+    assert "| memory | 0.0300 | 0.0300 | 1.00 |" in lines
+    unprofiled = bench.breakdown({"spec": "s.dsv", "mode": "fp8"}, sim)
+    assert "| attention | 0.0200 | not profiled | |" in unprofiled
