@@ -46,11 +46,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # per element, the integer rounding costs ~12 instructions (two quantisations: ~24); the
 # cast path of each quantiser must save at least this many
 MIN_CAST_SAVING = 8.0
-# spills a fused kernel may have (bytes per thread): the SwiGLU backward holds six 128 x 128
-# fp32 blocks; at 8 warps ptxas spills 80 bytes (L1-resident), at 4 warps 1.7 KB, and
-# storing each output before computing the next does not help (480 at 8 warps). Pending:
-# the token tiles' column amax in a first pass over 64-row halves.
-FUSED_SPILL_BUDGET = {"_swiglu_bwd_quant_kernel": 128}
+# spills a fused kernel may have (bytes per thread, here and in bench/program_sm90.py; none
+# for the others): the backwards that quantise whole 128 x 128 tiles in both tilings
+FUSED_SPILL_BUDGET = {
+    # the routed SwiGLU backward (gate-weighted, FP8 inputs): 64 bytes with triton 3.9,
+    # 224 with the GPU image's 3.6
+    "_swiglu_bwd_quant_kernel": 256,
+    # the RMSNorm backward with dx, its residual and both tilings on: 184 bytes at 8 warps
+    # with 3.9, 312-368 with 3.6 (L1-resident); at 4 warps, before its column halves,
+    # 1.5-2.6 KB (3.9) and 5.5-7.1 KB (3.6)
+    "_rmsnorm_bwd_kernel": 384,
+    # MLA's RoPE backward in column halves: 56-112 bytes (1.2-3.8 KB at 4 warps before)
+    "_mla_rope_qkv_bwd_kernel": 128,
+}
 
 
 def load_module(soft_round: bool):

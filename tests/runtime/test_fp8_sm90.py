@@ -97,3 +97,55 @@ def test_the_cast_path_saves_the_integer_rounding(sm90):
         # what a GPU runs is well under the interpreter's integer rounding (~12 per value)
         assert integer - cast >= 8, (name, cast, integer)
     assert rows["quantize_act 1x128"][0] < 14  # the H200 run's 77% of copy was at ~24
+
+
+def test_every_fused_launch_of_a_generated_program_compiles_for_hopper(sm90, tmp_path):
+    """bench/program_sm90.py: the launches tiny's generated program makes (recorded under
+    the interpreter, forward and backward of an MLA + dense and an MLA + MoE block) each
+    compile for sm_90 within their spill budgets; the RMSNorm and RoPE backwards launch
+    with 8 warps (with 4 they spilled 0.4-2.6 KB per thread)."""
+    import json
+
+    out = tmp_path / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "program_sm90.py"), "--spec",
+         str(ROOT / "examples" / "tiny.dsv"), "--check", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    kernels = {r["kernel"] for r in rows}
+    assert {
+        "_rmsnorm_quant_kernel", "_rmsnorm_bwd_kernel", "_mla_rope_qkv_kernel",
+        "_mla_rope_qkv_bwd_kernel", "_swiglu_quant_kernel", "_swiglu_bwd_quant_kernel",
+        "_router_topk_kernel", "_router_bwd_kernel", "_moe_combine_kernel",
+        "_moe_dispatch_bwd_kernel", "_quant_bhsd_kernel", "_quant_act_t_grouped_kernel",
+    } <= kernels  # fmt: skip
+    assert all("error" not in r for r in rows)
+    for r in rows:
+        if r["kernel"] in ("_rmsnorm_bwd_kernel", "_mla_rope_qkv_bwd_kernel"):
+            assert r["warps"] == 8 and r["spill"] <= 384, r
+    blocks = {b for r in rows for b in r["blocks"]}
+    assert blocks == {"mla + dense (layer 0)", "mla + moe (layer 1)"}
+
+
+def test_program_launch_findings():
+    """What --check refuses: a compile error, shared memory past sm_90's 227 KB, spills
+    past a kernel's budget (none for kernels without one)."""
+    from tests.bench_scripts import load_bench
+
+    program_sm90 = load_bench("program_sm90")
+    ok = {"kernel": "_moe_combine_kernel", "constexprs": "", "regs": 40, "spill": 0,
+          "shared": 1024}  # fmt: skip
+    assert program_sm90.problems([ok]) == []
+    found = program_sm90.problems([
+        {**ok, "spill": 8},
+        {**ok, "kernel": "_rmsnorm_bwd_kernel", "spill": 184},  # within its budget
+        {**ok, "kernel": "_rmsnorm_bwd_kernel", "spill": 400},
+        {**ok, "shared": 228 * 1024},
+        {**ok, "error": "CompilationError: at 1:2"},
+    ])  # fmt: skip
+    assert len(found) == 4
+    assert "spills 8 B" in found[0] and "spills 400 B" in found[1]
+    assert "shared memory" in found[2] and "does not compile" in found[3]
