@@ -54,9 +54,10 @@ FUSED_SPILL_BUDGET = {
     "_swiglu_bwd_quant_kernel": 256,
     # the RMSNorm backward with dx, its residual and both tilings on: 184 bytes at 8 warps
     # with 3.9, 312-368 with 3.6 (L1-resident); at 4 warps, before its column halves,
-    # 1.5-2.6 KB (3.9) and 5.5-7.1 KB (3.6)
+    # 1.5-2.6 KB (3.9) and 1.5-7.1 KB (3.6)
     "_rmsnorm_bwd_kernel": 384,
-    # MLA's RoPE backward in column halves: 56-112 bytes (1.2-3.8 KB at 4 warps before)
+    # MLA's RoPE backward in column halves: 56-112 bytes (1.2 / 3.8 KB with 3.9 / 3.6 at 4
+    # warps, whole tiles)
     "_mla_rope_qkv_bwd_kernel": 128,
 }
 

@@ -41,8 +41,9 @@ import pathlib
 import sys
 import tempfile
 
+import source_tree  # noqa: F401  (dsvc from this tree, installed or not)
 import torch
-from sm90_compile import Ptr, available, compile_sm90  # this script's neighbours in bench/
+from sm90_compile import Ptr, available, compile_sm90, jit_function  # neighbours in bench/
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = ROOT / "tests" / "train_specs" / "bench_1b.dsv"
@@ -202,9 +203,7 @@ def compile_all(kernels_path: pathlib.Path, launches) -> list[dict]:
     module = import_generated(kernels_path.resolve(), "_dsvc_sm90_kernels_")
     rows = []
     for launch in sorted(launches, key=lambda la: (la["kernel"], str(_key(la)))):
-        fn = getattr(module, launch["kernel"])
-        while type(fn).__name__ != "JITFunction":  # an autotuner wraps its kernel as .fn
-            fn = fn.fn
+        fn = jit_function(getattr(module, launch["kernel"]))
         row = {"kernel": launch["kernel"], "blocks": launch["blocks"],
                "constexprs": _constexprs(launch, fn), "warps": launch["warps"]}  # fmt: skip
         args = {n: _value(a) for n, a in launch["args"]}
@@ -311,6 +310,8 @@ def main(argv=None) -> int:
             f"{r['shared'] / 1024:.1f} | {blocks} |"
         )
     found = problems(rows)
+    if not rows:
+        found.append("no launch recorded: the spec's program covers none of its blocks")
     print(f"\n{len(rows)} distinct launches of {len({r['kernel'] for r in rows})} kernels; "
           f"{len(found)} findings")  # fmt: skip
     for f in found:

@@ -19,18 +19,18 @@ import pathlib
 import sys
 
 import source_tree  # noqa: F401  (dsvc from this tree, installed or not)
+from step_profile import KINDS  # this script's neighbour in bench/
+
+from dsvc.compiler.passes.simulate_ops import KERNEL_KINDS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNS = ROOT / "bench" / "trainer_measurements.json"
 TARGET = 0.15
-# the simulator's kinds of GPU time (compiler/passes/simulate_ops.py KERNEL_KINDS, and the
-# GPU's wait for the host) and which of bench/step_profile.py's kinds each one covers
-SIM_KINDS = ("fp8_gemm", "bf16_gemm", "attention", "memory", "host")
-MEASURED_AS = {
-    "FP8 GEMMs (generated)": "fp8_gemm",
-    "BF16 GEMMs (cuBLAS)": "bf16_gemm",
-    "attention core (SDPA)": "attention",
-}  # every other measured kind is memory-bound work
+# the simulator's kinds of GPU time (and the GPU's wait for the host) and which of
+# bench/step_profile.py's kinds each one covers: every other measured kind is memory-bound
+# work (NCCL too: the measured runs are single-GPU, and the split has no communication)
+SIM_KINDS = (*KERNEL_KINDS, "host")
+MEASURED_AS = {KINDS[0]: "fp8_gemm", KINDS[2]: "bf16_gemm", KINDS[3]: "attention"}
 # What the simulator leaves out, in the order we would look at it for a miss
 NOT_MODELLED = (
     "Triton's Python launcher (tens of microseconds per generated-kernel launch, above the "
@@ -61,9 +61,11 @@ def simulate(run: dict) -> dict:
             "by_kind": step.gpu_by_kind[0] if step is not None and step.gpu_by_kind else {}}
 
 
-def measured_by_kind(profile: dict) -> dict:
+def measured_by_kind(profile: dict) -> dict | None:
     """A profiled step's GPU seconds (bench/step_profile.py's kinds) in the simulator's
-    kinds, its idle seconds as "host"."""
+    kinds, its idle seconds as "host"; None when the profile holds no GPU activity."""
+    if not profile.get("device_events"):
+        return None
     out = dict.fromkeys(SIM_KINDS, 0.0)
     for kind, row in profile.get("by_kind", {}).items():
         out[MEASURED_AS.get(kind, "memory")] += row["gpu_s"]
@@ -73,8 +75,7 @@ def measured_by_kind(profile: dict) -> dict:
 
 def breakdown(run: dict, sim: dict) -> list[str]:
     """Lines of a table: the simulated step by kind of kernel beside the profiled one."""
-    profile = run.get("profile")
-    measured = measured_by_kind(profile) if profile else None
+    measured = measured_by_kind(run["profile"]) if run.get("profile") else None
     lines = [f"\n{run['spec']} ({run['mode']}): GPU seconds per step by kind",
              "| kind | simulated | measured | ratio |", "|---|---|---|---|"]
     for kind in SIM_KINDS:

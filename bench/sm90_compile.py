@@ -70,7 +70,8 @@ def compile_sm90(fn, args: dict, num_warps: int, num_stages: int = 1) -> Compile
     """Compile one kernel for sm_90 the way the JIT would specialise `args`.
 
     Integer arguments equal to 1 become constants and multiples of 16 carry the
-    divisibility hint, as triton's launcher does for real tensors' strides.
+    divisibility hint, as triton's launcher does for real tensors' strides; floats are
+    fp32 scalars.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -85,6 +86,10 @@ def compile_sm90(fn, args: dict, num_warps: int, num_stages: int = 1) -> Compile
         elif isinstance(value, Ptr):
             signature[name] = "*" + value.dtype
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, float):  # never specialised (1.0 stays a runtime fp32)
+            signature[name] = "fp32"
         elif value == 1:
             signature[name], constants[name] = "constexpr", 1
         else:
@@ -201,3 +206,15 @@ def self_test() -> list[str]:
             f"self-test: SASS of a serialised GEMM read as {mmas} MMAs in {groups} groups"
         )
     return problems
+
+
+def jit_function(obj):
+    """The JIT function inside `obj` (itself, or the kernel an autotuner or heuristics
+    wrapper holds as `.fn`), or None when there is none."""
+    for _ in range(4):
+        if type(obj).__name__ in ("JITFunction", "InterpretedFunction"):
+            return obj
+        obj = getattr(obj, "fn", None)
+        if obj is None:
+            return None
+    return None

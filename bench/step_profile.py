@@ -44,16 +44,10 @@ _DEVICE_CATS = {"kernel": None, "gpu_memcpy": "copies and fills", "gpu_memset": 
 def generated_kernels(module) -> set[str]:
     """Names of the Triton kernels a generated kernel module defines (autotuned ones
     included: an autotuner wraps its JIT function as `.fn`)."""
-    names = set()
-    for value in vars(module).values():
-        seen = 0
-        while value is not None and seen < 4:
-            if type(value).__name__ in ("JITFunction", "InterpretedFunction"):
-                names.add(getattr(value, "__name__", None) or value.fn.__name__)
-                break
-            value, seen = getattr(value, "fn", None), seen + 1
-    names.discard(None)
-    return names
+    from sm90_compile import jit_function  # this script's neighbour in bench/
+
+    fns = (jit_function(value) for value in vars(module).values())
+    return {fn.__name__ for fn in fns if fn is not None}
 
 
 def kernel_kind(name: str, generated: set[str]) -> str:
@@ -63,12 +57,12 @@ def kernel_kind(name: str, generated: set[str]) -> str:
     if base in generated or any(base.startswith(g + "_") for g in generated):
         gemm = "gemm" in low or "wgrad" in low
         return KINDS[0] if gemm else KINDS[1]
+    if base.startswith("triton_"):  # inductor's names: triton_poi_fused_..., triton_red_...
+        return "torch.compile kernels"  # (before attention: one may fuse around SDPA's name)
     if "nccl" in low:
         return "communication (NCCL)"
     if any(a in low for a in _ATTENTION):
         return "attention core (SDPA)"
-    if base.startswith("triton_"):  # inductor's names: triton_poi_fused_..., triton_red_...
-        return "torch.compile kernels"
     if any(g in low for g in _LIBRARY_GEMM):
         return "BF16 GEMMs (cuBLAS)"
     return "torch element-wise and reductions"
@@ -149,7 +143,9 @@ def profile_step(step, generated: set[str], keep: str | None = None) -> dict:
     if keep:
         with gzip.open(keep, "wt", encoding="utf-8") as f:
             json.dump(trace, f)
-    return summarise(trace, wall, generated)
+    summary = summarise(trace, wall, generated)
+    summary["cuda"] = cuda
+    return summary
 
 
 def format_summary(mode: str, s: dict) -> str:
@@ -157,13 +153,16 @@ def format_summary(mode: str, s: dict) -> str:
     wall, busy = s["wall_s"], s["gpu_busy_s"]
     lines = [f"\n{mode}: one step under the profiler"]
     if not s["device_events"]:
-        lines.append(f"  {wall:.3f} s; no GPU activity recorded (host-only run)")
+        why = ("the profiler recorded no GPU activity (CUPTI unavailable?)" if s.get("cuda")
+               else "no GPU activity recorded (host-only run)")  # fmt: skip
+        lines.append(f"  {wall:.3f} s; {why}")
         return "\n".join(lines)
     lines.append(
-        f"  wall {wall:.3f} s; GPU busy {busy:.3f} s ({100 * busy / wall:.0f}%), idle "
-        f"{s['gpu_idle_s']:.3f} s; {s['kernels']} kernels, {s['host_launch_calls']} host "
-        "launch calls"
+        f"  wall {wall:.3f} s (the profiler's overhead included); GPU busy {busy:.3f} s "
+        f"({100 * busy / wall:.0f}%), idle {s['gpu_idle_s']:.3f} s; {s['kernels']} kernels, "
+        f"{s['host_launch_calls']} host launch calls"
     )
+    # kernels of one kind may overlap (streams): a kind's share can pass 100%
     lines.append("\n| kind | events | GPU ms | share of busy |\n|---|---|---|---|")
     for kind, row in s["by_kind"].items():
         share = 100 * row["gpu_s"] / busy if busy else 0.0

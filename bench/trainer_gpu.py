@@ -233,7 +233,13 @@ def run_mode(build: str, raw: dict, mode: str, device, args) -> dict:
     tokens = plan.train.global_batch * plan.train.seq_len
     profiled = None
     if mode in _profiled_modes(args):
-        profiled = _profile(trainer, mode, build, args)
+        try:
+            profiled = _profile(trainer, mode, build, args)
+        except Exception as err:  # noqa: BLE001 - keep the mode's timings, say what failed
+            profiled = {"error": f"{type(err).__name__}: {err}"}
+            print(f"  {mode}: the profiled step failed: {profiled['error']}", flush=True)
+        else:
+            print(f"  (unprofiled: median {step_s:.3f} s per step)", flush=True)
     out = {
         "mode": mode,
         "blocks": blocks,
@@ -273,6 +279,15 @@ def _profile(trainer, mode: str, build: str, args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = sorted(_profiled_modes(args) - set(MODES)) + [m for m in modes if m not in MODES]
+    if bad:
+        sys.exit(f"trainer_gpu: unknown mode {bad[0]!r}; expected one of {', '.join(MODES)}")
+    if args.trace_dir and not args.profile:
+        sys.exit("trainer_gpu: --trace-dir keeps the traces of --profile; name the modes")
+    idle = sorted(_profiled_modes(args) - set(modes)) if args.profile != "all" else []
+    if idle:
+        print(f"trainer_gpu: --profile {', '.join(idle)}: not among --modes, not run")
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
     import torch
@@ -308,7 +323,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     results = []
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+    for mode in modes:
         try:
             res = run_mode(build, raw, mode, device, args)
         except Exception as err:  # noqa: BLE001 - report the mode's failure, run the next

@@ -34,6 +34,8 @@ GENERATED = {"_gemm_kernel_static", "_grouped_wgrad_kernel", "_rmsnorm_quant_ker
          "BF16 GEMMs (cuBLAS)"),
         ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN", "BF16 GEMMs (cuBLAS)"),
         ("triton_poi_fused__to_copy_add_mul_0", "torch.compile kernels"),
+        # inductor names a kernel after what it fuses, SDPA's glue included: not attention
+        ("triton_poi_fused__scaled_dot_product_efficient_attention_0", "torch.compile kernels"),
         ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>",
          "torch element-wise and reductions"),
         ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication (NCCL)"),
@@ -85,7 +87,9 @@ def test_a_host_only_step_says_so(sp, tmp_path):
     with gzip.open(keep, "rt", encoding="utf-8") as f:
         names = {e.get("name") for e in json.load(f)["traceEvents"]}
     assert "aten::mm" in names  # the kept trace is the profiled step's
-    assert "no GPU activity recorded" in sp.format_summary("bf16", s)
+    assert "no GPU activity recorded (host-only run)" in sp.format_summary("bf16", s)
+    # on a CUDA machine no device events means the profiler saw none: said so
+    assert "CUPTI" in sp.format_summary("bf16", {**s, "cuda": True})
 
 
 def test_generated_kernel_names_come_from_the_module(sp, tmp_path):
@@ -117,6 +121,7 @@ def test_simulate_vs_measured_sets_a_profile_beside_the_model():
     measured one (the measured kinds folded into the model's four, idle as host)."""
     bench = load_bench("simulate_vs_measured")
     profile = {
+        "device_events": 29,
         "gpu_idle_s": 0.1,
         "by_kind": {
             "FP8 GEMMs (generated)": {"events": 10, "gpu_s": 0.05},
@@ -137,3 +142,13 @@ def test_simulate_vs_measured_sets_a_profile_beside_the_model():
     assert "| memory | 0.0300 | 0.0300 | 1.00 |" in lines
     unprofiled = bench.breakdown({"spec": "s.dsv", "mode": "fp8"}, sim)
     assert "| attention | 0.0200 | not profiled | |" in unprofiled
+    empty = {**run, "profile": {**profile, "device_events": 0}}  # no GPU activity seen
+    assert "| attention | 0.0200 | not profiled | |" in bench.breakdown(empty, sim)
+
+
+def test_trainer_bench_refuses_unknown_profile_modes(capsys):
+    trainer = load_bench("trainer_gpu")
+    with pytest.raises(SystemExit, match="unknown mode 'fp9'"):
+        trainer.main(["--cpu-smoke", "--modes", "bf16", "--profile", "fp9"])
+    with pytest.raises(SystemExit, match="--trace-dir"):
+        trainer.main(["--cpu-smoke", "--trace-dir", "/nonexistent"])

@@ -56,9 +56,10 @@ class StepResult:
     assumptions: tuple[str, ...]
     sim: object = dataclasses.field(repr=False, compare=False, default=None)  # SimResult
     # per device: GPU seconds per step by kind of kernel (simulate_ops.KERNEL_KINDS, the
-    # optimizer's under "memory") and "host", the seconds its GPU waits for the host;
-    # empty without a calibrated card (bench/simulate_vs_measured.py sets it beside a
-    # profiled step, bench/step_profile.py)
+    # optimizer's under "memory"; each with every SM: the slowdown while communication
+    # kernels hold some, under dual micro-batch overlap, is in no kind) and "host", the
+    # seconds its GPU waits for the host; empty without a calibrated card
+    # (bench/simulate_vs_measured.py sets it beside a profiled step, bench/step_profile.py)
     gpu_by_kind: tuple = dataclasses.field(repr=False, compare=False, default=())
 
     @property

@@ -103,7 +103,7 @@ def test_every_fused_launch_of_a_generated_program_compiles_for_hopper(sm90, tmp
     """bench/program_sm90.py: the launches tiny's generated program makes (recorded under
     the interpreter, forward and backward of an MLA + dense and an MLA + MoE block) each
     compile for sm_90 within their spill budgets; the RMSNorm and RoPE backwards launch
-    with 8 warps (with 4 they spilled 0.4-2.6 KB per thread)."""
+    with 8 warps (whole tiles with 4 spilled 1.2-7.1 KB per thread)."""
     import json
 
     out = tmp_path / "rows.json"
