@@ -282,10 +282,7 @@ def setup(spec_path: pathlib.Path, workdir: pathlib.Path):
     from dsvc.compiler.driver import build_plan, run_until
     from dsvc.runtime import fp8
     from dsvc.runtime import program as P
-    from dsvc.runtime.ep import ExpertComm
-    from dsvc.runtime.init import init_parameters
-    from dsvc.runtime.model import Block
-    from dsvc.runtime.plan import ExpertPlacement, parse_plan
+    from dsvc.runtime.plan import parse_plan
 
     spec = dsl.load(spec_path)
     graph = run_until(spec, "fuse")
@@ -298,19 +295,24 @@ def setup(spec_path: pathlib.Path, workdir: pathlib.Path):
     raw["precision"]["fp8_backend"] = "triton"
     plan = parse_plan(raw)
     layer = _first_mla_moe_layer(plan)
-    lay = plan.model.layers[layer]
-    routed = plan.model.ffn[lay.ffn].routed
-    comm = ExpertComm(
-        ExpertPlacement(per_rank=(tuple(range(routed)),), group_of_expert=()),
-        0,
-        None,
-        "fp32",
-        "fp32",
-    )
-    block = Block(plan, lay, comm)
+    return one_rank_block(plan, layer), P.load_program(workdir / "program.py"), plan, layer
+
+
+def one_rank_block(plan, index: int):
+    """Layer `index` of `plan` as a runtime Block on one rank that holds every routed
+    expert (nothing is exchanged), its weights initialised as the trainer's are."""
+    from dsvc.runtime.ep import ExpertComm
+    from dsvc.runtime.init import init_parameters
+    from dsvc.runtime.model import Block
+    from dsvc.runtime.plan import ExpertPlacement
+
+    lay = plan.model.layers[index]
+    routed = getattr(plan.model.ffn[lay.ffn], "routed", 0) or 1
+    placement = ExpertPlacement(per_rank=(tuple(range(routed)),), group_of_expert=())
+    block = Block(plan, lay, ExpertComm(placement, 0, None, "fp32", "fp32"))
     with torch.no_grad():
         init_parameters(block, 0, plan.model.init_std)
-    return block, P.load_program(workdir / "program.py"), plan, layer
+    return block
 
 
 def measure(block, x, dy, kernels, interpret_all: bool) -> Tally:

@@ -114,16 +114,14 @@ def record(spec_path: pathlib.Path, batch: int, seq: int, workdir: pathlib.Path,
     """(build directory, the distinct launches, the block kinds run) of one forward and
     backward of the first block of every kind the spec's program covers, under the
     interpreter."""
+    from fusion_cpu import one_rank_block  # this script's neighbour in bench/
     from triton.runtime.interpreter import InterpretedFunction
 
     from dsvc import dsl
     from dsvc.compiler.codegen.build import build_cached
     from dsvc.runtime import fp8, fp8_torch
     from dsvc.runtime import program as P
-    from dsvc.runtime.ep import ExpertComm
-    from dsvc.runtime.init import init_parameters
-    from dsvc.runtime.model import Block
-    from dsvc.runtime.plan import ExpertPlacement, parse_plan
+    from dsvc.runtime.plan import parse_plan
 
     build = workdir / "build"
     build_cached(dsl.load(spec_path, list(overrides)), str(build))
@@ -161,19 +159,12 @@ def record(spec_path: pathlib.Path, batch: int, seq: int, workdir: pathlib.Path,
     try:
         gen = torch.Generator().manual_seed(0)
         for index, lay in enumerate(plan.model.layers):
-            ffn = plan.model.ffn[lay.ffn]
-            routed = getattr(ffn, "routed", 0) or 1
-            comm = ExpertComm(
-                ExpertPlacement(per_rank=(tuple(range(routed)),), group_of_expert=()),
-                0, None, "fp32", "fp32",
-            )  # fmt: skip
-            block = Block(plan, lay, comm)
-            if block.kind in kinds_done or block.kind not in program.BLOCKS:
+            kind = (lay.attention, lay.ffn)
+            if kind in kinds_done or kind not in program.BLOCKS:
                 continue
+            block = one_rank_block(plan, index)
             kinds_done.add(block.kind)
             current[0] = f"{block.kind[0]} + {block.kind[1]} (layer {index})"
-            with torch.no_grad():
-                init_parameters(block, 0, plan.model.init_std)
             P.attach_program([block], program, plan, kernels)
             namespaces = [kernels, block.program[1].ops]
             saved = [{n: getattr(ns, n) for n in BY_REFERENCE} for ns in namespaces]
