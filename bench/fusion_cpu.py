@@ -208,10 +208,20 @@ def by_reference(namespaces, tally: Tally, counter: OpCounter):
 
         return call
 
+    with reference_ops(namespaces, stand_in):
+        yield
+
+
+@contextlib.contextmanager
+def reference_ops(namespaces, stand_in=None):
+    """`BY_REFERENCE`'s functions of each namespace (a kernel module, a program's ops)
+    replaced by the torch reference's, or by `stand_in(name)`; restored on exit."""
+    from dsvc.runtime import fp8_torch
+
     real = [{n: getattr(ns, n) for n in BY_REFERENCE} for ns in namespaces]
     for ns in namespaces:
         for n in BY_REFERENCE:
-            setattr(ns, n, stand_in(n))
+            setattr(ns, n, stand_in(n) if stand_in else getattr(fp8_torch, n))
     try:
         yield
     finally:
@@ -296,6 +306,22 @@ def setup(spec_path: pathlib.Path, workdir: pathlib.Path):
     plan = parse_plan(raw)
     layer = _first_mla_moe_layer(plan)
     return one_rank_block(plan, layer), P.load_program(workdir / "program.py"), plan, layer
+
+
+def load_build(spec, build: pathlib.Path):
+    """(plan, program, kernels) of `spec` compiled into `build` (kept when current): the
+    plan on the FP8 backend "triton", the build's generated program and kernel module."""
+    from dsvc.compiler.codegen.build import build_cached
+    from dsvc.runtime import fp8
+    from dsvc.runtime import program as P
+    from dsvc.runtime.plan import parse_plan
+
+    build_cached(spec, str(build))
+    fp8.use_kernels(build / "kernels" / "fp8_kernels.py")
+    raw = json.loads((build / "plan.json").read_text())
+    raw["precision"]["fp8_backend"] = "triton"
+    plan = parse_plan(raw, str(build / "plan.json"))
+    return plan, P.load_program(build / "program.py"), fp8.resolve_backend("triton")
 
 
 def one_rank_block(plan, index: int):

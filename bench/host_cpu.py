@@ -30,7 +30,6 @@ os.environ.setdefault("DSVC_FP8_AUTOTUNE", "0")  # the compiler's configs, no be
 
 import argparse
 import contextlib
-import json
 import pathlib
 import statistics
 import sys
@@ -98,24 +97,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.reps < 3:
         ap.error("--tokens must be at least 1 and --reps at least 3")
-    from fusion_cpu import _first_mla_moe_layer, one_rank_block  # neighbour in bench/
+    from fusion_cpu import _first_mla_moe_layer, load_build, one_rank_block  # bench/
 
     from dsvc import dsl
-    from dsvc.compiler.codegen.build import build_cached
-    from dsvc.runtime import fp8
     from dsvc.runtime import program as P
-    from dsvc.runtime.plan import parse_plan
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        build = pathlib.Path(tmp) / "build"
-        build_cached(dsl.load(args.spec), str(build))
-        fp8.use_kernels(build / "kernels" / "fp8_kernels.py")
-        kernels = fp8.resolve_backend("triton")
-        raw = json.loads((build / "plan.json").read_text())
-        raw["precision"]["fp8_backend"] = "triton"
-        plan = parse_plan(raw, str(build / "plan.json"))
-        program = P.load_program(build / "program.py")
+        plan, program, kernels = load_build(dsl.load(args.spec), pathlib.Path(tmp) / "build")
         layer = _first_mla_moe_layer(plan)
         block = one_rank_block(plan, layer)
         gen = torch.Generator().manual_seed(0)

@@ -48,7 +48,6 @@ from sm90_compile import Ptr, available, compile_sm90, jit_function  # neighbour
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SPEC = ROOT / "tests" / "train_specs" / "bench_1b.dsv"
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
-BY_REFERENCE = ("quantize_weight", "gemm", "grouped_gemm", "grouped_gemm_wgrad")
 _DTYPES = {
     torch.bfloat16: "bf16",
     torch.float16: "fp16",
@@ -114,24 +113,14 @@ def record(spec_path: pathlib.Path, batch: int, seq: int, workdir: pathlib.Path,
     """(build directory, the distinct launches, the block kinds run) of one forward and
     backward of the first block of every kind the spec's program covers, under the
     interpreter."""
-    from fusion_cpu import one_rank_block  # this script's neighbour in bench/
+    from fusion_cpu import load_build, one_rank_block, reference_ops  # neighbour in bench/
     from triton.runtime.interpreter import InterpretedFunction
 
     from dsvc import dsl
-    from dsvc.compiler.codegen.build import build_cached
-    from dsvc.runtime import fp8, fp8_torch
     from dsvc.runtime import program as P
-    from dsvc.runtime.plan import parse_plan
 
     build = workdir / "build"
-    build_cached(dsl.load(spec_path, list(overrides)), str(build))
-    kernels_path = build / "kernels" / "fp8_kernels.py"
-    fp8.use_kernels(kernels_path)
-    raw = json.loads((build / "plan.json").read_text())
-    raw["precision"]["fp8_backend"] = "triton"
-    plan = parse_plan(raw, str(build / "plan.json"))
-    program = P.load_program(build / "program.py")
-    kernels = fp8.resolve_backend("triton")
+    plan, program, kernels = load_build(dsl.load(spec_path, list(overrides)), build)
     seen: dict = {}
     current = [""]
     real_run = InterpretedFunction.run
@@ -166,21 +155,12 @@ def record(spec_path: pathlib.Path, batch: int, seq: int, workdir: pathlib.Path,
             kinds_done.add(block.kind)
             current[0] = f"{block.kind[0]} + {block.kind[1]} (layer {index})"
             P.attach_program([block], program, plan, kernels)
-            namespaces = [kernels, block.program[1].ops]
-            saved = [{n: getattr(ns, n) for n in BY_REFERENCE} for ns in namespaces]
-            for ns in namespaces:
-                for n in BY_REFERENCE:
-                    setattr(ns, n, getattr(fp8_torch, n))
-            try:
+            with reference_ops([kernels, block.program[1].ops]):
                 x = torch.randn(batch, seq, plan.model.hidden, generator=gen)
                 x = x.to(torch.bfloat16).requires_grad_(True)
                 y = block(x)
                 (y.float() * torch.randn(y.shape, generator=gen)).sum().backward()
                 P.release_weights([block])
-            finally:
-                for ns, fns in zip(namespaces, saved):
-                    for n, fn in fns.items():
-                        setattr(ns, n, fn)
     finally:
         InterpretedFunction.run = real_run
     return build, list(seen.values()), [" + ".join(k) for k in sorted(kinds_done)]
