@@ -470,6 +470,8 @@ def main(argv=None) -> int:
             "read_per_token": (b["read"] - a["read"]) / t,
             "written_per_token": (b["written"] - a["written"]) / t,
             "core": one.totals(_is_core),
+            # the generated kernels alone (what the simulator counts as the program's launches)
+            "triton_launches": one.totals(lambda n: keep(n) and n.startswith("triton."))["launches"],
         }
         row["bytes_per_token"] = row["read_per_token"] + row["written_per_token"]
         row["saved_per_token"] = (two.saved - one.saved) / t

@@ -33,8 +33,8 @@ SIM_KINDS = (*KERNEL_KINDS, "host")
 MEASURED_AS = {KINDS[0]: "fp8_gemm", KINDS[2]: "bf16_gemm", KINDS[3]: "attention"}
 # What the simulator leaves out, in the order we would look at it for a miss
 NOT_MODELLED = (
-    "Triton's Python launcher (tens of microseconds per generated-kernel launch, above the "
-    "measured 14 us per eager op)",
+    "Triton's own launcher (tens of microseconds per generated-kernel launch, beyond the "
+    "program's 69 us of Python per launch measured with the launches stubbed)",
     "the fused attention's rate on MLA's head widths (0.30 / 0.22 of peak is a cited "
     "assumption until bench/kernels_gpu.py times it)",
     "the caching allocator's synchronising frees and re-allocations at this memory pressure",

@@ -89,6 +89,7 @@ class KernelModel:
         self.attn_fwd = constants["attention_forward_fraction"]["value"]
         self.attn_bwd = constants["attention_backward_fraction"]["value"]
         self.host_s_per_op = constants["host_s_per_op"]["value"]
+        self.program_host_s_per_launch = constants["program_host_s_per_launch"]["value"]
         self.runs = tuple(data.get("runs", ()))
         g = data["fp8_gemm"]
         m = g["m"]
@@ -179,7 +180,8 @@ class KernelModel:
                 "bf16_fit_max_error": max(abs(e) for e in err16),
                 "grouped_factor": self.grouped_factor, "comm_sms": self.comm_sms,
                 "attention_forward": self.attn_fwd, "attention_backward": self.attn_bwd,
-                "host_us_per_op": self.host_s_per_op * 1e6, **self.quant}
+                "host_us_per_op": self.host_s_per_op * 1e6,
+                "program_host_us_per_launch": self.program_host_s_per_launch * 1e6, **self.quant}
 
     @property
     def contended_sms(self) -> int:

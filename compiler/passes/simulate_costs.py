@@ -5,7 +5,8 @@ Three pieces, all pure Python (docs/simulate.md has the derivations):
 * `Rates` and `op_times`: one op's forward, input-gradient and weight-gradient
   seconds for one micro-batch, a roofline: FLOPs over the GPU peak of the op's
   format times the spec's GEMM efficiency, or bytes over HBM bandwidth times
-  its memory efficiency, whichever is longer.
+  its memory efficiency, whichever is longer; `roofline_times` the same as the
+  code that runs the op moves its bytes (a program block's fusion groups).
 * `Topology`: link classes (NVLink inside an NVLink domain, the network across),
   their effective bandwidth and latency, and which class a group of ranks
   (data-parallel, expert-data-parallel, pipeline neighbours) talks over. Ranks
@@ -25,6 +26,9 @@ import dataclasses
 from collections import defaultdict
 
 from dsvc.compiler.ir import num
+
+from .simulate_ops import replayed
+from .simulate_program import WGRAD_BACKWARD, ProgramBlocks, group_bytes, op_coster
 
 IB, NVLINK = "ib", "nvlink"
 BACKWARD_TRAFFIC = 2  # a memory-bound op's backward moves about twice its forward bytes
@@ -71,6 +75,28 @@ def op_times(op, tokens: int, rates: Rates, ep: int = 1,
         params /= ep  # each EP rank reads only its own experts' weights
     rate, moved = rates.flops(op.dtype), (io + params) / rates.hbm
     return tuple(max(f / rate, moved) if f else 0.0 for f in flops)  # type: ignore[return-value]
+
+
+def roofline_times(op, blocks: ProgramBlocks, tokens: int, rates, ep: int = 1,
+                   load: float = 1.0) -> tuple[float, float, float]:
+    """(forward, input-gradient, weight-gradient) roofline seconds of `op` on a card the
+    calibration does not know, the backward's replay of its forward included: in a
+    program block, a memory-bound op a group covers costs nothing of its own and each
+    group its bytes at the HBM rate (the GEMMs keep `op_times`'s roofline)."""
+    if not blocks.runs(op):
+        fwd, dgrad, wgrad = op_times(op, tokens, rates, ep, load)
+        return fwd, dgrad + (fwd if replayed(op, blocks.recompute) else 0.0), wgrad
+    fwd = dgrad = wgrad = 0.0
+    if not (blocks.covered(op) or op.kind in ("quantize", "cast")):
+        fwd, dgrad, wgrad = op_times(op, tokens, rates, ep, load)
+    for g in blocks.at.get(op.name, ()):
+        f, b = group_bytes(g, tokens)
+        fwd += f * load / rates.hbm
+        if g.kind in WGRAD_BACKWARD:
+            wgrad += b * load / rates.hbm
+        else:
+            dgrad += b * load / rates.hbm
+    return fwd, dgrad + (fwd if blocks.replayed(op) else 0.0), wgrad
 
 
 def expert_skew(graph) -> dict[str, float]:
@@ -184,10 +210,9 @@ def stage_profiles(graph, topo: Topology, rates: Rates,
                    kernels=None) -> dict[int, StageProfile]:
     """Per-copy stage -> its profile, from the graph after insert_comm. With `kernels` (a
     `costs.kernel_rates.KernelModel`) ops cost what the runtime's kernels take on the card
-    (`simulate_ops`); without, the roofline of `op_times`."""
+    (`simulate_program.op_coster`: the generated program's in the blocks it runs, the
+    eager modules' elsewhere); without, the roofline (`roofline_times`)."""
     from dsvc.compiler.passes.schedule import stage_units, unit_name
-
-    from .simulate_ops import replayed
 
     tokens = graph.tokens
     units = {p: {n: Unit(n, k) for n, k in us} for p, us in stage_units(graph).items()}
@@ -198,13 +223,9 @@ def stage_profiles(graph, topo: Topology, rates: Rates,
     saved: dict[int, float] = defaultdict(float)
     by_kind: dict[int, dict] = defaultdict(lambda: defaultdict(float))
     chunks = _Chunks(kernels)
-    coster = None
-    if kernels is not None:
-        from .simulate_ops import OpCoster
-
-        coster = OpCoster(graph, kernels, topo.ep)
-    recompute = graph.spec.train.recompute if graph.spec.train is not None else "none"
-    full = recompute == "full"
+    coster = op_coster(graph, kernels, topo.ep) if kernels is not None else None
+    blocks = ProgramBlocks(graph)
+    full = blocks.recompute == "full"
     for op in ops:
         unit = units[op.stage][unit_name(op)]
         saved[op.stage] += num(op.saved_bytes, tokens)
@@ -214,14 +235,10 @@ def stage_profiles(graph, topo: Topology, rates: Rates,
         part = "attention" if unit.kind == "dense" or op.name in pre_dispatch else "mlp"
         load = skew.get(op.name, 1.0)
         if coster is None:
-            fwd, dgrad, wgrad = op_times(op, tokens, rates, topo.ep, load)
-            if replayed(op, recompute):  # the backward runs the forward again first
-                dgrad += fwd
-            for phase, t in (("fwd", fwd), ("dgrad", dgrad), ("wgrad", wgrad)):
+            times = roofline_times(op, blocks, tokens, rates, topo.ep, load)
+            for phase, t in zip(("fwd", "dgrad", "wgrad"), times):
                 chunks.add(unit, (phase, part), t, t, 0)
             continue
-        if op.kind in ("quantize", "cast"):
-            continue  # each FP8 linear quantises its own input in the runtime (charged there)
         cost = coster.cost(op)
         for phase in ("fwd", "dgrad", "wgrad"):
             chunks.add(unit, (phase, part), cost.gpu[phase] * load, cost.gpu_c[phase] * load,

@@ -1,8 +1,11 @@
-"""What one graph op costs when the generated trainer runs it: its kernels, timed on the card.
+"""What one graph op costs when the runtime's eager modules run it: its kernels, timed on the card.
 
-The runtime is eager torch (runtime/*.py, GPU path with the generated Triton FP8
-kernels); each graph op stands for the kernels it issues there. Per op and micro-batch
-this gives, for the forward, the input-gradient and the weight-gradient parts:
+The eager modules (runtime/*.py, GPU path with the generated Triton FP8 kernels) run the
+embedding, head, loss and MTP's own parts, and every decoder block the generated stage
+program does not cover; `simulate_program.ProgramCoster` costs the blocks it does (an
+FP8 plan's). Each graph op stands for the kernels the eager modules issue for it. Per
+op and micro-batch this gives, for the forward, the input-gradient and the
+weight-gradient parts:
 
 * GPU seconds, with every SM and with the SMs communication kernels leave
   (`KernelModel.contended_sms`: compute overlapped with an all-to-all);
@@ -64,6 +67,15 @@ class OpCost:
         self.gpu_c[phase] += gpu if gpu_c is None else gpu_c
         self.host[phase] += host
         self.by_kind[(phase, kind)] = self.by_kind.get((phase, kind), 0.0) + gpu
+
+    def absorb(self, other: OpCost) -> None:
+        """Adds `other`'s seconds, host ops and kinds to this cost's."""
+        for phase in PHASES:
+            self.gpu[phase] += other.gpu[phase]
+            self.gpu_c[phase] += other.gpu_c[phase]
+            self.host[phase] += other.host[phase]
+        for key, t in other.by_kind.items():
+            self.by_kind[key] = self.by_kind.get(key, 0.0) + t
 
     def add_replay(self, other: OpCost) -> None:
         """`other`'s forward run again in this op's input-gradient phase (recomputation)."""
@@ -141,6 +153,12 @@ class OpCoster:
 
     # -- one op ------------------------------------------------------------------------
     def cost(self, op) -> OpCost:
+        """`op`'s kernels, with the forward work its backward repeats (recomputation)."""
+        c = self._cost(op)
+        self._recompute(c, op)
+        return c
+
+    def _cost(self, op) -> OpCost:
         c = OpCost()
         T, a = self.T, self.a
         kind = op.kind
@@ -198,7 +216,6 @@ class OpCoster:
             extra = 8 * T * V if shifted else 0
             self._copy(c, "fwd", T * V * (a + 4 + 8) + extra, 12 if shifted else 6)
             self._copy(c, "dgrad", T * V * (4 + 12 + 4 + a) + extra, 8 if shifted else 5)
-        self._recompute(c, op)
         return c
 
     def _fp8_or_bf16(self, c, op, m, n, k, phases, times):

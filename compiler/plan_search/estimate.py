@@ -1,7 +1,8 @@
 """A fast step-time estimate per candidate plan, to order them before any is simulated.
 
-The same kernel costs as the simulator (`passes.simulate_ops`, on the calibrated
-card; the roofline of `simulate_costs.op_times` elsewhere), summed per unit
+The same kernel costs as the simulator (`passes.simulate_program.op_coster`: the
+generated program's kernels in an FP8 plan's blocks, the eager modules' elsewhere, on
+the calibrated card; `simulate_costs.roofline_times` elsewhere), summed per unit
 (embedding, each kind of decoder layer, head, MTP module) of a graph lowered once per
 (micro-batch size, recomputation); the units dealt to stages evenly; per device the
 micro-batches through its stages times each stage's forward, backward and the expert
@@ -21,7 +22,7 @@ import dataclasses
 from collections import defaultdict
 
 PHASES = ("fwd", "dgrad", "wgrad")
-SKIPPED = ("quantize", "cast", "input", "dispatch", "combine", "send", "recv", "collective")
+SKIPPED = ("input", "dispatch", "combine", "send", "recv", "collective")
 
 
 @dataclasses.dataclass
@@ -79,21 +80,26 @@ class Estimator:
         return self._units[key]
 
     def _cost_units(self, micro_batch: int, recompute: str, ep: int) -> dict[str, UnitCost]:
+        from dsvc.compiler.passes.assign_precision import assign_precision
+        from dsvc.compiler.passes.fuse import fuse
         from dsvc.compiler.passes.lower import lower
         from dsvc.compiler.passes.partition_stages import gpu_rates, op_seconds
-        from dsvc.compiler.passes.simulate_costs import op_times
-        from dsvc.compiler.passes.simulate_ops import OpCoster, replayed
+        from dsvc.compiler.passes.simulate_costs import roofline_times
+        from dsvc.compiler.passes.simulate_program import ProgramBlocks, op_coster
 
         spec = self.spec
         key = (micro_batch, recompute)
         if key not in self._graphs:  # EP changes only the routed experts' local share
             spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, micro_batch=micro_batch,
                                                  recompute=recompute))
-            self._graphs[key] = lower(spec)
+            # the formats and fusion groups the simulator's graph has (FP8 GEMMs, the
+            # generated program's kernels)
+            self._graphs[key] = fuse(assign_precision(lower(spec)))
         graph = self._graphs[key]
         spec = graph.spec
         balance_rates = gpu_rates(spec)
-        coster = OpCoster(graph, self.kernels, ep) if self.kernels is not None else None
+        coster = op_coster(graph, self.kernels, ep) if self.kernels is not None else None
+        blocks = ProgramBlocks(graph)
         host_s = self.kernels.host_s_per_op if self.kernels is not None else 0.0
         m = spec.model
         first: dict[str, str] = {}  # unit kind -> the unit instance costed
@@ -117,9 +123,7 @@ class Estimator:
             if op.kind in SKIPPED:
                 continue
             if coster is None:
-                fwd, dgrad, wgrad = op_times(op, graph.tokens, self.rates, ep)
-                dgrad += fwd if replayed(op, recompute) else 0.0
-                for phase, t in zip(PHASES, (fwd, dgrad, wgrad)):
+                for phase, t in zip(PHASES, roofline_times(op, blocks, graph.tokens, self.rates, ep)):
                     gpu[(kind, phase)] += t
                 continue
             cost = coster.cost(op)

@@ -1,0 +1,268 @@
+"""What a decoder block costs when the build's generated stage program runs it.
+
+An FP8 plan's blocks run the generated program (docs/program.md), not the eager modules
+`simulate_ops.OpCoster` describes: the `fuse` pass's groups are its kernels. Which blocks
+it runs is `stage_program.eager_reason`'s rule, the one the program's renderer and the
+memory model (`costs.activations`) read too. Per op of such a block, one micro-batch:
+
+* every fusion group is one kernel forward and one backward, charged to the group's
+  first op with the bytes the pass counted (`FusionGroup.reads`, `writes`,
+  `bwd_reads`, `bwd_writes`); a `gemm_residual` group is the GEMM's epilogue (no launch
+  of its own). A group kernel runs at the measured rate of the quantiser whose access
+  pattern it shares (`FUSED_AS`: forward kernels write 1 x 128 tiles, backward kernels
+  both tilings), or at its own measured rate once the calibration records one under the
+  kernel's name;
+* an FP8 linear is its GEMMs (its operands arrive quantised from a group's kernel) and
+  its weight's FP8 copy once per step (`ProgramRuntime.qweight`: a share of it per
+  micro-batch); the fp32 gradient accumulates as in the eager modules;
+* the kernels outside the groups: the output gradient's quantisation where the residual
+  stream's gradient arrives in bf16 (a dense FFN's and the shared experts' down
+  projection, GQA's v), the routed rows' gathers (and, across ranks, their packing),
+  the MoE weight-gradient half's rebuild of the ffn norm's output and of the experts'
+  input as token tiles, GQA's key and value repeat;
+* an op whose memory-bound work a group does costs nothing of its own;
+* recomputation as the program runs it: `full` replays the block, `selective` the MLA
+  chunk up to the attention core (the core's outputs are kept).
+
+Host time: one launch of the generated program (a fused kernel or a GEMM through its
+Python host function) costs `program_host_s_per_launch` (calibration.json, measured by
+bench/host_cpu.py with the launches stubbed: the program's Python, its allocations and
+the torch ops between launches, divided by its launches), so the torch ops the program
+leaves (routing bookkeeping, the router GEMM, autograd's gradient accumulation) add no
+host time of their own.
+"""
+
+from __future__ import annotations
+
+from dsvc.compiler.codegen.stage_program import eager_reason
+from dsvc.compiler.ir import num
+
+from .simulate_ops import BLOCK_PARTS, OpCost, OpCoster, replayed
+
+# The measured quantiser whose access pattern each fused kernel shares (its reads and
+# its writes: 1 x 128 tiles forward, both tilings backward), until the calibration
+# measures the kernel itself under its own name; None: the copy rate
+FUSED_AS = {
+    "rmsnorm_quant": "quantize_act", "quantize_bhsd": "quantize_act",
+    "swiglu_quant": "swiglu_quant", "mla_rope_qkv": None, "gqa_rope": None,
+    "router_topk": None, "moe_combine": None,
+    "rmsnorm_bwd": "quantize_act_both", "mla_rope_qkv_bwd": "quantize_act_both",
+    "gqa_rope_bwd": "quantize_act_both", "swiglu_bwd_quant": "quantize_act_both",
+    "moe_dispatch_bwd": "quantize_act_both", "router_bwd": None,
+    # token tiles only (the weight halves' inputs): the two-layout quantiser's slow half
+    "quantize_grouped": "quantize_act_both", "quantize_act_t": "quantize_act_both",
+}
+# Groups whose backward kernel runs in the weight-gradient half (quantize_bhsd: the core
+# output's token tiles for o_proj's wgrad)
+WGRAD_BACKWARD = ("quant_bhsd",)
+SCALE = 4 / 128  # fp32 scale bytes per element of a 1 x 128 tile
+
+
+class ProgramBlocks:
+    """Which ops the generated program runs and which fusion groups each op carries."""
+
+    def __init__(self, graph):
+        spec = graph.spec
+        self.precision, self.model = spec.precision, spec.model
+        self.at: dict[str, list] = {}  # op name -> the groups charged to it
+        self.fused: set[str] = set()  # ops some group's kernel runs
+        for g in graph.fusion or ():
+            self.at.setdefault(g.ops[0], []).append(g)
+            self.fused.update(g.ops)
+        # blocks (by name prefix, "L3", "mtp0") whose selective replay the program runs: MLA's
+        self.mla = {g.ops[0].split(".")[0] for g in graph.fusion or () if g.kind == "mla_rope_qkv"}
+        self.recompute = spec.train.recompute if spec.train is not None else "none"
+        self._runs: dict[str, bool] = {}
+
+    def runs(self, op) -> bool:
+        """Whether `op` is part of a decoder block the program runs."""
+        if not self.at or op.block not in ("layer", "mtp"):
+            return False  # no groups: a plan the program leaves to the eager modules
+        part = op.name.split(".")[1] if "." in op.name else ""
+        if op.block == "mtp" and part not in BLOCK_PARTS:
+            return False  # the MTP module's own norms and projection run eagerly
+        ffn = (self.model.layers[op.layer].ffn if op.block == "layer"
+               else self.model.layers[-1].ffn)
+        if ffn not in self._runs:
+            self._runs[ffn] = not eager_reason(self.precision, self.model.ffns[ffn])
+        return self._runs[ffn]
+
+    def covered(self, op) -> bool:
+        """A memory-bound op of a program block whose work a group's kernel does."""
+        return op.name in self.fused and not any(
+            num(f, 1) for f in (op.flops_fwd, op.flops_dgrad, op.flops_wgrad))
+
+    def replayed(self, op) -> bool:
+        """Whether the program's backward runs `op`'s forward again (`train.recompute`)."""
+        if self.recompute == "full":
+            return replayed(op, "full")
+        if self.recompute != "selective" or op.kind == "attention_core":
+            return False
+        prefix, _, rest = op.name.partition(".")
+        part = rest.split(".")[0]
+        return prefix in self.mla and (part == "attn_norm" or (
+            part == "attn" and op.attr("role") != "o_proj" and op.kind != "quantize"))
+
+
+def group_bytes(group, tokens) -> tuple[float, float]:
+    """(forward, backward) bytes one micro-batch's kernels of `group` read and write."""
+    return (float(num(group.reads + group.writes, tokens)),
+            float(num(group.bwd_reads + group.bwd_writes, tokens)))
+
+
+class ProgramCoster(OpCoster):
+    """`OpCoster` for an FP8 plan: a program block's ops cost the generated program's
+    kernels; everything else (embedding, head, MTP's own parts, blocks the program leaves
+    to the eager modules) the eager modules' (the base class)."""
+
+    def __init__(self, graph, kernels, ep: int):
+        from .schedule import num_microbatches
+
+        super().__init__(graph, kernels, ep)
+        self.blocks = ProgramBlocks(graph)
+        self.micro = max(1, num_microbatches(graph.spec))
+        # a program launch in eager host ops (OpCost.host counts host ops)
+        self.launch = kernels.program_host_s_per_launch / kernels.host_s_per_op
+
+    def cost(self, op) -> OpCost:
+        if not self.blocks.runs(op):
+            return super().cost(op)
+        kind = op.kind
+        once = OpCost()  # what a replay does not repeat: FP8 weight copies, .grad updates
+        if self.blocks.covered(op) or kind in ("quantize", "cast"):
+            c = OpCost()  # the groups' kernels do its work (charged at their first op)
+        elif kind == "linear":
+            c = self._linear(op, once)
+        elif kind == "swiglu_ffn":  # the shared experts
+            c = self._shared(op, once)
+        elif kind == "experts":
+            c = self._routed(op, once)
+        elif kind == "router":
+            c = OpCost()
+            d, E = num(op.inputs[0].shape[-1], self.T), op.attr("routed")
+            self._bf16_linear(c, self.T, E, d, fp32=op.dtype == "fp32")
+            c.host = dict.fromkeys(c.host, 0)  # torch ops between launches: in `launch`
+        else:  # the attention core (SDPA, as the eager modules run it), unfused ops
+            c = self._cost(op)
+            if kind == "attention_core":
+                self._repeat_kv(c, op)
+        for g in self.blocks.at.get(op.name, ()):
+            self._group(c, g)
+        if kind == "norm" and self.blocks.covered(op):  # the weight's fp32 gradient
+            self._glue(once, "wgrad", 12 * num(op.attr("dim"), self.T))
+        if self.blocks.replayed(op):
+            c.add_replay(c)
+        c.absorb(once)
+        return c
+
+    # -- pieces ------------------------------------------------------------------------
+    def _kernel(self, c: OpCost, phase: str, nbytes: float, kernel: str) -> None:
+        """One launch of a generated memory-bound kernel moving `nbytes`."""
+        t = self.k.copy(nbytes, kernel if kernel in self.k.quant else FUSED_AS.get(kernel))
+        c.add(phase, t, t, self.launch)
+
+    def _group(self, c: OpCost, g) -> None:
+        fwd, bwd = group_bytes(g, self.T)
+        if g.kernel == "gemm":  # the residual read in the GEMM's epilogue
+            t = self.k.copy(fwd)
+            c.add("fwd", t, t, 0)
+            return
+        self._kernel(c, "fwd", fwd, g.kernel)
+        if g.backward and g.backward != "-":
+            phase = "wgrad" if g.kind in WGRAD_BACKWARD else "dgrad"
+            self._kernel(c, phase, bwd, g.backward)
+
+    def _gemms(self, c: OpCost, once: OpCost, m, n, k, times: int = 1) -> None:
+        """`times` FP8 linears' three GEMMs each (operands already quantised), their
+        weights' FP8 copies and the fp32 gradients' accumulation (in `once`)."""
+        K = self.k
+        for phase, (a, b, kk) in (("fwd", (m, n, k)), ("dgrad", (m, k, n)), ("wgrad", (n, k, m))):
+            c.add(phase, K.fp8_gemm(a, b, kk) * times, K.fp8_gemm(a, b, kk, self.sms_c) * times,
+                  self.launch * times, "fp8_gemm")
+        self._weight(once, n * k * times)
+
+    def _weight(self, once: OpCost, elements: float) -> None:
+        """A weight's FP8 copy, made once per step and shared by the step's micro-batches
+        (and replays); its fp32 gradient accumulated (read, add, write)."""
+        t = self.k.copy(elements * (4 + 1) / self.micro, "quantize_weight")
+        once.add("fwd", t, t, self.launch / self.micro)
+        self._glue(once, "wgrad", 12 * elements)  # autograd's accumulation
+
+    def _glue(self, c: OpCost, phase: str, nbytes: float) -> None:
+        """Torch's work between the program's launches (copies, autograd's gradient
+        accumulation): its host time is in `launch`, which was measured with it."""
+        t = self.k.copy(nbytes)
+        c.add(phase, t, t, 0)
+
+    def _quantize_both(self, c: OpCost, phase: str, rows, cols) -> None:
+        """`quantize_act_both` of a bf16 gradient the program receives unquantised."""
+        self._kernel(c, phase, rows * cols * (self.a + 2 + 2 * SCALE), "quantize_act_both")
+
+    def _linear(self, op, once: OpCost) -> OpCost:
+        c = OpCost()
+        k, n = op.attr("in_features"), op.attr("out_features")
+        if not op.dtype.startswith("fp8"):
+            self._bf16_linear(c, self.T, n, k, fp32=op.dtype == "fp32")
+            return c
+        self._gemms(c, once, self.T, n, k)
+        if op.attr("role") in ("down_proj", "v_proj"):  # dy arrives in bf16
+            self._quantize_both(c, "dgrad", self.T, n)
+        return c
+
+    def _shared(self, op, once: OpCost) -> OpCost:
+        c, T = OpCost(), self.T
+        d, inter = num(op.inputs[0].shape[-1], T), op.attr("intermediate")
+        self._gemms(c, once, T, inter, d, 2)  # gate and up
+        self._gemms(c, once, T, d, inter)  # down
+        self._quantize_both(c, "dgrad", T, d)  # dout for the down projection
+        # the weight half: the norm's output as token tiles for gate's and up's wgrad
+        self._kernel(c, "wgrad", T * d * (self.a + 1 + SCALE), "quantize_act_t")
+        return c
+
+    def _routed(self, op, once: OpCost) -> OpCost:
+        """The routed experts' grouped GEMMs and the program's glue around them."""
+        c, T, a, K = OpCost(), self.T, self.a, self.k
+        d, inter, k = num(op.outputs[0].shape[-1], T), op.attr("intermediate"), op.attr("top_k")
+        local = op.attr("routed") // self.ep
+        rows = T * k
+        fp8_row = d * (1 + SCALE)
+        for n_out, k_in, times in ((inter, d, 2), (d, inter, 1)):
+            f = K.fp8_grouped(rows, local, n_out, k_in)
+            f_c = K.fp8_grouped(rows, local, n_out, k_in, self.sms_c)
+            c.add("fwd", times * f, times * f_c, times * self.launch, "fp8_gemm")
+            c.add("dgrad", times * f, times * f_c, times * self.launch, "fp8_gemm")
+        wg = 3 * K.fp8_grouped(local * inter, local, d, rows / max(local, 1))
+        wg_c = 3 * K.fp8_grouped(local * inter, local, d, rows / max(local, 1), self.sms_c)
+        c.add("wgrad", wg, wg_c, 3 * self.launch, "fp8_gemm")
+        self._weight(once, 3 * local * inter * d)
+        # the FP8 rows (and their gate weights) gathered by destination; across ranks
+        # packed for the exchange and the replies unpacked
+        moves = self.ep > 1
+        self._glue(c, "fwd", 2 * rows * fp8_row + (2 * rows * d * a if moves else 0))
+        if moves:
+            self._glue(c, "fwd", 2 * rows * fp8_row)
+            self._glue(c, "dgrad", 4 * rows * d * a)  # dout's rows out, dx's rows home
+        # the weight half: the ffn norm's output rebuilt from its input, the experts' input
+        # as token tiles by expert
+        self._kernel(c, "wgrad", 2 * T * d * a, "rmsnorm_quant")
+        self._kernel(c, "wgrad", rows * (d * a + d + SCALE * d), "quantize_grouped")
+        return c
+
+    def _repeat_kv(self, c: OpCost, op) -> None:
+        """GQA with fewer KV heads: k and v repeated to every head before the core (and
+        their gradients summed back)."""
+        heads, kv = op.attr("heads"), op.attr("kv_heads")
+        if kv is None or kv == heads:
+            return
+        width = num(op.inputs[1].shape[-1], self.T)  # kv heads x head dim
+        nbytes = 2 * self.T * width * self.a * (1 + heads // kv)
+        self._glue(c, "fwd", nbytes)
+        self._glue(c, "dgrad", nbytes)
+
+
+def op_coster(graph, kernels, ep: int) -> OpCoster:
+    """The coster of `graph`'s ops on a calibrated card: the program's where the graph has
+    fusion groups (an FP8 plan after `fuse`), the eager modules' otherwise."""
+    if graph.fusion:
+        return ProgramCoster(graph, kernels, ep)
+    return OpCoster(graph, kernels, ep)

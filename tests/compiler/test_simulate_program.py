@@ -1,0 +1,208 @@
+"""The simulator's costs of the generated stage program (compiler/passes/simulate_program.py).
+
+An FP8 plan's decoder blocks run the generated program: the simulator charges its fused
+kernels (the `fuse` pass's groups, with their bytes), its GEMMs and its launches, where
+the eager modules' kernels were charged before. The eager costs stay for everything the
+program does not run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from dsvc import dsl
+from dsvc.compiler.costs.kernel_rates import KernelModel
+from dsvc.compiler.driver import run_until
+from dsvc.compiler.passes.simulate_costs import Rates, op_times, roofline_times
+from dsvc.compiler.passes.simulate_ops import OpCoster
+from dsvc.compiler.passes.simulate_program import (
+    FUSED_AS,
+    ProgramBlocks,
+    ProgramCoster,
+    group_bytes,
+    op_coster,
+)
+from tests.conftest import EXAMPLES, ROOT
+
+BENCH = ROOT / "tests" / "train_specs" / "bench_1b.dsv"
+TINY = EXAMPLES / "tiny.dsv"
+
+
+def graph_of(path, *overrides):
+    return run_until(dsl.load(str(path), list(overrides)), "insert_comm")
+
+
+def kernels_of(g) -> KernelModel:
+    """The card's kernel model; tiny's CPU "card" borrows the measured H200's rates."""
+    from dsvc.compiler.costs.kernel_rates import calibration
+
+    k = KernelModel.for_gpu(g.spec.cluster.gpu)
+    if k is None:
+        cal = calibration()
+        k = KernelModel("h200", cal["cards"]["h200"], cal["constants"], g.spec.cluster.gpu, "h200")
+    return k
+
+
+@pytest.fixture(scope="module")
+def bench():
+    g = graph_of(BENCH)
+    return g, kernels_of(g)
+
+
+def block_cost(coster, g, prefix: str) -> tuple[dict, dict]:
+    """(seconds by kind of kernel, host ops by phase) of one block's ops."""
+    kinds, host = defaultdict(float), defaultdict(float)
+    for op in g.ops():
+        if op.name.startswith(prefix + "."):
+            c = coster.cost(op)
+            for (_, kind), t in c.by_kind.items():
+                kinds[kind] += t
+            for phase, n in c.host.items():
+                host[phase] += n
+    return kinds, host
+
+
+def test_the_program_runs_an_fp8_plans_decoder_blocks_only():
+    g = graph_of(TINY)
+    blocks = ProgramBlocks(g)
+    runs = {op.name: blocks.runs(op) for op in g.ops()}
+    assert runs["L0.attn_norm"] and runs["L1.moe.experts"] and runs["L1.attn.core"]
+    assert runs["mtp0.attn_norm"]  # an MTP module's decoder block is its kind's program
+    assert not any(v for n, v in runs.items() if n.split(".")[0] in ("embed", "head"))
+    own = [n for n in runs if n.startswith("mtp0.") and n.split(".")[1] not in (
+        "attn_norm", "attn", "attn_add", "ffn_norm", "ffn", "moe", "ffn_add")]
+    assert own and not any(runs[n] for n in own)  # its own norms and projection: eager
+    # a BF16 plan has no groups, and a policy the program refuses keeps the eager modules
+    for overrides in (["precision.linear=bf16"],
+                      ["precision.keep.bf16=[embedding,head,router,attention_core,norm]",
+                       "precision.keep.fp32=[]"]):
+        g2 = graph_of(TINY, *overrides)
+        assert not any(ProgramBlocks(g2).runs(op) for op in g2.ops()), overrides
+    bf16 = graph_of(TINY, "precision.linear=bf16")
+    assert type(op_coster(bf16, kernels_of(bf16), 1)) is OpCoster
+
+
+def test_a_program_block_costs_its_groups_not_its_ops(bench):
+    g, k = bench
+    program, eager = ProgramCoster(g, k, 1), OpCoster(g, k, 1)
+    fused, _ = block_cost(program, g, "L1")
+    unfused, _ = block_cost(eager, g, "L1")
+    # the same GEMMs and attention; the memory-bound work is the groups' kernels
+    for kind in ("fp8_gemm", "attention"):
+        assert fused[kind] == pytest.approx(unfused[kind], rel=1e-9), kind
+    assert fused["memory"] < 0.6 * unfused["memory"]
+    # a norm's forward is its group's kernel: the bytes the fuse pass counted, at the
+    # measured rate of the quantiser it resembles
+    group = next(gr for gr in g.fusion if gr.name == "L1.attn_norm+quant")
+    fwd, bwd = group_bytes(group, g.tokens)
+    cost = program.cost(g.op("L1.attn_norm"))
+    assert cost.gpu["fwd"] == pytest.approx(k.copy(fwd, FUSED_AS["rmsnorm_quant"]))
+    assert cost.gpu["dgrad"] == pytest.approx(k.copy(bwd, FUSED_AS["rmsnorm_bwd"]))
+    # its quantize op and the residual add the GEMM's epilogue does cost nothing of their own
+    for name in ("L1.attn_norm.quant", "L1.attn_add"):
+        assert sum(program.cost(g.op(name)).gpu.values()) == 0, name
+
+
+def test_a_kernel_measured_under_its_own_name_replaces_the_borrowed_rate(bench, monkeypatch):
+    g, k = bench
+    program = ProgramCoster(g, k, 1)
+    before = program.cost(g.op("L1.attn_norm")).gpu["dgrad"]
+    monkeypatch.setattr(k, "quant", {**k.quant, "rmsnorm_bwd": 2 * k.quant[FUSED_AS["rmsnorm_bwd"]]})
+    assert program.cost(g.op("L1.attn_norm")).gpu["dgrad"] == pytest.approx(before / 2)
+
+
+def test_weights_are_quantised_once_per_step_not_per_micro_batch():
+    g = graph_of(TINY)
+    k = kernels_of(g)
+    one, many = ProgramCoster(g, k, 1), ProgramCoster(g, k, 1)
+    assert many.micro > 1  # tiny runs several micro-batches a step
+    one.micro = 1
+    op = g.op("L0.attn.o_proj")
+    weight = k.copy(op.attr("in_features") * op.attr("out_features") * 5, "quantize_weight")
+    saved = one.cost(op).gpu["fwd"] - many.cost(op).gpu["fwd"]
+    assert saved == pytest.approx(weight * (1 - 1 / many.micro))
+
+
+def test_selective_recomputation_replays_the_mla_chunk_up_to_the_core():
+    g = graph_of(TINY, "train.recompute=selective")
+    none = graph_of(TINY, "train.recompute=none")
+    k = kernels_of(g)
+    sel, base = ProgramCoster(g, k, 1), ProgramCoster(none, k, 1)
+    for name in ("L1.attn_norm", "L1.attn.q_up", "L1.attn.kv_up", "L1.attn.rope"):
+        a, b = sel.cost(g.op(name)), base.cost(none.op(name))
+        assert a.gpu["dgrad"] == pytest.approx(b.gpu["dgrad"] + a.gpu["fwd"] - _once(sel, g, name))
+    for name in ("L1.attn.core", "L1.attn.o_proj", "L1.ffn_norm", "L1.moe.experts"):
+        assert sel.cost(g.op(name)).gpu["dgrad"] == pytest.approx(
+            base.cost(none.op(name)).gpu["dgrad"]), name  # the core's outputs are kept
+
+
+def _once(coster, g, name) -> float:
+    """An op's forward work done once per micro-batch however often it is replayed (its
+    weight's FP8 copy)."""
+    op = g.op(name)
+    if op.kind != "linear":
+        return 0.0
+    return coster.k.copy(op.attr("in_features") * op.attr("out_features") * 5 / coster.micro,
+                         "quantize_weight")
+
+
+def test_the_roofline_charges_the_groups_on_an_uncalibrated_card():
+    g = graph_of(TINY)
+    rates = Rates.of(g.spec.cluster.gpu)
+    blocks = ProgramBlocks(g)
+    norm = g.op("L1.attn_norm")
+    fwd, dgrad, _ = roofline_times(norm, blocks, g.tokens, rates)
+    group = blocks.at["L1.attn_norm"][0]
+    assert fwd == pytest.approx(group_bytes(group, g.tokens)[0] / rates.hbm)
+    assert dgrad == pytest.approx(group_bytes(group, g.tokens)[1] / rates.hbm)
+    assert roofline_times(g.op("L1.attn_norm.quant"), blocks, g.tokens, rates) == (0, 0, 0)
+    emb = g.op("embed.tokens") if "embed.tokens" in {o.name for o in g.ops()} else next(
+        o for o in g.ops() if o.kind == "embedding")
+    assert roofline_times(emb, blocks, g.tokens, rates) == op_times(emb, g.tokens, rates)
+
+
+def test_the_simulated_step_charges_what_the_trainer_runs(bench, monkeypatch):
+    """bench_1b's step with the program's costs against the same step with the eager
+    modules' everywhere: faster by exactly the ops' memory-bound difference."""
+    from dsvc.compiler.driver import simulate_step
+    from dsvc.compiler.passes import simulate_costs
+
+    g, k = bench
+    program = simulate_step(g.spec).gpu_by_kind[0]
+    monkeypatch.setattr(simulate_costs, "op_coster", OpCoster)
+    eager = simulate_step(g.spec).gpu_by_kind[0]
+
+    def memory(coster):
+        return sum(t for op in g.ops() if op.stage is not None and op.block != "step"
+                   for (_, kind), t in coster.cost(op).by_kind.items() if kind == "memory")
+
+    saved = memory(OpCoster(g, k, 1)) - memory(ProgramCoster(g, k, 1))
+    assert saved > 0.3 * eager["memory"]
+    assert eager["memory"] - program["memory"] == pytest.approx(saved)
+    assert program["fp8_gemm"] == pytest.approx(eager["fp8_gemm"])
+
+
+def test_launches_match_the_generated_programs_run(tmp_path):
+    """The simulator's launches of tiny's MLA + MoE block against the generated kernels
+    bench/fusion_cpu.py counts in a run of that block (weights quantised in the run)."""
+    import json
+
+    from tests.bench_scripts import load_bench
+
+    bench = load_bench("fusion_cpu")
+    out = tmp_path / "fusion.json"
+    bench.main(["--spec", str(EXAMPLES / "tiny.dsv"), "--tokens", "8", "--json", str(out)])
+    res = json.loads(out.read_text())
+    ran = res["runs"]["after (program)"]["triton_launches"]
+    g = graph_of(TINY)
+    k = kernels_of(g)
+    program = ProgramCoster(g, k, 1)
+    program.micro = 1  # the bench runs one micro-batch: every weight quantised in it
+    prefix = f"L{res['layer']}"
+    launches = 0.0
+    for op in g.ops():
+        if op.name.startswith(prefix + ".") and op.kind != "attention_core":
+            launches += sum(program.cost(op).host.values()) / program.launch
+    assert launches == pytest.approx(ran, rel=0.1), (launches, ran)
