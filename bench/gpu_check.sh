@@ -8,7 +8,11 @@
 #   dsvc compile tests/train_specs/bench_1b.dsv -o .gpu_build/bench_1b
 # then call the device tool with
 #   command: bash bench/gpu_check.sh    carry: [".gpu_build"]    timeout_s: 560
-# and paste the tables into bench/RESULTS.md with the card and the date.
+# and paste the tables into bench/RESULTS.md with the card and the date. Then add the
+# fp8 and bf16 runs (with their `profile` from trainer_gpu.json) to
+# bench/trainer_measurements.json and run `python bench/simulate_vs_measured.py
+# --calibrate`: the model beside the measured step by kind of kernel, the fused kernels
+# beside the simulator's bytes for them, their measured rates written to calibration.json.
 #
 # Step limits add up to 530 s (+ ~10 s of start-up), inside one 560 s call:
 #   1. environment                                                    5 s

@@ -1,6 +1,6 @@
 """The simulator against the trainer: every measured step beside its simulation, with the ratio.
 
-    python bench/simulate_vs_measured.py [--json OUT]
+    python bench/simulate_vs_measured.py [--json OUT] [--calibrate]
 
 For each run in bench/trainer_measurements.json (what bench/RESULTS.md records of
 bench/trainer_gpu.py: spec, card, date, commit, tokens/s, peak memory), the same spec
@@ -9,6 +9,13 @@ simulated step time and peak memory are printed beside the measurement with thei
 ratio (simulated / measured). Target: within 15%. Where a ratio misses it, the note
 lists the mechanisms the simulator does not model yet. A benchmark, not a test: the
 trainer changes, and each GPU run re-measures it (add the run to the JSON).
+
+Where a run's profile lists its kernels by name (`trainer_gpu.py --profile`, one GPU), the
+generated program's fused kernels are set beside the simulator's bytes and seconds for
+them: each kernel's achieved share of the card's copy rate, and the share the simulator
+assumed (a quantiser's, until measured). `--calibrate` writes the measured shares into
+compiler/costs/calibration.json (`fused_fraction_of_copy` of the run's card, with the
+run), for the kernels whose launches per step the simulator counts as the profile does.
 """
 
 from __future__ import annotations
@@ -42,9 +49,27 @@ NOT_MODELLED = (
 )
 
 
+# The generated program's fused kernels (the simulator's names, simulate_program.FUSED_AS)
+# -> the Triton kernel a profile names, where that kernel does exactly the work the
+# simulator charges under the name. Left out: gqa_rope_bwd (the forward's kernel and two
+# quantisers), moe_dispatch_bwd (its group's bytes include the quantize_grouped launch
+# that quantises dout's rows), the token-tile quantisers (one Triton kernel serves several)
+FUSED_TRITON = {
+    "rmsnorm_quant": "_rmsnorm_quant_kernel", "rmsnorm_bwd": "_rmsnorm_bwd_kernel",
+    "mla_rope_qkv": "_mla_rope_qkv_kernel", "mla_rope_qkv_bwd": "_mla_rope_qkv_bwd_kernel",
+    "quantize_bhsd": "_quant_bhsd_kernel", "swiglu_quant": "_swiglu_quant_kernel",
+    "swiglu_bwd_quant": "_swiglu_bwd_quant_kernel", "router_topk": "_router_topk_kernel",
+    "router_bwd": "_router_bwd_kernel", "moe_combine": "_moe_combine_kernel",
+}
+CALIBRATION = ROOT / "compiler" / "costs" / "calibration.json"
+
+
 def simulate(run: dict) -> dict:
     from dsvc import dsl
     from dsvc.compiler.driver import run_until
+    from dsvc.compiler.passes.schedule import num_microbatches
+    from dsvc.compiler.passes.simulate import kernel_model
+    from dsvc.compiler.passes.simulate_program import ProgramCoster
     from dsvc.compiler.report import report_of
 
     overrides = list(run["overrides"])
@@ -56,7 +81,18 @@ def simulate(run: dict) -> dict:
     report = report_of(spec, graph)
     tokens = spec.train.global_batch * spec.train.seq_len
     step = graph.simulation
-    return {"step_s": report.value("step.time_s"), "tokens": tokens,
+    kernels = kernel_model(spec)
+    fused = {}  # kernel -> [bytes, seconds, launches] per step, a one-device run's
+    if kernels is not None and graph.fusion and graph.partition.parts == 1:
+        coster = ProgramCoster(graph, kernels, spec.parallel.expert)
+        for op in graph.ops():
+            if op.stage is not None and op.block != "step":
+                coster.cost(op)
+        m = num_microbatches(spec)
+        fused = {k: [b * m, t * m, n * m] for k, (b, t, n) in coster.ledger.items()}
+    return {"step_s": report.value("step.time_s"), "tokens": tokens, "fused": fused,
+            "copy_rate": kernels.copy_rate if kernels is not None else None,
+            "assumed": dict(kernels.quant) if kernels is not None else {},
             "peak_bytes": report.value("memory.max_gpu_bytes"),
             "by_kind": step.gpu_by_kind[0] if step is not None and step.gpu_by_kind else {}}
 
@@ -89,9 +125,66 @@ def breakdown(run: dict, sim: dict) -> list[str]:
     return lines
 
 
+def fused_rows(run: dict, sim: dict) -> list[dict]:
+    """The fused kernels of a profiled run beside the simulator's (FUSED_TRITON's)."""
+    from dsvc.compiler.passes.simulate_program import FUSED_AS
+
+    by_name = (run.get("profile") or {}).get("by_name") or {}
+    rows = []
+    for kernel, triton_name in FUSED_TRITON.items():
+        if kernel not in sim["fused"] or triton_name not in by_name:
+            continue
+        nbytes, secs, launches = sim["fused"][kernel]
+        got = by_name[triton_name]
+        share = nbytes / got["gpu_s"] / sim["copy_rate"] if got["gpu_s"] > 0 else None
+        assumed = sim["assumed"].get(kernel, sim["assumed"].get(FUSED_AS.get(kernel), 1.0))
+        rows.append({"kernel": kernel, "triton": triton_name, "launches": launches,
+                     "calls": got["calls"], "bytes": nbytes, "simulated_s": secs,
+                     "measured_s": got["gpu_s"], "share": share, "assumed": assumed,
+                     "counted_alike": round(launches) == got["calls"]})
+    return rows
+
+
+def fused_table(run: dict, rows: list[dict]) -> list[str]:
+    lines = [f"\n{run['spec']} ({run['mode']}): the generated fused kernels per step",
+             "| kernel | launches (simulated / profiled) | GB | simulated s | measured s | "
+             "share of copy (measured / assumed) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        share = f"{r['share']:.2f}" if r["share"] is not None else "-"
+        lines.append(f"| {r['kernel']} | {r['launches']:.0f} / {r['calls']} | "
+                     f"{r['bytes'] / 1e9:.3f} | {r['simulated_s']:.5f} | {r['measured_s']:.5f} | "
+                     f"{share} / {r['assumed']:.2f} |")
+    return lines
+
+
+def calibrate(run: dict, rows: list[dict]) -> list[str]:
+    """Writes the measured shares of the kernels counted alike into calibration.json
+    (the run's card); returns the kernels left out, with why."""
+    data = json.loads(CALIBRATION.read_text())
+    card = data["cards"][run["gpu"]]
+    if not card.get("measured"):
+        return [f"{run['gpu']} borrows another card's rates; nothing written"]
+    shares, skipped = {}, []
+    for r in rows:
+        if r["share"] is None or not r["counted_alike"]:
+            skipped.append(f"{r['kernel']}: {r['launches']:.0f} simulated launches, "
+                           f"{r['calls']} profiled")
+            continue
+        shares[r["kernel"]] = round(r["share"], 3)
+    if shares:
+        card["fused_fraction_of_copy"] = dict(sorted(shares.items()))
+        card["fused_run"] = {k: run[k] for k in ("spec", "mode", "card", "date", "commit",
+                                                  "torch", "triton") if k in run}
+        CALIBRATION.write_text(json.dumps(data, indent=2) + "\n")
+    return skipped
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--calibrate", action="store_true",
+                   help="write the profiled fused kernels' shares of the copy rate into "
+                   "compiler/costs/calibration.json")
     args = p.parse_args(argv)
     runs = json.loads(RUNS.read_text())["runs"]
     rows, misses, tables = [], [], []
@@ -113,6 +206,13 @@ def main(argv=None) -> int:
         if abs(r_step - 1) > TARGET or abs(r_peak - 1) > TARGET:
             misses.append((run, r_step, r_peak))
         tables.extend(breakdown(run, sim) if sim["by_kind"] else [])
+        fused = fused_rows(run, sim)
+        if fused:
+            tables.extend(fused_table(run, fused))
+            rows[-1]["fused"] = fused
+            if args.calibrate:
+                for why in calibrate(run, fused):
+                    tables.append(f"not calibrated: {why}")
     print("\n".join(tables))
     for run, r_step, r_peak in misses:
         what = [f"step time {r_step:.2f}x"] if abs(r_step - 1) > TARGET else []

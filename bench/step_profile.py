@@ -8,7 +8,8 @@ the trace it exports (Chrome trace JSON, the format torch has kept across releas
   time (the union of its kernels', copies' and fills' intervals) and the rest, idle:
   time the GPU waited for the host (a launch-bound step) or for a synchronisation;
 - kernels and host launch calls per step;
-- GPU time by kind of kernel (`KINDS`), and the kernels taking the most.
+- GPU time by kind of kernel (`KINDS`), the kernels taking the most, and every kernel's
+  calls and time by name.
 
 Kernel kinds come from the kernel's name: the build's generated Triton kernels are
 known by name (`generated_kernels(module)`: its GEMMs apart from its fused and
@@ -114,6 +115,9 @@ def summarise(trace: dict, wall_s: float, generated: set[str], top: int = 10) ->
         "host_launch_calls": launches,
         "by_kind": {k: {"events": n, "gpu_s": t} for k, (n, t) in by_kind.items() if n},
         "top": [{"name": n, "kind": k, "calls": c, "gpu_s": t} for n, (k, c, t) in heaviest],
+        # every kernel by name (bench/simulate_vs_measured.py sets the fused ones beside
+        # the simulator's bytes for them)
+        "by_name": {n: {"kind": k, "calls": c, "gpu_s": t} for n, (k, c, t) in by_name.items()},
     }
 
 

@@ -152,3 +152,69 @@ def test_trainer_bench_refuses_unknown_profile_modes(capsys):
         trainer.main(["--cpu-smoke", "--modes", "bf16", "--profile", "fp9"])
     with pytest.raises(SystemExit, match="--trace-dir"):
         trainer.main(["--cpu-smoke", "--trace-dir", "/nonexistent"])
+
+
+def test_every_kernel_is_summarised_by_name(sp):
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "_rmsnorm_bwd_kernel", "ts": 0, "dur": 30},
+        {"ph": "X", "cat": "kernel", "name": "_rmsnorm_bwd_kernel", "ts": 40, "dur": 10},
+        {"ph": "X", "cat": "kernel", "name": "_moe_combine_kernel", "ts": 60, "dur": 5},
+    ]}
+    s = sp.summarise(trace, 1e-4, {"_rmsnorm_bwd_kernel", "_moe_combine_kernel"}, top=1)
+    assert len(s["top"]) == 1 and set(s["by_name"]) == {"_rmsnorm_bwd_kernel", "_moe_combine_kernel"}
+    assert s["by_name"]["_rmsnorm_bwd_kernel"]["calls"] == 2
+    assert s["by_name"]["_rmsnorm_bwd_kernel"]["gpu_s"] == pytest.approx(40e-6)
+
+
+def test_the_fused_kernels_the_bench_names_are_the_modules(tmp_path):
+    """simulate_vs_measured's map from the simulator's fused kernels to the Triton kernels
+    a profile names: each a kernel of the generated module, each a kernel the simulator
+    charges."""
+    from dsvc.compiler.codegen.kernels import generic_config, render_kernels
+    from dsvc.compiler.passes.simulate_program import FUSED_AS
+    from dsvc.runtime.fp8_triton import load_kernel_module
+
+    bench = load_bench("simulate_vs_measured")
+    path = tmp_path / "fp8_kernels.py"
+    path.write_text(render_kernels(generic_config()))
+    names = load_bench("step_profile").generated_kernels(load_kernel_module(path))
+    assert set(bench.FUSED_TRITON) <= set(FUSED_AS)
+    assert set(bench.FUSED_TRITON.values()) <= names
+
+
+def test_a_profiled_run_calibrates_the_fused_kernels(tmp_path, monkeypatch):
+    """A profile of bench_1b's program whose fused kernels took twice what the simulator
+    charged: the table says so, --calibrate writes half the assumed shares for the card,
+    and a kernel model read from the written file charges those kernels twice the time."""
+    from dsvc import dsl
+    from dsvc.compiler.costs.kernel_rates import KernelModel
+
+    bench = load_bench("simulate_vs_measured")
+    run = {"spec": "tests/train_specs/bench_1b.dsv", "overrides": [], "mode": "fp8",
+           "card": "NVIDIA H200", "gpu": "h200", "date": "2026-12-07", "commit": "x"}
+    sim = bench.simulate(run)
+    assert sim["fused"]["rmsnorm_bwd"][2] > 0  # one launch per norm per micro-batch
+    by_name = {triton: {"kind": "fused", "calls": round(sim["fused"][k][2]),
+                        "gpu_s": 2 * sim["fused"][k][1]}
+               for k, triton in bench.FUSED_TRITON.items() if k in sim["fused"]}
+    by_name["_moe_combine_kernel"]["calls"] += 1  # a launch the simulator did not count
+    run["profile"] = {"device_events": 100, "by_name": by_name}
+    rows = bench.fused_rows(run, sim)
+    norm = next(r for r in rows if r["kernel"] == "rmsnorm_bwd")
+    assert norm["share"] == pytest.approx(norm["assumed"] / 2)
+    assert any("| rmsnorm_bwd |" in line for line in bench.fused_table(run, rows))
+    cal = tmp_path / "calibration.json"
+    cal.write_text(bench.CALIBRATION.read_text())
+    monkeypatch.setattr(bench, "CALIBRATION", cal)
+    skipped = bench.calibrate(run, rows)
+    assert skipped == [f"moe_combine: {rows[-1]['launches']:.0f} simulated launches, "
+                       f"{rows[-1]['calls']} profiled"]
+    data = json.loads(cal.read_text())
+    written = data["cards"]["h200"]["fused_fraction_of_copy"]
+    assert "moe_combine" not in written and written["rmsnorm_bwd"] == round(norm["share"], 3)
+    assert data["cards"]["h200"]["fused_run"]["date"] == "2026-12-07"
+    gpu = dsl.load(str(bench.ROOT / run["spec"])).cluster.gpu
+    model = KernelModel("h200", data["cards"]["h200"], data["constants"], gpu)
+    before = KernelModel.for_gpu(gpu)
+    assert model.copy(1e9, "rmsnorm_bwd") == pytest.approx(
+        before.copy(1e9, "quantize_act_both") * norm["assumed"] / round(norm["share"], 3))

@@ -16,7 +16,9 @@ and improves when a new run is recorded:
 * grouped FP8 GEMM: each expert's rows in whole 128-row tiles (uneven routing pads
   more), the dense model's waves, times one factor fitted to the measured grouped runs;
 * memory-bound kernels: bytes over the measured device copy rate, times each FP8
-  quantiser's measured fraction of it (torch's element-wise kernels: the copy rate);
+  quantiser's measured fraction of it (torch's element-wise kernels: the copy rate),
+  and each of the generated program's fused kernels' once a profiled trainer step has
+  measured it (`fused_fraction_of_copy`);
 * fused attention: causal FLOPs at a cited fraction of the BF16 peak (not measured
   by the project yet).
 
@@ -84,6 +86,9 @@ class KernelModel:
         self.scale8, self.scale16 = gpu.fp8_flops / peak8, gpu.bf16_flops / peak16
         self.copy_rate = data["copy_bytes_per_s"] / data["hbm_bytes_per_s"] * gpu.hbm
         self.quant = dict(data["quantizers_fraction_of_copy"])
+        # the generated program's fused kernels, measured in a profiled trainer step
+        # (bench/simulate_vs_measured.py --calibrate); until then they borrow a quantiser's
+        self.quant.update(data.get("fused_fraction_of_copy", {}))
         self.bf16_peak = gpu.bf16_flops
         self.comm_sms = constants["comm_sms"]["value"]
         self.attn_fwd = constants["attention_forward_fraction"]["value"]

@@ -123,11 +123,16 @@ class ProgramCoster(OpCoster):
         self.micro = max(1, num_microbatches(graph.spec))
         # a program launch in eager host ops (OpCost.host counts host ops)
         self.launch = kernels.program_host_s_per_launch / kernels.host_s_per_op
+        # kernel name -> [bytes, seconds, launches] over every `cost` call: what a step's
+        # generated memory-bound kernels move, to set beside a profile's (by name)
+        self.ledger: dict[str, list] = {}
+        self._calls: list = []
 
     def cost(self, op) -> OpCost:
         if not self.blocks.runs(op):
             return super().cost(op)
         kind = op.kind
+        self._calls = []
         once = OpCost()  # what a replay does not repeat: FP8 weight copies, .grad updates
         if self.blocks.covered(op) or kind in ("quantize", "cast"):
             c = OpCost()  # the groups' kernels do its work (charged at their first op)
@@ -150,8 +155,13 @@ class ProgramCoster(OpCoster):
             self._group(c, g)
         if kind == "norm" and self.blocks.covered(op):  # the weight's fp32 gradient
             self._glue(once, "wgrad", 12 * num(op.attr("dim"), self.T))
-        if self.blocks.replayed(op):
+        replay = self.blocks.replayed(op)
+        if replay:
             c.add_replay(c)
+        for kernel, phase, nbytes, t in self._calls:
+            row = self.ledger.setdefault(kernel, [0.0, 0.0, 0])
+            times = 2 if replay and phase == "fwd" else 1
+            row[0], row[1], row[2] = row[0] + times * nbytes, row[1] + times * t, row[2] + times
         c.absorb(once)
         return c
 
@@ -160,6 +170,7 @@ class ProgramCoster(OpCoster):
         """One launch of a generated memory-bound kernel moving `nbytes`."""
         t = self.k.copy(nbytes, kernel if kernel in self.k.quant else FUSED_AS.get(kernel))
         c.add(phase, t, t, self.launch)
+        self._calls.append((kernel, phase, nbytes, t))
 
     def _group(self, c: OpCost, g) -> None:
         fwd, bwd = group_bytes(g, self.T)
