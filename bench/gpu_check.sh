@@ -9,8 +9,8 @@
 # then call the device tool with
 #   command: bash bench/gpu_check.sh    carry: [".gpu_build"]    timeout_s: 560
 # and paste the tables into bench/RESULTS.md with the card and the date. Then add the
-# fp8 and bf16 runs (with their `profile` from trainer_gpu.json) to
-# bench/trainer_measurements.json and run `python bench/simulate_vs_measured.py
+# fp8, fp8-eager and bf16 runs (with their `program` and `profile` from trainer_gpu.json)
+# to bench/trainer_measurements.json and run `python bench/simulate_vs_measured.py
 # --calibrate`: the model beside the measured step by kind of kernel, the fused kernels
 # beside the simulator's bytes for them, their measured rates written to calibration.json.
 #

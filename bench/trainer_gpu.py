@@ -242,6 +242,8 @@ def run_mode(build: str, raw: dict, mode: str, device, args) -> dict:
             print(f"  (unprofiled: median {step_s:.3f} s per step)", flush=True)
     out = {
         "mode": mode,
+        # what ran the decoder blocks, as bench/trainer_measurements.json records a run
+        "program": "generated" if mode == "fp8" else "eager",
         "blocks": blocks,
         "setup_s": setup_s,
         "step_s": step_s,

@@ -41,7 +41,7 @@ class Pass(NamedTuple):
 
 
 PASSES: tuple[Pass, ...] = (
-    Pass("lower", lambda spec, g, o: lower(spec),
+    Pass("lower", lambda spec, g, o: lower(spec, program=o.get("program", "generated")),
          "Spec -> op graph of one micro-batch (sympy shapes in T, FLOPs, bytes)"),
     Pass("assign_precision", lambda spec, g, o: assign_precision(g),
          "formats per the policy; quantize/cast ops; FP8 tiles"),
@@ -74,10 +74,12 @@ def pass_names() -> list[str]:
 
 
 def run_until(spec, until: str = "insert_comm", *, expert_load: str | None = None,
-              verify_ir: bool = True):
+              verify_ir: bool = True, program: str = "generated"):
     """Lower `spec` and run every pass up to and including `until`; returns the Graph.
 
-    `expert_load` (a path) overrides the spec's `parallel.expert_load`. Raises
+    `expert_load` (a path) overrides the spec's `parallel.expert_load`; `program` is what
+    runs the decoder blocks whose costs the graph carries (`Graph.program`: "generated",
+    the trainer's default, or "eager", `dsvc train --program eager`). Raises
     `ValueError` for an unknown pass name (the CLI turns it into a usage error) and
     `SpecError` when a pass needs blocks the spec lacks.
     """
@@ -89,7 +91,7 @@ def run_until(spec, until: str = "insert_comm", *, expert_load: str | None = Non
         raise SpecError([Diagnostic("error", f"cannot compile a trainer: no {', '.join(missing)} "
                                     "block", spec.span("model"),
                                     "a trainer needs a cluster, a parallel plan and a train block")])
-    opts = {"expert_load": expert_load}
+    opts = {"expert_load": expert_load, "program": program}
     graph = None
     for p in PASSES:
         graph = p.run(spec, graph, opts)
@@ -113,28 +115,31 @@ def _require_blocks(spec, what: str) -> None:
             "add them, or include a cluster file (e.g. include \"clusters/h800_2048.dsv\")")])
 
 
-def simulate_step(spec, *, overlap: str | None = None,
-                  expert_load: str | None = None) -> StepResult:
+def simulate_step(spec, *, overlap: str | None = None, expert_load: str | None = None,
+                  program: str = "generated") -> StepResult:
     """Lower, partition, schedule and simulate `spec`; `overlap` ("none" or
-    "dual_microbatch") overrides `parallel.overlap`. Raises `SpecError` when the spec
-    lacks what a step needs (cluster, parallel and train blocks)."""
+    "dual_microbatch") overrides `parallel.overlap`, `program` as `run_until`'s. Raises
+    `SpecError` when the spec lacks what a step needs (cluster, parallel and train
+    blocks)."""
     _require_blocks(spec, "simulating a training step")
     if overlap is not None and overlap != spec.parallel.overlap:
         spec = dataclasses.replace(
             spec, parallel=dataclasses.replace(spec.parallel, overlap=overlap))
-    return run_until(spec, "simulate", expert_load=expert_load).simulation
+    return run_until(spec, "simulate", expert_load=expert_load, program=program).simulation
 
 
 def build_report(spec, symbolic: bool = False, expert_load: str | None = None,
-                 layout=None, even_split: bool = False) -> Report:
+                 layout=None, even_split: bool = False, program: str = "generated") -> Report:
     """Every figure of `spec` (see `report.report_of`). The layout is the graph's
     `partition_stages` result and the step figures come from the `simulate` pass,
     unless `layout` is given or `even_split=True` (an even split of the layers, no
-    simulation: fast, and what `--symbolic` shows as formulas)."""
+    simulation: fast, and what `--symbolic` shows as formulas). `program`: what runs the
+    decoder blocks (`run_until`)."""
     graph = None
     if layout is None and not even_split and not missing_blocks(spec):
-        graph = run_until(spec, "simulate", expert_load=expert_load)
-    return report_of(spec, graph, symbolic=symbolic, expert_load=expert_load, layout=layout)
+        graph = run_until(spec, "simulate", expert_load=expert_load, program=program)
+    return report_of(spec, graph, symbolic=symbolic, expert_load=expert_load, layout=layout,
+                     program=program)
 
 
 def build_plan(spec, expert_load: str | None = None) -> dict:

@@ -242,6 +242,9 @@ class Graph:
         self.passes = passes
         self.partition = partition
         self.fusion: tuple[FusionGroup, ...] | None = None
+        # what runs the decoder blocks the costs are of (runtime/plan.PROGRAM_CHOICES):
+        # the generated program where it covers them (the trainer's default), or "eager"
+        self.program = "generated"
         self.schedule: Any = None
         self.simulation: Any = None
         self.plan: Any = None

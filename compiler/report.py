@@ -122,8 +122,9 @@ def _simulated_figures(q, r) -> None:
 
 
 def report_of(spec, graph=None, symbolic: bool = False, expert_load: str | None = None,
-              layout=None) -> Report:
-    """Every figure of `spec`. `expert_load` (a path) overrides `parallel.expert_load`.
+              layout=None, program: str = "generated") -> Report:
+    """Every figure of `spec`. `expert_load` (a path) overrides `parallel.expert_load`;
+    `program` is what runs the decoder blocks (`Graph.program`, the graph's when given).
 
     With `graph` (run through the `simulate` pass) the layout is its partition and
     the step figures are the simulated ones (the roofline ones are kept beside them,
@@ -143,6 +144,11 @@ def report_of(spec, graph=None, symbolic: bool = False, expert_load: str | None 
 
     q = Quantities(symbolic)
     notes = []
+    if graph is not None:
+        program = graph.program
+    if program == "eager":
+        notes.append("decoder blocks: the runtime's eager modules (as `dsvc train --program "
+                     "eager` runs them), not the generated stage program")
     costs = build_model(spec, q)
     model_figures(spec, q, costs)
     moes = [p.spec for p in costs.ffns.values() if p.kind == "moe"]
@@ -169,7 +175,7 @@ def report_of(spec, graph=None, symbolic: bool = False, expert_load: str | None 
             layout = even_layout
             notes.append(EVEN_SPLIT_NOTE)
         layout = layout(spec, pd.M)
-        memory_figures(spec, q, costs, pd, layout, imbalance)
+        memory_figures(spec, q, costs, pd, layout, imbalance, program)
         comm = comm_figures(spec, q, costs, pd, layout, imbalance)
         StepModel(spec, q, costs, pd, comm, imbalance).figures(layout)
         if graph is not None and graph.simulation is not None:

@@ -33,6 +33,8 @@ class DivergedError(Exception):
 
 
 def parse_args(argv):
+    from .plan import PROGRAM_CHOICES
+
     p = argparse.ArgumentParser(description="Train the compiled model (see README.md here).")
     p.add_argument("--run-dir", default="run", help="metrics.jsonl and checkpoints/")
     p.add_argument("--steps", type=_positive, help="train until this step (default: the plan's)")
@@ -47,7 +49,7 @@ def parse_args(argv):
                    help="start from a Hugging Face DeepSeek-V3 checkpoint (safetensors, FP8 with "
                    "weight_scale_inv included) instead of random weights; every rank loads its "
                    "own stages and experts (ignored when --resume finds a checkpoint)")
-    p.add_argument("--program", choices=("generated", "eager"), default="generated",
+    p.add_argument("--program", choices=PROGRAM_CHOICES, default=PROGRAM_CHOICES[0],
                    help="decoder blocks: this build's generated stage program (program.py, "
                    "fused kernels) or the runtime's eager modules (the reference)")
     p.add_argument("--backend", choices=("torch", "triton"),

@@ -32,6 +32,9 @@ DTYPES = ("fp32", "bf16")
 FORMATS = ("fp8_e4m3", "bf16", "fp32")
 SCHEDULE_KINDS = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 RECOMPUTE = ("none", "selective", "full")
+# What runs a run's decoder blocks (`dsvc train --program`, and what `dsvc report
+# --program` costs): the build's generated stage program, or the eager modules
+PROGRAM_CHOICES = ("generated", "eager")
 
 __all__ = ["PLAN_VERSION", "Plan", "PlanError", "dump_plan", "load_plan", "parse_plan",
            "plan_tables"]

@@ -6,8 +6,9 @@ right before the marker (same line, no other digit between) must equal the
 expression evaluated on the source's JSON, rounded to the decimals the doc shows.
 Sources: `report SPEC` (`dsvc report --json`) and `schedule SPEC` (`dsvc inspect
 --schedule --format json`), each optionally with `key=value` overrides of the spec
-(`--set`'s: `parallel.overlap=none`, `decode.hidden=7000`), `even_split`, or
-`expert_load=FILE`; `json FILE` for a golden file the tests hold to dsvc's output
+(`--set`'s: `parallel.overlap=none`, `decode.hidden=7000`), `even_split`,
+`expert_load=FILE` or `program=eager` (`--program eager`); `json FILE` for a golden file
+the tests hold to dsvc's output
 (a loss curve); `kernels SPEC` for the calibrated kernel model of the spec's
 GPU (`KernelModel.summary()`: constants fitted to bench/kernels_gpu.py's runs).
 Expressions: numbers, dotted keys (`memory.devices[5].total`), + - * / and
@@ -55,12 +56,14 @@ def source(text: str) -> dict:
         from dsvc.compiler.costs.kernel_rates import KernelModel
 
         return KernelModel.for_gpu(dsl.load(str(ROOT / spec_path)).cluster.gpu).summary()
-    even, load, overrides = False, None, []
+    even, load, program, overrides = False, None, "generated", []
     for opt in options:
         if opt == "even_split":
             even = True
         elif opt.startswith("expert_load="):
             load = str(ROOT / opt.split("=", 1)[1])
+        elif opt.startswith("program="):
+            program = opt.split("=", 1)[1]
         else:  # the `--set key=value` the CLI takes
             overrides.append(opt)
     spec = dsl.load(str(ROOT / spec_path), overrides)
@@ -68,12 +71,13 @@ def source(text: str) -> dict:
         from dsvc.compiler.driver import build_report
         from dsvc.compiler.report import report_json
 
-        return report_json(build_report(spec, expert_load=load, even_split=even))
+        return report_json(build_report(spec, expert_load=load, even_split=even,
+                                        program=program))
     assert kind == "schedule", kind
     from dsvc.compiler.cli.inspect_schedule import step_json
     from dsvc.compiler.driver import simulate_step
 
-    return step_json(simulate_step(spec, expert_load=load))
+    return step_json(simulate_step(spec, expert_load=load, program=program))
 
 
 def lookup(doc: dict, key: str):

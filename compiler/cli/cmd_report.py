@@ -1,4 +1,4 @@
-"""`dsvc report SPEC [SPEC2] [--json] [--symbolic] [--expert-load F]`: what a spec costs.
+"""`dsvc report SPEC [SPEC2] [--json] [--symbolic] [--expert-load F] [--program P]`: what a spec costs.
 
 One spec: parameters, FLOPs, KV cache, memory per GPU, communication, network,
 decode speed limit and step time. Two specs: side by side with deltas (B - A).
@@ -20,6 +20,12 @@ def add_arguments(p) -> None:
                    help="show each figure's formula in the spec's symbols beside its value")
     p.add_argument("--expert-load", metavar="F",
                    help="expert load histogram (JSON); overrides parallel.expert_load")
+    from dsvc.runtime.plan import PROGRAM_CHOICES
+
+    p.add_argument("--program", choices=PROGRAM_CHOICES, default=PROGRAM_CHOICES[0],
+                   help="what runs the decoder blocks, as `dsvc train --program` chooses: the "
+                   "generated stage program (the default, where it covers them) or the eager "
+                   "modules")
     add_set_argument(p)
     p.add_argument("--set-b", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of SPEC2 only (after --set), e.g. to compare a spec "
@@ -32,7 +38,8 @@ def _build(path: str, args, overrides):
 
     spec = load_spec(path, overrides)
     check_expert_load_flag(args.expert_load)
-    return build_report(spec, symbolic=args.symbolic, expert_load=args.expert_load)
+    return build_report(spec, symbolic=args.symbolic, expert_load=args.expert_load,
+                        program=args.program)
 
 
 def run(args) -> int:

@@ -31,7 +31,9 @@ def add_arguments(p) -> None:
                    "(default: $DSVC_CACHE or ~/.cache/dsvc, by spec hash)")
     p.add_argument("--init-hf", metavar="DIR", help="start from a Hugging Face DeepSeek-V3 "
                    "checkpoint (docs/hf.md): every rank loads its own stages and experts")
-    p.add_argument("--program", choices=("generated", "eager"),
+    from dsvc.runtime.plan import PROGRAM_CHOICES
+
+    p.add_argument("--program", choices=PROGRAM_CHOICES,
                    help="decoder blocks: the build's generated stage program (the default) or "
                    "the runtime's eager modules, the reference")
     add_set_argument(p)

@@ -94,8 +94,10 @@ class Kept:
     block's pieces as the program or the eager modules keep them (`runs_program`).
     """
 
-    def __init__(self, precision, recompute: str = "none", device: str = GPU):
+    def __init__(self, precision, recompute: str = "none", device: str = GPU,
+                 program: str = "generated"):
         self.p, self.recompute, self.device = precision, recompute, device
+        self.program = program  # "eager": the run keeps the eager modules (--program eager)
         self.a = DTYPE_BYTES[precision.default]
         self.tile = precision.linear.act_tile[1]
         self.selective = recompute == "selective"
@@ -106,8 +108,9 @@ class Kept:
 
     def runs_program(self, ffn=None) -> bool:
         """Whether the generated program runs a block with FFN definition `ffn` (without
-        one: whether the policy lets it run any block)."""
-        return not eager_reason(self.p, ffn)
+        one: whether the policy lets it run any block), unless the run keeps the eager
+        modules."""
+        return self.program == "generated" and not eager_reason(self.p, ffn)
 
     # -- a block, as the code that runs it keeps it -----------------------------------
     def attention(self, kind: str, T, S, g, program: bool) -> dict:

@@ -136,10 +136,10 @@ class MemoryModel:
     """Per-piece let-symbols and the per-device memory formulas."""
 
     def __init__(self, spec, q: Quantities, costs: ModelCosts, pd: ParallelDims,
-                 imbalance=1):
+                 imbalance=1, program: str = "generated"):
         self.spec, self.q, self.costs, self.pd, self.f = spec, q, costs, pd, imbalance
         recompute = spec.train.recompute if spec.train is not None else "none"
-        self.kept = Kept(spec.precision, recompute, GPU)
+        self.kept = Kept(spec.precision, recompute, GPU, program)
         # the block kinds the generated program runs (MTP blocks are the last layer's kind)
         self.program = {k.key: self.kept.runs_program(k.ffn.spec) for k in costs.kinds}
         runs: dict[str, set] = {}  # piece key -> how its blocks run it (True: the program)
@@ -296,9 +296,10 @@ LABELS = {
 
 
 def memory_figures(spec, q: Quantities, costs: ModelCosts, pd: ParallelDims, layout,
-                   imbalance=1) -> None:
-    """Record `memory.*`: a row per device, the most loaded device's breakdown, `fits`."""
-    model = MemoryModel(spec, q, costs, pd, imbalance)
+                   imbalance=1, program: str = "generated") -> None:
+    """Record `memory.*`: a row per device, the most loaded device's breakdown, `fits`;
+    `program`: what runs the decoder blocks (`Graph.program`)."""
+    model = MemoryModel(spec, q, costs, pd, imbalance, program)
     per_device = [model.device(stages) for stages in layout]
     totals = [q.num(dev["total"]) for dev in per_device]
     worst = max(range(len(totals)), key=lambda i: totals[i])

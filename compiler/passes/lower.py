@@ -56,25 +56,29 @@ def attention_core_flops(heads: int, d_qk: int, d_v: int, seq: int) -> sympy.Exp
     return T * formulas.attention_core_flops(heads, d_qk, d_v, context)
 
 
-def lower(spec, device: str = GPU) -> Graph:
+def lower(spec, device: str = GPU, program: str = "generated") -> Graph:
     """The op graph of one micro-batch of `spec` (pure: the spec is not touched). `device`:
-    whose kernels' saved tensors the ops carry (a CPU's, for tests that count them)."""
+    whose kernels' saved tensors the ops carry (a CPU's, for tests that count them);
+    `program`: what runs the decoder blocks (`Graph.program`: the generated program where
+    it covers them, or "eager"), whose saved tensors they carry and whose kernels the
+    simulator charges."""
     tokens, seq = tokens_per_microbatch(spec)
-    b = _Builder(spec, Graph(spec, tokens), seq, device)
+    b = _Builder(spec, Graph(spec, tokens), seq, device, program)
+    b.graph.program = program
     b.build()
     b.graph.passes = ("lower",)
     return b.graph
 
 
 class _Builder:
-    def __init__(self, spec, graph: Graph, seq: int, device: str):
+    def __init__(self, spec, graph: Graph, seq: int, device: str, program: str = "generated"):
         self.spec, self.graph, self.seq = spec, graph, seq
         self.m = spec.model
         self.dt = spec.precision.default
         self.wbytes = DTYPE_BYTES[spec.precision.default]
         self.count = 0
         recompute = spec.train.recompute if spec.train is not None else "none"
-        self.kept = Kept(spec.precision, recompute, device)
+        self.kept = Kept(spec.precision, recompute, device, program)
         self.ep = spec.parallel.expert if spec.parallel is not None else 1
         self.saved: dict = {}  # op name suffix -> saved bytes, for the block being built
 

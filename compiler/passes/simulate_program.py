@@ -66,18 +66,20 @@ class ProgramBlocks:
         self.precision, self.model = spec.precision, spec.model
         self.at: dict[str, list] = {}  # op name -> the groups charged to it
         self.fused: set[str] = set()  # ops some group's kernel runs
-        for g in graph.fusion or ():
+        for g in (graph.fusion or ()) if graph.program == "generated" else ():
             self.at.setdefault(g.ops[0], []).append(g)
             self.fused.update(g.ops)
         # blocks (by name prefix, "L3", "mtp0") whose selective replay the program runs: MLA's
-        self.mla = {g.ops[0].split(".")[0] for g in graph.fusion or () if g.kind == "mla_rope_qkv"}
+        self.mla = {g.ops[0].split(".")[0] for gs in self.at.values() for g in gs
+                    if g.kind == "mla_rope_qkv"}
         self.recompute = spec.train.recompute if spec.train is not None else "none"
         self._runs: dict[str, bool] = {}
 
     def runs(self, op) -> bool:
         """Whether `op` is part of a decoder block the program runs."""
         if not self.at or op.block not in ("layer", "mtp"):
-            return False  # no groups: a plan the program leaves to the eager modules
+            return False  # no groups: a plan the program leaves to the eager modules, or
+            # a run that keeps them (`Graph.program`)
         part = op.name.split(".")[1] if "." in op.name else ""
         if op.block == "mtp" and part not in BLOCK_PARTS:
             return False  # the MTP module's own norms and projection run eagerly
@@ -273,7 +275,8 @@ class ProgramCoster(OpCoster):
 
 def op_coster(graph, kernels, ep: int) -> OpCoster:
     """The coster of `graph`'s ops on a calibrated card: the program's where the graph has
-    fusion groups (an FP8 plan after `fuse`), the eager modules' otherwise."""
-    if graph.fusion:
+    fusion groups (an FP8 plan after `fuse`) and the run uses the program, the eager
+    modules' otherwise."""
+    if graph.fusion and graph.program == "generated":
         return ProgramCoster(graph, kernels, ep)
     return OpCoster(graph, kernels, ep)

@@ -163,16 +163,14 @@ def test_the_roofline_charges_the_groups_on_an_uncalibrated_card():
     assert roofline_times(emb, blocks, g.tokens, rates) == op_times(emb, g.tokens, rates)
 
 
-def test_the_simulated_step_charges_what_the_trainer_runs(bench, monkeypatch):
-    """bench_1b's step with the program's costs against the same step with the eager
-    modules' everywhere: faster by exactly the ops' memory-bound difference."""
+def test_the_simulated_step_charges_what_the_trainer_runs(bench):
+    """bench_1b's step with the program (the trainer's default) against the same step with
+    `--program eager`: faster by exactly the ops' memory-bound difference, the same GEMMs."""
     from dsvc.compiler.driver import simulate_step
-    from dsvc.compiler.passes import simulate_costs
 
     g, k = bench
     program = simulate_step(g.spec).gpu_by_kind[0]
-    monkeypatch.setattr(simulate_costs, "op_coster", OpCoster)
-    eager = simulate_step(g.spec).gpu_by_kind[0]
+    eager = simulate_step(g.spec, program="eager").gpu_by_kind[0]
 
     def memory(coster):
         return sum(t for op in g.ops() if op.stage is not None and op.block != "step"
@@ -182,6 +180,29 @@ def test_the_simulated_step_charges_what_the_trainer_runs(bench, monkeypatch):
     assert saved > 0.3 * eager["memory"]
     assert eager["memory"] - program["memory"] == pytest.approx(saved)
     assert program["fp8_gemm"] == pytest.approx(eager["fp8_gemm"])
+
+
+def test_the_eager_choice_keeps_and_costs_the_eager_modules(capsys):
+    """`dsvc report --program eager`: the eager modules' kernels and saved tensors, said in
+    the report's notes; the generated program's by default."""
+    from dsvc.compiler.cli import main
+    from dsvc.compiler.driver import build_report
+
+    spec = dsl.load(str(BENCH))
+    eager, program = build_report(spec, program="eager"), build_report(spec)
+    assert eager.value("step.time_s") > program.value("step.time_s")
+    # the eager modules keep more for the backward and make no FP8 weight copies
+    assert eager.value("memory.max_gpu_bytes") > program.value("memory.max_gpu_bytes")
+    g = run_until(spec, "insert_comm", program="eager")
+    assert g.program == "eager" and not any(ProgramBlocks(g).runs(op) for op in g.ops())
+    assert type(op_coster(g, kernels_of(g), 1)) is OpCoster
+    saved = {op.name: op.saved_bytes for op in g.ops()}
+    fused = {op.name: op.saved_bytes for op in graph_of(BENCH).ops()}
+    assert saved["L1.moe.experts"] != fused["L1.moe.experts"]  # each keeps what its code keeps
+    assert main(["report", str(BENCH), "--program", "eager"]) == 0
+    assert "decoder blocks: the runtime's eager modules" in capsys.readouterr().out
+    assert main(["report", str(BENCH)]) == 0
+    assert "eager modules" not in capsys.readouterr().out
 
 
 def test_launches_match_the_generated_programs_run(tmp_path):
