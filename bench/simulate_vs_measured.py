@@ -42,7 +42,7 @@ MEASURED_AS = {KINDS[0]: "fp8_gemm", KINDS[2]: "bf16_gemm", KINDS[3]: "attention
 # What the simulator leaves out, in the order we would look at it for a miss
 NOT_MODELLED = (
     "Triton's own launcher (tens of microseconds per generated-kernel launch, beyond the "
-    "program's 69 us of Python per launch measured with the launches stubbed)",
+    "Python time per launch the model charges, measured with the launches stubbed)",
     "the fused attention's rate on MLA's head widths (0.30 / 0.22 of peak is a cited "
     "assumption until bench/kernels_gpu.py times it)",
     "the caching allocator's synchronising frees and re-allocations at this memory pressure",
@@ -52,13 +52,15 @@ NOT_MODELLED = (
 
 # The generated program's fused kernels (the simulator's names, simulate_program.FUSED_AS)
 # -> the Triton kernel a profile names, where that kernel does exactly the work the
-# simulator charges under the name. Left out: gqa_rope_bwd (the forward's kernel and two
-# quantisers), moe_dispatch_bwd (its group's bytes include the quantize_grouped launch
-# that quantises dout's rows), the token-tile quantisers (one Triton kernel serves several)
+# simulator charges under the name. Left out: GQA's rotations (one kernel for the forward
+# and the backward), moe_dispatch_bwd (its group's bytes include the quantize_grouped
+# launch that quantises dout's rows), quantize_bhsd (the same kernel writes the forward's
+# row tiles and the weight half's token tiles), the token-tile quantisers (one Triton
+# kernel serves several)
 FUSED_TRITON = {
     "rmsnorm_quant": "_rmsnorm_quant_kernel", "rmsnorm_bwd": "_rmsnorm_bwd_kernel",
     "mla_rope_qkv": "_mla_rope_qkv_kernel", "mla_rope_qkv_bwd": "_mla_rope_qkv_bwd_kernel",
-    "quantize_bhsd": "_quant_bhsd_kernel", "swiglu_quant": "_swiglu_quant_kernel",
+    "swiglu_quant": "_swiglu_quant_kernel",
     "swiglu_bwd_quant": "_swiglu_bwd_quant_kernel", "router_topk": "_router_topk_kernel",
     "router_bwd": "_router_bwd_kernel", "moe_combine": "_moe_combine_kernel",
 }

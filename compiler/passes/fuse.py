@@ -210,6 +210,8 @@ class _Grouper:
             ur, uw = ur + 2 * outs, uw + 2 * outs  # the float copies of eager's rotation
             kind, what = "gqa_rope", "RoPE (rotate-half) on q and k"
         ubr, ubw = bwd_reads * 3, bwd_writes * 2
+        if not mla:  # the backward rotates dQ, dK into bf16 dq, dk, then quantises each
+            bwd_reads, bwd_writes = bwd_reads + outs, bwd_writes + outs
         self._add(rope.name, kind, [rope.name], rope.layer, kind, f"{kind}_bwd", reads=reads,
                   writes=outs, bwd_reads=bwd_reads, bwd_writes=bwd_writes,
                   unfused_reads=ur + ubr, unfused_writes=uw + ubw, what=what)

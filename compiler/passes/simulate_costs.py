@@ -28,7 +28,7 @@ from collections import defaultdict
 from dsvc.compiler.ir import num
 
 from .simulate_ops import replayed
-from .simulate_program import WGRAD_BACKWARD, ProgramBlocks, group_bytes, op_coster
+from .simulate_program import NO_WORK, ProgramBlocks, op_coster
 
 IB, NVLINK = "ib", "nvlink"
 BACKWARD_TRAFFIC = 2  # a memory-bound op's backward moves about twice its forward bytes
@@ -86,17 +86,12 @@ def roofline_times(op, blocks: ProgramBlocks, tokens: int, rates, ep: int = 1,
     if not blocks.runs(op):
         fwd, dgrad, wgrad = op_times(op, tokens, rates, ep, load)
         return fwd, dgrad + (fwd if replayed(op, blocks.recompute) else 0.0), wgrad
-    fwd = dgrad = wgrad = 0.0
-    if not (blocks.covered(op) or op.kind in ("quantize", "cast")):
-        fwd, dgrad, wgrad = op_times(op, tokens, rates, ep, load)
-    for g in blocks.at.get(op.name, ()):
-        f, b = group_bytes(g, tokens)
-        fwd += f * load / rates.hbm
-        if g.kind in WGRAD_BACKWARD:
-            wgrad += b * load / rates.hbm
-        else:
-            dgrad += b * load / rates.hbm
-    return fwd, dgrad + (fwd if blocks.replayed(op) else 0.0), wgrad
+    t = dict.fromkeys(("fwd", "dgrad", "wgrad"), 0.0)
+    if not (blocks.covered(op) or op.kind in NO_WORK):
+        t["fwd"], t["dgrad"], t["wgrad"] = op_times(op, tokens, rates, ep, load)
+    for phase, _, nbytes in blocks.kernels_at(op, tokens):
+        t[phase] += nbytes * load / rates.hbm
+    return t["fwd"], t["dgrad"] + (t["fwd"] if blocks.replayed(op) else 0.0), t["wgrad"]
 
 
 def expert_skew(graph) -> dict[str, float]:

@@ -98,6 +98,8 @@ class OpCoster:
         self.norm_b = DTYPE_BYTES[spec.precision.keep.get("norm", spec.precision.default)]
         self.recompute = spec.train.recompute if spec.train is not None else "none"
         self.fp8_dispatch = spec.precision.dispatch.startswith("fp8")
+        # fp32 scale bytes per element of a 1 x tile activation tile
+        self.scale = 4 / spec.precision.linear.act_tile[1]
         self.sms_c = kernels.contended_sms
 
     # -- helpers -----------------------------------------------------------------------
@@ -109,7 +111,7 @@ class OpCoster:
     def _fp8_linear(self, cost: OpCost, m, n, k, phases=PHASES, scale=1.0) -> None:
         """An FP8 linear of m tokens, k -> n (runtime/fp8_autograd.py FP8Linear)."""
         K, a = self.k, self.a
-        scales = 4 / 128
+        scales = self.scale
         if "fwd" in phases:
             self._copy(cost, "fwd", m * k * (a + 2 + 2 * scales) * scale, 1, "quantize_act_both")
             self._copy(cost, "fwd", n * k * (4 + 1) * scale, 1, "quantize_weight")
@@ -264,7 +266,7 @@ class OpCoster:
         d, inter, k = num(op.outputs[0].shape[-1], T), op.attr("intermediate"), op.attr("top_k")
         local = op.attr("routed") // self.ep
         rows = T * k  # uniform routing: a rank receives as many rows as it sends
-        sc = 4 / 128
+        sc = self.scale
         # glue: gather and sort the rows, (EP: quantise for the wire, dequantise on arrival),
         # sort the results back, the weighted sum of k rows per token
         wire = (rows * d * (a + 1 + sc) + rows * d * (1 + sc + a)) if self.ep > 1 and \

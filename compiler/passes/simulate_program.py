@@ -39,9 +39,12 @@ from dsvc.compiler.ir import num
 
 from .simulate_ops import BLOCK_PARTS, OpCost, OpCoster, replayed
 
-# The measured quantiser whose access pattern each fused kernel shares (its reads and
-# its writes: 1 x 128 tiles forward, both tilings backward), until the calibration
-# measures the kernel itself under its own name; None: the copy rate
+NO_WORK = ("quantize", "cast")  # in a program block: their groups' kernels do it
+
+# The measured quantiser whose access pattern each fused kernel shares, until the
+# calibration measures the kernel itself under its own name: the kernels that write
+# 1 x tile tiles a 1 x tile quantiser's, those that write token tiles (both tilings, or
+# token tiles alone) the two-layout quantiser's; None (bf16 outputs, routing): the copy rate
 FUSED_AS = {
     "rmsnorm_quant": "quantize_act", "quantize_bhsd": "quantize_act",
     "swiglu_quant": "swiglu_quant", "mla_rope_qkv": None, "gqa_rope": None,
@@ -49,13 +52,16 @@ FUSED_AS = {
     "rmsnorm_bwd": "quantize_act_both", "mla_rope_qkv_bwd": "quantize_act_both",
     "gqa_rope_bwd": "quantize_act_both", "swiglu_bwd_quant": "quantize_act_both",
     "moe_dispatch_bwd": "quantize_act_both", "router_bwd": None,
-    # token tiles only (the weight halves' inputs): the two-layout quantiser's slow half
     "quantize_grouped": "quantize_act_both", "quantize_act_t": "quantize_act_both",
+    "quantize_bhsd_t": "quantize_act_both",
 }
-# Groups whose backward kernel runs in the weight-gradient half (quantize_bhsd: the core
-# output's token tiles for o_proj's wgrad)
-WGRAD_BACKWARD = ("quant_bhsd",)
-SCALE = 4 / 128  # fp32 scale bytes per element of a 1 x 128 tile
+# Kernels a group's host function launches more than once: GQA's rotation per tensor (and
+# its backward's two quantisers), the combine's backward (dout's rows quantised by expert,
+# then the sum home)
+LAUNCHES = {"gqa_rope": 2, "gqa_rope_bwd": 4, "moe_dispatch_bwd": 2}
+# Group kinds whose backward kernel runs in the weight-gradient half, and the name it runs
+# under there: the core output's token tiles for o_proj's wgrad
+WGRAD_BACKWARD = {"quant_bhsd": "quantize_bhsd_t"}
 
 
 class ProgramBlocks:
@@ -106,6 +112,21 @@ class ProgramBlocks:
             part == "attn" and op.attr("role") != "o_proj" and op.kind != "quantize"))
 
 
+    def kernels_at(self, op, tokens) -> list[tuple[str, str, float]]:
+        """(phase, kernel, bytes) of the group kernels charged to `op`, per micro-batch: each
+        group's forward, and its backward in the phase it runs in (a residual add's
+        epilogue: its bytes in the GEMM, kernel "gemm")."""
+        out = []
+        for g in self.at.get(op.name, ()):
+            fwd, bwd = group_bytes(g, tokens)
+            out.append(("fwd", g.kernel, fwd))
+            if g.kind in WGRAD_BACKWARD:
+                out.append(("wgrad", WGRAD_BACKWARD[g.kind], bwd))
+            elif g.backward and g.backward != "-":
+                out.append(("dgrad", g.backward, bwd))
+        return out
+
+
 def group_bytes(group, tokens) -> tuple[float, float]:
     """(forward, backward) bytes one micro-batch's kernels of `group` read and write."""
     return (float(num(group.reads + group.writes, tokens)),
@@ -122,7 +143,10 @@ class ProgramCoster(OpCoster):
 
         super().__init__(graph, kernels, ep)
         self.blocks = ProgramBlocks(graph)
-        self.micro = max(1, num_microbatches(graph.spec))
+        self.micro = max(1, num_microbatches(graph.spec))  # the estimator sets a candidate's
+        p = graph.spec.parallel
+        self.two_hop = bool(p is not None and p.two_hop and self.ep > (
+            graph.spec.cluster.nvlink.domain or graph.spec.cluster.gpus_per_node))
         # a program launch in eager host ops (OpCost.host counts host ops)
         self.launch = kernels.program_host_s_per_launch / kernels.host_s_per_op
         # kernel name -> [bytes, seconds, launches] over every `cost` call: what a step's
@@ -136,7 +160,7 @@ class ProgramCoster(OpCoster):
         kind = op.kind
         self._calls = []
         once = OpCost()  # what a replay does not repeat: FP8 weight copies, .grad updates
-        if self.blocks.covered(op) or kind in ("quantize", "cast"):
+        if self.blocks.covered(op) or kind in NO_WORK:
             c = OpCost()  # the groups' kernels do its work (charged at their first op)
         elif kind == "linear":
             c = self._linear(op, once)
@@ -152,38 +176,35 @@ class ProgramCoster(OpCoster):
         else:  # the attention core (SDPA, as the eager modules run it), unfused ops
             c = self._cost(op)
             if kind == "attention_core":
+                c.host = dict.fromkeys(c.host, 0)  # in `launch`, measured with the block
                 self._repeat_kv(c, op)
-        for g in self.blocks.at.get(op.name, ()):
-            self._group(c, g)
+        for phase, kernel, nbytes in self.blocks.kernels_at(op, self.T):
+            if kernel == "gemm":  # the residual read in the GEMM's epilogue: no launch
+                t = self.k.copy(nbytes)
+                c.add(phase, t, t, 0)
+            else:
+                self._kernel(c, phase, nbytes, kernel)
         if kind == "norm" and self.blocks.covered(op):  # the weight's fp32 gradient
             self._glue(once, "wgrad", 12 * num(op.attr("dim"), self.T))
         replay = self.blocks.replayed(op)
         if replay:
             c.add_replay(c)
-        for kernel, phase, nbytes, t in self._calls:
+        for kernel, phase, nbytes, t, launches in self._calls:
             row = self.ledger.setdefault(kernel, [0.0, 0.0, 0])
             times = 2 if replay and phase == "fwd" else 1
-            row[0], row[1], row[2] = row[0] + times * nbytes, row[1] + times * t, row[2] + times
+            row[0] += times * nbytes
+            row[1] += times * t
+            row[2] += times * launches
         c.absorb(once)
         return c
 
     # -- pieces ------------------------------------------------------------------------
     def _kernel(self, c: OpCost, phase: str, nbytes: float, kernel: str) -> None:
-        """One launch of a generated memory-bound kernel moving `nbytes`."""
+        """A generated memory-bound kernel moving `nbytes` (its host function's launches)."""
         t = self.k.copy(nbytes, kernel if kernel in self.k.quant else FUSED_AS.get(kernel))
-        c.add(phase, t, t, self.launch)
-        self._calls.append((kernel, phase, nbytes, t))
-
-    def _group(self, c: OpCost, g) -> None:
-        fwd, bwd = group_bytes(g, self.T)
-        if g.kernel == "gemm":  # the residual read in the GEMM's epilogue
-            t = self.k.copy(fwd)
-            c.add("fwd", t, t, 0)
-            return
-        self._kernel(c, "fwd", fwd, g.kernel)
-        if g.backward and g.backward != "-":
-            phase = "wgrad" if g.kind in WGRAD_BACKWARD else "dgrad"
-            self._kernel(c, phase, bwd, g.backward)
+        launches = LAUNCHES.get(kernel, 1)
+        c.add(phase, t, t, launches * self.launch)
+        self._calls.append((kernel, phase, nbytes, t, launches))
 
     def _gemms(self, c: OpCost, once: OpCost, m, n, k, times: int = 1) -> None:
         """`times` FP8 linears' three GEMMs each (operands already quantised), their
@@ -192,13 +213,14 @@ class ProgramCoster(OpCoster):
         for phase, (a, b, kk) in (("fwd", (m, n, k)), ("dgrad", (m, k, n)), ("wgrad", (n, k, m))):
             c.add(phase, K.fp8_gemm(a, b, kk) * times, K.fp8_gemm(a, b, kk, self.sms_c) * times,
                   self.launch * times, "fp8_gemm")
-        self._weight(once, n * k * times)
+        self._weight(once, n * k * times, times)
 
-    def _weight(self, once: OpCost, elements: float) -> None:
-        """A weight's FP8 copy, made once per step and shared by the step's micro-batches
-        (and replays); its fp32 gradient accumulated (read, add, write)."""
+    def _weight(self, once: OpCost, elements: float, count: int) -> None:
+        """`count` weights' FP8 copies (`elements` in all), made once per step and shared by
+        the step's micro-batches (and replays); their fp32 gradients accumulated (read,
+        add, write)."""
         t = self.k.copy(elements * (4 + 1) / self.micro, "quantize_weight")
-        once.add("fwd", t, t, self.launch / self.micro)
+        once.add("fwd", t, t, count * self.launch / self.micro)
         self._glue(once, "wgrad", 12 * elements)  # autograd's accumulation
 
     def _glue(self, c: OpCost, phase: str, nbytes: float) -> None:
@@ -209,14 +231,12 @@ class ProgramCoster(OpCoster):
 
     def _quantize_both(self, c: OpCost, phase: str, rows, cols) -> None:
         """`quantize_act_both` of a bf16 gradient the program receives unquantised."""
-        self._kernel(c, phase, rows * cols * (self.a + 2 + 2 * SCALE), "quantize_act_both")
+        self._kernel(c, phase, rows * cols * (self.a + 2 + 2 * self.scale), "quantize_act_both")
 
     def _linear(self, op, once: OpCost) -> OpCost:
+        """An FP8 linear (every linear of a program block is: `stage_program._kind`)."""
         c = OpCost()
         k, n = op.attr("in_features"), op.attr("out_features")
-        if not op.dtype.startswith("fp8"):
-            self._bf16_linear(c, self.T, n, k, fp32=op.dtype == "fp32")
-            return c
         self._gemms(c, once, self.T, n, k)
         if op.attr("role") in ("down_proj", "v_proj"):  # dy arrives in bf16
             self._quantize_both(c, "dgrad", self.T, n)
@@ -229,7 +249,7 @@ class ProgramCoster(OpCoster):
         self._gemms(c, once, T, d, inter)  # down
         self._quantize_both(c, "dgrad", T, d)  # dout for the down projection
         # the weight half: the norm's output as token tiles for gate's and up's wgrad
-        self._kernel(c, "wgrad", T * d * (self.a + 1 + SCALE), "quantize_act_t")
+        self._kernel(c, "wgrad", T * d * (self.a + 1 + self.scale), "quantize_act_t")
         return c
 
     def _routed(self, op, once: OpCost) -> OpCost:
@@ -238,7 +258,11 @@ class ProgramCoster(OpCoster):
         d, inter, k = num(op.outputs[0].shape[-1], T), op.attr("intermediate"), op.attr("top_k")
         local = op.attr("routed") // self.ep
         rows = T * k
-        fp8_row = d * (1 + SCALE)
+        # a row as it travels: FP8 with its scales, or (bf16 dispatch) in the activation
+        # dtype, quantised where it arrives
+        row = d * (1 + self.scale) if self.fp8_dispatch else d * a
+        if not self.fp8_dispatch:
+            self._kernel(c, "fwd", rows * d * (a + 1 + self.scale), "quantize_act")
         for n_out, k_in, times in ((inter, d, 2), (d, inter, 1)):
             f = K.fp8_grouped(rows, local, n_out, k_in)
             f_c = K.fp8_grouped(rows, local, n_out, k_in, self.sms_c)
@@ -247,18 +271,21 @@ class ProgramCoster(OpCoster):
         wg = 3 * K.fp8_grouped(local * inter, local, d, rows / max(local, 1))
         wg_c = 3 * K.fp8_grouped(local * inter, local, d, rows / max(local, 1), self.sms_c)
         c.add("wgrad", wg, wg_c, 3 * self.launch, "fp8_gemm")
-        self._weight(once, 3 * local * inter * d)
-        # the FP8 rows (and their gate weights) gathered by destination; across ranks
-        # packed for the exchange and the replies unpacked
+        self._weight(once, 3 * local * inter * d, 3)
+        # the rows (and their gate weights) gathered by destination; across ranks packed
+        # for the exchange, the arrivals put in expert order, the replies unpacked; the
+        # backward: dout's rows out and in expert order, dx's rows home. A two-hop route
+        # moves each row once more inside the node (the forwarding rank's gather and sum).
+        hops = 2 if self.two_hop else 1
         moves = self.ep > 1
-        self._glue(c, "fwd", 2 * rows * fp8_row + (2 * rows * d * a if moves else 0))
+        self._glue(c, "fwd", 2 * rows * row + (2 * rows * d * a if moves else 0))
         if moves:
-            self._glue(c, "fwd", 2 * rows * fp8_row)
-            self._glue(c, "dgrad", 4 * rows * d * a)  # dout's rows out, dx's rows home
+            self._glue(c, "fwd", hops * 2 * rows * row)
+            self._glue(c, "dgrad", hops * 6 * rows * d * a)
         # the weight half: the ffn norm's output rebuilt from its input, the experts' input
         # as token tiles by expert
         self._kernel(c, "wgrad", 2 * T * d * a, "rmsnorm_quant")
-        self._kernel(c, "wgrad", rows * (d * a + d + SCALE * d), "quantize_grouped")
+        self._kernel(c, "wgrad", rows * (d * a + d + self.scale * d), "quantize_grouped")
         return c
 
     def _repeat_kv(self, c: OpCost, op) -> None:

@@ -72,14 +72,18 @@ class Estimator:
         self.lat = net.latency_cross if net is not None else c.nvlink.latency
 
     # -- units -------------------------------------------------------------------------
-    def units(self, micro_batch: int, recompute: str, ep: int) -> dict[str, UnitCost]:
-        """Unit kind ("embed", "layer:<attention>+<ffn>", "head", "mtp") -> its cost."""
-        key = (micro_batch, recompute, ep)
+    def units(self, micro_batch: int, recompute: str, ep: int,
+              micro: int | None = None) -> dict[str, UnitCost]:
+        """Unit kind ("embed", "layer:<attention>+<ffn>", "head", "mtp") -> its cost;
+        `micro`: micro-batches per step (the generated program quantises each weight once
+        a step; default: the spec's own)."""
+        key = (micro_batch, recompute, ep, micro)
         if key not in self._units:
-            self._units[key] = self._cost_units(micro_batch, recompute, ep)
+            self._units[key] = self._cost_units(micro_batch, recompute, ep, micro)
         return self._units[key]
 
-    def _cost_units(self, micro_batch: int, recompute: str, ep: int) -> dict[str, UnitCost]:
+    def _cost_units(self, micro_batch: int, recompute: str, ep: int,
+                    micro: int | None) -> dict[str, UnitCost]:
         from dsvc.compiler.passes.assign_precision import assign_precision
         from dsvc.compiler.passes.fuse import fuse
         from dsvc.compiler.passes.lower import lower
@@ -99,6 +103,8 @@ class Estimator:
         spec = graph.spec
         balance_rates = gpu_rates(spec)
         coster = op_coster(graph, self.kernels, ep) if self.kernels is not None else None
+        if coster is not None and micro is not None:
+            coster.micro = max(1, micro)
         blocks = ProgramBlocks(graph)
         host_s = self.kernels.host_s_per_op if self.kernels is not None else 0.0
         m = spec.model
@@ -163,7 +169,8 @@ class Estimator:
         spec = self.spec
         m, world = spec.model, spec.cluster.world_size
         data = world // c.pipeline
-        units = self.units(c.micro_batch, c.recompute, c.expert)
+        micro = spec.train.global_batch // (data * c.micro_batch)
+        units = self.units(c.micro_batch, c.recompute, c.expert, micro)
         tokens = c.micro_batch * spec.train.seq_len
         comm = self.alltoall_s(tokens, c.expert, c.recompute)
         n = 2 * c.pipeline if c.schedule == "dualpipev" else c.pipeline
@@ -187,7 +194,6 @@ class Estimator:
                 exposed = a2a
             params = sum(u.params + u.expert_params / max(1, c.expert) for u in us)
             stages.append((f, b, w, exposed, params))
-        micro = spec.train.global_batch // (data * c.micro_batch)
         if c.schedule == "dualpipe":
             held = [(i, n - 1 - i) for i in range(c.pipeline)]
             per_stage = micro / 2

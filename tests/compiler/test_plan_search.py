@@ -172,9 +172,14 @@ def test_the_estimate_costs_a_layer_as_the_simulator_does():
 
     base = load_base(EXAMPLES / "deepseek_v2_lite.dsv", [], [])
     ep = base.parallel.expert
-    units = Estimator(base).units(base.train.micro_batch, base.train.recompute, ep)
+    est = Estimator(base)
+    units = est.units(base.train.micro_batch, base.train.recompute, ep)
     lay = base.model.layers[1]  # the first MoE layer: the instance the estimate costs
-    layer = units[f"layer:{lay.attention}+{lay.ffn}"]
+    key = f"layer:{lay.attention}+{lay.ffn}"
+    layer = units[key]
+    # a candidate with more micro-batches a step shares each weight's FP8 copy among more
+    many = est.units(base.train.micro_batch, base.train.recompute, ep, micro=64)[key]
+    assert many.fwd < layer.fwd and many.dgrad == layer.dgrad
     g = run_until(base, "insert_comm")
     kernels = kernel_model(base)
     coster = ProgramCoster(g, kernels, ep)
