@@ -64,6 +64,7 @@ class Report:
     symbols: tuple[BaseSymbol, ...] = ()  # symbolic reports only
     derived: tuple[Derived, ...] = ()
     spans: dict = dataclasses.field(default_factory=dict)  # symbol name -> "file:line"
+    program: str = "generated"  # what runs the decoder blocks (`--program`)
 
     def value(self, key: str):
         """The value of figure `key` (KeyError when the report has no such figure)."""
@@ -198,7 +199,7 @@ def report_of(spec, graph=None, symbolic: bool = False, expert_load: str | None 
             spans[s.name] = span.short
     return Report(spec.file, spec.model.name, tuple(figures), tuple(notes),
                   tuple(q.base.values()) if symbolic else (),
-                  tuple(q.derived.values()) if symbolic else (), spans)
+                  tuple(q.derived.values()) if symbolic else (), spans, program)
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -425,8 +426,11 @@ def render_compare(a: Report, b: Report) -> str:
     (`memory.max.*`, the comm and step devices) say which device that is on each side,
     and memory is also compared on the same device index."""
     fb = {f.key: f for f in b.figures}
-    lines = [f"dsvc report: A = {a.spec_file} (model {a.model_name})",
-             f"             B = {b.spec_file} (model {b.model_name})"]
+    def runs(r: Report) -> str:
+        return "; decoder blocks: eager modules" if r.program == "eager" else ""
+
+    lines = [f"dsvc report: A = {a.spec_file} (model {a.model_name}{runs(a)})",
+             f"             B = {b.spec_file} (model {b.model_name}{runs(b)})"]
     rows_by_section: dict[str, list] = {}
     keys = [f.key for f in a.figures] + [f.key for f in b.figures if f.key not in
                                           {x.key for x in a.figures}]

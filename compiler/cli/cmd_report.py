@@ -30,16 +30,19 @@ def add_arguments(p) -> None:
     p.add_argument("--set-b", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of SPEC2 only (after --set), e.g. to compare a spec "
                         "with itself: report v3.dsv v3.dsv --set-b parallel.overlap=none")
+    p.add_argument("--program-b", choices=PROGRAM_CHOICES,
+                   help="what runs SPEC2's decoder blocks (default: --program's), e.g. what the "
+                   "generated program buys: report v3.dsv v3.dsv --program-b eager")
 
 
-def _build(path: str, args, overrides):
+def _build(path: str, args, overrides, program: str):
     from dsvc.compiler.cli import check_expert_load_flag, load_spec
     from dsvc.compiler.driver import build_report
 
     spec = load_spec(path, overrides)
     check_expert_load_flag(args.expert_load)
     return build_report(spec, symbolic=args.symbolic, expert_load=args.expert_load,
-                        program=args.program)
+                        program=program)
 
 
 def run(args) -> int:
@@ -47,12 +50,13 @@ def run(args) -> int:
     from dsvc.compiler.cli import UsageError
     from dsvc.compiler.report import compare_json, dumps, render_compare, render_text, report_json
 
-    if args.set_b and args.spec2 is None:
-        raise UsageError("--set-b overrides SPEC2: give a second spec")
-    a = _build(args.spec, args, args.set)
+    if (args.set_b or args.program_b) and args.spec2 is None:
+        flag = "--set-b" if args.set_b else "--program-b"
+        raise UsageError(f"{flag} applies to SPEC2: give a second spec")
+    a = _build(args.spec, args, args.set, args.program)
     if args.spec2 is None:
         sys.stdout.write(dumps(report_json(a)) if args.json else render_text(a))
         return 0
-    b = _build(args.spec2, args, args.set + args.set_b)
+    b = _build(args.spec2, args, args.set + args.set_b, args.program_b or args.program)
     sys.stdout.write(dumps(compare_json(a, b)) if args.json else render_compare(a, b))
     return 0

@@ -223,6 +223,15 @@ def test_the_eager_choice_keeps_and_costs_the_eager_modules(capsys):
     assert "decoder blocks: the runtime's eager modules" in capsys.readouterr().out
     assert main(["report", str(BENCH)]) == 0
     assert "eager modules" not in capsys.readouterr().out
+    # what the program buys, side by side: B is the same spec with the eager modules
+    assert main(["report", str(BENCH), str(BENCH), "--program-b", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "B = " in out and "decoder blocks: eager modules)" in out.splitlines()[1]
+    assert "decoder blocks" not in out.splitlines()[0]
+    step = next(line for line in out.splitlines() if "step time (simulated)" in line)
+    assert "+" in step.split()[-1]  # B (eager) is slower
+    assert main(["report", str(BENCH), "--program-b", "eager"]) == 2
+    assert "--program-b applies to SPEC2" in capsys.readouterr().err
 
 
 def test_launches_match_the_generated_programs_run(tmp_path):
