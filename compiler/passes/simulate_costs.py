@@ -89,8 +89,8 @@ def roofline_times(op, blocks: ProgramBlocks, tokens: int, rates, ep: int = 1,
     t = dict.fromkeys(("fwd", "dgrad", "wgrad"), 0.0)
     if not (blocks.covered(op) or op.kind in NO_WORK):
         t["fwd"], t["dgrad"], t["wgrad"] = op_times(op, tokens, rates, ep, load)
-    for phase, _, nbytes in blocks.kernels_at(op, tokens):
-        t[phase] += nbytes * load / rates.hbm
+    for phase, _, nbytes in blocks.kernels_at(op, tokens, load):
+        t[phase] += nbytes / rates.hbm
     return t["fwd"], t["dgrad"] + (t["fwd"] if blocks.replayed(op) else 0.0), t["wgrad"]
 
 
@@ -234,12 +234,11 @@ def stage_profiles(graph, topo: Topology, rates: Rates,
             for phase, t in zip(("fwd", "dgrad", "wgrad"), times):
                 chunks.add(unit, (phase, part), t, t, 0)
             continue
-        cost = coster.cost(op)
+        cost = coster.cost(op, load)
         for phase in ("fwd", "dgrad", "wgrad"):
-            chunks.add(unit, (phase, part), cost.gpu[phase] * load, cost.gpu_c[phase] * load,
-                       cost.host[phase])
+            chunks.add(unit, (phase, part), cost.gpu[phase], cost.gpu_c[phase], cost.host[phase])
         for (_, kind), t in cost.by_kind.items():
-            by_kind[op.stage][kind] += t * load
+            by_kind[op.stage][kind] += t
     if coster is not None:
         _host_syncs(graph, units, chunks, topo, kernels, full)
     chunks.finish(units)

@@ -68,6 +68,13 @@ class OpCost:
         self.host[phase] += host
         self.by_kind[(phase, kind)] = self.by_kind.get((phase, kind), 0.0) + gpu
 
+    def scale(self, factor: float) -> None:
+        """GPU seconds times `factor` (host ops unchanged): more rows on the same kernels."""
+        for phase in PHASES:
+            self.gpu[phase] *= factor
+            self.gpu_c[phase] *= factor
+        self.by_kind = {key: t * factor for key, t in self.by_kind.items()}
+
     def absorb(self, other: OpCost) -> None:
         """Adds `other`'s seconds, host ops and kinds to this cost's."""
         for phase in PHASES:
@@ -154,10 +161,15 @@ class OpCoster:
         self._copy(cost, "wgrad", 12 * width + T * width * nb, 1)
 
     # -- one op ------------------------------------------------------------------------
-    def cost(self, op) -> OpCost:
-        """`op`'s kernels, with the forward work its backward repeats (recomputation)."""
+    def cost(self, op, load: float = 1.0) -> OpCost:
+        """`op`'s kernels, with the forward work its backward repeats (recomputation).
+        `load`: the busiest EP rank's routed tokens over the mean rank's (an `experts` op
+        under a measured histogram, `simulate_costs.expert_skew`); the eager modules'
+        costs scale with it as a whole."""
         c = self._cost(op)
         self._recompute(c, op)
+        if load != 1.0:
+            c.scale(load)
         return c
 
     def _cost(self, op) -> OpCost:

@@ -112,18 +112,20 @@ class ProgramBlocks:
             part == "attn" and op.attr("role") != "o_proj" and op.kind != "quantize"))
 
 
-    def kernels_at(self, op, tokens) -> list[tuple[str, str, float]]:
+    def kernels_at(self, op, tokens, load: float = 1.0) -> list[tuple[str, str, float]]:
         """(phase, kernel, bytes) of the group kernels charged to `op`, per micro-batch: each
         group's forward, and its backward in the phase it runs in (a residual add's
-        epilogue: its bytes in the GEMM, kernel "gemm")."""
+        epilogue: its bytes in the GEMM, kernel "gemm"). `load` scales the routed experts'
+        own SwiGLU (rows on the busiest EP rank), not the combine on the tokens' ranks."""
         out = []
         for g in self.at.get(op.name, ()):
             fwd, bwd = group_bytes(g, tokens)
-            out.append(("fwd", g.kernel, fwd))
+            f = load if (op.kind == "experts" and g.part == "swiglu") else 1.0
+            out.append(("fwd", g.kernel, fwd * f))
             if g.kind in WGRAD_BACKWARD:
-                out.append(("wgrad", WGRAD_BACKWARD[g.kind], bwd))
+                out.append(("wgrad", WGRAD_BACKWARD[g.kind], bwd * f))
             elif g.backward and g.backward != "-":
-                out.append(("dgrad", g.backward, bwd))
+                out.append(("dgrad", g.backward, bwd * f))
         return out
 
 
@@ -154,9 +156,9 @@ class ProgramCoster(OpCoster):
         self.ledger: dict[str, list] = {}
         self._calls: list = []
 
-    def cost(self, op) -> OpCost:
+    def cost(self, op, load: float = 1.0) -> OpCost:
         if not self.blocks.runs(op):
-            return super().cost(op)
+            return super().cost(op, load)
         kind = op.kind
         self._calls = []
         once = OpCost()  # what a replay does not repeat: FP8 weight copies, .grad updates
@@ -167,7 +169,7 @@ class ProgramCoster(OpCoster):
         elif kind == "swiglu_ffn":  # the shared experts
             c = self._shared(op, once)
         elif kind == "experts":
-            c = self._routed(op, once)
+            c = self._routed(op, once, load)
         elif kind == "router":
             c = OpCost()
             d, E = num(op.inputs[0].shape[-1], self.T), op.attr("routed")
@@ -178,7 +180,7 @@ class ProgramCoster(OpCoster):
             if kind == "attention_core":
                 c.host = dict.fromkeys(c.host, 0)  # in `launch`, measured with the block
                 self._repeat_kv(c, op)
-        for phase, kernel, nbytes in self.blocks.kernels_at(op, self.T):
+        for phase, kernel, nbytes in self.blocks.kernels_at(op, self.T, load):
             if kernel == "gemm":  # the residual read in the GEMM's epilogue: no launch
                 t = self.k.copy(nbytes)
                 c.add(phase, t, t, 0)
@@ -252,24 +254,28 @@ class ProgramCoster(OpCoster):
         self._kernel(c, "wgrad", T * d * (self.a + 1 + self.scale), "quantize_act_t")
         return c
 
-    def _routed(self, op, once: OpCost) -> OpCost:
-        """The routed experts' grouped GEMMs and the program's glue around them."""
+    def _routed(self, op, once: OpCost, load: float) -> OpCost:
+        """The routed experts' grouped GEMMs and the program's glue around them. The rows
+        a rank's experts receive scale with `load` (the busiest EP rank's share over the
+        mean); the rows a rank sends for its own tokens, and the replies it sums, do not."""
         c, T, a, K = OpCost(), self.T, self.a, self.k
         d, inter, k = num(op.outputs[0].shape[-1], T), op.attr("intermediate"), op.attr("top_k")
         local = op.attr("routed") // self.ep
-        rows = T * k
+        rows = T * k  # a rank's own tokens' slots
+        arrived = rows * load  # the slots its experts serve
         # a row as it travels: FP8 with its scales, or (bf16 dispatch) in the activation
         # dtype, quantised where it arrives
         row = d * (1 + self.scale) if self.fp8_dispatch else d * a
         if not self.fp8_dispatch:
-            self._kernel(c, "fwd", rows * d * (a + 1 + self.scale), "quantize_act")
+            self._kernel(c, "fwd", arrived * d * (a + 1 + self.scale), "quantize_act")
         for n_out, k_in, times in ((inter, d, 2), (d, inter, 1)):
-            f = K.fp8_grouped(rows, local, n_out, k_in)
-            f_c = K.fp8_grouped(rows, local, n_out, k_in, self.sms_c)
+            f = K.fp8_grouped(arrived, local, n_out, k_in)
+            f_c = K.fp8_grouped(arrived, local, n_out, k_in, self.sms_c)
             c.add("fwd", times * f, times * f_c, times * self.launch, "fp8_gemm")
             c.add("dgrad", times * f, times * f_c, times * self.launch, "fp8_gemm")
-        wg = 3 * K.fp8_grouped(local * inter, local, d, rows / max(local, 1))
-        wg_c = 3 * K.fp8_grouped(local * inter, local, d, rows / max(local, 1), self.sms_c)
+        per = arrived / max(local, 1)
+        wg = 3 * K.fp8_grouped(local * inter, local, d, per)
+        wg_c = 3 * K.fp8_grouped(local * inter, local, d, per, self.sms_c)
         c.add("wgrad", wg, wg_c, 3 * self.launch, "fp8_gemm")
         self._weight(once, 3 * local * inter * d, 3)
         # the rows (and their gate weights) gathered by destination; across ranks packed
@@ -280,12 +286,12 @@ class ProgramCoster(OpCoster):
         moves = self.ep > 1
         self._glue(c, "fwd", 2 * rows * row + (2 * rows * d * a if moves else 0))
         if moves:
-            self._glue(c, "fwd", hops * 2 * rows * row)
-            self._glue(c, "dgrad", hops * 6 * rows * d * a)
+            self._glue(c, "fwd", hops * 2 * arrived * row)
+            self._glue(c, "dgrad", hops * (4 * rows + 2 * arrived) * d * a)
         # the weight half: the ffn norm's output rebuilt from its input, the experts' input
         # as token tiles by expert
         self._kernel(c, "wgrad", 2 * T * d * a, "rmsnorm_quant")
-        self._kernel(c, "wgrad", rows * (d * a + d + self.scale * d), "quantize_grouped")
+        self._kernel(c, "wgrad", arrived * (d * a + d + self.scale * d), "quantize_grouped")
         return c
 
     def _repeat_kv(self, c: OpCost, op) -> None:

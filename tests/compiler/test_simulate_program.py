@@ -256,3 +256,27 @@ def test_launches_match_the_generated_programs_run(tmp_path):
         if op.name.startswith(prefix + ".") and op.kind != "attention_core":
             launches += sum(program.cost(op).host.values()) / program.launch
     assert round(launches) == ran, (launches, ran)
+
+
+def test_a_hot_expert_rank_scales_its_experts_work_not_its_tokens(bench):
+    """Under a measured load histogram the busiest EP rank's experts serve `load` times the
+    mean rank's rows: the grouped GEMMs and the experts' SwiGLU kernels scale, the combine
+    and the norm's rebuild on the tokens' own rank do not (the eager costs scale whole)."""
+    g, k = bench
+    op = g.op("L1.moe.experts")
+    program = ProgramCoster(g, k, 1)
+    one, two = program.cost(op), ProgramCoster(g, k, 1).cost(op, 2.0)
+
+    def kind(c, name):
+        return sum(t for (_, kk), t in c.by_kind.items() if kk == name)
+
+    assert 1.5 < kind(two, "fp8_gemm") / kind(one, "fp8_gemm") <= 2.0 + 1e-9
+    assert 1.0 < kind(two, "memory") / kind(one, "memory") < 2.0
+    combine = ProgramCoster(g, k, 1)
+    combine.cost(op, 2.0)
+    program.ledger.clear()
+    program.cost(op)
+    assert combine.ledger["moe_combine"][0] == pytest.approx(program.ledger["moe_combine"][0])
+    assert combine.ledger["swiglu_quant"][0] == pytest.approx(2 * program.ledger["swiglu_quant"][0])
+    eager = OpCoster(g, k, 1)
+    assert eager.cost(op, 2.0).gpu["fwd"] == pytest.approx(2 * eager.cost(op).gpu["fwd"])
