@@ -1,4 +1,4 @@
-"""Host time per eager torch op: what the simulator charges for each kernel the runtime issues.
+"""Host time per eager torch op on one-element tensors: the floor of what the runtime's ops cost the host.
 
     python bench/dispatch_overhead.py [--ops 20000] [--device cpu|cuda]
 
@@ -8,9 +8,10 @@ element that time is all there is: this runs a chain of element-wise ops with au
 (forward and backward, as the trainer's elementwise work runs) and divides the wall
 time by the ops issued, beside the same chain under `torch.no_grad()` for the bare
 dispatch. On a GPU (`--device cuda`) it synchronises once at the end, so it measures
-what the host can issue, not the device. The simulator's calibration
-(compiler/costs/calibration.json, `host_s_per_op`) records the reading and where it
-was taken; bench/RESULTS.md keeps it.
+what the host can issue, not the device. The simulator's `host_s_per_op`
+(compiler/costs/calibration.json) was this reading until 2026-12-07; it now comes from
+bench/host_cpu.py's eager block (real ops cost more than these), and this is the floor
+beside it; bench/RESULTS.md keeps both.
 """
 
 from __future__ import annotations

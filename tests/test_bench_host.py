@@ -24,3 +24,10 @@ def test_host_bench_runs_both_blocks_with_every_launch_stubbed():
     assert set(rows) == {"eager modules", "generated program"}
     assert all(int(n) > 10 for n in rows.values()), proc.stdout
     assert re.search(r"program / eager: \d+\.\d\dx", proc.stdout)
+    # the constants it derives for the simulator: the program's launches as the simulator
+    # counts them, which are the launches the run made
+    found = re.search(r"host_s_per_op (\d+\.\d) us \(the (\d+) eager host ops.*"
+                      r"program_host_s_per_launch (\d+\.\d) us \(the (\d+) launches", proc.stdout)
+    assert found, proc.stdout
+    assert int(found.group(4)) == int(rows["generated program"])
+    assert float(found.group(1)) > 0 and float(found.group(3)) > 0
