@@ -111,7 +111,6 @@ class ProgramBlocks:
         return prefix in self.mla and (part == "attn_norm" or (
             part == "attn" and op.attr("role") != "o_proj" and op.kind != "quantize"))
 
-
     def kernels_at(self, op, tokens, load: float = 1.0) -> list[tuple[str, str, float]]:
         """(phase, kernel, bytes) of the group kernels charged to `op`, per micro-batch: each
         group's forward, and its backward in the phase it runs in (a residual add's
