@@ -125,7 +125,13 @@ def main(argv=None) -> int:
     print(f"| eager modules | {1e3 * e:.2f} | {1e3 * min(eager):.2f} | {eager_n} |")
     print(f"| generated program | {1e3 * p:.2f} | {1e3 * min(prog):.2f} | {prog_n} |")
     print(f"program / eager: {p / e:.2f}x the host time")
-    ops, launches, model = simulated_host(dsl.load(args.spec), layer)
+    from dsvc.compiler.costs.kernel_rates import KernelModel
+    from dsvc.compiler.driver import run_until
+    from dsvc.compiler.passes.simulate_program import block_host
+
+    spec = dsl.load(args.spec)
+    model = KernelModel.for_gpu_or_measured(spec.cluster.gpu)
+    ops, launches = block_host(run_until(spec, "insert_comm"), model, layer)
     print(
         "the simulator's host constants (compiler/costs/calibration.json) from this run: "
         f"host_s_per_op {1e6 * e / ops:.1f} us (the {ops:.0f} eager host ops it counts for "
@@ -134,30 +140,6 @@ def main(argv=None) -> int:
         f"{1e6 * model.program_host_s_per_launch:.1f})"
     )
     return 0
-
-
-def simulated_host(spec, layer: int):
-    """(eager host ops, program launches, kernel model) the simulator counts for decoder
-    layer `layer`'s forward and backward (one micro-batch, every weight quantised)."""
-    from dsvc.compiler.costs.kernel_rates import KernelModel, calibration
-    from dsvc.compiler.driver import run_until
-    from dsvc.compiler.passes.simulate_ops import OpCoster
-    from dsvc.compiler.passes.simulate_program import ProgramCoster
-
-    graph = run_until(spec, "insert_comm")
-    model = KernelModel.for_gpu(spec.cluster.gpu)
-    if model is None:  # a card the calibration does not know: the constants are the file's
-        cal = calibration()
-        measured = next(n for n, c in cal["cards"].items() if c.get("measured"))
-        model = KernelModel(measured, cal["cards"][measured], cal["constants"], spec.cluster.gpu)
-    eager, program = OpCoster(graph, model, 1), ProgramCoster(graph, model, 1)
-    program.micro = 1
-    ops = launches = 0.0
-    for op in graph.ops():
-        if op.block == "layer" and op.layer == layer:
-            ops += sum(eager.cost(op).host.values())
-            launches += sum(program.cost(op).host.values()) / program.launch
-    return ops, launches, model
 
 
 if __name__ == "__main__":

@@ -127,6 +127,17 @@ class KernelModel:
         return cls(name, source, cal["constants"], gpu,
                    "" if entry.get("measured") else entry["like"])
 
+    @classmethod
+    def for_gpu_or_measured(cls, gpu) -> KernelModel:
+        """`for_gpu`, or for a card the calibration does not know a measured card's rates
+        scaled to `gpu`'s peaks (for what no card changes: host time, launches)."""
+        model = cls.for_gpu(gpu)
+        if model is not None:
+            return model
+        cal = calibration()
+        measured = next(n for n, c in cal["cards"].items() if c.get("measured"))
+        return cls(measured, cal["cards"][measured], cal["constants"], gpu, measured)
+
     # -- GEMMs -------------------------------------------------------------------------
     def fp8_gemm(self, m, n, k, sms: int | None = None) -> float:
         """The generated FP8 GEMM (m x k) . (k x n)."""

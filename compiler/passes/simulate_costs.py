@@ -27,7 +27,7 @@ from collections import defaultdict
 
 from dsvc.compiler.ir import num
 
-from .simulate_ops import replayed
+from .simulate_ops import two_hop_route
 from .simulate_program import NO_WORK, ProgramBlocks, op_coster
 
 IB, NVLINK = "ib", "nvlink"
@@ -83,11 +83,8 @@ def roofline_times(op, blocks: ProgramBlocks, tokens: int, rates, ep: int = 1,
     calibration does not know, the backward's replay of its forward included: in a
     program block, a memory-bound op a group covers costs nothing of its own and each
     group its bytes at the HBM rate (the GEMMs keep `op_times`'s roofline)."""
-    if not blocks.runs(op):
-        fwd, dgrad, wgrad = op_times(op, tokens, rates, ep, load)
-        return fwd, dgrad + (fwd if replayed(op, blocks.recompute) else 0.0), wgrad
     t = dict.fromkeys(("fwd", "dgrad", "wgrad"), 0.0)
-    if not (blocks.covered(op) or op.kind in NO_WORK):
+    if not (blocks.runs(op) and (blocks.covered(op) or op.kind in NO_WORK)):
         t["fwd"], t["dgrad"], t["wgrad"] = op_times(op, tokens, rates, ep, load)
     for phase, _, nbytes in blocks.kernels_at(op, tokens, load):
         t[phase] += nbytes / rates.hbm
@@ -354,8 +351,8 @@ def _host_syncs(graph, units, chunks: _Chunks, topo: Topology, kernels, full: bo
     from dsvc.compiler.passes.schedule import unit_name
 
     members = topo.group("expert", 0, topo.ep)
-    two_hop = spec.parallel.two_hop and topo.ep > topo.domain
-    per = (4 if two_hop else 1) * (2 * topo.latency(members) + kernels.host_s_per_op)
+    routes = 4 if two_hop_route(spec, topo.ep) else 1
+    per = routes * (2 * topo.latency(members) + kernels.host_s_per_op)
     for op in graph.ops():
         if op.kind != "dispatch" or op.stage is None:
             continue

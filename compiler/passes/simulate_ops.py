@@ -324,6 +324,14 @@ class OpCoster:
             c.add_replay(replay)
 
 
+def two_hop_route(spec, ep: int) -> bool:
+    """Whether the simulator routes a MoE layer's tokens node, then GPU (`parallel.two_hop`
+    with EP wider than an NVLink domain): four count exchanges a route, each row moved
+    once more inside the node."""
+    c = spec.cluster
+    return bool(spec.parallel.two_hop and ep > (c.nvlink.domain or c.gpus_per_node))
+
+
 def replayed(op, recompute: str) -> bool:
     """Whether the backward repeats `op`'s forward under recomputation `recompute`."""
     if recompute == "full":

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dsvc.compiler.codegen.stage_program import eager_reason
 from dsvc.compiler.ir import num
 
-from .simulate_ops import BLOCK_PARTS, OpCost, OpCoster, replayed
+from .simulate_ops import BLOCK_PARTS, OpCost, OpCoster, replayed, two_hop_route
 
 NO_WORK = ("quantize", "cast")  # in a program block: their groups' kernels do it
 
@@ -101,9 +101,10 @@ class ProgramBlocks:
             num(f, 1) for f in (op.flops_fwd, op.flops_dgrad, op.flops_wgrad))
 
     def replayed(self, op) -> bool:
-        """Whether the program's backward runs `op`'s forward again (`train.recompute`)."""
-        if self.recompute == "full":
-            return replayed(op, "full")
+        """Whether the backward runs `op`'s forward again (`train.recompute`): as the
+        program replays in its blocks, as the eager modules do elsewhere."""
+        if self.recompute == "full" or not self.runs(op):
+            return replayed(op, self.recompute)
         if self.recompute != "selective" or op.kind == "attention_core":
             return False
         prefix, _, rest = op.name.partition(".")
@@ -115,9 +116,10 @@ class ProgramBlocks:
         """(phase, kernel, bytes) of the group kernels charged to `op`, per micro-batch: each
         group's forward, and its backward in the phase it runs in (a residual add's
         epilogue: its bytes in the GEMM, kernel "gemm"). `load` scales the routed experts'
-        own SwiGLU (rows on the busiest EP rank), not the combine on the tokens' ranks."""
+        own SwiGLU (rows on the busiest EP rank), not the combine on the tokens' ranks.
+        None for an op of a block the program does not run."""
         out = []
-        for g in self.at.get(op.name, ()):
+        for g in self.at.get(op.name, ()) if self.runs(op) else ():
             fwd, bwd = group_bytes(g, tokens)
             f = load if (op.kind == "experts" and g.part == "swiglu") else 1.0
             out.append(("fwd", g.kernel, fwd * f))
@@ -145,9 +147,7 @@ class ProgramCoster(OpCoster):
         super().__init__(graph, kernels, ep)
         self.blocks = ProgramBlocks(graph)
         self.micro = max(1, num_microbatches(graph.spec))  # the estimator sets a candidate's
-        p = graph.spec.parallel
-        self.two_hop = bool(p is not None and p.two_hop and self.ep > (
-            graph.spec.cluster.nvlink.domain or graph.spec.cluster.gpus_per_node))
+        self.two_hop = graph.spec.parallel is not None and two_hop_route(graph.spec, self.ep)
         # a program launch in eager host ops (OpCost.host counts host ops)
         self.launch = kernels.program_host_s_per_launch / kernels.host_s_per_op
         # kernel name -> [bytes, seconds, launches] over every `cost` call: what a step's
@@ -305,10 +305,23 @@ class ProgramCoster(OpCoster):
         self._glue(c, "dgrad", nbytes)
 
 
+def block_host(graph, kernels, layer: int) -> tuple[float, float]:
+    """(eager host ops, program launches) the simulator counts for decoder layer `layer`'s
+    forward and backward, one micro-batch with every weight quantised in it: what
+    bench/host_cpu.py divides its measured host times by."""
+    eager, program = OpCoster(graph, kernels, 1), ProgramCoster(graph, kernels, 1)
+    program.micro = 1
+    ops = launches = 0.0
+    for op in graph.ops():
+        if op.block == "layer" and op.layer == layer:
+            ops += sum(eager.cost(op).host.values())
+            launches += sum(program.cost(op).host.values()) / program.launch
+    return ops, launches
+
+
 def op_coster(graph, kernels, ep: int) -> OpCoster:
-    """The coster of `graph`'s ops on a calibrated card: the program's where the graph has
-    fusion groups (an FP8 plan after `fuse`) and the run uses the program, the eager
+    """The coster of `graph`'s ops on a calibrated card: the program's where it runs blocks
+    (`ProgramBlocks`: an FP8 plan after `fuse`, a run that uses the program), the eager
     modules' otherwise."""
-    if graph.fusion and graph.program == "generated":
-        return ProgramCoster(graph, kernels, ep)
-    return OpCoster(graph, kernels, ep)
+    coster = ProgramCoster(graph, kernels, ep)
+    return coster if coster.blocks.at else OpCoster(graph, kernels, ep)

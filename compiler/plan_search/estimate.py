@@ -84,9 +84,7 @@ class Estimator:
 
     def _cost_units(self, micro_batch: int, recompute: str, ep: int,
                     micro: int | None) -> dict[str, UnitCost]:
-        from dsvc.compiler.passes.assign_precision import assign_precision
-        from dsvc.compiler.passes.fuse import fuse
-        from dsvc.compiler.passes.lower import lower
+        from dsvc.compiler.driver import run_until
         from dsvc.compiler.passes.partition_stages import gpu_rates, op_seconds
         from dsvc.compiler.passes.simulate_costs import roofline_times
         from dsvc.compiler.passes.simulate_program import ProgramBlocks, op_coster
@@ -96,9 +94,9 @@ class Estimator:
         if key not in self._graphs:  # EP changes only the routed experts' local share
             spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, micro_batch=micro_batch,
                                                  recompute=recompute))
-            # the formats and fusion groups the simulator's graph has (FP8 GEMMs, the
-            # generated program's kernels)
-            self._graphs[key] = fuse(assign_precision(lower(spec)))
+            # the passes up to `fuse`: the formats and fusion groups the simulator's graph
+            # has (FP8 GEMMs, the generated program's kernels)
+            self._graphs[key] = run_until(spec, "fuse", verify_ir=False)
         graph = self._graphs[key]
         spec = graph.spec
         balance_rates = gpu_rates(spec)

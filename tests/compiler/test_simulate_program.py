@@ -21,6 +21,7 @@ from dsvc.compiler.passes.simulate_program import (
     FUSED_AS,
     ProgramBlocks,
     ProgramCoster,
+    block_host,
     group_bytes,
     op_coster,
 )
@@ -36,13 +37,7 @@ def graph_of(path, *overrides):
 
 def kernels_of(g) -> KernelModel:
     """The card's kernel model; tiny's CPU "card" borrows the measured H200's rates."""
-    from dsvc.compiler.costs.kernel_rates import calibration
-
-    k = KernelModel.for_gpu(g.spec.cluster.gpu)
-    if k is None:
-        cal = calibration()
-        k = KernelModel("h200", cal["cards"]["h200"], cal["constants"], g.spec.cluster.gpu, "h200")
-    return k
+    return KernelModel.for_gpu_or_measured(g.spec.cluster.gpu)
 
 
 @pytest.fixture(scope="module")
@@ -247,14 +242,7 @@ def test_launches_match_the_generated_programs_run(tmp_path):
     res = json.loads(out.read_text())
     ran = res["runs"]["after (program)"]["triton_launches"]
     g = graph_of(TINY)
-    k = kernels_of(g)
-    program = ProgramCoster(g, k, 1)
-    program.micro = 1  # the bench runs one micro-batch: every weight quantised in it
-    prefix = f"L{res['layer']}"
-    launches = 0.0
-    for op in g.ops():
-        if op.name.startswith(prefix + ".") and op.kind != "attention_core":
-            launches += sum(program.cost(op).host.values()) / program.launch
+    _, launches = block_host(g, kernels_of(g), res["layer"])
     assert round(launches) == ran, (launches, ran)
 
 
